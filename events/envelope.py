@@ -1,0 +1,76 @@
+"""The one envelope every message travels and is logged in."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from events.base import Message, model_for, upcast
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Versioned wrapper: identity, causality and the message payload.
+
+    `correlation_id` is the job the message belongs to (or the request, for commands without a
+    job); `causation_id` is the `event_id` of the message that caused this one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: UUID = Field(default_factory=uuid4)
+    type: str
+    version: int
+    occurred_at: datetime = Field(default_factory=utcnow)
+    correlation_id: str | None = None
+    causation_id: UUID | None = None
+    user_id: str | None = None
+    stream: str
+    payload: dict[str, Any]
+
+    @classmethod
+    def wrap(
+        cls,
+        message: Message,
+        *,
+        stream: str,
+        user_id: str | None = None,
+        correlation_id: str | None = None,
+        causation: Envelope | None = None,
+        occurred_at: datetime | None = None,
+        event_id: UUID | None = None,
+    ) -> Envelope:
+        """Wrap a message; a `causation` envelope lends its correlation and user when not given."""
+        return cls(
+            event_id=event_id or uuid4(),
+            type=message.type_name(),
+            version=message.version,
+            occurred_at=occurred_at or utcnow(),
+            correlation_id=correlation_id or (causation.correlation_id if causation else None),
+            causation_id=causation.event_id if causation else None,
+            user_id=user_id if user_id is not None else (causation.user_id if causation else None),
+            stream=stream,
+            payload=message.model_dump(mode="json"),
+        )
+
+    @property
+    def kind(self) -> str:
+        return model_for(self.type).kind
+
+    def message(self) -> Message:
+        """The typed message, upcast from older versions. Raises on unknown or invalid payloads."""
+        model = model_for(self.type)
+        return model.model_validate(upcast(self.type, self.version, self.payload))
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Envelope:
+        return cls.model_validate_json(data)

@@ -1,0 +1,47 @@
+"""Load control and worker-host membership (streams `host-<host_id>`, `queue`, `circuit-…`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from events.base import Event
+
+
+class _HostEvent(Event):
+    category = "host"
+    host_id: str
+
+
+class HostOnline(_HostEvent):
+    capacity: int
+    hostname: str
+    pid: int
+
+
+class HostLost(_HostEvent):
+    silent_for: float
+
+
+class _LoadEvent(Event):
+    category = "load"
+
+
+class QueuePaused(_LoadEvent):
+    reason: str
+    running: int
+    ceiling: int
+
+
+class QueueResumed(_LoadEvent):
+    running: int
+    ceiling: int
+
+
+class CircuitOpened(_LoadEvent):
+    strategy_id: str
+    failures: int
+    retry_at: datetime
+
+
+class CircuitClosed(_LoadEvent):
+    strategy_id: str

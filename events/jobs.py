@@ -1,0 +1,122 @@
+"""Job and worker lifecycle events (stream `job-<job_id>`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from events.base import Event
+from events.values import CrashReason, Fill, Position, RejectReason, StrategyConfig, Tier
+
+
+class _JobEvent(Event):
+    category = "job"
+    job_id: str
+
+
+class JobRequested(_JobEvent):
+    """A user asked for a runner; the entitlement service decides on it."""
+
+    worker_id: str
+    strategy_id: str
+    broker_id: str
+    credentials_sealed: str
+    config: StrategyConfig
+    flatten_on_stop: bool = True
+
+
+class JobAccepted(_JobEvent):
+    worker_id: str
+    tier: Tier
+    max_workers: int
+    in_use: int
+
+
+class JobRejected(_JobEvent):
+    reason: RejectReason
+    detail: str
+    retry_at: datetime | None = None
+
+
+class JobQueued(_JobEvent):
+    worker_id: str
+
+
+class JobDispatched(_JobEvent):
+    """The scheduler placed the job on a host; `attempt` 0 is the first start."""
+
+    worker_id: str
+    host_id: str
+    attempt: int = 0
+
+
+class _WorkerEvent(Event):
+    category = "worker"
+    job_id: str
+    worker_id: str
+
+
+class WorkerSpawned(_WorkerEvent):
+    """A worker process is running on a host."""
+
+    host_id: str
+    pid: int
+    attempt: int = 0
+
+
+class WorkerSpawnFailed(_WorkerEvent):
+    host_id: str
+    attempt: int = 0
+    error: str
+
+
+class HeartbeatMissed(_WorkerEvent):
+    host_id: str
+    silent_for: float
+
+
+class WorkerCrashed(_WorkerEvent):
+    host_id: str | None
+    reason: CrashReason
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class WorkerRestartScheduled(_WorkerEvent):
+    attempt: int
+    delay: float
+    due_at: datetime
+
+
+class WorkerRestarted(_WorkerEvent):
+    """A crashed worker runs again under the same `worker_id`."""
+
+    host_id: str
+    pid: int
+    attempt: int
+
+
+class RestartsExhausted(_WorkerEvent):
+    attempts: int
+    detail: str = ""
+
+
+class StopRequested(_WorkerEvent):
+    host_id: str | None
+    flatten: bool
+    reason: str
+
+
+class PositionsFlattened(_WorkerEvent):
+    count: int
+    fills: tuple[Fill, ...] = ()
+    realized_pnl: float = 0.0
+
+
+class FlattenFailed(_WorkerEvent):
+    error: str
+    remaining: tuple[Position, ...] = ()
+
+
+class WorkerStopped(_WorkerEvent):
+    reason: str
+    exit_code: int | None = None

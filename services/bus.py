@@ -1,0 +1,387 @@
+"""The one publish path and the one consume path, over FastStream's RabbitBroker.
+
+Publishing: persistent messages, publisher confirms awaited, an unroutable (returned) or nacked
+publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
+
+Consuming: manual ack after the handler returns (handlers commit before returning). A message
+that cannot be decoded (bad JSON, unknown type, invalid payload) is dead-lettered at once with its
+reason; a handler that raises is retried with a short backoff and dead-lettered with the error
+after `handler_attempts` deliveries. Poison never crash-loops a consumer and never vanishes.
+
+Request/reply: direct reply-to over aio-pika, many calls in flight at once (FastStream's
+`broker.request` is serialised by a lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import aio_pika
+from aiormq.abc import DeliveredMessage
+from faststream import AckPolicy
+from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+from pydantic import ValidationError
+
+from events import Envelope, Message, UnknownMessageType, model_for
+from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
+from services.settings import Settings
+from services.topology import EXCHANGES, QueueSpec, dead_letter_queue
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope, Message], Awaitable[None]]
+TelemetryHandler = Callable[[Message], Awaitable[None] | None]
+RpcHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class PublishFailed(RuntimeError):
+    """The broker did not take responsibility for a message (nacked, returned, or lost)."""
+
+
+class RpcError(RuntimeError):
+    """A request/reply call failed or timed out; the message says why, without internals."""
+
+
+def poison_reason(exc: BaseException) -> str:
+    """A short, secret-free description of why a message is poison."""
+    if isinstance(exc, ValidationError):
+        fields = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        return f"invalid message: {fields}"[:500]
+    if isinstance(exc, UnknownMessageType):
+        return f"unknown type: {exc}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class Bus:
+    """A service's connection to the bus: declares its topology, publishes, consumes, calls."""
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.broker = RabbitBroker(
+            settings.amqp_url,
+            app_id=service,
+            reconnect_interval=1.0,
+            graceful_timeout=max(settings.stop_grace, 5.0),
+            logger=logging.getLogger(f"faststream.{service}"),
+            log_level=logging.DEBUG,
+        )
+        self._queues: list[QueueSpec] = []
+        self._declared: list[Any] = []  # robust objects are restored only while referenced
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect, declare exchanges and this service's queues and bindings, start consumers."""
+        await self.broker.connect()
+        for spec in EXCHANGES:
+            self._declared.append(await self.broker.declare_exchange(_exchange(spec.name)))
+        await self._declare_bindings(dead_letter_queue(self.service))
+        for spec in self._queues:
+            await self._declare_bindings(spec)
+        self._publish_channel = await self._channel()
+        await self.broker.start()
+        self._started = True
+
+    async def close(self) -> None:
+        """Stop consuming, let in-flight handlers finish (graceful timeout), disconnect."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RpcError("bus closed"))
+        await self.broker.stop()
+        self._started = False
+
+    async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
+        return await self.broker.config.channel_manager.get_channel(Channel(prefetch_count=prefetch))
+
+    async def _declare_bindings(self, spec: QueueSpec) -> None:
+        queue = await self.broker.declare_queue(_queue(spec))
+        self._declared.append(queue)
+        for exchange, key in spec.bindings:
+            await queue.bind(exchange, routing_key=key)
+
+    async def declare(self, spec: QueueSpec) -> None:
+        """Declare a queue and its bindings now (for queues no handler of ours consumes)."""
+        await self._declare_bindings(spec)
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish one message and wait for the broker's confirm. Raises `PublishFailed`."""
+        model = model_for(envelope.type)
+        await self._publish_raw(
+            envelope.to_json(),
+            exchange=exchange_for(model),
+            routing_key=routing_key_for(model),
+            persistent=model.kind != "telemetry",
+            message_id=str(envelope.event_id),
+            message_type=envelope.type,
+        )
+
+    async def publish_many(self, envelopes: Iterable[Envelope]) -> None:
+        """Publish in order with pipelined confirms; raises if any one was not confirmed."""
+        results = await asyncio.gather(
+            *(self.publish(e) for e in envelopes), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise PublishFailed(f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
+
+    async def send_telemetry(self, message: Message) -> None:
+        """Fire-and-forget transient telemetry (no confirm wait, dropped when nobody listens)."""
+        if self._publish_channel is None:
+            return
+        exchange = await self._publish_channel.get_exchange(exchange_for(type(message)), ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                message.model_dump_json().encode(),
+                type=message.type_name(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+            ),
+            routing_key=routing_key_for(type(message)),
+            mandatory=False,
+        )
+
+    async def _publish_raw(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        persistent: bool = True,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        message_type: str | None = None,
+    ) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise PublishFailed("bus not started")
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            headers=headers,
+            message_id=message_id,
+            type=message_type,
+            app_id=self.service,
+        )
+        try:
+            target = self._exchanges.get(exchange)
+            if target is None:
+                target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+            result = await target.publish(
+                message, routing_key=routing_key, mandatory=True,
+                timeout=self.settings.request_timeout,
+            )
+        except Exception as exc:  # connection loss, nack, timeout: the caller must retry
+            raise PublishFailed(f"publish to {exchange}/{routing_key} failed: {exc!r}") from exc
+        if isinstance(result, DeliveredMessage):
+            raise PublishFailed(f"unroutable: no queue bound to {exchange}/{routing_key}")
+
+    # ---------------------------------------------------------------- consuming
+
+    def subscribe(self, spec: QueueSpec, handler: Handler, *, prefetch: int | None = None) -> None:
+        """Consume `spec` with `handler(envelope, message)`; ack after it returns (see module doc)."""
+        self._queues.append(spec)
+        attempts_allowed = self.settings.handler_attempts
+
+        @self.broker.subscriber(
+            _queue(spec),
+            channel=Channel(prefetch_count=prefetch or self.settings.prefetch),
+            ack_policy=AckPolicy.MANUAL,
+            no_reply=True,
+            decoder=_raw_body,
+        )
+        async def consume(msg: RabbitMessage) -> None:
+            raw = msg.raw_message
+            try:
+                envelope = Envelope.from_json(raw.body)
+                message = envelope.message()
+            except (ValidationError, UnknownMessageType, ValueError) as exc:
+                await self._dead_letter(spec, raw, poison_reason(exc))
+                await msg.ack()
+                return
+            try:
+                await handler(envelope, message)
+            except asyncio.CancelledError:
+                await _settle_quietly(msg.nack(requeue=True))
+                raise
+            except Exception as exc:
+                delivery = int((raw.headers or {}).get("x-delivery-count") or 0) + 1
+                if delivery >= attempts_allowed:
+                    log.error("%s: %s failed %d times, dead-lettered: %s",
+                              spec.name, envelope.type, delivery, poison_reason(exc))
+                    await self._dead_letter(
+                        spec, raw, f"handler failed {delivery} times: {poison_reason(exc)}"
+                    )
+                    await msg.ack()
+                else:
+                    log.warning("%s: %s failed (delivery %d), will retry: %s",
+                                spec.name, envelope.type, delivery, poison_reason(exc))
+                    await asyncio.sleep(min(0.05 * 2**delivery, 2.0))
+                    await msg.nack(requeue=True)
+                return
+            await msg.ack()
+
+    def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
+        """Consume transient telemetry; undecodable samples are dropped (they carry no history)."""
+        self._queues.append(spec)
+
+        @self.broker.subscriber(
+            _queue(spec),
+            channel=Channel(prefetch_count=self.settings.prefetch),
+            ack_policy=AckPolicy.ACK,
+            no_reply=True,
+            decoder=_raw_body,
+        )
+        async def consume(msg: RabbitMessage) -> None:
+            raw = msg.raw_message
+            try:
+                message = model_for(raw.type or "").model_validate_json(raw.body)
+            except (ValidationError, UnknownMessageType, ValueError) as exc:
+                log.warning("%s: dropped telemetry sample: %s", spec.name, poison_reason(exc))
+                return
+            result = handler(message)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _dead_letter(self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage,
+                           reason: str) -> None:
+        headers = dict(raw.headers or {})
+        headers |= {
+            "x-poison-reason": reason,
+            "x-poison-service": self.service,
+            "x-original-exchange": raw.exchange or "",
+            "x-original-routing-key": raw.routing_key or "",
+        }
+        await self._publish_raw(
+            raw.body,
+            exchange=DEAD_LETTER_EXCHANGE,
+            routing_key=spec.name,
+            headers=headers,
+            message_id=raw.message_id,
+            message_type=raw.type,
+        )
+
+    # ---------------------------------------------------------------- request / reply
+
+    def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
+        """Answer JSON requests on `spec`: `{"ok": true, "result": …}` or `{"ok": false, "error": …}`."""
+        self._queues.append(spec)
+
+        @self.broker.subscriber(
+            _queue(spec),
+            channel=Channel(prefetch_count=self.settings.prefetch),
+            ack_policy=AckPolicy.ACK,
+            no_reply=True,
+            decoder=_raw_body,
+        )
+        async def answer(msg: RabbitMessage) -> None:
+            raw = msg.raw_message
+            if not raw.reply_to:
+                return
+            try:
+                reply = {"ok": True, "result": await handler(json.loads(raw.body))}
+            except (ValueError, LookupError, PermissionError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                log.exception("%s: request failed", spec.name)
+                reply = {"ok": False, "error": f"internal error ({type(exc).__name__})"}
+            channel = self._publish_channel or await self._channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(reply, default=str).encode(),
+                    correlation_id=raw.correlation_id,
+                    content_type="application/json",
+                ),
+                routing_key=raw.reply_to,
+                mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
+            )
+
+    async def request(self, queue: str, body: dict[str, Any], timeout: float | None = None) -> Any:
+        """Call a service's RPC queue; returns its result or raises `RpcError` with its error."""
+        channel = await self._reply_channel()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps(body, default=str).encode(),
+                    correlation_id=correlation_id,
+                    reply_to=REPLY_TO,
+                    content_type="application/json",
+                    expiration=timeout or self.settings.request_timeout,
+                ),
+                routing_key=queue,
+                mandatory=False,
+            )
+            reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
+        except TimeoutError:
+            raise RpcError(f"{queue} did not answer in time") from None
+        finally:
+            self._pending.pop(correlation_id, None)
+        if not reply.get("ok"):
+            raise RpcError(reply.get("error", "request failed"))
+        return reply.get("result")
+
+    async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
+        if self._rpc_channel is None or self._rpc_channel.is_closed:
+            channel = await self._channel()
+            queue = await channel.get_queue(REPLY_TO, ensure=False)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._rpc_channel = channel
+            self._declared.append(queue)
+        return self._rpc_channel
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        if future is not None and not future.done():
+            try:
+                future.set_result(json.loads(message.body))
+            except ValueError:
+                future.set_exception(RpcError("malformed reply"))
+
+
+async def _raw_body(msg: Any) -> bytes:
+    """We decode bodies ourselves (envelope + registry); FastStream must not try JSON first."""
+    return bytes(msg.body)
+
+
+async def _settle_quietly(op: Awaitable[None]) -> None:
+    try:
+        await op
+    except Exception:  # the channel may already be gone; the broker will redeliver
+        pass
+
+
+def _exchange(name: str) -> RabbitExchange:
+    spec = next(e for e in EXCHANGES if e.name == name)
+    return RabbitExchange(spec.name, type=ExchangeType(spec.type), durable=spec.durable)
+
+
+def _queue(spec: QueueSpec) -> RabbitQueue:
+    return RabbitQueue(
+        spec.name,
+        durable=spec.durable,
+        arguments=spec.arguments or None,
+    )
+

@@ -1,0 +1,141 @@
+"""The shell every service shares: bus + own store + outbox relay + durable timers + shutdown.
+
+A service declares which messages it handles on which queue; each handler runs as
+`handler(uow, envelope, message)` inside `Store.processing`, so it runs at most once per message
+in effect, its state change and emitted messages commit together, and the ack follows the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from events import Envelope, Message
+from services.bus import Bus
+from services.settings import Settings
+from services.store import OutboxRelay, Store, TimerRow, UnitOfWork, as_utc
+from services.topology import QueueSpec
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[UnitOfWork, Envelope, Any], Awaitable[None]]
+TimerHandler = Callable[[UnitOfWork, str, dict[str, Any]], Awaitable[None]]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """Base of the stateful services (entitlement, scheduler, worker-host, monitor)."""
+
+    name = "service"
+    tables: tuple[Any, ...] = ()
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bus = Bus(settings, self.name)
+        self.store = Store(settings.database_for(self.store_name), self.tables)
+        self.outbox = OutboxRelay(self.store, self.bus)
+        self.timer_handlers: dict[str, TimerHandler] = {}
+        self._timer_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.store.on_commit.append(lambda uow: self._timer_wake.set() if uow.timers_changed else None)
+
+    @property
+    def store_name(self) -> str:
+        return self.name
+
+    def handle(self, spec: QueueSpec, handlers: Mapping[type[Message], MessageHandler],
+               *, prefetch: int | None = None) -> None:
+        """Consume `spec`, dispatching by message type; other types are acked and ignored."""
+
+        async def on_message(envelope: Envelope, message: Message) -> None:
+            handler = handlers.get(type(message))
+            if handler is None:
+                return
+            async with self.store.processing(envelope, spec.name) as uow:
+                if uow is not None:
+                    await handler(uow, envelope, message)
+
+        self.bus.subscribe(spec, on_message, prefetch=prefetch)
+
+    def background(self, coro: Awaitable[Any], name: str) -> None:
+        self._tasks.append(asyncio.create_task(_logged(coro, name), name=name))
+
+    async def setup(self) -> None:
+        """Subclasses register handlers here (called before the bus starts)."""
+
+    async def started(self) -> None:
+        """Subclasses start their own loops here (called once consuming)."""
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.setup()
+        await self.bus.start()
+        self.outbox.start()
+        if self.timer_handlers:
+            self.background(self._run_timers(), f"{self.name}-timers")
+        await self.started()
+        log.info("%s started", self.name)
+
+    async def stop(self) -> None:
+        """Finish in-flight handlers, publish the committed outbox, then close."""
+        await self.bus.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.outbox.stop()
+        await self.store.close()
+        log.info("%s stopped", self.name)
+
+    async def run(self) -> None:
+        """Run until SIGINT/SIGTERM, then shut down gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def _run_timers(self) -> None:
+        while True:
+            row = await self.store.next_timer()
+            delay = 3600.0 if row is None else (as_utc(row.due_at) - now()).total_seconds()
+            if delay > 0:
+                self._timer_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._timer_wake.wait(), timeout=min(delay, 3600.0))
+                continue
+            assert row is not None
+            async with self.store.transaction() as uow:
+                current = await uow.session.get(TimerRow, row.key)
+                if current is None or as_utc(current.due_at) > now():
+                    continue
+                await uow.session.delete(current)
+                handler = self.timer_handlers.get(current.kind)
+                if handler is None:
+                    log.error("no handler for timer kind %r (dropped %s)", current.kind, current.key)
+                    continue
+                await handler(uow, current.key, json.loads(current.data))
+
+
+async def _logged(coro: Awaitable[Any], name: str) -> Any:
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task %s failed", name)
+        raise

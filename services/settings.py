@@ -1,0 +1,65 @@
+"""One settings object for every service, read from `RUNNER_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of the system. Times are in seconds so tests can shrink them."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNNER_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    data_dir: Path = Path("./var")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL template; '{service}' is replaced by the service name. "
+        "Default: one SQLite file per service in the data dir.",
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    admin_token: str | None = None
+    secret_key: str | None = Field(
+        default=None,
+        description="Fernet key sealing credentials (gateway and worker-hosts only). "
+        "Generated at first start and kept in the data dir when unset.",
+    )
+
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 30.0
+    host_heartbeat_interval: float = 5.0
+    host_timeout: float = 30.0
+    host_lease: float = 15.0
+    max_restarts: int = 3
+    restart_backoff: float = 1.0
+    restart_backoff_max: float = 60.0
+    healthy_reset_after: float = 300.0
+    circuit_failures: int = 3
+    circuit_window: float = 600.0
+    circuit_cooldown: float = 300.0
+    spawn_concurrency: int = 1
+    max_system_workers: int = 1000
+    stop_grace: float = 10.0
+    request_timeout: float = 15.0
+
+    host_id: str | None = None
+    host_capacity: int = 100
+
+    handler_attempts: int = Field(default=5, description="deliveries before a failing message is dead-lettered")
+    prefetch: int = 200
+
+    @cached_property
+    def vhost(self) -> str:
+        from yarl import URL
+
+        return URL(self.amqp_url).path.lstrip("/") or "/"
+
+    def database_for(self, service: str) -> str:
+        if self.database_url:
+            return self.database_url.replace("{service}", service)
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -1,0 +1,272 @@
+"""Each service's own database: its state, its processed-message ledger, its outbox, its timers.
+
+Exactly-once effect on top of at-least-once delivery: a handler runs inside `Store.processing`,
+which records the message's `event_id` in `processed` in the same transaction as the state change
+and the outgoing messages (`outbox`). A redelivered message finds its id and is skipped. The
+outbox is published after the commit by `OutboxRelay`, so a crash between commit and publish
+loses nothing: the relay publishes the rows at the next start.
+
+SQLite (default) runs in WAL mode, and every transaction is `BEGIN IMMEDIATE`, so
+read-modify-write decisions never race, whether across tasks or processes. Any SQLAlchemy async
+URL (e.g. PostgreSQL) works; there `lock()` takes a transaction-scoped advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Column, String, Text, delete, event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.schema import Table
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from events import Envelope, Message
+from services.bus import Bus, PublishFailed
+
+log = logging.getLogger(__name__)
+
+
+class Processed(SQLModel, table=True):
+    """Messages whose effect is committed, per consuming queue."""
+
+    __tablename__ = "processed"
+    consumer: str = Field(primary_key=True, max_length=100)
+    event_id: str = Field(primary_key=True, max_length=36)
+
+
+class OutboxRow(SQLModel, table=True):
+    """Messages committed but not yet confirmed by the broker."""
+
+    __tablename__ = "outbox"
+    id: int | None = Field(default=None, primary_key=True)
+    envelope: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class TimerRow(SQLModel, table=True):
+    """A durable timer: fires at `due_at` even across restarts of the service."""
+
+    __tablename__ = "timers"
+    key: str = Field(sa_column=Column(String(200), primary_key=True))
+    kind: str = Field(max_length=50)
+    due_at: datetime = Field(index=True)
+    data: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+BASE_TABLES: tuple[Table, ...] = tuple(
+    t.__table__ for t in (Processed, OutboxRow, TimerRow)  # type: ignore[attr-defined]
+)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back naive; every time in this system is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass
+class UnitOfWork:
+    """One transaction: the session for state, and the messages it will emit on commit."""
+
+    session: AsyncSession
+    cause: Envelope | None = None
+    emitted: list[Envelope] = field(default_factory=list)
+    timers_changed: bool = False
+
+    def emit(
+        self,
+        message: Message,
+        *,
+        stream: str,
+        user_id: str | None = None,
+        correlation_id: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> Envelope:
+        """Queue `message` for publishing once this transaction commits."""
+        envelope = Envelope.wrap(
+            message,
+            stream=stream,
+            user_id=user_id,
+            correlation_id=correlation_id,
+            causation=self.cause,
+            occurred_at=occurred_at,
+        )
+        self.session.add(OutboxRow(envelope=envelope.model_dump_json()))
+        self.emitted.append(envelope)
+        return envelope
+
+    async def set_timer(self, key: str, kind: str, due_at: datetime, **data: Any) -> None:
+        await self.session.merge(
+            TimerRow(key=key, kind=kind, due_at=due_at, data=json.dumps(data, default=str))
+        )
+        self.timers_changed = True
+
+    async def cancel_timer(self, key: str) -> None:
+        await self.session.exec(delete(TimerRow).where(TimerRow.key == key))  # type: ignore[call-overload]
+        self.timers_changed = True
+
+    async def lock(self, name: str) -> None:
+        """Serialise decisions about `name` (e.g. one user's quota) across processes."""
+        bind = self.session.bind
+        if bind is not None and bind.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            await self.session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=key))  # type: ignore[call-overload]
+        # SQLite: BEGIN IMMEDIATE already holds the database's single write lock.
+
+
+class Store:
+    """A service's database (see module doc)."""
+
+    def __init__(self, url: str, tables: Sequence[Table] = ()) -> None:
+        self.url = url
+        self.tables = (*BASE_TABLES, *tables)
+        self.engine: AsyncEngine = _engine(url)
+        self._write_lock = asyncio.Lock()
+        self.on_commit: list[Any] = []  # callbacks(uow) run after each commit
+
+    async def open(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all, tables=list(self.tables))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self, cause: Envelope | None = None) -> AsyncIterator[UnitOfWork]:
+        """A write transaction; emitted messages go to the outbox in the same commit."""
+        async with self._write_lock:
+            async with AsyncSession(self.engine, expire_on_commit=False) as session:
+                uow = UnitOfWork(session=session, cause=cause)
+                async with session.begin():
+                    yield uow
+        for callback in self.on_commit:
+            callback(uow)
+
+    @asynccontextmanager
+    async def processing(self, envelope: Envelope, consumer: str) -> AsyncIterator[UnitOfWork | None]:
+        """Like `transaction`, but yields None (and does nothing) if `envelope` was already
+        processed by `consumer`; otherwise records it as processed in the same commit."""
+        async with self.transaction(cause=envelope) as uow:
+            seen = await uow.session.get(Processed, (consumer, str(envelope.event_id)))
+            if seen is not None:
+                yield None
+                return
+            uow.session.add(Processed(consumer=consumer, event_id=str(envelope.event_id)))
+            yield uow
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    async def next_timer(self) -> TimerRow | None:
+        async with self.reading() as session:
+            result = await session.exec(select(TimerRow).order_by(TimerRow.due_at).limit(1))  # type: ignore[call-overload]
+            row = result.scalars().first() if hasattr(result, "scalars") else result.first()
+            return row
+
+
+def _engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True)
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in order, with confirms; deletes them once confirmed.
+
+    Guarantee: every committed message is published at least once, in commit order per service.
+    """
+
+    def __init__(self, store: Store, bus: Bus, batch: int = 500) -> None:
+        self.store = store
+        self.bus = bus
+        self.batch = batch
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        store.on_commit.append(lambda uow: self._wake.set() if uow.emitted else None)
+
+    def start(self) -> None:
+        self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Publish what is committed (best effort), then stop."""
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), timeout=5)
+        except Exception as exc:
+            log.warning("outbox not drained on stop (kept for next start): %s", exc)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def flush(self) -> int:
+        """Publish every pending row now; returns how many were published."""
+        sent = 0
+        while True:
+            async with self.store.reading() as session:
+                rows = (
+                    await session.exec(select(OutboxRow).order_by(OutboxRow.id).limit(self.batch))  # type: ignore[call-overload]
+                ).all()
+            if not rows:
+                return sent
+            await self.bus.publish_many(Envelope.model_validate_json(r.envelope) for r in rows)
+            async with self.store.transaction() as uow:
+                await uow.session.exec(delete(OutboxRow).where(OutboxRow.id <= rows[-1].id))  # type: ignore[call-overload, operator]
+            sent += len(rows)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+                backoff = 0.1
+            except (PublishFailed, OSError) as exc:
+                log.warning("outbox: publish failed, retrying in %.1fs: %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._wake.set()
+            except Exception:
+                log.exception("outbox relay error")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+
+def event_id_str(value: UUID | str) -> str:
+    return str(value)
