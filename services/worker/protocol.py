@@ -1,0 +1,77 @@
+"""The control channel between a worker-host and each worker process it spawns.
+
+JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker.
+The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
+
+worker -> host: `Hello` once ready, a `Beat` every heartbeat interval, a `Report` for every
+trading fact (OrderFilled, PositionChanged, TradeClosed, PositionsFlattened, FlattenFailed).
+host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
+flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
+exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from events.values import PositionMark
+
+EXIT_HOST_GONE = 3
+
+# Environment of a worker process: the seed's per-worker variables ...
+ENV_USER_ID = "USER_ID"
+ENV_STRATEGY_ID = "STRATEGY_ID"
+ENV_BROKER_ID = "BROKER_ID"
+ENV_API_KEY = "API_KEY"
+ENV_API_SECRET = "API_SECRET"
+ENV_CONFIG = "CONFIG"  # the StrategyConfig as camelCase JSON, as in the seed
+# ... and the runtime's own.
+ENV_WORKER_ID = "RUNNER_WORKER_ID"
+ENV_JOB_ID = "RUNNER_JOB_ID"
+ENV_CONTROL_FD = "RUNNER_CONTROL_FD"
+ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
+ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper-broker account state, kept across restarts
+ENV_PAPER_SEED = "RUNNER_PAPER_SEED"
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Hello(_Line):
+    type: Literal["hello"] = "hello"
+    pid: int
+
+
+class Beat(_Line):
+    type: Literal["heartbeat"] = "heartbeat"
+    at: datetime
+    positions: tuple[PositionMark, ...] = ()
+
+
+class Report(_Line):
+    """A trading event; `payload` is the event's fields (job_id and worker_id included)."""
+
+    type: Literal["event"] = "event"
+    event: Literal["OrderFilled", "PositionChanged", "TradeClosed", "PositionsFlattened", "FlattenFailed"]
+    payload: dict[str, Any]
+
+
+class Stop(_Line):
+    type: Literal["stop"] = "stop"
+    flatten: bool = False
+
+
+Line = Annotated[Hello | Beat | Report | Stop, Field(discriminator="type")]
+LINE = TypeAdapter(Line)
+
+
+def encode(line: _Line) -> bytes:
+    return line.model_dump_json().encode() + b"\n"
+
+
+def decode(raw: bytes | str) -> Hello | Beat | Report | Stop:
+    return LINE.validate_json(raw)
