@@ -1,0 +1,77 @@
+"""Shared fixtures: every broker test gets its own RabbitMQ vhost and its own data directory."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.settings import Settings
+
+AMQP_HOST = "127.0.0.1"
+AMQP_PORT = 5672
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def broker_reachable() -> bool:
+    try:
+        with socket.create_connection((AMQP_HOST, AMQP_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A fresh, empty vhost (deleted afterwards), so tests never see each other's messages."""
+    if not broker_reachable():
+        pytest.fail(f"RabbitMQ is not reachable on {AMQP_HOST}:{AMQP_PORT} (.ci/run starts it)")
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    try:
+        rabbitmqctl("delete_vhost", name)
+    except RuntimeError:
+        pass
+
+
+@pytest.fixture
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "var"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(amqp_url: str, data_dir: Path) -> Settings:
+    """Seed defaults shrunk so failure paths play out in seconds."""
+    return Settings(
+        amqp_url=amqp_url,
+        data_dir=data_dir,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.5,
+        host_heartbeat_interval=0.2,
+        host_timeout=1.5,
+        host_lease=0.75,
+        restart_backoff=0.1,
+        restart_backoff_max=0.5,
+        stop_grace=2.0,
+        request_timeout=10.0,
+        handler_attempts=3,
+    )
