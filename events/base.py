@@ -32,6 +32,11 @@ class Message(BaseModel):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_") and cls.__module__ != __name__:
+            existing = REGISTRY.get(cls.__name__)
+            where = (cls.__module__, cls.__qualname__)
+            if existing is not None and (existing.__module__, existing.__qualname__) != where:
+                raise TypeError(f"message type {cls.__name__} is defined twice "
+                                f"({existing.__module__} and {cls.__module__})")
             REGISTRY[cls.__name__] = cls
 
     @classmethod

@@ -42,11 +42,16 @@ class JobQueued(_JobEvent):
 
 
 class JobDispatched(_JobEvent):
-    """The scheduler placed the job on a host; `attempt` 0 is the first start."""
+    """The scheduler placed the job on a host; `attempt` 0 is the first start. Carries all the
+    host needs to spawn the worker (credentials still sealed)."""
 
     worker_id: str
     host_id: str
     attempt: int = 0
+    strategy_id: str
+    broker_id: str
+    credentials_sealed: str
+    config: StrategyConfig
 
 
 class _WorkerEvent(Event):
@@ -75,7 +80,10 @@ class HeartbeatMissed(_WorkerEvent):
 
 
 class WorkerCrashed(_WorkerEvent):
+    """The worker's process is gone (or declared gone); `attempt` names which incarnation."""
+
     host_id: str | None
+    attempt: int = 0
     reason: CrashReason
     exit_code: int | None = None
     detail: str = ""

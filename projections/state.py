@@ -1,14 +1,50 @@
-"""INTERFACE SKELETON — to be implemented (see projections/__init__.py)."""
+"""The read model: workers, positions, trading stats and entitlements, folded from the log.
+
+`apply` is pure (no I/O, no clock, no ids made up here): everything it records comes from the
+envelope, so the monitor's live state and any replay of the log are equal by construction.
+Updates are copy-on-write on `immutables.Map`, so an old state stays valid after a new one is
+built from it (replay to a point in time keeps every intermediate state cheaply).
+
+Only the types with a handler below are parsed; every other envelope (commands, fills, host and
+load events, and types this build does not know) only counts in `events_applied`. Events about a
+worker the state has never seen are ignored the same way, never raised.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import singledispatch
+from typing import TypeVar
 
 import immutables
 
-from events import Envelope, JobStatus
+from events import (
+    CrashReason,
+    EntitlementDowngraded,
+    EntitlementUpgraded,
+    Envelope,
+    HeartbeatMissed,
+    JobAccepted,
+    JobDispatched,
+    JobQueued,
+    JobRejected,
+    JobRequested,
+    JobStatus,
+    Message,
+    PositionChanged,
+    PositionsFlattened,
+    RestartsExhausted,
+    StopRequested,
+    TradeClosed,
+    WorkerCrashed,
+    WorkerRestarted,
+    WorkerRestartScheduled,
+    WorkerSpawned,
+    WorkerSpawnFailed,
+    WorkerStopped,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +105,45 @@ class QueueStats:
 
 @dataclass(frozen=True, slots=True)
 class Projections:
+    """Everything the status queries read. `positions` never holds an empty inner map."""
+
     workers: immutables.Map[str, WorkerView] = field(default_factory=immutables.Map)
-    positions: immutables.Map[str, immutables.Map[str, PositionView]] = field(default_factory=immutables.Map)
+    positions: immutables.Map[str, immutables.Map[str, PositionView]] = field(
+        default_factory=immutables.Map
+    )
     stats: immutables.Map[str, TradingStats] = field(default_factory=immutables.Map)
     entitlements: immutables.Map[str, EntitlementView] = field(default_factory=immutables.Map)
     rejected_jobs: int = 0
     events_applied: int = 0
+    # JobRejected names only the job; this finds the worker view it has to remove.
+    worker_by_job: immutables.Map[str, str] = field(default_factory=immutables.Map)
 
 
 EMPTY = Projections()
 
+_V = TypeVar("_V")
+
+# Late reports never revive a worker that has ended: neither a redelivered dispatch (which would
+# show it queued again) nor a crash report from a host that was cut off.
+_ENDED = frozenset({JobStatus.STOPPED, JobStatus.FAILED})
+_NO_POSITIONS: immutables.Map[str, PositionView] = immutables.Map()
+_NO_TRADES = TradingStats()
+
 
 def apply(state: Projections, envelope: Envelope) -> Projections:
-    raise NotImplementedError
+    """Fold one logged envelope into the state; counts every envelope, parses only folded types."""
+    if envelope.type in _FOLDED:
+        state = _on(envelope.message(), state, envelope)
+    # Positional on purpose: `dataclasses.replace` costs more than the fold itself here.
+    return Projections(
+        state.workers,
+        state.positions,
+        state.stats,
+        state.entitlements,
+        state.rejected_jobs,
+        state.events_applied + 1,
+        state.worker_by_job,
+    )
 
 
 def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projections:
@@ -91,4 +153,278 @@ def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projectio
 
 
 def queue_stats(state: Projections, user_id: str | None = None) -> QueueStats:
-    raise NotImplementedError
+    """The seed's `queueStats`, over one user's workers or over everyone's."""
+    queued = running = total = failed = 0
+    for worker in state.workers.values():
+        if user_id is not None and worker.user_id != user_id:
+            continue
+        total += 1
+        if worker.status is JobStatus.QUEUED:
+            queued += 1
+        elif worker.status is JobStatus.RUNNING:
+            running += 1
+        elif worker.status is JobStatus.FAILED:
+            failed += 1
+    return QueueStats(
+        queued_jobs=queued, running_workers=running, total_workers=total, failed_jobs=failed
+    )
+
+
+def _update_worker(state: Projections, worker_id: str, **changes: object) -> Projections:
+    worker = state.workers.get(worker_id)
+    if worker is None:
+        return state
+    return replace(state, workers=state.workers.set(worker_id, replace(worker, **changes)))
+
+
+def _without(mapping: immutables.Map[str, _V], key: str) -> immutables.Map[str, _V]:
+    return mapping.delete(key) if key in mapping else mapping
+
+
+def _is_stale(state: Projections, worker_id: str, attempt: int) -> bool:
+    """A failure report about an ended worker or an earlier incarnation than the one running.
+
+    A host cut off from the broker reports its workers' ends late, after the scheduler has
+    already crashed and restarted them elsewhere.
+    """
+    worker = state.workers.get(worker_id)
+    return worker is not None and (worker.status in _ENDED or attempt < worker.restart_count)
+
+
+def _crash_reason(event: WorkerCrashed) -> str:
+    if event.reason is CrashReason.EXITED and event.exit_code is not None:
+        text = f"exited with code {event.exit_code}"
+    else:
+        text = event.reason.value.replace("_", " ")
+    return f"{text}: {event.detail}" if event.detail else text
+
+
+@singledispatch
+def _on(message: Message, state: Projections, envelope: Envelope) -> Projections:
+    """Most messages do not move the read model."""
+    return state
+
+
+@_on.register
+def _(event: JobRequested, state: Projections, envelope: Envelope) -> Projections:
+    """A new worker view, queued; a repeated request for a known worker changes nothing."""
+    if event.worker_id in state.workers:
+        return state
+    worker = WorkerView(
+        worker_id=event.worker_id,
+        job_id=event.job_id,
+        user_id=envelope.user_id or "",
+        strategy_id=event.strategy_id,
+        broker_id=event.broker_id,
+        status=JobStatus.QUEUED,
+        created_at=envelope.occurred_at,
+        flatten_on_stop=event.flatten_on_stop,
+    )
+    return replace(
+        state,
+        workers=state.workers.set(event.worker_id, worker),
+        worker_by_job=state.worker_by_job.set(event.job_id, event.worker_id),
+    )
+
+
+@_on.register
+def _(event: JobRejected, state: Projections, envelope: Envelope) -> Projections:
+    """A rejected job never ran: its worker view goes, the rejection is counted."""
+    worker_id = state.worker_by_job.get(event.job_id)
+    if worker_id is None:
+        return replace(state, rejected_jobs=state.rejected_jobs + 1)
+    return replace(
+        state,
+        workers=_without(state.workers, worker_id),
+        positions=_without(state.positions, worker_id),
+        stats=_without(state.stats, worker_id),
+        worker_by_job=state.worker_by_job.delete(event.job_id),
+        rejected_jobs=state.rejected_jobs + 1,
+    )
+
+
+@_on.register(JobAccepted)
+@_on.register(JobQueued)
+def _(event: JobAccepted | JobQueued, state: Projections, envelope: Envelope) -> Projections:
+    worker = state.workers.get(event.worker_id)
+    if worker is None or worker.status in _ENDED:
+        return state
+    return _update_worker(state, event.worker_id, status=JobStatus.QUEUED)
+
+
+@_on.register
+def _(event: JobDispatched, state: Projections, envelope: Envelope) -> Projections:
+    """Placed on a host, not yet running (also the way back from crashed to a restart)."""
+    worker = state.workers.get(event.worker_id)
+    if worker is None or worker.status in _ENDED:
+        return state
+    return _update_worker(state, event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
+
+
+@_on.register
+def _(event: WorkerSpawned, state: Projections, envelope: Envelope) -> Projections:
+    return _update_worker(
+        state,
+        event.worker_id,
+        status=JobStatus.RUNNING,
+        pid=event.pid,
+        host_id=event.host_id,
+        started_at=envelope.occurred_at,
+        restart_count=event.attempt,
+        reason=None,
+    )
+
+
+@_on.register
+def _(event: WorkerSpawnFailed, state: Projections, envelope: Envelope) -> Projections:
+    if _is_stale(state, event.worker_id, event.attempt):
+        return state
+    return _update_worker(
+        state,
+        event.worker_id,
+        status=JobStatus.CRASHED,
+        pid=None,
+        reason=f"spawn failed: {event.error}",
+    )
+
+
+@_on.register
+def _(event: HeartbeatMissed, state: Projections, envelope: Envelope) -> Projections:
+    """Only a note: the WorkerCrashed that follows changes the status."""
+    return _update_worker(state, event.worker_id, reason=f"no heartbeat for {event.silent_for:g}s")
+
+
+@_on.register
+def _(event: WorkerCrashed, state: Projections, envelope: Envelope) -> Projections:
+    if _is_stale(state, event.worker_id, event.attempt):
+        return state
+    return _update_worker(
+        state, event.worker_id, status=JobStatus.CRASHED, pid=None, reason=_crash_reason(event)
+    )
+
+
+@_on.register
+def _(event: WorkerRestartScheduled, state: Projections, envelope: Envelope) -> Projections:
+    """Still crashed until it runs again; the reason keeps the crash cause and names the attempt."""
+    worker = state.workers.get(event.worker_id)
+    if worker is None:
+        return state
+    note = f"restart {event.attempt} scheduled in {event.delay:g}s"
+    return _update_worker(
+        state, event.worker_id, reason=f"{worker.reason} ({note})" if worker.reason else note
+    )
+
+
+@_on.register
+def _(event: WorkerRestarted, state: Projections, envelope: Envelope) -> Projections:
+    """Running again; the reason still tells why it had to restart."""
+    return _update_worker(
+        state,
+        event.worker_id,
+        status=JobStatus.RUNNING,
+        pid=event.pid,
+        host_id=event.host_id,
+        started_at=envelope.occurred_at,
+        restart_count=event.attempt,
+    )
+
+
+@_on.register
+def _(event: RestartsExhausted, state: Projections, envelope: Envelope) -> Projections:
+    reason = f"restarts exhausted after {event.attempts} attempts"
+    return _update_worker(
+        state,
+        event.worker_id,
+        status=JobStatus.FAILED,
+        pid=None,
+        ended_at=envelope.occurred_at,
+        reason=f"{reason}: {event.detail}" if event.detail else reason,
+    )
+
+
+@_on.register
+def _(event: StopRequested, state: Projections, envelope: Envelope) -> Projections:
+    return _update_worker(state, event.worker_id, stop_requested=True)
+
+
+@_on.register
+def _(event: WorkerStopped, state: Projections, envelope: Envelope) -> Projections:
+    return _update_worker(
+        state,
+        event.worker_id,
+        status=JobStatus.STOPPED,
+        pid=None,
+        ended_at=envelope.occurred_at,
+        reason=event.reason,
+    )
+
+
+@_on.register
+def _(event: PositionChanged, state: Projections, envelope: Envelope) -> Projections:
+    """The position on one instrument is now this; flat removes it."""
+    if event.worker_id not in state.workers:
+        return state
+    held = state.positions.get(event.worker_id, _NO_POSITIONS)
+    if event.amount == 0:
+        if event.instrument not in held:
+            return state
+        held = held.delete(event.instrument)
+    else:
+        held = held.set(
+            event.instrument,
+            PositionView(event.instrument, event.side, event.amount, event.entry_price),
+        )
+    positions = (
+        state.positions.set(event.worker_id, held)
+        if held
+        else _without(state.positions, event.worker_id)
+    )
+    return replace(state, positions=positions)
+
+
+@_on.register
+def _(event: PositionsFlattened, state: Projections, envelope: Envelope) -> Projections:
+    """Everything was closed at market, whatever PositionChanged events arrived before."""
+    if event.worker_id not in state.positions:
+        return state
+    return replace(state, positions=state.positions.delete(event.worker_id))
+
+
+@_on.register
+def _(event: TradeClosed, state: Projections, envelope: Envelope) -> Projections:
+    if event.worker_id not in state.workers:
+        return state
+    stats = state.stats.get(event.worker_id, _NO_TRADES)
+    pnl = event.realized_pnl
+    stats = TradingStats(
+        total_trades=stats.total_trades + 1,
+        winning_trades=stats.winning_trades + (pnl > 0),
+        losing_trades=stats.losing_trades + (pnl < 0),
+        total_pnl=stats.total_pnl + pnl,
+    )
+    return replace(state, stats=state.stats.set(event.worker_id, stats))
+
+
+@_on.register
+def _(event: EntitlementUpgraded, state: Projections, envelope: Envelope) -> Projections:
+    user_id = envelope.user_id
+    if user_id is None:
+        return state
+    view = EntitlementView(user_id, event.tier, event.max_workers, event.expires_at)
+    return replace(state, entitlements=state.entitlements.set(user_id, view))
+
+
+@_on.register
+def _(event: EntitlementDowngraded, state: Projections, envelope: Envelope) -> Projections:
+    """The lower tier has no end date (EntitlementExpired alone changes nothing: this follows)."""
+    user_id = envelope.user_id
+    if user_id is None:
+        return state
+    view = EntitlementView(user_id, event.to_tier, event.max_workers, None)
+    return replace(state, entitlements=state.entitlements.set(user_id, view))
+
+
+# Computed once every handler is registered: the type names `apply` parses at all.
+_FOLDED = frozenset(
+    t.type_name() for t in _on.registry if t is not object and issubclass(t, Message)
+)

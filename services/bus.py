@@ -99,6 +99,17 @@ class Bus:
         await self.broker.start()
         self._started = True
 
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now (for fencing decisions)."""
+        connection = getattr(self.broker, "_connection", None)
+        return bool(connection is not None and not connection.is_closed
+                    and connection.connected.is_set())
+
+    async def stop_consuming(self) -> None:
+        """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
+
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish (graceful timeout), disconnect."""
         for future in self._pending.values():
@@ -281,6 +292,17 @@ class Bus:
             message_type=raw.type,
         )
 
+    async def watch(self, bindings: Iterable[tuple[str, str]],
+                    callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]) -> None:
+        """Look at traffic without taking it from anyone (viewers such as `runner events tail`):
+        a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack."""
+        channel = await self._channel(prefetch=1000)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True, durable=False)
+        self._declared.append(queue)
+        for exchange, key in bindings:
+            await queue.bind(exchange, routing_key=key)
+        await queue.consume(callback, no_ack=True)
+
     # ---------------------------------------------------------------- request / reply
 
     def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
@@ -382,6 +404,7 @@ def _queue(spec: QueueSpec) -> RabbitQueue:
     return RabbitQueue(
         spec.name,
         durable=spec.durable,
+        auto_delete=spec.auto_delete,
         arguments=spec.arguments or None,
     )
 

@@ -85,15 +85,21 @@ class Service:
         await self.started()
         log.info("%s started", self.name)
 
+    async def drain(self) -> None:
+        """Subclasses wind down their own work here (consumers stopped, bus still up)."""
+
     async def stop(self) -> None:
-        """Finish in-flight handlers, publish the committed outbox, then close."""
-        await self.bus.close()
+        """Graceful: stop consuming and finish in-flight handlers, drain, publish the committed
+        outbox, then disconnect."""
+        await self.bus.stop_consuming()
+        await self.drain()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.outbox.stop()
+        await self.bus.close()
         await self.store.close()
         log.info("%s stopped", self.name)
 
@@ -119,16 +125,24 @@ class Service:
                     await asyncio.wait_for(self._timer_wake.wait(), timeout=min(delay, 3600.0))
                 continue
             assert row is not None
-            async with self.store.transaction() as uow:
-                current = await uow.session.get(TimerRow, row.key)
-                if current is None or as_utc(current.due_at) > now():
-                    continue
-                await uow.session.delete(current)
-                handler = self.timer_handlers.get(current.kind)
-                if handler is None:
-                    log.error("no handler for timer kind %r (dropped %s)", current.kind, current.key)
-                    continue
-                await handler(uow, current.key, json.loads(current.data))
+            try:
+                await self._fire(row.key)
+            except Exception:
+                log.exception("timer %s failed; retrying shortly", row.key)
+                await asyncio.sleep(1.0)
+
+    async def _fire(self, key: str) -> None:
+        """Run a due timer's handler and delete the timer, in one transaction."""
+        async with self.store.transaction() as uow:
+            current = await uow.session.get(TimerRow, key)
+            if current is None or as_utc(current.due_at) > now():
+                return
+            await uow.session.delete(current)
+            handler = self.timer_handlers.get(current.kind)
+            if handler is None:
+                log.error("no handler for timer kind %r (dropped %s)", current.kind, key)
+                return
+            await handler(uow, key, json.loads(current.data))
 
 
 async def _logged(coro: Awaitable[Any], name: str) -> Any:

@@ -17,18 +17,17 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
-from sqlalchemy import Column, String, Text, delete, event, func, select, text
+from sqlalchemy import Column, String, Text, delete, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from events import Envelope, Message
@@ -81,6 +80,7 @@ class UnitOfWork:
     cause: Envelope | None = None
     emitted: list[Envelope] = field(default_factory=list)
     timers_changed: bool = False
+    after_commit: list[Callable[[], Any]] = field(default_factory=list)
 
     def emit(
         self,
@@ -150,6 +150,8 @@ class Store:
                     yield uow
         for callback in self.on_commit:
             callback(uow)
+        for action in uow.after_commit:
+            action()
 
     @asynccontextmanager
     async def processing(self, envelope: Envelope, consumer: str) -> AsyncIterator[UnitOfWork | None]:
@@ -170,9 +172,7 @@ class Store:
 
     async def next_timer(self) -> TimerRow | None:
         async with self.reading() as session:
-            result = await session.exec(select(TimerRow).order_by(TimerRow.due_at).limit(1))  # type: ignore[call-overload]
-            row = result.scalars().first() if hasattr(result, "scalars") else result.first()
-            return row
+            return (await session.exec(select(TimerRow).order_by(TimerRow.due_at).limit(1))).first()
 
 
 def _engine(url: str) -> AsyncEngine:
@@ -267,6 +267,3 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
-
-def event_id_str(value: UUID | str) -> str:
-    return str(value)

@@ -66,6 +66,7 @@ class QueueSpec:
     kind: Literal["quorum", "transient"] = "quorum"
     message_ttl_ms: int | None = None
     max_length: int | None = None
+    auto_delete: bool = False
 
     @property
     def durable(self) -> bool:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
 
 from services.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__,
+                  pretty_exceptions_enable=False)
+console = Console()
 
 # service name -> "module:Class" (imported lazily: each service pulls in only what it needs)
 SERVICE_CLASSES = {
@@ -57,6 +65,173 @@ def service(name: str = typer.Argument(..., help="gateway | entitlement | schedu
         pass
     except OSError as exc:
         fail(f"{name}: {exc}")
+
+
+@app.command()
+def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) -> None:
+    """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
+    from services.cli.supervisor import Supervisor, system
+
+    async def main() -> None:
+        supervisor = Supervisor(os.environ)
+        system(supervisor, hosts=hosts)
+        await supervisor.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        console.print("[bold]stopping (graceful drain)…[/]")
+        await supervisor.stop()
+
+    asyncio.run(main())
+
+
+@app.command()
+def demo(
+    seconds: float = typer.Option(12.0, min=3, max=600, help="how long to watch live trading"),
+    keep_vhost: bool = typer.Option(False, help="use RUNNER_AMQP_URL as is (no demo vhost)"),
+) -> None:
+    """The whole system live on the paper broker: users on two tiers, runners trading, a
+    rejected over-limit start, a crash and its auto-restart, a stop with flatten, the audit."""
+    from services.cli.demo import run_demo
+
+    code = asyncio.run(run_demo(console, watch_seconds=seconds, own_vhost=not keep_vhost))
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- talking to the gateway
+
+token_option = typer.Option(None, "--token", envvar="RUNNER_TOKEN",
+                            help="bearer token [default: the admin token in the data dir]")
+
+
+def _client(token: str | None) -> Any:
+    from services.cli.client import GatewayClient
+
+    settings = Settings()
+    if token is None:
+        path = settings.data_dir / "admin.token"
+        token = settings.admin_token or (path.read_text().strip() if path.exists() else None)
+    if not token:
+        fail("no token: pass --token, set RUNNER_TOKEN, or run where the admin token is")
+    return GatewayClient.for_settings(settings, token)
+
+
+def _call(token: str | None, op: Any) -> Any:
+    from services.cli.client import GatewayError
+
+    async def main() -> Any:
+        client = _client(token)
+        try:
+            return await op(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except GatewayError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def start(
+    strategy: str = typer.Argument(..., help="strategy type, e.g. hold or scalping"),
+    instrument: list[str] = typer.Option(["BTC-PERPETUAL"], "--instrument", "-i"),
+    broker: str = typer.Option("paper", help="broker id"),
+    user: str | None = typer.Option(None, help="user to act for (admin token only)"),
+    strategy_id: str | None = typer.Option(None, help="your id for this strategy [type-instrument]"),
+    param: list[str] = typer.Option([], "--param", "-p", help="strategy parameter KEY=VALUE (JSON value)"),
+    api_key: str = typer.Option("paper-key", envvar="RUNNER_API_KEY"),
+    api_secret: str = typer.Option("paper-secret", envvar="RUNNER_API_SECRET"),
+    token: str | None = token_option,
+) -> None:
+    """Start a runner; prints its job and worker ids."""
+    parameters: dict[str, Any] = {}
+    for item in param:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            fail(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parameters[key] = json.loads(raw)
+        except ValueError:
+            parameters[key] = raw
+    body = {"strategyId": strategy_id or f"{strategy}-{instrument[0].lower()}", "brokerId": broker,
+            "credentials": {"apiKey": api_key, "apiSecret": api_secret},
+            "config": {"name": strategy_id or strategy, "type": strategy, "parameters": parameters,
+                       "instruments": instrument}}
+    if user:
+        body["userId"] = user
+    result = _call(token, lambda c: c.start(**body))
+    console.print(f"[green]{result['message']}[/] job {result['jobId']} worker {result['workerId']}")
+
+
+@app.command()
+def stop(
+    worker_id: str,
+    flatten: bool = typer.Option(False, "--flatten", help="close every open position at market first"),
+    token: str | None = token_option,
+) -> None:
+    """Stop a runner (optionally flattening its positions) and wait until it has stopped."""
+    result = _call(token, lambda c: c.stop(worker_id, flatten))
+    console.print(f"[green]{result['message']}[/] (flattened positions: {result['flattenedPositions']})")
+
+
+@app.command()
+def status(
+    user: str | None = typer.Option(None, help="only this user's runners (admin)"),
+    as_json: bool = typer.Option(False, "--json"),
+    token: str | None = token_option,
+) -> None:
+    """Runners with positions and P&L, and the queue figures."""
+    from services.cli.client import status_table
+
+    result = _call(token, lambda c: c.status(user))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(status_table(result))
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users and their tokens (admin).")
+entitlements_app = typer.Typer(no_args_is_help=True, help="Subscription tiers (admin).")
+topology_app = typer.Typer(no_args_is_help=True, help="The RabbitMQ topology.")
+app.add_typer(users_app, name="users")
+app.add_typer(entitlements_app, name="entitlements")
+app.add_typer(topology_app, name="topology")
+
+
+@users_app.command("add")
+def users_add(user_id: str, token: str | None = token_option) -> None:
+    """Create a user; prints the user's bearer token (shown once)."""
+    user_token = _call(token, lambda c: c.add_user(user_id))
+    console.print(f"user {user_id} token: [bold]{user_token}[/]")
+
+
+@entitlements_app.command("upgrade")
+def entitlements_upgrade(user_id: str, tier: str, days: float = typer.Option(30.0),
+                         token: str | None = token_option) -> None:
+    """Put a user on a tier for a number of days (fractions allowed)."""
+    result = _call(token, lambda c: c.upgrade(user_id, tier, days))
+    console.print(f"{user_id}: {result['tier']} ({result['maxWorkers']} workers) until {result['expiresAt']}")
+
+
+@entitlements_app.command("check")
+def entitlements_check(user_id: str, token: str | None = token_option) -> None:
+    """A user's tier, limit and usage."""
+    print(json.dumps(_call(token, lambda c: c.entitlement(user_id)), indent=2))
+
+
+@topology_app.command("export")
+def topology_export(
+    output: Path = typer.Option(Path("rabbitmq/definitions.json"), "--output", "-o"),
+    vhost: str = typer.Option("/"),
+) -> None:
+    """Write the broker definitions (exchanges, queues, bindings) for a RabbitMQ container."""
+    from services.topology import definitions
+
+    output.write_text(json.dumps(definitions(vhost), indent=2) + "\n")
+    console.print(f"wrote {output}")
 
 
 def _register_optional_commands() -> None:

@@ -1,0 +1,1 @@
+"""Entitlement service: tiers, limits, expiry and downgrade; decides every JobRequested."""

@@ -1,0 +1,180 @@
+"""Entitlement service: owns plans and slot usage; decides every start; expires upgrades.
+
+Race-free counting: every decision runs in one write transaction (SQLite `BEGIN IMMEDIATE`, or a
+per-user advisory lock elsewhere) that counts the user's slots and takes one, so N parallel
+starts against a limit of one give exactly one JobAccepted. A slot is held from JobAccepted until
+the job ends (WorkerStopped, RestartsExhausted): queued, starting, running and
+crashed-awaiting-restart jobs all count.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Field, SQLModel, select
+
+from events import (
+    EntitlementDowngraded,
+    EntitlementExpired,
+    EntitlementUpgraded,
+    Envelope,
+    JobAccepted,
+    JobRejected,
+    JobRequested,
+    RestartsExhausted,
+    StopRunner,
+    UpgradeEntitlement,
+    WorkerStopped,
+)
+from services.entitlement.rules import FREE, TIER_LIMITS, Accept, Plan, decide, excess
+from services.service import Service, now
+from services.store import UnitOfWork, as_utc
+from services.topology import ENTITLEMENT_INBOX, rpc_queue
+
+
+class PlanRow(SQLModel, table=True):
+    __tablename__ = "plans"
+    user_id: str = Field(primary_key=True, max_length=100)
+    tier: str = Field(max_length=20)
+    expires_at: datetime | None = None
+
+
+class SlotRow(SQLModel, table=True):
+    """A job holding one of its user's worker slots."""
+
+    __tablename__ = "slots"
+    seq: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(unique=True, max_length=100)
+    user_id: str = Field(index=True, max_length=100)
+    worker_id: str = Field(max_length=100)
+    flatten_on_stop: bool = True
+
+
+def user_stream(user_id: str) -> str:
+    return f"user-{user_id}"
+
+
+class EntitlementService(Service):
+    name = "entitlement"
+    tables = (PlanRow.__table__, SlotRow.__table__)  # type: ignore[attr-defined]
+
+    async def setup(self) -> None:
+        self.handle(
+            ENTITLEMENT_INBOX,
+            {
+                JobRequested: self.on_job_requested,
+                WorkerStopped: self.on_job_ended,
+                RestartsExhausted: self.on_job_ended,
+                JobRejected: self.on_job_ended,
+                UpgradeEntitlement: self.on_upgrade,
+            },
+        )
+        self.bus.serve(rpc_queue(self.name), self.answer)
+        self.timer_handlers["expire"] = self.on_expiry_due
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_job_requested(self, uow: UnitOfWork, env: Envelope, event: JobRequested) -> None:
+        """Emits exactly one JobAccepted (taking a slot) or JobRejected per job."""
+        user_id = env.user_id or ""
+        await uow.lock(f"quota:{user_id}")
+        if (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == event.job_id))).first():
+            return  # decided before (a StartRunner retried under a new event id)
+        plan = await _plan(uow, user_id)
+        decision = decide(plan, await _in_use(uow.session, user_id), now())
+        if isinstance(decision, Accept):
+            uow.session.add(SlotRow(job_id=event.job_id, user_id=user_id,
+                                    worker_id=event.worker_id, flatten_on_stop=event.flatten_on_stop))
+            uow.emit(JobAccepted(job_id=event.job_id, worker_id=event.worker_id, tier=decision.tier,
+                                 max_workers=decision.max_workers, in_use=decision.in_use),
+                     stream=env.stream)
+        else:
+            uow.emit(JobRejected(job_id=event.job_id, reason=decision.reason, detail=decision.detail),
+                     stream=env.stream)
+
+    async def on_job_ended(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
+        """Frees the job's slot (idempotent: a job without a slot is a no-op)."""
+        slot = (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == event.job_id))).first()
+        if slot is not None:
+            await uow.session.delete(slot)
+
+    async def on_upgrade(self, uow: UnitOfWork, env: Envelope, cmd: UpgradeEntitlement) -> None:
+        """Puts the user on the tier until now + days; arms the expiry timer; emits
+        EntitlementUpgraded. A lower tier than the current one stops the excess workers."""
+        user_id = env.user_id or ""
+        await uow.lock(f"quota:{user_id}")
+        expires_at = now() + timedelta(days=cmd.days)
+        row = await uow.session.get(PlanRow, user_id) or PlanRow(user_id=user_id, tier=FREE)
+        row.tier, row.expires_at = cmd.tier, expires_at
+        uow.session.add(row)
+        await uow.set_timer(f"expire:{user_id}", "expire", expires_at, user_id=user_id)
+        uow.emit(EntitlementUpgraded(tier=cmd.tier, max_workers=TIER_LIMITS[cmd.tier],
+                                     expires_at=expires_at),
+                 stream=user_stream(user_id), user_id=user_id)
+        await self._stop_excess(uow, user_id, TIER_LIMITS[cmd.tier],
+                                f"tier changed to {cmd.tier} ({TIER_LIMITS[cmd.tier]} workers)")
+
+    async def on_expiry_due(self, uow: UnitOfWork, key: str, data: dict[str, Any]) -> None:
+        """At `expires_at`: EntitlementExpired, EntitlementDowngraded to free, and the newest
+        workers above the free limit are stopped (with their own flatten setting)."""
+        user_id = data["user_id"]
+        row = await uow.session.get(PlanRow, user_id)
+        if row is None or row.tier == FREE or row.expires_at is None or as_utc(row.expires_at) > now():
+            return  # extended or already downgraded since the timer was set
+        old_tier, expired_at = row.tier, as_utc(row.expires_at)
+        row.tier, row.expires_at = FREE, None
+        uow.session.add(row)
+        stream = user_stream(user_id)
+        uow.emit(EntitlementExpired(tier=old_tier, expired_at=expired_at), stream=stream, user_id=user_id)
+        reason = f"{old_tier} entitlement expired; free allows {TIER_LIMITS[FREE]} worker"
+        uow.emit(EntitlementDowngraded(from_tier=old_tier, to_tier=FREE,
+                                       max_workers=TIER_LIMITS[FREE], reason=reason),
+                 stream=stream, user_id=user_id)
+        await self._stop_excess(uow, user_id, TIER_LIMITS[FREE], reason)
+
+    async def _stop_excess(self, uow: UnitOfWork, user_id: str, limit: int, reason: str) -> None:
+        slots = (await uow.session.exec(
+            select(SlotRow).where(SlotRow.user_id == user_id).order_by(SlotRow.seq)
+        )).all()
+        by_job = {s.job_id: s for s in slots}
+        for job_id in excess([s.job_id for s in slots], limit):
+            slot = by_job[job_id]
+            uow.emit(StopRunner(worker_id=slot.worker_id, flatten=slot.flatten_on_stop,
+                                reason=f"stopped: {reason}"),
+                     stream=f"job-{job_id}", user_id=user_id, correlation_id=job_id)
+
+    # ------------------------------------------------------------------ queries
+
+    async def answer(self, request: dict[str, Any]) -> Any:
+        if request.get("op") != "check":
+            raise ValueError(f"unknown op {request.get('op')!r}")
+        user_id = str(request["user_id"])
+        async with self.store.reading() as session:
+            row = await session.get(PlanRow, user_id)
+            in_use = await _in_use(session, user_id)
+        plan = Plan(row.tier, as_utc(row.expires_at) if row and row.expires_at else None) if row else Plan()
+        tier = plan.effective_tier(now())
+        limit = TIER_LIMITS[tier]
+        return {
+            "userId": user_id,
+            "isEntitled": in_use < limit,
+            "tier": tier,
+            "maxWorkers": limit,
+            "currentWorkers": in_use,
+            "expiresAt": plan.expires_at.isoformat() if plan.expires_at and tier != FREE else None,
+        }
+
+
+async def _plan(uow: UnitOfWork, user_id: str) -> Plan:
+    row = await uow.session.get(PlanRow, user_id)
+    if row is None:
+        return Plan()
+    return Plan(row.tier, as_utc(row.expires_at) if row.expires_at else None)
+
+
+async def _in_use(session: Any, user_id: str) -> int:
+    return (await session.exec(
+        select(func.count()).select_from(SlotRow).where(SlotRow.user_id == user_id)
+    )).one()

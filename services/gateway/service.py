@@ -1,0 +1,335 @@
+"""Gateway service: the HTTP contract of DESIGN.md §6 over the bus.
+
+Guarantees: a start answers once the entitlement decision is made (JobAccepted / JobRejected);
+a stop answers once the worker has stopped (with the flatten count); status comes from the
+monitor's projections. Credentials are sealed before anything leaves the request handler and
+never appear in a response, a log line or an error. Errors are `{success: false, error}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from events import (
+    EntitlementUpgraded,
+    Envelope,
+    FlattenFailed,
+    JobAccepted,
+    JobRejected,
+    PositionsFlattened,
+    RejectReason,
+    StartRunner,
+    StopRunner,
+    UpgradeEntitlement,
+    WorkerStopped,
+)
+from services.bus import PublishFailed, RpcError
+from services.gateway.models import (
+    CreateUserRequest,
+    StartRequest,
+    StopRequest,
+    UpgradeRequest,
+    failed,
+    ok,
+)
+from services.gateway.users import Caller, UserDirectory, UserRow
+from services.gateway.waiters import Waiters
+from services.secrets import Sealer, admin_token, secret_key
+from services.service import Service, now
+from services.topology import GATEWAY_WAITS, QueueSpec
+from services.worker.brokers import BROKERS
+from services.worker.strategies.base import available_strategies
+
+log = logging.getLogger(__name__)
+
+REJECT_STATUS = {
+    RejectReason.WORKER_LIMIT: 403,
+    RejectReason.ENTITLEMENT_EXPIRED: 403,
+    RejectReason.CIRCUIT_OPEN: 429,
+    RejectReason.INVALID_REQUEST: 422,
+}
+ENDED = ("stopped", "failed")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, **extra: Any) -> None:
+        super().__init__(error)
+        self.status, self.error, self.extra = status, error, extra
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service shell owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class GatewayService(Service):
+    name = "gateway"
+    tables = (UserRow.__table__,)  # type: ignore[attr-defined]
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        token, created = admin_token(settings)
+        if created:
+            print(f"admin token (saved in {settings.data_dir / 'admin.token'}, shown once): {token}",
+                  flush=True)
+        self.users = UserDirectory(self.store, token)
+        self.sealer = Sealer(secret_key(settings))
+        self.waiters = Waiters()
+        self.app = create_app(self)
+        self._server: _QuietServer | None = None
+
+    async def setup(self) -> None:
+        waits = QueueSpec(f"gateway.waits.{uuid.uuid4().hex[:12]}", bindings=GATEWAY_WAITS,
+                          kind="transient", auto_delete=True)
+        self.bus.subscribe(waits, self.waiters.deliver)
+
+    async def started(self) -> None:
+        config = uvicorn.Config(self.app, host=self.settings.http_host, port=self.settings.http_port,
+                                log_level="warning", lifespan="off")
+        self._server = _QuietServer(config)
+        self.background(self._server.serve(), "http")
+        http = self._tasks[-1]
+        while not self._server.started:
+            await asyncio.sleep(0.01)
+            if http.done():
+                http.result()  # raises: e.g. the port is taken
+                raise OSError(f"HTTP server on {self.settings.http_host}:{self.settings.http_port} "
+                              "did not start")
+        log.info("gateway listening on http://%s:%d", self.settings.http_host, self.settings.http_port)
+
+    async def drain(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            for _ in range(100):
+                if not self._server.started:
+                    break
+                await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ operations
+
+    async def start_runner(self, caller: Caller, body: StartRequest) -> tuple[int, dict[str, Any]]:
+        user_id = _acting_user(caller, body.user_id)
+        if body.broker_id not in BROKERS:
+            raise ApiError(422, f"brokerId: unknown broker {body.broker_id!r}; "
+                                f"available: {', '.join(sorted(BROKERS))}")
+        strategies = available_strategies()
+        if body.config.type not in strategies:
+            raise ApiError(422, f"config.type: unknown strategy type {body.config.type!r}; "
+                                f"available: {', '.join(sorted(strategies))}")
+        job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
+        command = StartRunner(job_id=job_id, worker_id=worker_id, strategy_id=body.strategy_id,
+                              broker_id=body.broker_id,
+                              credentials_sealed=self.sealer.seal(body.credentials.reveal()),
+                              config=body.config, flatten_on_stop=body.flatten_on_stop)
+        with self.waiters.watch(("JobAccepted", job_id), ("JobRejected", job_id)) as answers:
+            await self.bus.publish(Envelope.wrap(command, stream=f"job-{job_id}", user_id=user_id,
+                                                 correlation_id=job_id))
+            _, decision = await self._next(answers, f"job {job_id} was submitted but no "
+                                                    "entitlement decision came in time")
+        if isinstance(decision, JobRejected):
+            status = REJECT_STATUS.get(decision.reason, 400)
+            return status, failed(decision.detail, reason=decision.reason.value, jobId=job_id,
+                                  retryAt=decision.retry_at.isoformat() if decision.retry_at else None)
+        assert isinstance(decision, JobAccepted)
+        await self._until_monitor_shows(worker_id, lambda w: True)
+        return 200, ok(jobId=job_id, workerId=worker_id,
+                       message=f"runner accepted and queued ({decision.in_use} of "
+                               f"{decision.max_workers} workers, {decision.tier})")
+
+    async def stop_runner(self, caller: Caller, body: StopRequest) -> dict[str, Any]:
+        if body.user_id is not None:
+            _acting_user(caller, body.user_id)
+        entry = await self._owned_worker(caller, body.worker_id)
+        worker = entry["worker"]
+        if worker["status"] in ENDED:
+            return ok(message=f"worker {body.worker_id} already {worker['status']}",
+                      flattenedPositions=0)
+        wid = body.worker_id
+        with self.waiters.watch(("WorkerStopped", wid), ("PositionsFlattened", wid),
+                                ("FlattenFailed", wid)) as answers:
+            await self.bus.publish(Envelope.wrap(
+                StopRunner(worker_id=wid, flatten=body.flatten_positions, reason="stopped by user"),
+                stream=f"job-{worker['jobId']}", user_id=worker["userId"],
+                correlation_id=worker["jobId"]))
+            flattened, flatten_error = 0, None
+            while True:
+                _, event = await self._next(answers, f"worker {wid} did not stop in time",
+                                            timeout=self.settings.stop_grace * 2 + self.settings.request_timeout)
+                if isinstance(event, PositionsFlattened):
+                    flattened = event.count
+                elif isinstance(event, FlattenFailed):
+                    flatten_error = event.error
+                elif isinstance(event, WorkerStopped):
+                    break
+        await self._until_monitor_shows(wid, lambda w: w["status"] in ENDED)
+        if flatten_error is not None:
+            return failed(f"worker stopped, but flatten failed: {flatten_error}",
+                          message=f"worker {wid} stopped", flattenedPositions=flattened)
+        closed = (f", {flattened} position{'s' if flattened != 1 else ''} flattened"
+                  if body.flatten_positions else "")
+        return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
+
+    async def status(self, caller: Caller, user_id: str | None) -> dict[str, Any]:
+        if user_id is not None:
+            _acting_user(caller, user_id)
+        scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
+        result = await self.bus.request("monitor.rpc", {"op": "status", "user_id": scope})
+        return ok(**result)
+
+    async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
+        with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:
+            await self.bus.publish(Envelope.wrap(UpgradeEntitlement(tier=body.tier, days=body.days),
+                                                 stream=f"user-{user_id}", user_id=user_id))
+            _, event = await self._next(answers, "the upgrade was submitted but not confirmed in time")
+        assert isinstance(event, EntitlementUpgraded)
+        return ok(userId=user_id, tier=event.tier, maxWorkers=event.max_workers,
+                  expiresAt=event.expires_at.isoformat())
+
+    async def check(self, user_id: str) -> dict[str, Any]:
+        return await self.bus.request("entitlement.rpc", {"op": "check", "user_id": user_id})
+
+    async def _owned_worker(self, caller: Caller, worker_id: str) -> dict[str, Any]:
+        """The worker's status entry, if the caller may act on it; the monitor may lag a fresh
+        start by a moment, so an unknown worker is looked up again briefly."""
+        for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
+            await asyncio.sleep(delay)
+            try:
+                entry = await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id})
+            except RpcError as exc:
+                if "unknown worker" not in str(exc):
+                    raise
+                continue
+            if caller.may_act_for(entry["worker"]["userId"]):
+                return entry
+            break
+        raise ApiError(404, f"no worker {worker_id!r} of yours")
+
+    async def _until_monitor_shows(self, worker_id: str, predicate: Any, seconds: float = 2.0) -> None:
+        """Read-your-writes: wait (bounded) until the monitor's projection reflects what this
+        request just caused, so a status call right after the answer sees it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            with contextlib.suppress(RpcError):
+                entry = await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id})
+                if predicate(entry["worker"]):
+                    return
+            await asyncio.sleep(0.02)
+
+    async def _next(self, answers: asyncio.Queue, error: str, timeout: float | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(answers.get(), timeout or self.settings.request_timeout)
+        except TimeoutError:
+            raise ApiError(504, error) from None
+
+
+def _acting_user(caller: Caller, user_id: str | None) -> str:
+    """The user a request acts for: the caller, or (admin only) the named user."""
+    if caller.admin:
+        if not user_id:
+            raise ApiError(422, "userId: required when acting as admin")
+        return user_id
+    if user_id is not None and user_id != caller.user_id:
+        raise ApiError(403, "userId does not match your token")
+    assert caller.user_id is not None
+    return caller.user_id
+
+
+async def caller(request: Request) -> Caller:
+    """The bearer token's owner: the admin or a user; 401 otherwise."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing bearer token")
+    found = await request.app.state.gateway.users.identify(token.strip())
+    if found is None:
+        raise ApiError(401, "invalid token")
+    return found
+
+
+async def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+    if not who.admin:
+        raise ApiError(403, "admin token required")
+    return who
+
+
+Who = Annotated[Caller, Depends(caller)]
+Admin = Annotated[Caller, Depends(admin)]
+
+
+def create_app(gateway: GatewayService) -> FastAPI:
+    app = FastAPI(title="Runner Orchestrator", version="0.1.0",
+                  description="Start, stop and watch trading-strategy runners.")
+    app.state.gateway = gateway
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                    for e in exc.errors()]  # never echo the input: it may hold credentials
+        return JSONResponse(failed("; ".join(problems)[:1000]), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(failed(str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(RpcError)
+    @app.exception_handler(PublishFailed)
+    async def _bus_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("bus unavailable: %s", exc)
+        return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503)
+
+    @app.post("/runner/start")
+    async def start(body: StartRequest, who: Who) -> JSONResponse:
+        status, payload = await gateway.start_runner(who, body)
+        return JSONResponse(payload, status_code=status)
+
+    @app.post("/runner/stop")
+    async def stop(body: StopRequest, who: Who) -> dict[str, Any]:
+        return await gateway.stop_runner(who, body)
+
+    @app.get("/runner/status")
+    async def status(who: Who, userId: str | None = None) -> dict[str, Any]:  # noqa: N803
+        return await gateway.status(who, userId)
+
+    @app.post("/entitlements/{user_id}/upgrade")
+    async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:
+        return await gateway.upgrade(user_id, body)
+
+    @app.get("/entitlements/{user_id}")
+    async def check(user_id: str, who: Who) -> dict[str, Any]:
+        if not who.may_act_for(user_id):
+            raise ApiError(403, "admin token required")
+        return await gateway.check(user_id)
+
+    @app.post("/admin/users", status_code=201)
+    async def create_user(body: CreateUserRequest, _: Admin) -> dict[str, Any]:
+        token = await gateway.users.create(body.user_id, now())
+        if token is None:
+            raise ApiError(409, f"user {body.user_id!r} exists")
+        return {"userId": body.user_id, "token": token}
+
+    @app.get("/admin/users")
+    async def list_users(_: Admin) -> dict[str, Any]:
+        return ok(users=await gateway.users.list())
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return ok(connected=gateway.bus.connected())
+
+    return app

@@ -1,0 +1,61 @@
+"""Who is calling: the admin token, or a user's token (stored hashed, compared in constant time)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Field, SQLModel, select
+
+from services.store import Store
+
+
+class UserRow(SQLModel, table=True):
+    __tablename__ = "users"
+    user_id: str = Field(primary_key=True, max_length=64)
+    token_hash: str = Field(index=True, max_length=64)
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Caller:
+    user_id: str | None  # None for the admin
+    admin: bool = False
+
+    def may_act_for(self, user_id: str) -> bool:
+        return self.admin or self.user_id == user_id
+
+
+def hash_token(token: str) -> str:
+    # Tokens are 256-bit random values, so a plain digest is enough (no password stretching).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class UserDirectory:
+    def __init__(self, store: Store, admin_token: str) -> None:
+        self.store = store
+        self._admin_hash = hash_token(admin_token)
+
+    async def identify(self, token: str) -> Caller | None:
+        digest = hash_token(token)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return Caller(user_id=None, admin=True)
+        async with self.store.reading() as session:
+            row = (await session.exec(select(UserRow).where(UserRow.token_hash == digest))).first()
+        return Caller(user_id=row.user_id) if row else None
+
+    async def create(self, user_id: str, now: datetime) -> str | None:
+        """A new user with a fresh token (returned once); None if the user exists."""
+        token = secrets.token_urlsafe(32)
+        async with self.store.transaction() as uow:
+            if await uow.session.get(UserRow, user_id) is not None:
+                return None
+            uow.session.add(UserRow(user_id=user_id, token_hash=hash_token(token), created_at=now))
+        return token
+
+    async def list(self) -> list[str]:
+        async with self.store.reading() as session:
+            return list((await session.exec(select(UserRow.user_id).order_by(UserRow.user_id))).all())

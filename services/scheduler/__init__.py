@@ -1,0 +1,1 @@
+"""Scheduler service: the job queue, throttled placement on hosts, restarts, circuit breaker."""

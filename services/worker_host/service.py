@@ -1,0 +1,365 @@
+"""Worker-host service: runs worker processes for the jobs dispatched to it.
+
+Guarantees:
+- A JobDispatched for this host starts exactly one process per (worker, attempt); the intent is
+  committed first, so a host that dies before spawning spawns at its next start.
+- Every process end is reported once: WorkerStopped after a requested stop, WorkerCrashed
+  otherwise (`exited` with the code or signal, `heartbeat_timeout` after a HeartbeatMissed kill,
+  `host_lost` when fenced), the moment the process is gone.
+- Fencing: cut off from the broker for longer than `host_lease`, or told it was declared lost,
+  the host kills its workers, so a rescheduled strategy never runs twice.
+- Heartbeats (its own and its workers') go out as transient telemetry; trading reports go
+  through the outbox, so none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Column, Text
+from sqlmodel import Field, SQLModel, select
+
+from events import (
+    CrashReason,
+    Envelope,
+    HeartbeatMissed,
+    HostHeartbeat,
+    HostLost,
+    HostOnline,
+    JobDispatched,
+    StopRequested,
+    WorkerCrashed,
+    WorkerHeartbeat,
+    WorkerRestarted,
+    WorkerSpawned,
+    WorkerSpawnFailed,
+    WorkerStopped,
+    model_for,
+)
+from services.secrets import SealError, Sealer, secret_key
+from services.service import Service, now
+from services.store import UnitOfWork
+from services.topology import host_inbox
+from services.worker import protocol
+from services.worker_host.spawner import SpawnError, WorkerProcess, spawn, worker_environment
+
+log = logging.getLogger(__name__)
+
+
+class LocalWorker(SQLModel, table=True):
+    """A worker this host is responsible for, from dispatch until its end is reported."""
+
+    __tablename__ = "local_workers"
+    worker_id: str = Field(primary_key=True, max_length=100)
+    job_id: str = Field(max_length=100)
+    user_id: str = Field(max_length=100)
+    attempt: int = 0
+    strategy_id: str = Field(max_length=100)
+    broker_id: str = Field(max_length=50)
+    credentials_sealed: str = Field(sa_column=Column(Text, nullable=False))
+    config: str = Field(sa_column=Column(Text, nullable=False))
+    pid: int | None = None
+    stopping: bool = False
+    flatten: bool = False
+    stop_reason: str | None = None
+    dispatched_at: datetime
+
+
+def job_stream(job_id: str) -> str:
+    return f"job-{job_id}"
+
+
+class WorkerHostService(Service):
+    name = "worker-host"
+    tables = (LocalWorker.__table__,)  # type: ignore[attr-defined]
+
+    def __init__(self, settings: Any) -> None:
+        self.host_id = settings.host_id or socket.gethostname()
+        super().__init__(settings)
+        self.capacity = settings.host_capacity
+        self.sealer = Sealer(secret_key(settings))
+        self.live: dict[str, WorkerProcess] = {}
+        self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
+
+    @property
+    def store_name(self) -> str:
+        return f"worker-host-{self.host_id}"
+
+    async def setup(self) -> None:
+        self.handle(
+            host_inbox(self.host_id),
+            {
+                JobDispatched: self.on_dispatched,
+                StopRequested: self.on_stop_requested,
+                HeartbeatMissed: self.on_heartbeat_missed,
+                HostLost: self.on_host_lost,
+            },
+        )
+
+    async def started(self) -> None:
+        await self._recover()
+        async with self.store.transaction() as uow:
+            uow.emit(HostOnline(host_id=self.host_id, capacity=self.capacity,
+                                hostname=socket.gethostname(), pid=os.getpid()),
+                     stream=f"host-{self.host_id}")
+        self.background(self._heartbeat_loop(), "host-heartbeat")
+        self.background(self._lease_loop(), "host-lease")
+
+    async def drain(self) -> None:
+        """Graceful shutdown: stop every worker (no flatten); each is reported as crashed with
+        reason host_lost so the scheduler moves it to another host; then HostLost for us."""
+        for worker in list(self.live.values()):
+            worker.end_reason = "drain"
+            await worker.send(protocol.Stop(flatten=False))
+        await self._wait_all_exited(self.settings.stop_grace)
+        async with self.store.transaction() as uow:
+            uow.emit(HostLost(host_id=self.host_id, silent_for=0.0), stream=f"host-{self.host_id}")
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_dispatched(self, uow: UnitOfWork, env: Envelope, event: JobDispatched) -> None:
+        """Commits the intent to run (worker, attempt), then launches it after the commit."""
+        if event.host_id != self.host_id:
+            return
+        row = await uow.session.get(LocalWorker, event.worker_id)
+        if row is not None and row.attempt >= event.attempt:
+            return  # duplicate dispatch
+        if row is not None:
+            await uow.session.delete(row)
+            await uow.session.flush()
+        uow.session.add(LocalWorker(
+            worker_id=event.worker_id, job_id=event.job_id, user_id=env.user_id or "",
+            attempt=event.attempt, dispatched_at=now(), strategy_id=event.strategy_id,
+            broker_id=event.broker_id, credentials_sealed=event.credentials_sealed,
+            config=event.config.model_dump_json(by_alias=True),
+        ))
+        uow.after_commit.append(lambda: self.background(self._launch(event.worker_id), f"launch-{event.worker_id}"))
+
+    async def on_stop_requested(self, uow: UnitOfWork, env: Envelope, event: StopRequested) -> None:
+        """Graceful stop: Stop over the control channel (flatten when asked), SIGTERM after the
+        grace period, SIGKILL after another. The exit is reported as WorkerStopped."""
+        if event.host_id != self.host_id:
+            return
+        row = await uow.session.get(LocalWorker, event.worker_id)
+        if row is None:
+            uow.emit(WorkerStopped(job_id=event.job_id, worker_id=event.worker_id,
+                                   reason=f"{event.reason} (not running on host {self.host_id})"),
+                     stream=env.stream, user_id=env.user_id)
+            return
+        row.stopping, row.flatten, row.stop_reason = True, event.flatten, event.reason
+        uow.session.add(row)
+        worker = self.live.get(event.worker_id)
+        if worker is not None:
+            uow.after_commit.append(lambda: self.background(
+                self._stop(worker, event.flatten), f"stop-{event.worker_id}"))
+
+    async def on_heartbeat_missed(self, uow: UnitOfWork, env: Envelope, event: HeartbeatMissed) -> None:
+        """A hung worker is killed; its exit is reported as WorkerCrashed(heartbeat_timeout)."""
+        worker = self.live.get(event.worker_id)
+        if event.host_id != self.host_id or worker is None:
+            return
+        age = asyncio.get_running_loop().time() - worker.started
+        if age < self.settings.heartbeat_timeout:
+            return  # about an earlier incarnation
+        worker.end_reason = worker.end_reason or "heartbeat"
+        worker.signal(signal.SIGKILL)
+        worker.signal(signal.SIGCONT)  # a stopped (SIGSTOP) process only dies once continued
+
+    async def on_host_lost(self, uow: UnitOfWork, env: Envelope, event: HostLost) -> None:
+        """Declared lost while alive: our workers are being rescheduled, so kill them (fence),
+        then announce ourselves again."""
+        if event.host_id != self.host_id or event.silent_for == 0.0:
+            return
+        log.warning("declared lost (silent %.1fs): fencing %d workers", event.silent_for, len(self.live))
+        self._fence("declared lost by the monitor")
+        uow.emit(HostOnline(host_id=self.host_id, capacity=self.capacity,
+                            hostname=socket.gethostname(), pid=os.getpid()),
+                 stream=f"host-{self.host_id}")
+
+    # ------------------------------------------------------------------ worker lifecycle
+
+    async def _launch(self, worker_id: str) -> None:
+        async with self.store.reading() as session:
+            row = await session.get(LocalWorker, worker_id)
+        if row is None or row.pid is not None or worker_id in self.live:
+            return
+        try:
+            if len(self.live) >= self.capacity:
+                raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
+            credentials = self.sealer.open(row.credentials_sealed)
+            env = worker_environment(
+                worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
+                strategy_id=row.strategy_id, broker_id=row.broker_id, credentials=credentials,
+                config_json=row.config, heartbeat_interval=self.settings.heartbeat_interval,
+                state_file=self.workers_dir / f"{worker_id}.state.json",
+            )
+            worker = await spawn(worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
+                                 attempt=row.attempt, env=env,
+                                 log_file=self.workers_dir / f"{worker_id}.log",
+                                 hello_timeout=max(10.0, self.settings.heartbeat_timeout))
+        except (SpawnError, SealError, OSError) as exc:
+            async with self.store.transaction() as uow:
+                current = await uow.session.get(LocalWorker, worker_id)
+                if current is not None:
+                    await uow.session.delete(current)
+                uow.emit(WorkerSpawnFailed(job_id=row.job_id, worker_id=worker_id,
+                                           host_id=self.host_id, attempt=row.attempt, error=str(exc)),
+                         stream=job_stream(row.job_id), user_id=row.user_id, correlation_id=row.job_id)
+            return
+        self.live[worker_id] = worker
+        async with self.store.transaction() as uow:
+            current = await uow.session.get(LocalWorker, worker_id)
+            if current is not None:
+                current.pid = worker.pid
+                uow.session.add(current)
+            started = (WorkerRestarted if row.attempt > 0 else WorkerSpawned)(
+                job_id=row.job_id, worker_id=worker_id, host_id=self.host_id, pid=worker.pid,
+                attempt=row.attempt)
+            uow.emit(started, stream=job_stream(row.job_id), user_id=row.user_id,
+                     correlation_id=row.job_id)
+            stop_pending = current is not None and current.stopping
+        self.background(self._supervise(worker), f"supervise-{worker_id}")
+        if stop_pending:
+            self.background(self._stop(worker, current.flatten), f"stop-{worker_id}")
+
+    async def _stop(self, worker: WorkerProcess, flatten: bool) -> None:
+        worker.end_reason = worker.end_reason or "stop"
+        await worker.send(protocol.Stop(flatten=flatten))
+        try:
+            await asyncio.wait_for(worker.process.wait(), timeout=self.settings.stop_grace)
+        except TimeoutError:
+            await worker.terminate(grace=self.settings.stop_grace)
+
+    async def _supervise(self, worker: WorkerProcess) -> None:
+        """Relay the worker's lines until its channel closes, then report how it ended."""
+        try:
+            while line := await worker.reader.readline():
+                await self._relay(worker, line)
+        except (ConnectionError, OSError):
+            pass
+        code = await worker.process.wait()
+        worker.writer.close()
+        self.live.pop(worker.worker_id, None)
+        await self._report_exit(worker, code)
+
+    async def _relay(self, worker: WorkerProcess, raw: bytes) -> None:
+        try:
+            line = protocol.decode(raw)
+        except ValidationError:
+            log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
+            return
+        if isinstance(line, protocol.Beat):
+            await self._send_telemetry(WorkerHeartbeat(
+                job_id=worker.job_id, worker_id=worker.worker_id, host_id=self.host_id,
+                pid=worker.pid, at=line.at, positions=line.positions))
+        elif isinstance(line, protocol.Report):
+            payload = line.payload | {"job_id": worker.job_id, "worker_id": worker.worker_id}
+            try:
+                event = model_for(line.event).model_validate(payload)
+            except ValidationError:
+                log.warning("worker %s reported an invalid %s (ignored)", worker.worker_id, line.event)
+                return
+            async with self.store.transaction() as uow:
+                uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
+                         correlation_id=worker.job_id)
+
+    async def _report_exit(self, worker: WorkerProcess, code: int) -> None:
+        how = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        async with self.store.transaction() as uow:
+            row = await uow.session.get(LocalWorker, worker.worker_id)
+            if row is None or row.attempt != worker.attempt:
+                return
+            await uow.session.delete(row)
+            ids = dict(job_id=worker.job_id, worker_id=worker.worker_id)
+            where = dict(stream=job_stream(worker.job_id), user_id=worker.user_id,
+                         correlation_id=worker.job_id)
+            if row.stopping:
+                uow.emit(WorkerStopped(**ids, reason=row.stop_reason or "stopped", exit_code=code),
+                         **where)
+                return
+            reason, detail = {
+                "heartbeat": (CrashReason.HEARTBEAT_TIMEOUT, f"no heartbeat for "
+                              f"{self.settings.heartbeat_timeout:g}s; killed"),
+                "fenced": (CrashReason.HOST_LOST, f"fenced on host {self.host_id}; {how}"),
+                "drain": (CrashReason.HOST_LOST, f"host {self.host_id} shut down; {how}"),
+            }.get(worker.end_reason or "", (CrashReason.EXITED, how))
+            uow.emit(WorkerCrashed(**ids, host_id=self.host_id, attempt=worker.attempt,
+                                   reason=reason, exit_code=code, detail=detail), **where)
+
+    # ------------------------------------------------------------------ host liveness
+
+    async def _recover(self) -> None:
+        """After a restart: workers of the previous run are gone (they exit when their host's
+        channel closes); report them, and launch what was committed but never started."""
+        async with self.store.transaction() as uow:
+            rows = (await uow.session.exec(select(LocalWorker))).all()
+            for row in rows:
+                if row.pid is None:
+                    uow.after_commit.append(lambda wid=row.worker_id: self.background(
+                        self._launch(wid), f"launch-{wid}"))
+                    continue
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(row.pid, signal.SIGKILL)
+                await uow.session.delete(row)
+                ids = dict(job_id=row.job_id, worker_id=row.worker_id)
+                where = dict(stream=job_stream(row.job_id), user_id=row.user_id,
+                             correlation_id=row.job_id)
+                if row.stopping:
+                    uow.emit(WorkerStopped(**ids, reason=f"{row.stop_reason} (host restarted)"), **where)
+                else:
+                    uow.emit(WorkerCrashed(**ids, host_id=self.host_id, attempt=row.attempt,
+                                           reason=CrashReason.EXITED,
+                                           detail=f"worker-host {self.host_id} restarted"), **where)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._send_telemetry(HostHeartbeat(
+                host_id=self.host_id, capacity=self.capacity, workers=tuple(self.live), at=now()))
+            await asyncio.sleep(self.settings.host_heartbeat_interval)
+
+    async def _send_telemetry(self, message: Any) -> None:
+        try:
+            await self.bus.send_telemetry(message)
+        except Exception as exc:  # telemetry is best effort; the lease loop fences if it lasts
+            log.debug("telemetry not sent: %s", exc)
+
+    async def _lease_loop(self) -> None:
+        """Fence when the broker has been unreachable for longer than the lease."""
+        loop = asyncio.get_running_loop()
+        cut_off_since: float | None = None
+        while True:
+            await asyncio.sleep(min(self.settings.host_lease / 4, 1.0))
+            if self.bus.connected():
+                cut_off_since = None
+                continue
+            cut_off_since = cut_off_since or loop.time()
+            if loop.time() - cut_off_since > self.settings.host_lease and self.live:
+                log.warning("broker unreachable for %.1fs: fencing %d workers",
+                            loop.time() - cut_off_since, len(self.live))
+                self._fence("broker unreachable past the lease")
+
+    def _fence(self, why: str) -> None:
+        for worker in list(self.live.values()):
+            worker.end_reason = "fenced"
+            worker.signal(signal.SIGKILL)
+            worker.signal(signal.SIGCONT)
+        log.info("fenced: %s", why)
+
+    async def _wait_all_exited(self, timeout: float) -> None:
+        processes = [w.process.wait() for w in self.live.values()]
+        if not processes:
+            return
+        done, pending = await asyncio.wait([asyncio.ensure_future(p) for p in processes], timeout=timeout)
+        if pending:
+            for worker in list(self.live.values()):
+                worker.signal(signal.SIGKILL)
+            await asyncio.wait(pending, timeout=2.0)
+        await asyncio.sleep(0.1)  # let the supervisors record the exits
