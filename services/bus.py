@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
 from services.settings import Settings
-from services.topology import EXCHANGES, QueueSpec, dead_letter_queue
+from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,9 @@ class Bus:
         await self.broker.connect()
         for spec in EXCHANGES:
             self._declared.append(await self.broker.declare_exchange(_exchange(spec.name)))
-        await self._declare_bindings(dead_letter_queue(self.service))
-        for spec in self._queues:
+        # The whole static topology, not only our queues: whichever service starts first, no
+        # message for another one is lost for want of its queue.
+        for spec in (*STATIC_QUEUES, *self._queues):
             await self._declare_bindings(spec)
         self._publish_channel = await self._channel()
         await self.broker.start()
@@ -221,7 +222,8 @@ class Bus:
             no_reply=True,
             decoder=_raw_body,
         )
-        async def consume(msg: RabbitMessage) -> None:
+        async def consume(_body: bytes) -> None:
+            msg = self._delivery()
             raw = msg.raw_message
             try:
                 envelope = Envelope.from_json(raw.body)
@@ -263,7 +265,8 @@ class Bus:
             no_reply=True,
             decoder=_raw_body,
         )
-        async def consume(msg: RabbitMessage) -> None:
+        async def consume(_body: bytes) -> None:
+            msg = self._delivery()
             raw = msg.raw_message
             try:
                 message = model_for(raw.type or "").model_validate_json(raw.body)
@@ -273,6 +276,12 @@ class Bus:
             result = handler(message)
             if asyncio.iscoroutine(result):
                 await result
+
+    def _delivery(self) -> RabbitMessage:
+        """The message being handled, from the broker's context. (Not a `RabbitMessage` handler
+        parameter: FastDepends resolves that in a worker thread, one thread hop per message,
+        which cut consumption to a quarter of this.)"""
+        return self.broker.context.get_local("message")
 
     async def _dead_letter(self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage,
                            reason: str) -> None:
@@ -297,7 +306,9 @@ class Bus:
         """Look at traffic without taking it from anyone (viewers such as `runner events tail`):
         a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack."""
         channel = await self._channel(prefetch=1000)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True, durable=False)
+        # named by us: a robust channel cannot re-declare a server-named (amq.gen-*) queue
+        queue = await channel.declare_queue(f"{self.service}.watch.{uuid.uuid4().hex[:12]}",
+                                            exclusive=True, auto_delete=True, durable=False)
         self._declared.append(queue)
         for exchange, key in bindings:
             await queue.bind(exchange, routing_key=key)
@@ -316,7 +327,8 @@ class Bus:
             no_reply=True,
             decoder=_raw_body,
         )
-        async def answer(msg: RabbitMessage) -> None:
+        async def answer(_body: bytes) -> None:
+            msg = self._delivery()
             raw = msg.raw_message
             if not raw.reply_to:
                 return
@@ -368,7 +380,9 @@ class Bus:
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
             channel = await self._channel()
-            queue = await channel.get_queue(REPLY_TO, ensure=False)
+            # a passive declare registers the pseudo-queue with the robust channel, so its
+            # consumer is restored after a reconnect (ensure=False was not: replies then failed)
+            queue = await channel.get_queue(REPLY_TO)
             await queue.consume(self._on_reply, no_ack=True)
             self._rpc_channel = channel
             self._declared.append(queue)

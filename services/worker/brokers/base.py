@@ -1,0 +1,164 @@
+"""The broker adapter interface a strategy trades through (ccxt-shaped, async).
+
+Every fill, position change and closed trade is handed to the `sink` the runtime supplies, in
+that order per fill, so the runtime can report each one to the host as it happens.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from events.values import Fill, OrderSide, Position, PositionMark, Side
+
+if TYPE_CHECKING:
+    from events.values import StrategyConfig
+
+# Amounts below this are float dust: a position this small is flat.
+AMOUNT_EPSILON = 1e-9
+
+
+class BrokerError(Exception):
+    """The exchange refused an order or a query (its message never carries credentials)."""
+
+
+class UnknownBroker(LookupError):
+    """No adapter is registered under this broker id."""
+
+
+class OpenOrder(BaseModel):
+    """A resting limit order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    order_id: str
+    instrument: str
+    side: OrderSide
+    amount: float
+    price: float
+
+
+class ClosedTrade(BaseModel):
+    """A (partial) close of a position: the part of a fill that reduced it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instrument: str
+    side: Side
+    amount: float
+    entry_price: float
+    exit_price: float
+    realized_pnl: float
+
+
+# A position with amount 0 is the "now flat" change on that instrument.
+BrokerFact = Fill | Position | ClosedTrade
+EventSink = Callable[[BrokerFact], None]
+
+
+def discard(_: BrokerFact) -> None:
+    """The sink of a broker nobody listens to."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """API credentials; never shown by `repr`, so they cannot leak through a log line."""
+
+    api_key: str = field(default="", repr=False)
+    api_secret: str = field(default="", repr=False)
+
+
+def direction(side: Side) -> int:
+    return 1 if side == "long" else -1
+
+
+def closing_side(position: Position) -> OrderSide:
+    return "sell" if position.side == "long" else "buy"
+
+
+def unrealized_pnl(position: Position, mark: float) -> float:
+    return (mark - position.entry_price) * position.amount * direction(position.side)
+
+
+def mark_position(position: Position, mark: float) -> PositionMark:
+    return PositionMark(
+        instrument=position.instrument,
+        side=position.side,
+        amount=position.amount,
+        entry_price=position.entry_price,
+        mark_price=mark,
+        unrealized_pnl=unrealized_pnl(position, mark),
+    )
+
+
+def check_amount(amount: float) -> None:
+    if not (math.isfinite(amount) and amount > 0):
+        raise BrokerError(f"order amount must be a positive number, got {amount!r}")
+
+
+class Broker(ABC):
+    """One trading account. Methods are async because real exchanges are network calls."""
+
+    def __init__(self, sink: EventSink = discard) -> None:
+        self.sink = sink
+
+    @classmethod
+    @abstractmethod
+    def open(
+        cls,
+        *,
+        worker_id: str,
+        config: StrategyConfig,
+        credentials: Credentials,
+        state_file: Path | None,
+        seed: str | None,
+        sink: EventSink,
+    ) -> Broker:
+        """Connect the account a worker trades on, from the worker's environment."""
+
+    @abstractmethod
+    async def market_order(
+        self, instrument: str, side: OrderSide, amount: float, reduce_only: bool = False
+    ) -> Fill:
+        """Fill now at the market. `reduce_only` caps the amount at the open position and
+        refuses an order that would open or grow one."""
+
+    @abstractmethod
+    async def limit_order(
+        self, instrument: str, side: OrderSide, amount: float, price: float
+    ) -> str:
+        """Rest an order at `price`; returns its id. It fills once the market crosses it."""
+
+    @abstractmethod
+    async def cancel(self, order_id: str) -> None:
+        """Cancel a resting order (unknown or already filled ids raise BrokerError)."""
+
+    @abstractmethod
+    async def cancel_all(self) -> int:
+        """Cancel every resting order; returns how many were cancelled."""
+
+    @abstractmethod
+    async def open_orders(self) -> list[OpenOrder]:
+        """The resting orders, oldest first."""
+
+    @abstractmethod
+    async def positions(self) -> list[Position]:
+        """The open (non-flat) positions, one per instrument."""
+
+    @abstractmethod
+    async def mark(self, instrument: str) -> float:
+        """The current mark price of `instrument`."""
+
+    @abstractmethod
+    async def tick(self) -> None:
+        """Advance market data one step (a live exchange polls; the paper one simulates)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the adapter's connections."""

@@ -1,0 +1,404 @@
+"""The worker process: one strategy on one broker account, driven over the control channel.
+
+Exit paths (what the host can rely on):
+- `Stop(flatten=True)`: the strategy is cancelled, open orders cancelled, every position closed
+  at market; a `PositionsFlattened` or `FlattenFailed` report follows the fills' reports; exit 0.
+- `Stop(flatten=False)`, SIGTERM or SIGINT: the strategy is cancelled, positions and resting
+  orders are left as they are; exit 0.
+- EOF on the channel (the host is gone): exit `EXIT_HOST_GONE` (3), positions untouched.
+- The strategy (or the market data feeding it) raises: the traceback goes to stderr; exit 1.
+- The environment cannot be used (a variable missing or malformed, invalid CONFIG, unknown
+  broker or strategy, invalid parameters): one line on stderr, no Hello; exit `EXIT_BAD_CONFIG`
+  (2). Restarting cannot help.
+
+Credentials are read once into `Credentials` (hidden from `repr`), handed only to the broker
+adapter, and scrubbed from every log line and from the free-text error of FlattenFailed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from events.base import Event
+from events.jobs import FlattenFailed
+from events.trading import OrderFilled, PositionChanged, TradeClosed
+from events.values import Fill, Position, PositionMark, StrategyConfig
+from services.worker import protocol
+from services.worker.brokers import open_broker
+from services.worker.brokers.base import (
+    Broker,
+    BrokerFact,
+    ClosedTrade,
+    Credentials,
+    mark_position,
+)
+from services.worker.flatten import flatten
+from services.worker.protocol import Beat, Hello, Report, Stop
+from services.worker.strategies.base import Strategy, load_strategy
+
+log = logging.getLogger("services.worker")
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_BAD_CONFIG = 2
+EXIT_HOST_GONE = protocol.EXIT_HOST_GONE
+
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+REDACTED = "[redacted]"
+MIN_REDACTED = 4
+
+
+class BadEnvironment(ValueError):
+    """The worker's environment is missing or malformed (message names variables, not values
+    of secrets)."""
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """Everything a worker reads from its environment, parsed once."""
+
+    user_id: str
+    strategy_id: str
+    broker_id: str
+    worker_id: str
+    job_id: str
+    config: StrategyConfig
+    control_fd: int
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    state_file: Path | None = None
+    paper_seed: str | None = None
+    credentials: Credentials = field(default_factory=Credentials, repr=False)
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str]) -> WorkerEnv:
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise BadEnvironment(f"{name} is not set")
+            return value
+
+        try:
+            config = StrategyConfig.model_validate_json(required(protocol.ENV_CONFIG))
+        except ValidationError as exc:
+            # Described by location and reason only: never echo the raw environment.
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'CONFIG'}: {error['msg']}"
+                for error in exc.errors(include_input=False, include_url=False)
+            )
+            raise BadEnvironment(
+                f"{protocol.ENV_CONFIG} is not a valid strategy config: {problems}"
+            ) from None
+        try:
+            control_fd = int(required(protocol.ENV_CONTROL_FD))
+        except ValueError:
+            raise BadEnvironment(
+                f"{protocol.ENV_CONTROL_FD} is not a file descriptor number"
+            ) from None
+        try:
+            interval = float(env.get(protocol.ENV_HEARTBEAT_INTERVAL) or DEFAULT_HEARTBEAT_INTERVAL)
+        except ValueError:
+            raise BadEnvironment(
+                f"{protocol.ENV_HEARTBEAT_INTERVAL} is not a number of seconds"
+            ) from None
+        if not 0 < interval < 3600:
+            raise BadEnvironment(
+                f"{protocol.ENV_HEARTBEAT_INTERVAL} must be between 0 and 3600 seconds"
+            )
+        state_file = env.get(protocol.ENV_STATE_FILE, "").strip()
+        return cls(
+            user_id=required(protocol.ENV_USER_ID),
+            strategy_id=required(protocol.ENV_STRATEGY_ID),
+            broker_id=required(protocol.ENV_BROKER_ID),
+            worker_id=required(protocol.ENV_WORKER_ID),
+            job_id=required(protocol.ENV_JOB_ID),
+            config=config,
+            control_fd=control_fd,
+            heartbeat_interval=interval,
+            state_file=Path(state_file) if state_file else None,
+            paper_seed=env.get(protocol.ENV_PAPER_SEED) or None,
+            credentials=Credentials(
+                api_key=env.get(protocol.ENV_API_KEY, ""),
+                api_secret=env.get(protocol.ENV_API_SECRET, ""),
+            ),
+        )
+
+
+def redactor(credentials: Credentials) -> Callable[[str], str]:
+    """`text -> text` with every credential replaced by a marker.
+
+    Values shorter than `MIN_REDACTED` are left alone: they cannot be told apart from ordinary
+    text (an API key of "k" would blank every k in the log) and are no real secret anyway.
+    """
+    secrets = [s for s in (credentials.api_key, credentials.api_secret) if len(s) >= MIN_REDACTED]
+
+    def redact(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    return redact
+
+
+class _RedactingFormatter(logging.Formatter):
+    def __init__(self, fmt: str, redact: Callable[[str], str]) -> None:
+        super().__init__(fmt)
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(super().format(record))
+
+
+def configure_logging(label: str, redact: Callable[[str], str]) -> None:
+    """Logs go to stderr (the host points it at a file); stdout stays unused."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _RedactingFormatter(f"%(asctime)s %(levelname)s {label} %(name)s: %(message)s", redact)
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def trading_event(fact: BrokerFact, *, job_id: str, worker_id: str) -> Event:
+    """The trading event a broker fact is reported as."""
+    ids = {"job_id": job_id, "worker_id": worker_id}
+    if isinstance(fact, Fill):
+        return OrderFilled(**ids, **fact.model_dump())
+    if isinstance(fact, ClosedTrade):
+        return TradeClosed(**ids, **fact.model_dump())
+    if isinstance(fact, Position):
+        return PositionChanged(**ids, **fact.model_dump())
+    raise TypeError(f"not a broker fact: {type(fact).__name__}")
+
+
+def report_of(event: Event) -> Report:
+    return Report(event=event.type_name(), payload=event.model_dump(mode="json"))
+
+
+class Channel:
+    """The worker's end of the control socket: JSON lines out.
+
+    Writing to a host that has gone away is not an error here; the reader sees the EOF and the
+    worker exits with EXIT_HOST_GONE.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def send(self, line: Hello | Beat | Report) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(protocol.encode(line))
+
+    async def flush(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def close(self) -> None:
+        await self.flush()
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), timeout=1.0)
+
+
+class _HostGone:
+    """The control channel reached EOF."""
+
+
+@dataclass(frozen=True)
+class _Crashed:
+    error: BaseException
+
+
+HOST_GONE = _HostGone()
+Outcome = Stop | _HostGone | _Crashed
+
+
+class WorkerRuntime:
+    """Runs one worker until a stop, a lost host or a crash; `run()` returns the exit code."""
+
+    def __init__(self, env: WorkerEnv) -> None:
+        self.env = env
+        self.redact = redactor(env.credentials)
+
+    async def run(self) -> int:
+        env = self.env
+        try:
+            sock = socket.socket(fileno=env.control_fd)
+        except OSError as exc:
+            log.error("control channel fd %d is unusable: %s", env.control_fd, exc)
+            return EXIT_BAD_CONFIG
+        # A strategy's own subprocesses must not hold the channel open after this process dies.
+        sock.set_inheritable(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        channel = Channel(writer)
+        try:
+            return await self._serve(reader, channel)
+        finally:
+            await channel.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, channel: Channel) -> int:
+        env = self.env
+
+        def report(fact: BrokerFact) -> None:
+            channel.send(report_of(trading_event(fact, job_id=env.job_id, worker_id=env.worker_id)))
+
+        try:
+            broker = open_broker(
+                env.broker_id,
+                worker_id=env.worker_id,
+                config=env.config,
+                credentials=env.credentials,
+                state_file=env.state_file,
+                seed=env.paper_seed,
+                sink=report,
+            )
+            strategy = load_strategy(env.config.type)(env.config, broker)
+        except (LookupError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_BAD_CONFIG
+
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Outcome] = loop.create_future()
+
+        def settle(result: Outcome) -> None:
+            if not outcome.done():
+                outcome.set_result(result)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, settle, Stop(flatten=False))
+
+        channel.send(Hello(pid=os.getpid()))
+        await channel.flush()
+        log.info(
+            "started: strategy %s (%s) on broker %s, instruments %s",
+            env.strategy_id,
+            env.config.type,
+            env.broker_id,
+            ",".join(env.config.instruments),
+        )
+
+        trading = asyncio.create_task(self._trade(strategy, broker), name="strategy")
+
+        def on_trading_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                settle(_Crashed(error))
+
+        trading.add_done_callback(on_trading_done)
+        beating = asyncio.create_task(self._beat(broker, channel), name="heartbeat")
+        listening = asyncio.create_task(self._listen(reader, settle), name="control")
+        try:
+            result = await outcome
+            await _cancel(trading)
+            if isinstance(result, _Crashed):
+                log.error("strategy %s crashed", env.config.type, exc_info=result.error)
+                return EXIT_CRASHED
+            if isinstance(result, _HostGone):
+                log.warning("control channel closed: host gone, exiting without touching positions")
+                return EXIT_HOST_GONE
+            if result.flatten:
+                event = await flatten(broker, job_id=env.job_id, worker_id=env.worker_id)
+                if isinstance(event, FlattenFailed):
+                    # Adapter error text is free-form: it must not carry the credentials out.
+                    event = event.model_copy(update={"error": self.redact(event.error)})
+                channel.send(report_of(event))
+                log.info("stop: %s", event.type_name())
+            else:
+                log.info("stop: positions left open")
+            return EXIT_OK
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await _cancel(beating, listening, trading)
+            with contextlib.suppress(Exception):
+                await broker.close()
+
+    @staticmethod
+    async def _trade(strategy: Strategy, broker: Broker) -> None:
+        await strategy.start()
+        while True:
+            await asyncio.sleep(strategy.tick_interval)
+            await broker.tick()
+            await strategy.on_tick()
+
+    async def _beat(self, broker: Broker, channel: Channel) -> None:
+        """A Beat every interval, on a fixed cadence (a late one does not shift the next)."""
+        loop = asyncio.get_running_loop()
+        interval = self.env.heartbeat_interval
+        due = loop.time()
+        marks: tuple[PositionMark, ...] = ()
+        while True:
+            due = max(due + interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+            try:
+                marks = tuple(
+                    [
+                        mark_position(p, await broker.mark(p.instrument))
+                        for p in await broker.positions()
+                    ]
+                )
+            except Exception:
+                # The heartbeat proves the worker is alive; stale marks beat a missing beat.
+                log.warning("could not mark positions; repeating the last marks", exc_info=True)
+            channel.send(Beat(at=datetime.now(UTC), positions=marks))
+            await channel.flush()
+
+    @staticmethod
+    async def _listen(reader: asyncio.StreamReader, settle: Callable[[Outcome], None]) -> None:
+        while True:
+            try:
+                raw = await reader.readline()
+            except (ConnectionError, ValueError):
+                raw = b""
+            if not raw.endswith(b"\n"):
+                settle(HOST_GONE)
+                return
+            try:
+                line = protocol.decode(raw)
+            except ValidationError:
+                log.warning("ignoring an unreadable control line (%d bytes)", len(raw))
+                continue
+            if isinstance(line, Stop):
+                settle(line)
+                return
+            log.warning("ignoring an unexpected %r line from the host", line.type)
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_worker(env: Mapping[str, str]) -> int:
+    """Run a worker from its environment until it stops; returns the process exit code.
+
+    Callable in a freshly forked child (a fork-server) as well as from `__main__`.
+    """
+    credentials = Credentials(
+        api_key=env.get(protocol.ENV_API_KEY, ""), api_secret=env.get(protocol.ENV_API_SECRET, "")
+    )
+    configure_logging(f"worker={env.get(protocol.ENV_WORKER_ID, '?')}", redactor(credentials))
+    try:
+        parsed = WorkerEnv.parse(env)
+    except BadEnvironment as exc:
+        log.error("bad worker environment: %s", exc)
+        return EXIT_BAD_CONFIG
+    try:
+        return asyncio.run(WorkerRuntime(parsed).run())
+    except Exception:
+        log.exception("worker runtime failed")
+        return EXIT_CRASHED

@@ -1,0 +1,91 @@
+"""The strategy interface and how a strategy is found by name."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from events.values import OrderSide, Position, StrategyConfig
+from services.worker.brokers.base import AMOUNT_EPSILON, Broker, direction
+
+ENTRY_POINT_GROUP = "runner.strategies"
+
+# Used when the package's entry points are not installed (e.g. running from a source tree).
+BUILTIN_STRATEGIES = {
+    "hold": "services.worker.strategies.hold:Hold",
+    "scalping": "services.worker.strategies.scalping:Scalping",
+    "chaos": "services.worker.strategies.chaos:Chaos",
+}
+
+
+class UnknownStrategy(LookupError):
+    """No strategy is registered under this name."""
+
+
+class StrategyParameters(BaseModel):
+    """Base of each strategy's `parameters` model: the seed's camelCase keys; keys meant for
+    someone else (the paper broker's `paper*`) are ignored."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Strategy:
+    """One strategy trading one account.
+
+    The runtime calls `start()` once, then every `tick_interval` seconds advances the broker's
+    market data and calls `on_tick()`. A stop cancels it at any `await`; an exception ends the
+    worker with exit code 1.
+    """
+
+    tick_interval: float = 1.0
+
+    def __init__(self, config: StrategyConfig, broker: Broker) -> None:
+        self.config = config
+        self.broker = broker
+
+    async def start(self) -> None:
+        """Called once before the first tick (also after a restart, with positions restored)."""
+
+    async def on_tick(self) -> None:
+        """Called every `tick_interval` seconds after the market data moved."""
+
+
+def order_towards(held: Position | None, target: float) -> tuple[OrderSide, float] | None:
+    """The market order taking the position on one instrument from `held` to the signed
+    `target` (positive long, negative short), or None when it is already there."""
+    current = direction(held.side) * held.amount if held else 0.0
+    change = target - current
+    if abs(change) <= AMOUNT_EPSILON:
+        return None
+    return ("buy" if change > 0 else "sell"), abs(change)
+
+
+def signed_target(side: Literal["long", "short"], amount: float) -> float:
+    return direction(side) * amount
+
+
+def load_strategy(name: str) -> type[Strategy]:
+    """The strategy class registered as `name` (entry point first, then the built-ins)."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if found:
+        cls = next(iter(found)).load()
+    elif name in BUILTIN_STRATEGIES:
+        module, attribute = BUILTIN_STRATEGIES[name].split(":")
+        cls = getattr(import_module(module), attribute)
+    else:
+        known = ", ".join(sorted(available_strategies()))
+        raise UnknownStrategy(f"unknown strategy {name!r} (available: {known})")
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise UnknownStrategy(f"strategy {name!r} does not name a Strategy subclass")
+    return cls
+
+
+def available_strategies() -> set[str]:
+    """Every strategy name a worker can run (what the gateway validates `config.type` against)."""
+    return set(BUILTIN_STRATEGIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -1,0 +1,107 @@
+"""Expiry and downgrade, secrets never in clear, and replay equal to the live state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from services.cli.client import GatewayError
+from tests.e2e.conftest import System, start_body
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SECONDS = 1 / 86400  # in days
+
+
+async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(running: System) -> None:
+    user, client = await running.user()
+    upgraded = await running.admin.upgrade(user, "basic", 6 * SECONDS)
+    assert upgraded["tier"] == "basic" and upgraded["maxWorkers"] == 3
+    workers = []
+    for _ in range(3):
+        workers.append((await client.start(**start_body("hold", amount=1)))["workerId"])
+        await asyncio.sleep(0.05)  # distinct start order
+    for wid in workers:
+        await running.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "running")
+    check = await running.admin.entitlement(user)
+    assert check == {"userId": user, "isEntitled": False, "tier": "basic", "maxWorkers": 3,
+                     "currentWorkers": 3, "expiresAt": upgraded["expiresAt"]}
+
+    # The expiry timer is durable: kill the entitlement service; the supervisor restarts it.
+    entitlement = next(c for c in running.supervisor.children if c.service == "entitlement")
+    os.kill(entitlement.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+    log = await running.wait_for_log(lambda ev: sum(
+        1 for e in ev if e.type == "WorkerStopped" and e.payload["worker_id"] in workers[1:]) == 2,
+        timeout=30)
+    mine = [e for e in log if e.user_id == user]
+    types = [e.type for e in mine]
+    assert types.index("EntitlementExpired") < types.index("EntitlementDowngraded")
+    downgraded = next(e for e in mine if e.type == "EntitlementDowngraded")
+    assert downgraded.payload["to_tier"] == "free" and downgraded.payload["max_workers"] == 1
+    stops = [e for e in mine if e.type == "StopRunner"]
+    assert [s.payload["worker_id"] for s in stops] == [workers[2], workers[1]]  # newest first
+    assert all("expired" in s.payload["reason"] for s in stops)
+
+    oldest = await running.wait_for_worker(client, workers[0], lambda e: True)
+    assert oldest["worker"]["status"] == "running"  # still entitled to one: not locked out
+    status = {e["worker"]["workerId"]: e for e in (await client.status())["workers"]}
+    for wid in workers[1:]:
+        assert status[wid]["worker"]["status"] == "stopped"
+        assert "expired" in status[wid]["worker"]["reason"]
+        assert status[wid]["positions"] == []  # hold's flatten-on-stop default applied
+    check = await running.admin.entitlement(user)
+    assert check["tier"] == "free" and check["maxWorkers"] == 1 and check["currentWorkers"] == 1
+    with pytest.raises(GatewayError, match="1 of 1"):
+        await client.start(**start_body())
+
+
+async def test_credentials_never_appear_in_clear(running: System) -> None:
+    secret = "Sup3r-Secret-Value-Never-Shown-42"
+    user, client = await running.user()
+    body = start_body("hold", secret=secret, amount=1)
+    started = await client.start(**body)
+    entry = await running.wait_for_worker(client, started["workerId"], lambda e: e["positions"])
+    assert secret not in json.dumps(await client.status())
+    assert secret not in json.dumps(entry)
+    await client.stop(started["workerId"], flatten=True)
+    with pytest.raises(GatewayError) as bad:  # a rejected request must not echo it either
+        await client.call("POST", "/runner/start", json=body | {"brokerId": "??"})
+    assert secret not in str(bad.value)
+
+    needles = (secret.encode(), body["credentials"]["apiKey"].encode())
+    leaks = [str(path) for path in [*running.data_dir.rglob("*"), running.log_path]
+             if path.is_file() and any(n in path.read_bytes() for n in needles)]
+    assert leaks == []
+    log = await running.log()
+    assert all(secret not in e.model_dump_json() for e in log)
+    sealed = next(e for e in log if e.type == "JobRequested" and e.user_id == user)
+    assert sealed.payload["credentials_sealed"].startswith("gAAAA")  # a Fernet token
+
+
+async def test_replay_gives_the_live_queue_stats_and_positions(running: System) -> None:
+    _, client = await running.user()
+    wid = (await client.start(**start_body("hold", ("BTC-PERPETUAL", "ETH-USD"), amount=3)))["workerId"]
+    await running.wait_for_worker(client, wid, lambda e: len(e["positions"]) == 2)
+    await asyncio.sleep(0.5)  # quiet: nothing in flight
+    live = await running.admin.status()
+
+    replayed = json.loads(subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "replay", "--json"],
+        env=running.env, capture_output=True, text=True, timeout=60, check=True).stdout)
+
+    assert replayed["queueStats"] == live["queueStats"]
+
+    def facts(status: dict) -> dict:
+        return {e["worker"]["workerId"]: (
+            e["worker"]["status"], e["worker"]["restartCount"], e["stats"],
+            sorted((p["instrumentName"], p["side"], p["amount"], p["entryPrice"]) for p in e["positions"]))
+            for e in status["workers"]}
+
+    assert facts(replayed) == facts(live)
