@@ -301,8 +301,11 @@ class Bus:
             message_type=raw.type,
         )
 
-    async def watch(self, bindings: Iterable[tuple[str, str]],
-                    callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]) -> None:
+    async def watch(
+        self,
+        bindings: Iterable[tuple[str, str]],
+        callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
+    ) -> None:
         """Look at traffic without taking it from anyone (viewers such as `runner events tail`):
         a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack."""
         channel = await self._channel(prefetch=1000)

@@ -104,7 +104,7 @@ class UnitOfWork:
         self.emitted.append(envelope)
         return envelope
 
-    async def set_timer(self, key: str, kind: str, due_at: datetime, **data: Any) -> None:
+    async def set_timer(self, key: str, kind: str, due_at: datetime, /, **data: Any) -> None:
         await self.session.merge(
             TimerRow(key=key, kind=kind, due_at=due_at, data=json.dumps(data, default=str))
         )

@@ -27,6 +27,7 @@ class Child:
     env: dict[str, str]
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    keep_down: bool = False  # killed on purpose (fault drills): do not restart
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -75,7 +76,7 @@ class Supervisor:
             assert child.process is not None
             code = await child.process.wait()
             await asyncio.gather(*child.pumps, return_exceptions=True)
-            if self._stopping:
+            if self._stopping or child.keep_down:
                 return
             child.restarts += 1
             self.console.print(f"[bold red]{child.label} exited with {code}; restarting "
@@ -84,6 +85,24 @@ class Supervisor:
             if self._stopping:
                 return
             await self._spawn(child)
+
+    def child(self, label: str) -> Child:
+        return next(c for c in self.children if c.label == label)
+
+    def kill(self, label: str, *, restart: bool = True) -> int:
+        """SIGKILL a service process (fault drills); returns its pid."""
+        child = self.child(label)
+        assert child.process is not None
+        child.keep_down = not restart
+        child.process.kill()
+        return child.process.pid
+
+    async def revive(self, label: str) -> None:
+        """Start a service killed with `restart=False` again."""
+        child = self.child(label)
+        child.keep_down = False
+        await self._spawn(child)
+        self._watchers.append(asyncio.create_task(self._watch(child)))
 
     def alive(self) -> bool:
         return all(c.process is not None and c.process.returncode is None for c in self.children)

@@ -328,6 +328,10 @@ def create_app(gateway: GatewayService) -> FastAPI:
     async def list_users(_: Admin) -> dict[str, Any]:
         return ok(users=await gateway.users.list())
 
+    @app.get("/admin/hosts")
+    async def list_hosts(_: Admin) -> dict[str, Any]:
+        return ok(hosts=await gateway.bus.request("monitor.rpc", {"op": "hosts"}))
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return ok(connected=gateway.bus.connected())

@@ -290,7 +290,7 @@ class WorkerHostService(Service):
                               f"{self.settings.heartbeat_timeout:g}s; killed"),
                 "fenced": (CrashReason.HOST_LOST, f"fenced on host {self.host_id}; {how}"),
                 "drain": (CrashReason.HOST_LOST, f"host {self.host_id} shut down; {how}"),
-            }.get(worker.end_reason or "", (CrashReason.EXITED, how))
+            }.get(worker.end_reason or "", (CrashReason.EXITED, "" if code >= 0 else how))
             uow.emit(WorkerCrashed(**ids, host_id=self.host_id, attempt=worker.attempt,
                                    reason=reason, exit_code=code, detail=detail), **where)
 

@@ -65,11 +65,16 @@ class System:
         self.admin = GatewayClient(self.base_url, self.admin_token)
         self._clients: list[GatewayClient] = [self.admin]
 
-    async def start(self) -> None:
+    def create_vhost(self) -> None:
         if not broker_reachable():
             pytest.fail("RabbitMQ is not reachable on 5672 (.ci/run starts it)")
         rabbitmqctl("add_vhost", self.vhost)
         rabbitmqctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        self._vhost_created = True
+
+    async def start(self) -> None:
+        if not getattr(self, "_vhost_created", False):
+            self.create_vhost()
         self.data_dir.mkdir(parents=True)
         await self.supervisor.start()
         for _ in range(300):

@@ -1,0 +1,169 @@
+"""Two worker-hosts: a killed host's workers move to the other; a host cut off from the broker
+fences its own workers within its lease; a host that comes back resurrects nothing; and no
+worker ever runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests.conftest import rabbitmqctl
+from tests.e2e.conftest import System, start_body
+from tests.e2e.test_lifecycle import alive
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CUT_USER = "e2e-host-2"
+
+
+def live_workers() -> Counter[str]:
+    """RUNNER_WORKER_ID of every live worker process on this machine."""
+    found: Counter[str] = Counter()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if "zombie" in (proc / "status").read_text():
+                continue
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        for item in env.split(b"\0"):
+            if item.startswith(b"RUNNER_WORKER_ID="):
+                found[item.split(b"=", 1)[1].decode()] += 1
+    return found
+
+
+class NeverTwice:
+    """Samples the process table in the background; records any worker seen running twice."""
+
+    def __init__(self, worker_ids: set[str]) -> None:
+        self.worker_ids = worker_ids
+        self.doubles: list[tuple[str, int]] = []
+
+    async def watch(self) -> None:
+        while True:
+            counts = live_workers()
+            self.doubles += [(w, n) for w, n in counts.items() if n > 1 and w in self.worker_ids]
+            await asyncio.sleep(0.05)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[NeverTwice]:
+        task = asyncio.create_task(self.watch())
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def two_hosts(tmp_path: Path) -> AsyncIterator[System]:
+    system = System(tmp_path, hosts=2)
+    with contextlib.suppress(RuntimeError):
+        rabbitmqctl("delete_user", CUT_USER)
+    rabbitmqctl("add_user", CUT_USER, "pw")
+    host_2 = system.supervisor.child("worker-host host-2")
+    host_2.env["RUNNER_AMQP_URL"] = system.env["RUNNER_AMQP_URL"].replace("guest:guest", f"{CUT_USER}:pw")
+    system.create_vhost()
+    rabbitmqctl("set_permissions", "-p", system.vhost, CUT_USER, ".*", ".*", ".*")
+    await system.start()
+    try:
+        yield system
+    finally:
+        await system.stop()
+        with contextlib.suppress(RuntimeError):
+            rabbitmqctl("delete_user", CUT_USER)
+
+
+async def start_spread(system: System, count: int) -> tuple[list[str], dict[str, dict]]:
+    """Start `count` holds for an enterprise user; wait until all run; returns ids and entries."""
+    for _ in range(100):
+        hosts = (await system.admin.call("GET", "/admin/hosts"))["hosts"]
+        if sum(not h["lost"] for h in hosts) == 2:
+            break
+        await asyncio.sleep(0.1)
+    user, client = await system.user()
+    await system.admin.upgrade(user, "enterprise", 1)
+    ids = [(await client.start(**start_body("hold", amount=1)))["workerId"] for _ in range(count)]
+    entries = {}
+    for wid in ids:
+        entries[wid] = await system.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "running")
+    system.client_of_test = client  # type: ignore[attr-defined]
+    return ids, entries
+
+
+async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(two_hosts: System) -> None:
+    ids, entries = await start_spread(two_hosts, 4)
+    on_host_1 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-1"}
+    assert on_host_1 and len(on_host_1) < 4  # placement spread the work
+    client = two_hosts.client_of_test  # type: ignore[attr-defined]
+
+    async with NeverTwice(set(ids)).running() as guard:
+        two_hosts.supervisor.kill("worker-host host-1", restart=False)
+        for wid in ids:
+            entry = await two_hosts.wait_for_worker(
+                client, wid, lambda e: e["worker"]["status"] == "running"
+                and e["worker"]["hostId"] == "host-2", timeout=30)
+            assert entry["worker"]["restartCount"] == (1 if wid in on_host_1 else 0)
+        for wid in on_host_1:
+            assert not alive(entries[wid]["worker"]["pid"])  # they died with their host
+
+        # host-1 comes back: it reports its old workers (stale, ignored) and resurrects nothing.
+        await two_hosts.supervisor.revive("worker-host host-1")
+        await asyncio.sleep(3)
+        for wid in ids:
+            entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
+            assert entry["worker"]["hostId"] == "host-2" and entry["worker"]["status"] == "running"
+    assert guard.doubles == []
+    log = await two_hosts.log()
+    lost = [e for e in log if e.type == "HostLost" and e.payload["host_id"] == "host-1"]
+    assert lost and all(
+        any(e.type == "WorkerCrashed" and e.payload["worker_id"] == w and e.payload["reason"] == "host_lost"
+            for e in log) for w in on_host_1)
+
+
+async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(two_hosts: System) -> None:
+    ids, entries = await start_spread(two_hosts, 4)
+    on_host_2 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-2"}
+    assert on_host_2
+    client = two_hosts.client_of_test  # type: ignore[attr-defined]
+    lease = float(two_hosts.env["RUNNER_HOST_LEASE"])
+
+    async with NeverTwice(set(ids)).running() as guard:
+        rabbitmqctl("clear_permissions", "-p", two_hosts.vhost, CUT_USER)
+        for line in rabbitmqctl("list_connections", "user", "pid", "--no-table-headers").splitlines():
+            user, _, pid = line.partition("\t")
+            if user == CUT_USER:
+                rabbitmqctl("close_connection", pid.strip(), "e2e: network cut")
+        cut_at = time.monotonic()
+
+        pids = [entries[w]["worker"]["pid"] for w in on_host_2]
+        while any(alive(p) for p in pids):
+            assert time.monotonic() - cut_at < lease + 2.0, "host-2 did not fence within its lease"
+            await asyncio.sleep(0.05)
+
+        for wid in on_host_2:  # rescheduled on host-1 once host-2 is declared lost
+            entry = await two_hosts.wait_for_worker(
+                client, wid, lambda e: e["worker"]["status"] == "running"
+                and e["worker"]["hostId"] == "host-1", timeout=30)
+            assert entry["worker"]["restartCount"] >= 1
+
+        rabbitmqctl("set_permissions", "-p", two_hosts.vhost, CUT_USER, ".*", ".*", ".*")
+        await asyncio.sleep(4)  # host-2 reconnects, publishes its fenced exits (stale), rejoins
+        for wid in ids:
+            entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
+            assert entry["worker"]["status"] == "running"
+            if wid in on_host_2:
+                assert entry["worker"]["hostId"] == "host-1"
+    assert guard.doubles == []
+    hosts = {h["hostId"]: h for h in (await two_hosts.admin.call("GET", "/admin/hosts"))["hosts"]}
+    assert not hosts["host-2"]["lost"]  # rejoined
