@@ -1,0 +1,149 @@
+"""A seeded chaos drill: every service is SIGKILLed at random moments (and restarted by the
+supervisor) while users start and stop runners. Afterwards the invariants are checked from the
+log: no accepted job lost, no worker ever running twice, no limit exceeded, no event recorded
+twice, the hash chain intact, and the live projections equal to a replay of the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from services.cli.client import GatewayClient, GatewayError
+from tests.e2e.conftest import System, start_body
+from tests.e2e.test_hosts import NeverTwice
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SEED = int(os.environ.get("CHAOS_SEED", "20261126"))
+DURATION = float(os.environ.get("CHAOS_SECONDS", "20"))
+VICTIMS = ("gateway", "entitlement", "scheduler", "monitor", "worker-host host-1", "worker-host host-2")
+TIERS = {"free": 1, "basic": 3, "pro": 10}
+ENDINGS = ("WorkerStopped", "RestartsExhausted")
+
+
+async def traffic(rng: random.Random, users: dict[str, GatewayClient], stop: asyncio.Event,
+                  seen_workers: set[str]) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    mine: dict[str, list[str]] = defaultdict(list)
+    while not stop.is_set():
+        user = rng.choice(sorted(users))
+        client = users[user]
+        try:
+            if mine[user] and rng.random() < 0.4:
+                wid = mine[user].pop(rng.randrange(len(mine[user])))
+                await client.stop(wid, flatten=rng.random() < 0.5)
+                outcomes["stopped"] += 1
+            else:
+                started = await client.start(**start_body("hold", amount=rng.choice((0.5, 1, 2))))
+                mine[user].append(started["workerId"])
+                seen_workers.add(started["workerId"])
+                outcomes["started"] += 1
+        except GatewayError as exc:
+            outcomes[f"refused {exc.status}"] += 1
+        await asyncio.sleep(rng.uniform(0.05, 0.3))
+    return outcomes
+
+
+async def chaos(rng: random.Random, system: System, stop: asyncio.Event) -> list[str]:
+    killed = []
+    while not stop.is_set():
+        await asyncio.sleep(rng.uniform(1.5, 3.0))
+        victim = rng.choice(VICTIMS)
+        child = system.supervisor.child(victim)
+        if child.process is not None and child.process.returncode is None:
+            system.supervisor.kill(victim)
+            killed.append(victim)
+    return killed
+
+
+async def settled(system: System, timeout: float = 60.0) -> dict:
+    """Wait until no job is in flight (queued or crashed awaiting restart) and nothing changes."""
+    previous = None
+    status: dict = {}
+    for _ in range(int(timeout)):
+        await asyncio.sleep(1.0)
+        try:
+            status = await system.admin.status()
+        except GatewayError:
+            continue
+        in_flight = [e for e in status["workers"] if e["worker"]["status"] in ("queued", "crashed")]
+        snapshot = json.dumps([(e["worker"]["workerId"], e["worker"]["status"], e["worker"]["pid"])
+                               for e in status["workers"]])
+        if not in_flight and snapshot == previous:
+            return status
+        previous = snapshot
+    raise AssertionError(f"system never settled: {[(e['worker']['workerId'], e['worker']['status']) for e in status['workers'] if e['worker']['status'] in ('queued', 'crashed')]}")
+
+
+async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    system = System(tmp_path, hosts=2)
+    await system.start()
+    try:
+        users: dict[str, GatewayClient] = {}
+        limits: dict[str, int] = {}
+        for tier, limit in TIERS.items():
+            name, client = await system.user(f"chaos-{tier}")
+            if tier != "free":
+                await system.admin.upgrade(name, tier, 1)
+            users[name], limits[name] = client, limit
+
+        seen: set[str] = set()
+        stop = asyncio.Event()
+        async with NeverTwice(seen).running() as guard:
+            load = asyncio.create_task(traffic(rng, users, stop, seen))
+            kills = asyncio.create_task(chaos(rng, system, stop))
+            await asyncio.sleep(DURATION)
+            stop.set()
+            outcomes, killed = await load, await kills
+            live = await settled(system)
+        assert guard.doubles == [], f"a worker ran twice: {guard.doubles}"
+        print("chaos:", dict(outcomes), killed)
+        assert outcomes["started"] > 5 and killed, (outcomes, killed)
+
+        log = await system.log()
+        ids = [e.event_id for e in log]
+        assert len(ids) == len(set(ids)), "an event was recorded twice"
+
+        # Exactly one decision per requested job, and no semantic duplicates.
+        decisions = Counter(e.payload["job_id"] for e in log if e.type in ("JobAccepted", "JobRejected")
+                            and e.payload.get("reason") != "circuit_open")
+        assert all(n == 1 for n in decisions.values()), decisions.most_common(3)
+        starts = Counter((e.payload["worker_id"], e.payload["attempt"]) for e in log
+                         if e.type in ("WorkerSpawned", "WorkerRestarted"))
+        assert all(n == 1 for n in starts.values()), starts.most_common(3)
+
+        # No limit exceeded: slots held (accepted, not yet ended) per user, in log order.
+        held: dict[str, set[str]] = defaultdict(set)
+        for e in log:
+            if e.type == "JobAccepted":
+                held[e.user_id].add(e.payload["job_id"])
+                assert len(held[e.user_id]) <= limits[e.user_id], f"{e.user_id} over its limit"
+            elif e.type in ENDINGS:
+                held[e.user_id].discard(e.payload["job_id"])
+
+        # No accepted job lost: each one runs, or ended, in the settled live state.
+        accepted = {e.payload["worker_id"] for e in log if e.type == "JobAccepted"}
+        final = {e["worker"]["workerId"]: e["worker"]["status"] for e in live["workers"]}
+        assert accepted <= set(final)
+        assert {final[w] for w in accepted} <= {"running", "stopped", "failed"}
+
+        # Live projections equal a replay of the log; the chain is intact.
+        replayed = json.loads(subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "replay", "--json"], env=system.env,
+            capture_output=True, text=True, timeout=60, check=True).stdout)
+        assert replayed["queueStats"] == live["queueStats"]
+        assert {e["worker"]["workerId"]: e["worker"]["status"] for e in replayed["workers"]} == final
+        verify = subprocess.run([sys.executable, "-m", "services.cli.main", "audit", "verify"],
+                                env=system.env, capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        await system.stop()
