@@ -35,8 +35,10 @@ class Message(BaseModel):
             existing = REGISTRY.get(cls.__name__)
             where = (cls.__module__, cls.__qualname__)
             if existing is not None and (existing.__module__, existing.__qualname__) != where:
-                raise TypeError(f"message type {cls.__name__} is defined twice "
-                                f"({existing.__module__} and {cls.__module__})")
+                raise TypeError(
+                    f"message type {cls.__name__} is defined twice "
+                    f"({existing.__module__} and {cls.__module__})"
+                )
             REGISTRY[cls.__name__] = cls
 
     @classmethod

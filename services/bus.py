@@ -103,8 +103,9 @@ class Bus:
     def connected(self) -> bool:
         """Whether the broker connection is up right now (for fencing decisions)."""
         connection = getattr(self.broker, "_connection", None)
-        return bool(connection is not None and not connection.is_closed
-                    and connection.connected.is_set())
+        return bool(
+            connection is not None and not connection.is_closed and connection.connected.is_set()
+        )
 
     async def stop_consuming(self) -> None:
         """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
@@ -120,7 +121,9 @@ class Bus:
         self._started = False
 
     async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
-        return await self.broker.config.channel_manager.get_channel(Channel(prefetch_count=prefetch))
+        return await self.broker.config.channel_manager.get_channel(
+            Channel(prefetch_count=prefetch)
+        )
 
     async def _declare_bindings(self, spec: QueueSpec) -> None:
         queue = await self.broker.declare_queue(_queue(spec))
@@ -159,7 +162,9 @@ class Bus:
         """Fire-and-forget transient telemetry (no confirm wait, dropped when nobody listens)."""
         if self._publish_channel is None:
             return
-        exchange = await self._publish_channel.get_exchange(exchange_for(type(message)), ensure=False)
+        exchange = await self._publish_channel.get_exchange(
+            exchange_for(type(message)), ensure=False
+        )
         await exchange.publish(
             aio_pika.Message(
                 message.model_dump_json().encode(),
@@ -188,7 +193,8 @@ class Bus:
         message = aio_pika.Message(
             body,
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if persistent
             else aio_pika.DeliveryMode.NOT_PERSISTENT,
             headers=headers,
             message_id=message_id,
@@ -198,9 +204,13 @@ class Bus:
         try:
             target = self._exchanges.get(exchange)
             if target is None:
-                target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
+                target = self._exchanges[exchange] = await channel.get_exchange(
+                    exchange, ensure=False
+                )
             result = await target.publish(
-                message, routing_key=routing_key, mandatory=True,
+                message,
+                routing_key=routing_key,
+                mandatory=True,
                 timeout=self.settings.request_timeout,
             )
         except Exception as exc:  # connection loss, nack, timeout: the caller must retry
@@ -211,7 +221,7 @@ class Bus:
     # ---------------------------------------------------------------- consuming
 
     def subscribe(self, spec: QueueSpec, handler: Handler, *, prefetch: int | None = None) -> None:
-        """Consume `spec` with `handler(envelope, message)`; ack after it returns (see module doc)."""
+        """Consume `spec` with `handler(envelope, message)`; ack after it returns (module doc)."""
         self._queues.append(spec)
         attempts_allowed = self.settings.handler_attempts
 
@@ -240,15 +250,25 @@ class Bus:
             except Exception as exc:
                 delivery = int((raw.headers or {}).get("x-delivery-count") or 0) + 1
                 if delivery >= attempts_allowed:
-                    log.error("%s: %s failed %d times, dead-lettered: %s",
-                              spec.name, envelope.type, delivery, poison_reason(exc))
+                    log.error(
+                        "%s: %s failed %d times, dead-lettered: %s",
+                        spec.name,
+                        envelope.type,
+                        delivery,
+                        poison_reason(exc),
+                    )
                     await self._dead_letter(
                         spec, raw, f"handler failed {delivery} times: {poison_reason(exc)}"
                     )
                     await msg.ack()
                 else:
-                    log.warning("%s: %s failed (delivery %d), will retry: %s",
-                                spec.name, envelope.type, delivery, poison_reason(exc))
+                    log.warning(
+                        "%s: %s failed (delivery %d), will retry: %s",
+                        spec.name,
+                        envelope.type,
+                        delivery,
+                        poison_reason(exc),
+                    )
                     await asyncio.sleep(min(0.05 * 2**delivery, 2.0))
                     await msg.nack(requeue=True)
                 return
@@ -283,8 +303,9 @@ class Bus:
         which cut consumption to a quarter of this.)"""
         return self.broker.context.get_local("message")
 
-    async def _dead_letter(self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage,
-                           reason: str) -> None:
+    async def _dead_letter(
+        self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage, reason: str
+    ) -> None:
         headers = dict(raw.headers or {})
         headers |= {
             "x-poison-reason": reason,
@@ -310,8 +331,12 @@ class Bus:
         a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack."""
         channel = await self._channel(prefetch=1000)
         # named by us: a robust channel cannot re-declare a server-named (amq.gen-*) queue
-        queue = await channel.declare_queue(f"{self.service}.watch.{uuid.uuid4().hex[:12]}",
-                                            exclusive=True, auto_delete=True, durable=False)
+        queue = await channel.declare_queue(
+            f"{self.service}.watch.{uuid.uuid4().hex[:12]}",
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+        )
         self._declared.append(queue)
         for exchange, key in bindings:
             await queue.bind(exchange, routing_key=key)
@@ -320,7 +345,8 @@ class Bus:
     # ---------------------------------------------------------------- request / reply
 
     def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
-        """Answer JSON requests on `spec`: `{"ok": true, "result": …}` or `{"ok": false, "error": …}`."""
+        """Answer JSON requests on `spec` with `{"ok": true, "result": …}` or
+        `{"ok": false, "error": …}`."""
         self._queues.append(spec)
 
         @self.broker.subscriber(
@@ -424,4 +450,3 @@ def _queue(spec: QueueSpec) -> RabbitQueue:
         auto_delete=spec.auto_delete,
         arguments=spec.arguments or None,
     )
-

@@ -36,7 +36,9 @@ def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
 def secret_key(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
-    return _read_or_create(settings.data_dir / "secret.key", lambda: Fernet.generate_key().decode())[0]
+    return _read_or_create(
+        settings.data_dir / "secret.key", lambda: Fernet.generate_key().decode()
+    )[0]
 
 
 def admin_token(settings: Settings) -> tuple[str, bool]:

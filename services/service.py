@@ -46,14 +46,21 @@ class Service:
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self.store.on_commit.append(lambda uow: self._timer_wake.set() if uow.timers_changed else None)
+        self.store.on_commit.append(
+            lambda uow: self._timer_wake.set() if uow.timers_changed else None
+        )
 
     @property
     def store_name(self) -> str:
         return self.name
 
-    def handle(self, spec: QueueSpec, handlers: Mapping[type[Message], MessageHandler],
-               *, prefetch: int | None = None) -> None:
+    def handle(
+        self,
+        spec: QueueSpec,
+        handlers: Mapping[type[Message], MessageHandler],
+        *,
+        prefetch: int | None = None,
+    ) -> None:
         """Consume `spec`, dispatching by message type; other types are acked and ignored."""
 
         async def on_message(envelope: Envelope, message: Message) -> None:

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     host_id: str | None = None
     host_capacity: int = 100
 
-    handler_attempts: int = Field(default=5, description="deliveries before a failing message is dead-lettered")
+    handler_attempts: int = Field(
+        default=5, description="deliveries before a failing message is dead-lettered"
+    )
     prefetch: int = 200
 
     @cached_property

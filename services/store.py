@@ -63,7 +63,8 @@ class TimerRow(SQLModel, table=True):
 
 
 BASE_TABLES: tuple[Table, ...] = tuple(
-    t.__table__ for t in (Processed, OutboxRow, TimerRow)  # type: ignore[attr-defined]
+    t.__table__
+    for t in (Processed, OutboxRow, TimerRow)  # type: ignore[attr-defined]
 )
 
 
@@ -143,18 +144,22 @@ class Store:
     @asynccontextmanager
     async def transaction(self, cause: Envelope | None = None) -> AsyncIterator[UnitOfWork]:
         """A write transaction; emitted messages go to the outbox in the same commit."""
-        async with self._write_lock:
-            async with AsyncSession(self.engine, expire_on_commit=False) as session:
-                uow = UnitOfWork(session=session, cause=cause)
-                async with session.begin():
-                    yield uow
+        async with (
+            self._write_lock,
+            AsyncSession(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            uow = UnitOfWork(session=session, cause=cause)
+            yield uow
         for callback in self.on_commit:
             callback(uow)
         for action in uow.after_commit:
             action()
 
     @asynccontextmanager
-    async def processing(self, envelope: Envelope, consumer: str) -> AsyncIterator[UnitOfWork | None]:
+    async def processing(
+        self, envelope: Envelope, consumer: str
+    ) -> AsyncIterator[UnitOfWork | None]:
         """Like `transaction`, but yields None (and does nothing) if `envelope` was already
         processed by `consumer`; otherwise records it as processed in the same commit."""
         async with self.transaction(cause=envelope) as uow:
@@ -266,4 +271,3 @@ class OutboxRelay:
                 log.exception("outbox relay error")
                 await asyncio.sleep(1.0)
                 self._wake.set()
-

@@ -7,7 +7,7 @@ One source for two consumers: services declare what they use from here at start-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from events import (
@@ -113,9 +113,7 @@ def rpc_queue(service: str) -> QueueSpec:
 # Job ends that free an entitlement slot or end a placement.
 JOB_ENDINGS = (WorkerStopped, RestartsExhausted, JobRejected)
 
-MONITOR_LOG = QueueSpec(
-    "monitor.log", bindings=((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#"))
-)
+MONITOR_LOG = QueueSpec("monitor.log", bindings=((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#")))
 MONITOR_TELEMETRY = QueueSpec(
     "monitor.telemetry",
     bindings=((TELEMETRY_EXCHANGE, "#"),),
@@ -181,21 +179,39 @@ STATIC_QUEUES: tuple[QueueSpec, ...] = (
 
 
 def definitions(vhost: str = "/") -> dict[str, Any]:
-    """RabbitMQ definitions (exchanges, static queues, bindings) for `rabbitmqctl import_definitions`."""
+    """Broker definitions (exchanges, static queues, bindings) for `import_definitions`."""
     return {
         "exchanges": [
-            {"name": e.name, "vhost": vhost, "type": e.type, "durable": e.durable,
-             "auto_delete": False, "internal": False, "arguments": {}}
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": e.durable,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
             for e in EXCHANGES
         ],
         "queues": [
-            {"name": q.name, "vhost": vhost, "durable": q.durable, "auto_delete": False,
-             "arguments": q.arguments}
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": q.durable,
+                "auto_delete": False,
+                "arguments": q.arguments,
+            }
             for q in STATIC_QUEUES
         ],
         "bindings": [
-            {"source": exchange, "vhost": vhost, "destination": q.name,
-             "destination_type": "queue", "routing_key": key, "arguments": {}}
+            {
+                "source": exchange,
+                "vhost": vhost,
+                "destination": q.name,
+                "destination_type": "queue",
+                "routing_key": key,
+                "arguments": {},
+            }
             for q in STATIC_QUEUES
             for exchange, key in q.bindings
         ],

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from services.cli.local import rabbitmqctl
 from services.settings import Settings
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
-
-
-def rabbitmqctl(*args: str) -> str:
-    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
 
 
 def broker_reachable() -> bool:

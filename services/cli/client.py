@@ -20,8 +20,9 @@ class GatewayError(RuntimeError):
 
 class GatewayClient:
     def __init__(self, base_url: str, token: str, timeout: float = 60.0) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
-                                      headers={"Authorization": f"Bearer {token}"})
+        self.http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers={"Authorization": f"Bearer {token}"}
+        )
 
     @classmethod
     def for_settings(cls, settings: Settings, token: str) -> GatewayClient:
@@ -47,18 +48,22 @@ class GatewayClient:
         return await self.call("POST", "/runner/start", json=body)
 
     async def stop(self, worker_id: str, flatten: bool = False) -> dict[str, Any]:
-        return await self.call("POST", "/runner/stop",
-                               json={"workerId": worker_id, "flattenPositions": flatten})
+        return await self.call(
+            "POST", "/runner/stop", json={"workerId": worker_id, "flattenPositions": flatten}
+        )
 
     async def status(self, user_id: str | None = None) -> dict[str, Any]:
-        return await self.call("GET", "/runner/status", params={"userId": user_id} if user_id else None)
+        return await self.call(
+            "GET", "/runner/status", params={"userId": user_id} if user_id else None
+        )
 
     async def add_user(self, user_id: str) -> str:
         return (await self.call("POST", "/admin/users", json={"userId": user_id}))["token"]
 
     async def upgrade(self, user_id: str, tier: str, days: float) -> dict[str, Any]:
-        return await self.call("POST", f"/entitlements/{user_id}/upgrade",
-                               json={"tier": tier, "days": days})
+        return await self.call(
+            "POST", f"/entitlements/{user_id}/upgrade", json={"tier": tier, "days": days}
+        )
 
     async def entitlement(self, user_id: str) -> dict[str, Any]:
         return await self.call("GET", f"/entitlements/{user_id}")
@@ -67,23 +72,54 @@ class GatewayClient:
 def status_table(status: dict[str, Any], title: str = "Runners") -> Table:
     """Workers with their positions and P&L, and the queue figures in the caption."""
     q = status.get("queueStats", {})
-    table = Table(title=title, caption=(
-        f"queued {q.get('queuedJobs', 0)} · running {q.get('runningWorkers', 0)} · "
-        f"total {q.get('totalWorkers', 0)} · failed {q.get('failedJobs', 0)}"))
-    for column in ("worker", "user", "strategy", "status", "pid", "host", "restarts",
-                   "positions", "unrealized", "trades", "win %", "P&L"):
-        table.add_column(column, justify="right" if column in ("pid", "restarts", "unrealized",
-                                                                "trades", "win %", "P&L") else "left")
+    table = Table(
+        title=title,
+        caption=(
+            f"queued {q.get('queuedJobs', 0)} · running {q.get('runningWorkers', 0)} · "
+            f"total {q.get('totalWorkers', 0)} · failed {q.get('failedJobs', 0)}"
+        ),
+    )
+    for column in (
+        "worker",
+        "user",
+        "strategy",
+        "status",
+        "pid",
+        "host",
+        "restarts",
+        "positions",
+        "unrealized",
+        "trades",
+        "win %",
+        "P&L",
+    ):
+        table.add_column(
+            column,
+            justify="right"
+            if column in ("pid", "restarts", "unrealized", "trades", "win %", "P&L")
+            else "left",
+        )
     for entry in status.get("workers", []):
         w, stats, positions = entry["worker"], entry["stats"], entry["positions"]
         colour = {"running": "green", "crashed": "red", "failed": "red", "queued": "yellow"}.get(
-            w["status"], "dim")
+            w["status"], "dim"
+        )
         table.add_row(
-            w["workerId"], w["userId"], w["strategyId"], f"[{colour}]{w['status']}[/]",
-            str(w.get("pid") or "–"), str(w.get("hostId") or "–"), str(w.get("restartCount", 0)),
-            ", ".join(f"{p['side']} {p['amount']:g} {p['instrumentName']} @ {p['entryPrice']:,.2f}"
-                      for p in positions) or "–",
+            w["workerId"],
+            w["userId"],
+            w["strategyId"],
+            f"[{colour}]{w['status']}[/]",
+            str(w.get("pid") or "–"),
+            str(w.get("hostId") or "–"),
+            str(w.get("restartCount", 0)),
+            ", ".join(
+                f"{p['side']} {p['amount']:g} {p['instrumentName']} @ {p['entryPrice']:,.2f}"
+                for p in positions
+            )
+            or "–",
             f"{sum(p['unrealizedPnL'] for p in positions):,.2f}",
-            str(stats["totalTrades"]), f"{stats['winRate']:.0f}", f"{stats['totalPnL']:,.2f}",
+            str(stats["totalTrades"]),
+            f"{stats['winRate']:.0f}",
+            f"{stats['totalPnL']:,.2f}",
         )
     return table

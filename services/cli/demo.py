@@ -7,8 +7,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from rich.table import Table
 from yarl import URL
 
 from services.cli.client import GatewayClient, GatewayError, status_table
-from services.cli.supervisor import Supervisor, system
+from services.cli.local import LocalSystem
 from services.settings import Settings
 
 DEMO_VHOST = "runner-demo"
@@ -37,37 +35,6 @@ DEMO_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _demo_vhost(amqp_url: str, console: Console) -> str:
-    """A fresh vhost for the demo when this machine runs the broker (so no earlier state leaks
-    in); otherwise the configured URL as is."""
-    url = URL(amqp_url)
-    if url.host not in ("localhost", "127.0.0.1") or shutil.which("rabbitmqctl") is None:
-        console.print(f"[dim]using the configured broker {url.with_password('***')}[/]")
-        return amqp_url
-    for args in (["delete_vhost", DEMO_VHOST], ["add_vhost", DEMO_VHOST],
-                 ["set_permissions", "-p", DEMO_VHOST, url.user or "guest", ".*", ".*", ".*"]):
-        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=60)
-    return str(url.with_path(f"/{DEMO_VHOST}"))
-
-
-async def _wait_healthy(client: GatewayClient, supervisor: Supervisor, seconds: float = 60) -> None:
-    for _ in range(int(seconds * 5)):
-        try:
-            await client.call("GET", "/health")
-            return
-        except GatewayError:
-            if not supervisor.alive():
-                raise RuntimeError("a service exited during start-up (see its log above)") from None
-            await asyncio.sleep(0.2)
-    raise RuntimeError("the gateway did not come up in time")
-
-
 async def _until(client: GatewayClient, predicate: Any, seconds: float) -> dict[str, Any]:
     status: dict[str, Any] = {}
     for _ in range(int(seconds * 4)):
@@ -79,58 +46,73 @@ async def _until(client: GatewayClient, predicate: Any, seconds: float) -> dict[
 
 
 def _worker(status: dict[str, Any], worker_id: str) -> dict[str, Any]:
-    return next((e["worker"] for e in status["workers"] if e["worker"]["workerId"] == worker_id), {})
+    return next(
+        (e["worker"] for e in status["workers"] if e["worker"]["workerId"] == worker_id), {}
+    )
 
 
 def _start_body(strategy: str, instrument: str, **parameters: Any) -> dict[str, Any]:
-    return {"strategyId": f"{strategy}-{instrument.split('-')[0].lower()}", "brokerId": "paper",
-            "credentials": {"apiKey": "demo-" + secrets.token_hex(8),
-                            "apiSecret": "demo-" + secrets.token_hex(16)},
-            "config": {"name": f"{strategy} {instrument}", "type": strategy,
-                       "parameters": parameters, "instruments": [instrument],
-                       "riskManagement": {"maxPositionSize": 100, "stopLossPercent": 0.5,
-                                          "takeProfitPercent": 0.5}}}
-
-
-async def run_demo(console: Console, *, watch_seconds: float = 12.0, own_vhost: bool = True) -> int:
-    base = Settings()
-    amqp_url = _demo_vhost(base.amqp_url, console) if own_vhost else base.amqp_url
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    DEMO_DIR.mkdir(parents=True)
-    port, admin_token = _free_port(), secrets.token_urlsafe(24)
-    env = dict(os.environ) | DEMO_ENV | {
-        "RUNNER_AMQP_URL": amqp_url, "RUNNER_DATA_DIR": str(DEMO_DIR.resolve()),
-        "RUNNER_HTTP_PORT": str(port), "RUNNER_ADMIN_TOKEN": admin_token,
+    return {
+        "strategyId": f"{strategy}-{instrument.split('-')[0].lower()}",
+        "brokerId": "paper",
+        "credentials": {
+            "apiKey": "demo-" + secrets.token_hex(8),
+            "apiSecret": "demo-" + secrets.token_hex(16),
+        },
+        "config": {
+            "name": f"{strategy} {instrument}",
+            "type": strategy,
+            "parameters": parameters,
+            "instruments": [instrument],
+            "riskManagement": {
+                "maxPositionSize": 100,
+                "stopLossPercent": 0.5,
+                "takeProfitPercent": 0.5,
+            },
+        },
     }
-    supervisor = Supervisor(env, console=console,
-                            quiet=lambda line: " INFO " in line or " DEBUG " in line)
-    system(supervisor, hosts=2)
-    base_url = f"http://127.0.0.1:{port}"
-    admin = GatewayClient(base_url, admin_token)
-    clients: list[GatewayClient] = [admin]
+
+
+async def run_demo(console: Console, *, watch_seconds: float = 12.0) -> int:
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    local = LocalSystem(
+        DEMO_DIR, hosts=2, vhost=DEMO_VHOST, env=DEMO_ENV, console=console, quiet=True
+    )
     console.rule("[bold]Runner Orchestrator demo[/] — five services over RabbitMQ, paper broker")
-    await supervisor.start()
+    if not local.own_vhost:
+        console.print(
+            f"[dim]using the configured broker as is: {URL(local.amqp_url).with_password('***')}[/]"
+        )
     try:
-        await _wait_healthy(admin, supervisor)
-        console.print(f"gateway on {base_url} · 2 worker-hosts · data in {DEMO_DIR}/")
+        await local.start()
+        admin = local.admin
+        console.print(
+            f"gateway on {local.base_url} · 2 worker-hosts · vhost {local.vhost} · "
+            f"data in {DEMO_DIR}/"
+        )
 
         console.rule("1 · users on two tiers")
-        alice = GatewayClient(base_url, await admin.add_user("alice"))
-        bob = GatewayClient(base_url, await admin.add_user("bob"))
-        clients += [alice, bob]
-        upgraded = await admin.upgrade("bob", "pro", 30)
+        _, alice = await local.user("alice")
+        _, bob = await local.user("bob", tier="pro", days=30)
+        plan = await admin.entitlement("bob")
         console.print("alice: free (1 worker)")
-        console.print(f"bob:   {upgraded['tier']} ({upgraded['maxWorkers']} workers) until {upgraded['expiresAt']}")
+        console.print(
+            f"bob:   {plan['tier']} ({plan['maxWorkers']} workers) until {plan['expiresAt']}"
+        )
 
         console.rule("2 · runners start (credentials sealed at the gateway)")
         plans = {
             "alice/hold": (alice, _start_body("hold", "BTC-PERPETUAL", amount=0.5)),
             "bob/hold": (bob, _start_body("hold", "ETH-PERPETUAL", amount=4)),
-            "bob/scalping": (bob, _start_body("scalping", "BTC-PERPETUAL", amount=0.2,
-                                              timeframe="1s", rsiPeriod=5)),
+            "bob/scalping": (
+                bob,
+                _start_body("scalping", "BTC-PERPETUAL", amount=0.2, timeframe="1s", rsiPeriod=5),
+            ),
             "bob/hold-sol": (bob, _start_body("hold", "SOL-PERPETUAL", amount=25)),
         }
-        issued = [body["credentials"][k] for _, body in plans.values() for k in ("apiKey", "apiSecret")]
+        issued = [
+            body["credentials"][k] for _, body in plans.values() for k in ("apiKey", "apiSecret")
+        ]
         started = {name: await client.start(**body) for name, (client, body) in plans.items()}
         for name, result in started.items():
             console.print(f"{name:14} → {result['workerId']}  [dim]{result['message']}[/]")
@@ -155,16 +137,26 @@ async def run_demo(console: Console, *, watch_seconds: float = 12.0, own_vhost: 
         if pid:
             os.kill(pid, signal.SIGKILL)
             console.print(f"kill -9 {pid} (alice's worker {victim})")
-            back = await _until(admin, lambda s: _worker(s, victim).get("restartCount", 0) >= 1
-                                and _worker(s, victim).get("status") == "running", 20)
+            back = await _until(
+                admin,
+                lambda s: (
+                    _worker(s, victim).get("restartCount", 0) >= 1
+                    and _worker(s, victim).get("status") == "running"
+                ),
+                20,
+            )
             w = _worker(back, victim)
-            console.print(f"{victim}: {w.get('status')} again, pid {w.get('pid')}, "
-                          f"restartCount {w.get('restartCount')} [dim]({w.get('reason') or ''})[/]")
+            console.print(
+                f"{victim}: {w.get('status')} again, pid {w.get('pid')}, "
+                f"restartCount {w.get('restartCount')} [dim]({w.get('reason') or ''})[/]"
+            )
 
         console.rule("6 · stop with flatten (positions closed at market)")
         target = started["bob/hold"]["workerId"]
         result = await bob.stop(target, flatten=True)
-        console.print(f"{target}: {result['message']} — flattenedPositions = {result['flattenedPositions']}")
+        console.print(
+            f"{target}: {result['message']} — flattenedPositions = {result['flattenedPositions']}"
+        )
         console.print(status_table(await bob.status(), title="bob's runners"))
 
         console.rule("7 · audit trail")
@@ -175,9 +167,7 @@ async def run_demo(console: Console, *, watch_seconds: float = 12.0, own_vhost: 
         return 1
     finally:
         console.rule("shutting down (graceful drain)")
-        for client in clients:
-            await client.close()
-        await supervisor.stop()
+        await local.stop(keep_vhost=True)
 
 
 async def _audit(console: Console, data_dir: Path, live: dict[str, Any], issued: list[str]) -> None:
@@ -203,9 +193,16 @@ async def _audit(console: Console, data_dir: Path, live: dict[str, Any], issued:
     console.print("hash chain: " + ("[green]intact[/]" if broken is None else f"[red]{broken}[/]"))
     replayed = status_view(folded.state)["queueStats"]
     same = replayed == live["queueStats"]
-    console.print(f"replayed queue stats {replayed} "
-                  + ("[green]= live[/]" if same else f"[yellow]≠ live {live['queueStats']}[/]"))
-    secrets_found = [p.name for p in data_dir.rglob("*") if p.is_file()
-                     and any(s.encode() in p.read_bytes() for s in issued)]
-    console.print("credentials in clear under the data dir: "
-                  + ("[green]none[/]" if not secrets_found else f"[red]{secrets_found}[/]"))
+    console.print(
+        f"replayed queue stats {replayed} "
+        + ("[green]= live[/]" if same else f"[yellow]≠ live {live['queueStats']}[/]")
+    )
+    secrets_found = [
+        p.name
+        for p in data_dir.rglob("*")
+        if p.is_file() and any(s.encode() in p.read_bytes() for s in issued)
+    ]
+    console.print(
+        "credentials in clear under the data dir: "
+        + ("[green]none[/]" if not secrets_found else f"[red]{secrets_found}[/]")
+    )

@@ -17,8 +17,9 @@ from rich.console import Console
 
 from services.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+)
 console = Console()
 
 # service name -> "module:Class" (imported lazily: each service pulls in only what it needs)
@@ -54,7 +55,11 @@ def configure_logging(prefix: str = "", level: int = logging.INFO) -> None:
 
 
 @app.command()
-def service(name: str = typer.Argument(..., help="gateway | entitlement | scheduler | worker-host | monitor")) -> None:
+def service(
+    name: str = typer.Argument(
+        ..., help="gateway | entitlement | scheduler | worker-host | monitor"
+    ),
+) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
     cls = load_service(name)
     configure_logging(prefix=f"[{name}] ")
@@ -90,20 +95,24 @@ def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) 
 @app.command()
 def demo(
     seconds: float = typer.Option(12.0, min=3, max=600, help="how long to watch live trading"),
-    keep_vhost: bool = typer.Option(False, help="use RUNNER_AMQP_URL as is (no demo vhost)"),
 ) -> None:
     """The whole system live on the paper broker: users on two tiers, runners trading, a
     rejected over-limit start, a crash and its auto-restart, a stop with flatten, the audit."""
     from services.cli.demo import run_demo
 
-    code = asyncio.run(run_demo(console, watch_seconds=seconds, own_vhost=not keep_vhost))
+    wide = console if console.is_terminal else Console(width=150)  # logs, CI: no wrapping
+    code = asyncio.run(run_demo(wide, watch_seconds=seconds))
     raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------- talking to the gateway
 
-token_option = typer.Option(None, "--token", envvar="RUNNER_TOKEN",
-                            help="bearer token [default: the admin token in the data dir]")
+token_option = typer.Option(
+    None,
+    "--token",
+    envvar="RUNNER_TOKEN",
+    help="bearer token [default: the admin token in the data dir]",
+)
 
 
 def _client(token: str | None) -> Any:
@@ -140,8 +149,12 @@ def start(
     instrument: list[str] = typer.Option(["BTC-PERPETUAL"], "--instrument", "-i"),
     broker: str = typer.Option("paper", help="broker id"),
     user: str | None = typer.Option(None, help="user to act for (admin token only)"),
-    strategy_id: str | None = typer.Option(None, help="your id for this strategy [type-instrument]"),
-    param: list[str] = typer.Option([], "--param", "-p", help="strategy parameter KEY=VALUE (JSON value)"),
+    strategy_id: str | None = typer.Option(
+        None, help="your id for this strategy [type-instrument]"
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="strategy parameter KEY=VALUE (JSON value)"
+    ),
     api_key: str = typer.Option("paper-key", envvar="RUNNER_API_KEY"),
     api_secret: str = typer.Option("paper-secret", envvar="RUNNER_API_SECRET"),
     token: str | None = token_option,
@@ -156,25 +169,38 @@ def start(
             parameters[key] = json.loads(raw)
         except ValueError:
             parameters[key] = raw
-    body = {"strategyId": strategy_id or f"{strategy}-{instrument[0].lower()}", "brokerId": broker,
-            "credentials": {"apiKey": api_key, "apiSecret": api_secret},
-            "config": {"name": strategy_id or strategy, "type": strategy, "parameters": parameters,
-                       "instruments": instrument}}
+    body = {
+        "strategyId": strategy_id or f"{strategy}-{instrument[0].lower()}",
+        "brokerId": broker,
+        "credentials": {"apiKey": api_key, "apiSecret": api_secret},
+        "config": {
+            "name": strategy_id or strategy,
+            "type": strategy,
+            "parameters": parameters,
+            "instruments": instrument,
+        },
+    }
     if user:
         body["userId"] = user
     result = _call(token, lambda c: c.start(**body))
-    console.print(f"[green]{result['message']}[/] job {result['jobId']} worker {result['workerId']}")
+    console.print(
+        f"[green]{result['message']}[/] job {result['jobId']} worker {result['workerId']}"
+    )
 
 
 @app.command()
 def stop(
     worker_id: str,
-    flatten: bool = typer.Option(False, "--flatten", help="close every open position at market first"),
+    flatten: bool = typer.Option(
+        False, "--flatten", help="close every open position at market first"
+    ),
     token: str | None = token_option,
 ) -> None:
     """Stop a runner (optionally flattening its positions) and wait until it has stopped."""
     result = _call(token, lambda c: c.stop(worker_id, flatten))
-    console.print(f"[green]{result['message']}[/] (flattened positions: {result['flattenedPositions']})")
+    console.print(
+        f"[green]{result['message']}[/] (flattened positions: {result['flattenedPositions']})"
+    )
 
 
 @app.command()
@@ -209,11 +235,14 @@ def users_add(user_id: str, token: str | None = token_option) -> None:
 
 
 @entitlements_app.command("upgrade")
-def entitlements_upgrade(user_id: str, tier: str, days: float = typer.Option(30.0),
-                         token: str | None = token_option) -> None:
+def entitlements_upgrade(
+    user_id: str, tier: str, days: float = typer.Option(30.0), token: str | None = token_option
+) -> None:
     """Put a user on a tier for a number of days (fractions allowed)."""
     result = _call(token, lambda c: c.upgrade(user_id, tier, days))
-    console.print(f"{user_id}: {result['tier']} ({result['maxWorkers']} workers) until {result['expiresAt']}")
+    console.print(
+        f"{user_id}: {result['tier']} ({result['maxWorkers']} workers) until {result['expiresAt']}"
+    )
 
 
 @entitlements_app.command("check")

@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.text import Text
 
-COLOURS = {"gateway": "cyan", "entitlement": "magenta", "scheduler": "yellow",
-           "monitor": "green", "worker-host": "blue"}
+COLOURS = {
+    "gateway": "cyan",
+    "entitlement": "magenta",
+    "scheduler": "yellow",
+    "monitor": "green",
+    "worker-host": "blue",
+}
 # Stopped in this order: the edge first, the log last, so the log sees every final event.
 STOP_ORDER = ("gateway", "scheduler", "entitlement", "worker-host", "monitor")
 RESTART_DELAY = 1.0
@@ -34,8 +39,12 @@ class Child:
 class Supervisor:
     """Starts, watches and restarts service processes; stops them gracefully in order."""
 
-    def __init__(self, base_env: Mapping[str, str], console: Console | None = None,
-                 quiet: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        base_env: Mapping[str, str],
+        console: Console | None = None,
+        quiet: Callable[[str], bool] | None = None,
+    ) -> None:
         self.base_env = dict(base_env)
         self.console = console or Console(stderr=True)
         self.quiet = quiet or (lambda line: False)
@@ -55,8 +64,14 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         child.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli.main", "service", child.service,
-            env=child.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "service",
+            child.service,
+            env=child.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
         )
         assert child.process.stdout is not None
@@ -79,8 +94,9 @@ class Supervisor:
             if self._stopping or child.keep_down:
                 return
             child.restarts += 1
-            self.console.print(f"[bold red]{child.label} exited with {code}; restarting "
-                               f"(#{child.restarts})[/]")
+            self.console.print(
+                f"[bold red]{child.label} exited with {code}; restarting (#{child.restarts})[/]"
+            )
             await asyncio.sleep(RESTART_DELAY)
             if self._stopping:
                 return
@@ -112,8 +128,11 @@ class Supervisor:
         self._stopping = True
         rank = {name: i for i, name in enumerate(STOP_ORDER)}
         for service in sorted({c.service for c in self.children}, key=lambda s: rank.get(s, 99)):
-            group = [c for c in self.children if c.service == service and c.process
-                     and c.process.returncode is None]
+            group = [
+                c
+                for c in self.children
+                if c.service == service and c.process and c.process.returncode is None
+            ]
             for child in group:
                 with contextlib.suppress(ProcessLookupError):
                     child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]

@@ -85,18 +85,35 @@ class EntitlementService(Service):
         plan = await _plan(uow, user_id)
         decision = decide(plan, await _in_use(uow.session, user_id), now())
         if isinstance(decision, Accept):
-            uow.session.add(SlotRow(job_id=event.job_id, user_id=user_id,
-                                    worker_id=event.worker_id, flatten_on_stop=event.flatten_on_stop))
-            uow.emit(JobAccepted(job_id=event.job_id, worker_id=event.worker_id, tier=decision.tier,
-                                 max_workers=decision.max_workers, in_use=decision.in_use),
-                     stream=env.stream)
+            uow.session.add(
+                SlotRow(
+                    job_id=event.job_id,
+                    user_id=user_id,
+                    worker_id=event.worker_id,
+                    flatten_on_stop=event.flatten_on_stop,
+                )
+            )
+            uow.emit(
+                JobAccepted(
+                    job_id=event.job_id,
+                    worker_id=event.worker_id,
+                    tier=decision.tier,
+                    max_workers=decision.max_workers,
+                    in_use=decision.in_use,
+                ),
+                stream=env.stream,
+            )
         else:
-            uow.emit(JobRejected(job_id=event.job_id, reason=decision.reason, detail=decision.detail),
-                     stream=env.stream)
+            uow.emit(
+                JobRejected(job_id=event.job_id, reason=decision.reason, detail=decision.detail),
+                stream=env.stream,
+            )
 
     async def on_job_ended(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """Frees the job's slot (idempotent: a job without a slot is a no-op)."""
-        slot = (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == event.job_id))).first()
+        slot = (
+            await uow.session.exec(select(SlotRow).where(SlotRow.job_id == event.job_id))
+        ).first()
         if slot is not None:
             await uow.session.delete(slot)
 
@@ -110,40 +127,68 @@ class EntitlementService(Service):
         row.tier, row.expires_at = cmd.tier, expires_at
         uow.session.add(row)
         await uow.set_timer(f"expire:{user_id}", "expire", expires_at, user_id=user_id)
-        uow.emit(EntitlementUpgraded(tier=cmd.tier, max_workers=TIER_LIMITS[cmd.tier],
-                                     expires_at=expires_at),
-                 stream=user_stream(user_id), user_id=user_id)
-        await self._stop_excess(uow, user_id, TIER_LIMITS[cmd.tier],
-                                f"tier changed to {cmd.tier} ({TIER_LIMITS[cmd.tier]} workers)")
+        uow.emit(
+            EntitlementUpgraded(
+                tier=cmd.tier, max_workers=TIER_LIMITS[cmd.tier], expires_at=expires_at
+            ),
+            stream=user_stream(user_id),
+            user_id=user_id,
+        )
+        await self._stop_excess(
+            uow,
+            user_id,
+            TIER_LIMITS[cmd.tier],
+            f"tier changed to {cmd.tier} ({TIER_LIMITS[cmd.tier]} workers)",
+        )
 
     async def on_expiry_due(self, uow: UnitOfWork, key: str, data: dict[str, Any]) -> None:
         """At `expires_at`: EntitlementExpired, EntitlementDowngraded to free, and the newest
         workers above the free limit are stopped (with their own flatten setting)."""
         user_id = data["user_id"]
         row = await uow.session.get(PlanRow, user_id)
-        if row is None or row.tier == FREE or row.expires_at is None or as_utc(row.expires_at) > now():
+        if (
+            row is None
+            or row.tier == FREE
+            or row.expires_at is None
+            or as_utc(row.expires_at) > now()
+        ):
             return  # extended or already downgraded since the timer was set
         old_tier, expired_at = row.tier, as_utc(row.expires_at)
         row.tier, row.expires_at = FREE, None
         uow.session.add(row)
         stream = user_stream(user_id)
-        uow.emit(EntitlementExpired(tier=old_tier, expired_at=expired_at), stream=stream, user_id=user_id)
+        uow.emit(
+            EntitlementExpired(tier=old_tier, expired_at=expired_at), stream=stream, user_id=user_id
+        )
         reason = f"{old_tier} entitlement expired; free allows {TIER_LIMITS[FREE]} worker"
-        uow.emit(EntitlementDowngraded(from_tier=old_tier, to_tier=FREE,
-                                       max_workers=TIER_LIMITS[FREE], reason=reason),
-                 stream=stream, user_id=user_id)
+        uow.emit(
+            EntitlementDowngraded(
+                from_tier=old_tier, to_tier=FREE, max_workers=TIER_LIMITS[FREE], reason=reason
+            ),
+            stream=stream,
+            user_id=user_id,
+        )
         await self._stop_excess(uow, user_id, TIER_LIMITS[FREE], reason)
 
     async def _stop_excess(self, uow: UnitOfWork, user_id: str, limit: int, reason: str) -> None:
-        slots = (await uow.session.exec(
-            select(SlotRow).where(SlotRow.user_id == user_id).order_by(SlotRow.seq)
-        )).all()
+        slots = (
+            await uow.session.exec(
+                select(SlotRow).where(SlotRow.user_id == user_id).order_by(SlotRow.seq)
+            )
+        ).all()
         by_job = {s.job_id: s for s in slots}
         for job_id in excess([s.job_id for s in slots], limit):
             slot = by_job[job_id]
-            uow.emit(StopRunner(worker_id=slot.worker_id, flatten=slot.flatten_on_stop,
-                                reason=f"stopped: {reason}"),
-                     stream=f"job-{job_id}", user_id=user_id, correlation_id=job_id)
+            uow.emit(
+                StopRunner(
+                    worker_id=slot.worker_id,
+                    flatten=slot.flatten_on_stop,
+                    reason=f"stopped: {reason}",
+                ),
+                stream=f"job-{job_id}",
+                user_id=user_id,
+                correlation_id=job_id,
+            )
 
     # ------------------------------------------------------------------ queries
 
@@ -154,7 +199,11 @@ class EntitlementService(Service):
         async with self.store.reading() as session:
             row = await session.get(PlanRow, user_id)
             in_use = await _in_use(session, user_id)
-        plan = Plan(row.tier, as_utc(row.expires_at) if row and row.expires_at else None) if row else Plan()
+        plan = (
+            Plan(row.tier, as_utc(row.expires_at) if row and row.expires_at else None)
+            if row
+            else Plan()
+        )
         tier = plan.effective_tier(now())
         limit = TIER_LIMITS[tier]
         return {
@@ -175,6 +224,8 @@ async def _plan(uow: UnitOfWork, user_id: str) -> Plan:
 
 
 async def _in_use(session: Any, user_id: str) -> int:
-    return (await session.exec(
-        select(func.count()).select_from(SlotRow).where(SlotRow.user_id == user_id)
-    )).one()
+    return (
+        await session.exec(
+            select(func.count()).select_from(SlotRow).where(SlotRow.user_id == user_id)
+        )
+    ).one()

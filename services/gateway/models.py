@@ -27,7 +27,10 @@ class Credentials(CamelModel):
     api_secret: SecretStr = Field(min_length=1, max_length=512)
 
     def reveal(self) -> dict[str, str]:
-        return {"apiKey": self.api_key.get_secret_value(), "apiSecret": self.api_secret.get_secret_value()}
+        return {
+            "apiKey": self.api_key.get_secret_value(),
+            "apiSecret": self.api_secret.get_secret_value(),
+        }
 
 
 class StartRequest(CamelModel):

@@ -83,8 +83,10 @@ class GatewayService(Service):
         super().__init__(settings)
         token, created = admin_token(settings)
         if created:
-            print(f"admin token (saved in {settings.data_dir / 'admin.token'}, shown once): {token}",
-                  flush=True)
+            print(
+                f"admin token (saved in {settings.data_dir / 'admin.token'}, shown once): {token}",
+                flush=True,
+            )
         self.users = UserDirectory(self.store, token)
         self.sealer = Sealer(secret_key(settings))
         self.waiters = Waiters()
@@ -92,13 +94,22 @@ class GatewayService(Service):
         self._server: _QuietServer | None = None
 
     async def setup(self) -> None:
-        waits = QueueSpec(f"gateway.waits.{uuid.uuid4().hex[:12]}", bindings=GATEWAY_WAITS,
-                          kind="transient", auto_delete=True)
+        waits = QueueSpec(
+            f"gateway.waits.{uuid.uuid4().hex[:12]}",
+            bindings=GATEWAY_WAITS,
+            kind="transient",
+            auto_delete=True,
+        )
         self.bus.subscribe(waits, self.waiters.deliver)
 
     async def started(self) -> None:
-        config = uvicorn.Config(self.app, host=self.settings.http_host, port=self.settings.http_port,
-                                log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            lifespan="off",
+        )
         self._server = _QuietServer(config)
         self.background(self._server.serve(), "http")
         http = self._tasks[-1]
@@ -106,9 +117,13 @@ class GatewayService(Service):
             await asyncio.sleep(0.01)
             if http.done():
                 http.result()  # raises: e.g. the port is taken
-                raise OSError(f"HTTP server on {self.settings.http_host}:{self.settings.http_port} "
-                              "did not start")
-        log.info("gateway listening on http://%s:%d", self.settings.http_host, self.settings.http_port)
+                raise OSError(
+                    f"HTTP server on {self.settings.http_host}:{self.settings.http_port} "
+                    "did not start"
+                )
+        log.info(
+            "gateway listening on http://%s:%d", self.settings.http_host, self.settings.http_port
+        )
 
     async def drain(self) -> None:
         if self._server is not None:
@@ -123,31 +138,53 @@ class GatewayService(Service):
     async def start_runner(self, caller: Caller, body: StartRequest) -> tuple[int, dict[str, Any]]:
         user_id = _acting_user(caller, body.user_id)
         if body.broker_id not in BROKERS:
-            raise ApiError(422, f"brokerId: unknown broker {body.broker_id!r}; "
-                                f"available: {', '.join(sorted(BROKERS))}")
+            raise ApiError(
+                422,
+                f"brokerId: unknown broker {body.broker_id!r}; "
+                f"available: {', '.join(sorted(BROKERS))}",
+            )
         strategies = available_strategies()
         if body.config.type not in strategies:
-            raise ApiError(422, f"config.type: unknown strategy type {body.config.type!r}; "
-                                f"available: {', '.join(sorted(strategies))}")
+            raise ApiError(
+                422,
+                f"config.type: unknown strategy type {body.config.type!r}; "
+                f"available: {', '.join(sorted(strategies))}",
+            )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
-        command = StartRunner(job_id=job_id, worker_id=worker_id, strategy_id=body.strategy_id,
-                              broker_id=body.broker_id,
-                              credentials_sealed=self.sealer.seal(body.credentials.reveal()),
-                              config=body.config, flatten_on_stop=body.flatten_on_stop)
+        command = StartRunner(
+            job_id=job_id,
+            worker_id=worker_id,
+            strategy_id=body.strategy_id,
+            broker_id=body.broker_id,
+            credentials_sealed=self.sealer.seal(body.credentials.reveal()),
+            config=body.config,
+            flatten_on_stop=body.flatten_on_stop,
+        )
         with self.waiters.watch(("JobAccepted", job_id), ("JobRejected", job_id)) as answers:
-            await self.bus.publish(Envelope.wrap(command, stream=f"job-{job_id}", user_id=user_id,
-                                                 correlation_id=job_id))
-            _, decision = await self._next(answers, f"job {job_id} was submitted but no "
-                                                    "entitlement decision came in time")
+            await self.bus.publish(
+                Envelope.wrap(
+                    command, stream=f"job-{job_id}", user_id=user_id, correlation_id=job_id
+                )
+            )
+            _, decision = await self._next(
+                answers, f"job {job_id} was submitted but no entitlement decision came in time"
+            )
         if isinstance(decision, JobRejected):
             status = REJECT_STATUS.get(decision.reason, 400)
-            return status, failed(decision.detail, reason=decision.reason.value, jobId=job_id,
-                                  retryAt=decision.retry_at.isoformat() if decision.retry_at else None)
+            return status, failed(
+                decision.detail,
+                reason=decision.reason.value,
+                jobId=job_id,
+                retryAt=decision.retry_at.isoformat() if decision.retry_at else None,
+            )
         assert isinstance(decision, JobAccepted)
         await self._until_monitor_shows(worker_id, lambda w: True)
-        return 200, ok(jobId=job_id, workerId=worker_id,
-                       message=f"runner accepted and queued ({decision.in_use} of "
-                               f"{decision.max_workers} workers, {decision.tier})")
+        return 200, ok(
+            jobId=job_id,
+            workerId=worker_id,
+            message=f"runner accepted and queued ({decision.in_use} of "
+            f"{decision.max_workers} workers, {decision.tier})",
+        )
 
     async def stop_runner(self, caller: Caller, body: StopRequest) -> dict[str, Any]:
         if body.user_id is not None:
@@ -155,19 +192,30 @@ class GatewayService(Service):
         entry = await self._owned_worker(caller, body.worker_id)
         worker = entry["worker"]
         if worker["status"] in ENDED:
-            return ok(message=f"worker {body.worker_id} already {worker['status']}",
-                      flattenedPositions=0)
+            return ok(
+                message=f"worker {body.worker_id} already {worker['status']}", flattenedPositions=0
+            )
         wid = body.worker_id
-        with self.waiters.watch(("WorkerStopped", wid), ("PositionsFlattened", wid),
-                                ("FlattenFailed", wid)) as answers:
-            await self.bus.publish(Envelope.wrap(
-                StopRunner(worker_id=wid, flatten=body.flatten_positions, reason="stopped by user"),
-                stream=f"job-{worker['jobId']}", user_id=worker["userId"],
-                correlation_id=worker["jobId"]))
+        with self.waiters.watch(
+            ("WorkerStopped", wid), ("PositionsFlattened", wid), ("FlattenFailed", wid)
+        ) as answers:
+            await self.bus.publish(
+                Envelope.wrap(
+                    StopRunner(
+                        worker_id=wid, flatten=body.flatten_positions, reason="stopped by user"
+                    ),
+                    stream=f"job-{worker['jobId']}",
+                    user_id=worker["userId"],
+                    correlation_id=worker["jobId"],
+                )
+            )
             flattened, flatten_error = 0, None
             while True:
-                _, event = await self._next(answers, f"worker {wid} did not stop in time",
-                                            timeout=self.settings.stop_grace * 2 + self.settings.request_timeout)
+                _, event = await self._next(
+                    answers,
+                    f"worker {wid} did not stop in time",
+                    timeout=self.settings.stop_grace * 2 + self.settings.request_timeout,
+                )
                 if isinstance(event, PositionsFlattened):
                     flattened = event.count
                 elif isinstance(event, FlattenFailed):
@@ -176,10 +224,16 @@ class GatewayService(Service):
                     break
         await self._until_monitor_shows(wid, lambda w: w["status"] in ENDED)
         if flatten_error is not None:
-            return failed(f"worker stopped, but flatten failed: {flatten_error}",
-                          message=f"worker {wid} stopped", flattenedPositions=flattened)
-        closed = (f", {flattened} position{'s' if flattened != 1 else ''} flattened"
-                  if body.flatten_positions else "")
+            return failed(
+                f"worker stopped, but flatten failed: {flatten_error}",
+                message=f"worker {wid} stopped",
+                flattenedPositions=flattened,
+            )
+        closed = (
+            f", {flattened} position{'s' if flattened != 1 else ''} flattened"
+            if body.flatten_positions
+            else ""
+        )
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
 
     async def status(self, caller: Caller, user_id: str | None) -> dict[str, Any]:
@@ -191,12 +245,23 @@ class GatewayService(Service):
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
         with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:
-            await self.bus.publish(Envelope.wrap(UpgradeEntitlement(tier=body.tier, days=body.days),
-                                                 stream=f"user-{user_id}", user_id=user_id))
-            _, event = await self._next(answers, "the upgrade was submitted but not confirmed in time")
+            await self.bus.publish(
+                Envelope.wrap(
+                    UpgradeEntitlement(tier=body.tier, days=body.days),
+                    stream=f"user-{user_id}",
+                    user_id=user_id,
+                )
+            )
+            _, event = await self._next(
+                answers, "the upgrade was submitted but not confirmed in time"
+            )
         assert isinstance(event, EntitlementUpgraded)
-        return ok(userId=user_id, tier=event.tier, maxWorkers=event.max_workers,
-                  expiresAt=event.expires_at.isoformat())
+        return ok(
+            userId=user_id,
+            tier=event.tier,
+            maxWorkers=event.max_workers,
+            expiresAt=event.expires_at.isoformat(),
+        )
 
     async def check(self, user_id: str) -> dict[str, Any]:
         return await self.bus.request("entitlement.rpc", {"op": "check", "user_id": user_id})
@@ -207,7 +272,9 @@ class GatewayService(Service):
         for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
             await asyncio.sleep(delay)
             try:
-                entry = await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id})
+                entry = await self.bus.request(
+                    "monitor.rpc", {"op": "worker", "worker_id": worker_id}
+                )
             except RpcError as exc:
                 if "unknown worker" not in str(exc):
                     raise
@@ -217,14 +284,18 @@ class GatewayService(Service):
             break
         raise ApiError(404, f"no worker {worker_id!r} of yours")
 
-    async def _until_monitor_shows(self, worker_id: str, predicate: Any, seconds: float = 2.0) -> None:
+    async def _until_monitor_shows(
+        self, worker_id: str, predicate: Any, seconds: float = 2.0
+    ) -> None:
         """Read-your-writes: wait (bounded) until the monitor's projection reflects what this
         request just caused, so a status call right after the answer sees it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while loop.time() < deadline:
             with contextlib.suppress(RpcError):
-                entry = await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id})
+                entry = await self.bus.request(
+                    "monitor.rpc", {"op": "worker", "worker_id": worker_id}
+                )
                 if predicate(entry["worker"]):
                     return
             await asyncio.sleep(0.02)
@@ -270,8 +341,11 @@ Admin = Annotated[Caller, Depends(admin)]
 
 
 def create_app(gateway: GatewayService) -> FastAPI:
-    app = FastAPI(title="Runner Orchestrator", version="0.1.0",
-                  description="Start, stop and watch trading-strategy runners.")
+    app = FastAPI(
+        title="Runner Orchestrator",
+        version="0.1.0",
+        description="Start, stop and watch trading-strategy runners.",
+    )
     app.state.gateway = gateway
 
     @app.exception_handler(ApiError)
@@ -280,8 +354,9 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
-                    for e in exc.errors()]  # never echo the input: it may hold credentials
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        ]  # never echo the input: it may hold credentials
         return JSONResponse(failed("; ".join(problems)[:1000]), status_code=422)
 
     @app.exception_handler(HTTPException)
@@ -304,7 +379,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return await gateway.stop_runner(who, body)
 
     @app.get("/runner/status")
-    async def status(who: Who, userId: str | None = None) -> dict[str, Any]:  # noqa: N803
+    async def status(who: Who, userId: str | None = None) -> dict[str, Any]:
         return await gateway.status(who, userId)
 
     @app.post("/entitlements/{user_id}/upgrade")

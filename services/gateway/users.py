@@ -58,4 +58,6 @@ class UserDirectory:
 
     async def list(self) -> list[str]:
         async with self.store.reading() as session:
-            return list((await session.exec(select(UserRow.user_id).order_by(UserRow.user_id))).all())
+            return list(
+                (await session.exec(select(UserRow.user_id).order_by(UserRow.user_id))).all()
+            )

@@ -32,7 +32,11 @@ class Waiters:
                     del self._watching[key]
 
     async def deliver(self, envelope: Envelope, message: Message) -> None:
-        ids = {getattr(message, "job_id", None), getattr(message, "worker_id", None), envelope.user_id}
+        ids = {
+            getattr(message, "job_id", None),
+            getattr(message, "worker_id", None),
+            envelope.user_id,
+        }
         for ident in ids - {None}:
             for queue in self._watching.get((envelope.type, ident), ()):
                 queue.put_nowait((envelope, message))

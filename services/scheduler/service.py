@@ -81,8 +81,14 @@ class State:
 
 
 ON_HOST = (State.DISPATCHED, State.RUNNING, State.STOPPING)
-HOLDS_SLOT = (State.REQUESTED, State.QUEUED, State.DISPATCHED, State.RUNNING, State.CRASHED,
-              State.STOPPING)
+HOLDS_SLOT = (
+    State.REQUESTED,
+    State.QUEUED,
+    State.DISPATCHED,
+    State.RUNNING,
+    State.CRASHED,
+    State.STOPPING,
+)
 
 
 class JobRow(SQLModel, table=True):
@@ -184,23 +190,44 @@ class SchedulerService(Service):
         if circuit and circuit.open_until and as_utc(circuit.open_until) > now():
             state = State.REJECTED
             retry_at = as_utc(circuit.open_until)
-            uow.emit(JobRejected(job_id=cmd.job_id, reason=RejectReason.CIRCUIT_OPEN,
-                                 detail=f"strategy {cmd.strategy_id} keeps failing; circuit open, "
-                                        f"retry after {retry_at:%Y-%m-%d %H:%M:%S}Z",
-                                 retry_at=retry_at),
-                     stream=job_stream(cmd.job_id), correlation_id=cmd.job_id)
+            uow.emit(
+                JobRejected(
+                    job_id=cmd.job_id,
+                    reason=RejectReason.CIRCUIT_OPEN,
+                    detail=f"strategy {cmd.strategy_id} keeps failing; circuit open, "
+                    f"retry after {retry_at:%Y-%m-%d %H:%M:%S}Z",
+                    retry_at=retry_at,
+                ),
+                stream=job_stream(cmd.job_id),
+                correlation_id=cmd.job_id,
+            )
         else:
-            uow.emit(JobRequested(job_id=cmd.job_id, worker_id=cmd.worker_id,
-                                  strategy_id=cmd.strategy_id, broker_id=cmd.broker_id,
-                                  credentials_sealed=cmd.credentials_sealed, config=cmd.config,
-                                  flatten_on_stop=cmd.flatten_on_stop),
-                     stream=job_stream(cmd.job_id), correlation_id=cmd.job_id)
-        uow.session.add(JobRow(
-            job_id=cmd.job_id, worker_id=cmd.worker_id, user_id=user_id,
-            strategy_id=cmd.strategy_id, broker_id=cmd.broker_id,
-            credentials_sealed=cmd.credentials_sealed, config=cmd.config.model_dump_json(),
-            flatten_on_stop=cmd.flatten_on_stop, state=state,
-        ))
+            uow.emit(
+                JobRequested(
+                    job_id=cmd.job_id,
+                    worker_id=cmd.worker_id,
+                    strategy_id=cmd.strategy_id,
+                    broker_id=cmd.broker_id,
+                    credentials_sealed=cmd.credentials_sealed,
+                    config=cmd.config,
+                    flatten_on_stop=cmd.flatten_on_stop,
+                ),
+                stream=job_stream(cmd.job_id),
+                correlation_id=cmd.job_id,
+            )
+        uow.session.add(
+            JobRow(
+                job_id=cmd.job_id,
+                worker_id=cmd.worker_id,
+                user_id=user_id,
+                strategy_id=cmd.strategy_id,
+                broker_id=cmd.broker_id,
+                credentials_sealed=cmd.credentials_sealed,
+                config=cmd.config.model_dump_json(),
+                flatten_on_stop=cmd.flatten_on_stop,
+                state=state,
+            )
+        )
 
     async def on_stop_runner(self, uow: UnitOfWork, env: Envelope, cmd: StopRunner) -> None:
         """Stops the worker wherever it is in its life; a no-op for ended jobs."""
@@ -211,22 +238,54 @@ class SchedulerService(Service):
         if job.state in ON_HOST and job.state != State.STOPPING:
             job.state = State.STOPPING
             uow.session.add(job)
-            uow.emit(StopRequested(job_id=jid, worker_id=job.worker_id, host_id=job.host_id,
-                                   flatten=cmd.flatten, reason=cmd.reason),
-                     stream=stream, correlation_id=jid, user_id=job.user_id)
+            uow.emit(
+                StopRequested(
+                    job_id=jid,
+                    worker_id=job.worker_id,
+                    host_id=job.host_id,
+                    flatten=cmd.flatten,
+                    reason=cmd.reason,
+                ),
+                stream=stream,
+                correlation_id=jid,
+                user_id=job.user_id,
+            )
         elif job.state in (State.REQUESTED, State.QUEUED, State.CRASHED):
             await uow.cancel_timer(f"restart:{jid}")
-            uow.emit(StopRequested(job_id=jid, worker_id=job.worker_id, host_id=None,
-                                   flatten=cmd.flatten, reason=cmd.reason),
-                     stream=stream, correlation_id=jid, user_id=job.user_id)
+            uow.emit(
+                StopRequested(
+                    job_id=jid,
+                    worker_id=job.worker_id,
+                    host_id=None,
+                    flatten=cmd.flatten,
+                    reason=cmd.reason,
+                ),
+                stream=stream,
+                correlation_id=jid,
+                user_id=job.user_id,
+            )
             if cmd.flatten and job.state == State.CRASHED:
-                uow.emit(FlattenFailed(job_id=jid, worker_id=job.worker_id,
-                                       error="worker was not running (crashed); positions left "
-                                             "as they are on the broker"),
-                         stream=stream, correlation_id=jid, user_id=job.user_id)
-            uow.emit(WorkerStopped(job_id=jid, worker_id=job.worker_id,
-                                   reason=f"{cmd.reason} (before it was running)"),
-                     stream=stream, correlation_id=jid, user_id=job.user_id)
+                uow.emit(
+                    FlattenFailed(
+                        job_id=jid,
+                        worker_id=job.worker_id,
+                        error="worker was not running (crashed); positions left "
+                        "as they are on the broker",
+                    ),
+                    stream=stream,
+                    correlation_id=jid,
+                    user_id=job.user_id,
+                )
+            uow.emit(
+                WorkerStopped(
+                    job_id=jid,
+                    worker_id=job.worker_id,
+                    reason=f"{cmd.reason} (before it was running)",
+                ),
+                stream=stream,
+                correlation_id=jid,
+                user_id=job.user_id,
+            )
             job.state = State.STOPPED
             uow.session.add(job)
 
@@ -238,8 +297,11 @@ class SchedulerService(Service):
             return
         job.state = State.QUEUED
         uow.session.add(job)
-        uow.emit(JobQueued(job_id=job.job_id, worker_id=job.worker_id),
-                 stream=env.stream, user_id=job.user_id)
+        uow.emit(
+            JobQueued(job_id=job.job_id, worker_id=job.worker_id),
+            stream=env.stream,
+            user_id=job.user_id,
+        )
 
     async def on_job_rejected(self, uow: UnitOfWork, env: Envelope, event: JobRejected) -> None:
         job = await _job(uow, job_id=event.job_id)
@@ -263,9 +325,15 @@ class SchedulerService(Service):
         if job.state == State.STOPPING:  # died while being stopped: it is stopped
             job.state = State.STOPPED
             uow.session.add(job)
-            uow.emit(WorkerStopped(job_id=job.job_id, worker_id=job.worker_id,
-                                   reason="stopped (the worker died while stopping)"),
-                     stream=env.stream, user_id=job.user_id)
+            uow.emit(
+                WorkerStopped(
+                    job_id=job.job_id,
+                    worker_id=job.worker_id,
+                    reason="stopped (the worker died while stopping)",
+                ),
+                stream=env.stream,
+                user_id=job.user_id,
+            )
             return
         if job.state not in (State.DISPATCHED, State.RUNNING):
             return
@@ -274,25 +342,43 @@ class SchedulerService(Service):
             await self._record_strategy_failure(uow, job, at)
         ran_for = (at - as_utc(job.started_at)).total_seconds() if job.started_at else None
         decision = after_crash(
-            streak=job.streak, ran_for=ran_for, entitled=await self._entitled(uow, job),
+            streak=job.streak,
+            ran_for=ran_for,
+            entitled=await self._entitled(uow, job),
             max_restarts=self.settings.max_restarts,
             healthy_reset_after=self.settings.healthy_reset_after,
-            backoff=self.settings.restart_backoff, backoff_max=self.settings.restart_backoff_max,
+            backoff=self.settings.restart_backoff,
+            backoff_max=self.settings.restart_backoff_max,
         )
         if isinstance(decision, GiveUp):
             job.state, job.host_id = State.FAILED, None
             uow.session.add(job)
-            uow.emit(RestartsExhausted(job_id=job.job_id, worker_id=job.worker_id,
-                                       attempts=decision.attempts, detail=decision.detail),
-                     stream=env.stream, user_id=job.user_id)
+            uow.emit(
+                RestartsExhausted(
+                    job_id=job.job_id,
+                    worker_id=job.worker_id,
+                    attempts=decision.attempts,
+                    detail=decision.detail,
+                ),
+                stream=env.stream,
+                user_id=job.user_id,
+            )
             return
         due = at + timedelta(seconds=decision.delay)
         job.state, job.streak, job.host_id = State.CRASHED, decision.streak, None
         uow.session.add(job)
         await uow.set_timer(f"restart:{job.job_id}", "restart", due, job_id=job.job_id)
-        uow.emit(WorkerRestartScheduled(job_id=job.job_id, worker_id=job.worker_id,
-                                        attempt=job.attempt + 1, delay=decision.delay, due_at=due),
-                 stream=env.stream, user_id=job.user_id)
+        uow.emit(
+            WorkerRestartScheduled(
+                job_id=job.job_id,
+                worker_id=job.worker_id,
+                attempt=job.attempt + 1,
+                delay=decision.delay,
+                due_at=due,
+            ),
+            stream=env.stream,
+            user_id=job.user_id,
+        )
 
     async def on_worker_stopped(self, uow: UnitOfWork, env: Envelope, event: WorkerStopped) -> None:
         job = await _job(uow, worker_id=event.worker_id)
@@ -314,7 +400,8 @@ class SchedulerService(Service):
 
     async def on_host_online(self, uow: UnitOfWork, env: Envelope, event: HostOnline) -> None:
         host = await uow.session.get(HostRow, event.host_id) or HostRow(
-            host_id=event.host_id, capacity=event.capacity)
+            host_id=event.host_id, capacity=event.capacity
+        )
         host.capacity, host.online = event.capacity, True
         uow.session.add(host)
         self._kick.set()
@@ -325,21 +412,32 @@ class SchedulerService(Service):
         if host is not None:
             host.online = False
             uow.session.add(host)
-        jobs = (await uow.session.exec(
-            select(JobRow).where(JobRow.host_id == event.host_id, JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
-        )).all()
+        jobs = (
+            await uow.session.exec(
+                select(JobRow).where(JobRow.host_id == event.host_id, JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
+            )
+        ).all()
         for job in jobs:
-            uow.emit(WorkerCrashed(job_id=job.job_id, worker_id=job.worker_id,
-                                   host_id=event.host_id, attempt=job.attempt,
-                                   reason=CrashReason.HOST_LOST,
-                                   detail=f"host {event.host_id} silent for {event.silent_for:.1f}s"),
-                     stream=job_stream(job.job_id), correlation_id=job.job_id, user_id=job.user_id)
+            uow.emit(
+                WorkerCrashed(
+                    job_id=job.job_id,
+                    worker_id=job.worker_id,
+                    host_id=event.host_id,
+                    attempt=job.attempt,
+                    reason=CrashReason.HOST_LOST,
+                    detail=f"host {event.host_id} silent for {event.silent_for:.1f}s",
+                ),
+                stream=job_stream(job.job_id),
+                correlation_id=job.job_id,
+                user_id=job.user_id,
+            )
 
     async def on_limit_changed(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         if isinstance(event, EntitlementExpired):
             return  # the EntitlementDowngraded that follows carries the new limit
         row = await uow.session.get(LimitRow, env.user_id) or LimitRow(
-            user_id=env.user_id or "", max_workers=event.max_workers)
+            user_id=env.user_id or "", max_workers=event.max_workers
+        )
         row.max_workers = event.max_workers
         uow.session.add(row)
 
@@ -350,16 +448,32 @@ class SchedulerService(Service):
         row = await uow.session.get(CircuitRow, key) or CircuitRow(key=key)
         failures = [datetime.fromisoformat(f) for f in json.loads(row.failures)]
         failures, open_until = record_failure(
-            failures, at, window=self.settings.circuit_window,
-            threshold=self.settings.circuit_failures, cooldown=self.settings.circuit_cooldown)
+            failures,
+            at,
+            window=self.settings.circuit_window,
+            threshold=self.settings.circuit_failures,
+            cooldown=self.settings.circuit_cooldown,
+        )
         row.failures = json.dumps([f.isoformat() for f in failures])
         if open_until is not None:
             row.open_until = open_until
-            await uow.set_timer(f"circuit:{key}", "circuit", open_until, key=key,
-                                user_id=job.user_id, strategy_id=job.strategy_id)
-            uow.emit(CircuitOpened(strategy_id=job.strategy_id,
-                                   failures=self.settings.circuit_failures, retry_at=open_until),
-                     stream=f"circuit-{key}", user_id=job.user_id)
+            await uow.set_timer(
+                f"circuit:{key}",
+                "circuit",
+                open_until,
+                key=key,
+                user_id=job.user_id,
+                strategy_id=job.strategy_id,
+            )
+            uow.emit(
+                CircuitOpened(
+                    strategy_id=job.strategy_id,
+                    failures=self.settings.circuit_failures,
+                    retry_at=open_until,
+                ),
+                stream=f"circuit-{key}",
+                user_id=job.user_id,
+            )
         uow.session.add(row)
 
     async def on_circuit_cooled(self, uow: UnitOfWork, key: str, data: dict[str, Any]) -> None:
@@ -368,18 +482,27 @@ class SchedulerService(Service):
             return
         row.open_until = None
         uow.session.add(row)
-        uow.emit(CircuitClosed(strategy_id=data["strategy_id"]),
-                 stream=f"circuit-{data['key']}", user_id=data["user_id"])
+        uow.emit(
+            CircuitClosed(strategy_id=data["strategy_id"]),
+            stream=f"circuit-{data['key']}",
+            user_id=data["user_id"],
+        )
 
     async def _entitled(self, uow: UnitOfWork, job: JobRow) -> bool:
         """Still within the user's limit, counting the user's older slot-holding jobs first."""
         limit_row = await uow.session.get(LimitRow, job.user_id)
         limit = limit_row.max_workers if limit_row else 1
-        older = (await uow.session.exec(
-            select(func.count()).select_from(JobRow).where(
-                JobRow.user_id == job.user_id, JobRow.state.in_(HOLDS_SLOT),  # type: ignore[attr-defined]
-                JobRow.seq < job.seq)  # type: ignore[operator]
-        )).one()
+        older = (
+            await uow.session.exec(
+                select(func.count())
+                .select_from(JobRow)
+                .where(
+                    JobRow.user_id == job.user_id,
+                    JobRow.state.in_(HOLDS_SLOT),  # type: ignore[attr-defined]
+                    JobRow.seq < job.seq,
+                )  # type: ignore[operator]
+            )
+        ).one()
         return older < limit
 
     # ------------------------------------------------------------------ dispatcher
@@ -395,9 +518,13 @@ class SchedulerService(Service):
         """Place queued jobs on hosts within the spawn throttle and the system ceiling."""
         async with self.store.transaction() as uow:
             session = uow.session
-            counts = dict((await session.exec(
-                select(JobRow.state, func.count()).group_by(JobRow.state)  # type: ignore[arg-type]
-            )).all())
+            counts = dict(
+                (
+                    await session.exec(
+                        select(JobRow.state, func.count()).group_by(JobRow.state)  # type: ignore[arg-type]
+                    )
+                ).all()
+            )
             active = sum(counts.get(s, 0) for s in ON_HOST)
             queued = counts.get(State.QUEUED, 0)
             ceiling = self.settings.max_system_workers
@@ -405,45 +532,74 @@ class SchedulerService(Service):
             if queued and active >= ceiling and not paused.value:
                 paused.value = True
                 session.add(paused)
-                uow.emit(QueuePaused(reason="system worker ceiling reached", running=active,
-                                     ceiling=ceiling), stream="queue")
+                uow.emit(
+                    QueuePaused(
+                        reason="system worker ceiling reached", running=active, ceiling=ceiling
+                    ),
+                    stream="queue",
+                )
             elif paused.value and active < ceiling:
                 paused.value = False
                 session.add(paused)
                 uow.emit(QueueResumed(running=active, ceiling=ceiling), stream="queue")
-            budget = dispatch_budget(active=active, in_flight=counts.get(State.DISPATCHED, 0),
-                                     concurrency=self.settings.spawn_concurrency, ceiling=ceiling)
+            budget = dispatch_budget(
+                active=active,
+                in_flight=counts.get(State.DISPATCHED, 0),
+                concurrency=self.settings.spawn_concurrency,
+                ceiling=ceiling,
+            )
             if not queued or budget <= 0:
                 return
             hosts = await self._host_loads(uow)
-            jobs = (await session.exec(
-                select(JobRow).where(JobRow.state == State.QUEUED).order_by(JobRow.seq).limit(budget)
-            )).all()
+            jobs = (
+                await session.exec(
+                    select(JobRow)
+                    .where(JobRow.state == State.QUEUED)
+                    .order_by(JobRow.seq)
+                    .limit(budget)
+                )
+            ).all()
             for job in jobs:
                 host_id = place(hosts)
                 if host_id is None:
                     return
-                hosts = [HostLoad(h.host_id, h.capacity, h.load + (h.host_id == host_id))
-                         for h in hosts]
+                hosts = [
+                    HostLoad(h.host_id, h.capacity, h.load + (h.host_id == host_id)) for h in hosts
+                ]
                 job.state, job.host_id = State.DISPATCHED, host_id
                 session.add(job)
-                uow.emit(JobDispatched(job_id=job.job_id, worker_id=job.worker_id,
-                                       host_id=host_id, attempt=job.attempt,
-                                       strategy_id=job.strategy_id, broker_id=job.broker_id,
-                                       credentials_sealed=job.credentials_sealed,
-                                       config=StrategyConfig.model_validate_json(job.config)),
-                         stream=job_stream(job.job_id), correlation_id=job.job_id,
-                         user_id=job.user_id)
+                uow.emit(
+                    JobDispatched(
+                        job_id=job.job_id,
+                        worker_id=job.worker_id,
+                        host_id=host_id,
+                        attempt=job.attempt,
+                        strategy_id=job.strategy_id,
+                        broker_id=job.broker_id,
+                        credentials_sealed=job.credentials_sealed,
+                        config=StrategyConfig.model_validate_json(job.config),
+                    ),
+                    stream=job_stream(job.job_id),
+                    correlation_id=job.job_id,
+                    user_id=job.user_id,
+                )
 
     async def _host_loads(self, uow: UnitOfWork) -> list[HostLoad]:
         hosts = (await uow.session.exec(select(HostRow).where(HostRow.online))).all()  # type: ignore[arg-type]
-        loads = dict((await uow.session.exec(
-            select(JobRow.host_id, func.count()).where(JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
-            .group_by(JobRow.host_id)
-        )).all())
+        loads = dict(
+            (
+                await uow.session.exec(
+                    select(JobRow.host_id, func.count())
+                    .where(JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
+                    .group_by(JobRow.host_id)
+                )
+            ).all()
+        )
         return [HostLoad(h.host_id, h.capacity, loads.get(h.host_id, 0)) for h in hosts]
 
 
-async def _job(uow: UnitOfWork, *, job_id: str | None = None, worker_id: str | None = None) -> JobRow | None:
+async def _job(
+    uow: UnitOfWork, *, job_id: str | None = None, worker_id: str | None = None
+) -> JobRow | None:
     column = JobRow.job_id if job_id is not None else JobRow.worker_id
     return (await uow.session.exec(select(JobRow).where(column == (job_id or worker_id)))).first()

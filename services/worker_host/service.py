@@ -44,7 +44,7 @@ from events import (
     WorkerStopped,
     model_for,
 )
-from services.secrets import SealError, Sealer, secret_key
+from services.secrets import Sealer, SealError, secret_key
 from services.service import Service, now
 from services.store import UnitOfWork
 from services.topology import host_inbox
@@ -107,9 +107,15 @@ class WorkerHostService(Service):
     async def started(self) -> None:
         await self._recover()
         async with self.store.transaction() as uow:
-            uow.emit(HostOnline(host_id=self.host_id, capacity=self.capacity,
-                                hostname=socket.gethostname(), pid=os.getpid()),
-                     stream=f"host-{self.host_id}")
+            uow.emit(
+                HostOnline(
+                    host_id=self.host_id,
+                    capacity=self.capacity,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                ),
+                stream=f"host-{self.host_id}",
+            )
         self.background(self._heartbeat_loop(), "host-heartbeat")
         self.background(self._lease_loop(), "host-lease")
 
@@ -135,13 +141,22 @@ class WorkerHostService(Service):
         if row is not None:
             await uow.session.delete(row)
             await uow.session.flush()
-        uow.session.add(LocalWorker(
-            worker_id=event.worker_id, job_id=event.job_id, user_id=env.user_id or "",
-            attempt=event.attempt, dispatched_at=now(), strategy_id=event.strategy_id,
-            broker_id=event.broker_id, credentials_sealed=event.credentials_sealed,
-            config=event.config.model_dump_json(by_alias=True),
-        ))
-        uow.after_commit.append(lambda: self.background(self._launch(event.worker_id), f"launch-{event.worker_id}"))
+        uow.session.add(
+            LocalWorker(
+                worker_id=event.worker_id,
+                job_id=event.job_id,
+                user_id=env.user_id or "",
+                attempt=event.attempt,
+                dispatched_at=now(),
+                strategy_id=event.strategy_id,
+                broker_id=event.broker_id,
+                credentials_sealed=event.credentials_sealed,
+                config=event.config.model_dump_json(by_alias=True),
+            )
+        )
+        uow.after_commit.append(
+            lambda: self.background(self._launch(event.worker_id), f"launch-{event.worker_id}")
+        )
 
     async def on_stop_requested(self, uow: UnitOfWork, env: Envelope, event: StopRequested) -> None:
         """Graceful stop: Stop over the control channel (flatten when asked), SIGTERM after the
@@ -150,18 +165,29 @@ class WorkerHostService(Service):
             return
         row = await uow.session.get(LocalWorker, event.worker_id)
         if row is None:
-            uow.emit(WorkerStopped(job_id=event.job_id, worker_id=event.worker_id,
-                                   reason=f"{event.reason} (not running on host {self.host_id})"),
-                     stream=env.stream, user_id=env.user_id)
+            uow.emit(
+                WorkerStopped(
+                    job_id=event.job_id,
+                    worker_id=event.worker_id,
+                    reason=f"{event.reason} (not running on host {self.host_id})",
+                ),
+                stream=env.stream,
+                user_id=env.user_id,
+            )
             return
         row.stopping, row.flatten, row.stop_reason = True, event.flatten, event.reason
         uow.session.add(row)
         worker = self.live.get(event.worker_id)
         if worker is not None:
-            uow.after_commit.append(lambda: self.background(
-                self._stop(worker, event.flatten), f"stop-{event.worker_id}"))
+            uow.after_commit.append(
+                lambda: self.background(
+                    self._stop(worker, event.flatten), f"stop-{event.worker_id}"
+                )
+            )
 
-    async def on_heartbeat_missed(self, uow: UnitOfWork, env: Envelope, event: HeartbeatMissed) -> None:
+    async def on_heartbeat_missed(
+        self, uow: UnitOfWork, env: Envelope, event: HeartbeatMissed
+    ) -> None:
         """A hung worker is killed; its exit is reported as WorkerCrashed(heartbeat_timeout)."""
         worker = self.live.get(event.worker_id)
         if event.host_id != self.host_id or worker is None:
@@ -178,11 +204,19 @@ class WorkerHostService(Service):
         then announce ourselves again."""
         if event.host_id != self.host_id or event.silent_for == 0.0:
             return
-        log.warning("declared lost (silent %.1fs): fencing %d workers", event.silent_for, len(self.live))
+        log.warning(
+            "declared lost (silent %.1fs): fencing %d workers", event.silent_for, len(self.live)
+        )
         self._fence("declared lost by the monitor")
-        uow.emit(HostOnline(host_id=self.host_id, capacity=self.capacity,
-                            hostname=socket.gethostname(), pid=os.getpid()),
-                 stream=f"host-{self.host_id}")
+        uow.emit(
+            HostOnline(
+                host_id=self.host_id,
+                capacity=self.capacity,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+            ),
+            stream=f"host-{self.host_id}",
+        )
 
     # ------------------------------------------------------------------ worker lifecycle
 
@@ -196,23 +230,42 @@ class WorkerHostService(Service):
                 raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
             credentials = self.sealer.open(row.credentials_sealed)
             env = worker_environment(
-                worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
-                strategy_id=row.strategy_id, broker_id=row.broker_id, credentials=credentials,
-                config_json=row.config, heartbeat_interval=self.settings.heartbeat_interval,
+                worker_id=worker_id,
+                job_id=row.job_id,
+                user_id=row.user_id,
+                strategy_id=row.strategy_id,
+                broker_id=row.broker_id,
+                credentials=credentials,
+                config_json=row.config,
+                heartbeat_interval=self.settings.heartbeat_interval,
                 state_file=self.workers_dir / f"{worker_id}.state.json",
             )
-            worker = await spawn(worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
-                                 attempt=row.attempt, env=env,
-                                 log_file=self.workers_dir / f"{worker_id}.log",
-                                 hello_timeout=max(10.0, self.settings.heartbeat_timeout))
+            worker = await spawn(
+                worker_id=worker_id,
+                job_id=row.job_id,
+                user_id=row.user_id,
+                attempt=row.attempt,
+                env=env,
+                log_file=self.workers_dir / f"{worker_id}.log",
+                hello_timeout=max(10.0, self.settings.heartbeat_timeout),
+            )
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
                 current = await uow.session.get(LocalWorker, worker_id)
                 if current is not None:
                     await uow.session.delete(current)
-                uow.emit(WorkerSpawnFailed(job_id=row.job_id, worker_id=worker_id,
-                                           host_id=self.host_id, attempt=row.attempt, error=str(exc)),
-                         stream=job_stream(row.job_id), user_id=row.user_id, correlation_id=row.job_id)
+                uow.emit(
+                    WorkerSpawnFailed(
+                        job_id=row.job_id,
+                        worker_id=worker_id,
+                        host_id=self.host_id,
+                        attempt=row.attempt,
+                        error=str(exc),
+                    ),
+                    stream=job_stream(row.job_id),
+                    user_id=row.user_id,
+                    correlation_id=row.job_id,
+                )
             return
         self.live[worker_id] = worker
         async with self.store.transaction() as uow:
@@ -221,10 +274,18 @@ class WorkerHostService(Service):
                 current.pid = worker.pid
                 uow.session.add(current)
             started = (WorkerRestarted if row.attempt > 0 else WorkerSpawned)(
-                job_id=row.job_id, worker_id=worker_id, host_id=self.host_id, pid=worker.pid,
-                attempt=row.attempt)
-            uow.emit(started, stream=job_stream(row.job_id), user_id=row.user_id,
-                     correlation_id=row.job_id)
+                job_id=row.job_id,
+                worker_id=worker_id,
+                host_id=self.host_id,
+                pid=worker.pid,
+                attempt=row.attempt,
+            )
+            uow.emit(
+                started,
+                stream=job_stream(row.job_id),
+                user_id=row.user_id,
+                correlation_id=row.job_id,
+            )
             stop_pending = current is not None and current.stopping
         self.background(self._supervise(worker), f"supervise-{worker_id}")
         if stop_pending:
@@ -257,19 +318,32 @@ class WorkerHostService(Service):
             log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
             return
         if isinstance(line, protocol.Beat):
-            await self._send_telemetry(WorkerHeartbeat(
-                job_id=worker.job_id, worker_id=worker.worker_id, host_id=self.host_id,
-                pid=worker.pid, at=line.at, positions=line.positions))
+            await self._send_telemetry(
+                WorkerHeartbeat(
+                    job_id=worker.job_id,
+                    worker_id=worker.worker_id,
+                    host_id=self.host_id,
+                    pid=worker.pid,
+                    at=line.at,
+                    positions=line.positions,
+                )
+            )
         elif isinstance(line, protocol.Report):
             payload = line.payload | {"job_id": worker.job_id, "worker_id": worker.worker_id}
             try:
                 event = model_for(line.event).model_validate(payload)
             except ValidationError:
-                log.warning("worker %s reported an invalid %s (ignored)", worker.worker_id, line.event)
+                log.warning(
+                    "worker %s reported an invalid %s (ignored)", worker.worker_id, line.event
+                )
                 return
             async with self.store.transaction() as uow:
-                uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
-                         correlation_id=worker.job_id)
+                uow.emit(
+                    event,
+                    stream=job_stream(worker.job_id),
+                    user_id=worker.user_id,
+                    correlation_id=worker.job_id,
+                )
 
     async def _report_exit(self, worker: WorkerProcess, code: int) -> None:
         how = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
@@ -279,20 +353,36 @@ class WorkerHostService(Service):
                 return
             await uow.session.delete(row)
             ids = dict(job_id=worker.job_id, worker_id=worker.worker_id)
-            where = dict(stream=job_stream(worker.job_id), user_id=worker.user_id,
-                         correlation_id=worker.job_id)
+            where = dict(
+                stream=job_stream(worker.job_id),
+                user_id=worker.user_id,
+                correlation_id=worker.job_id,
+            )
             if row.stopping:
-                uow.emit(WorkerStopped(**ids, reason=row.stop_reason or "stopped", exit_code=code),
-                         **where)
+                uow.emit(
+                    WorkerStopped(**ids, reason=row.stop_reason or "stopped", exit_code=code),
+                    **where,
+                )
                 return
             reason, detail = {
-                "heartbeat": (CrashReason.HEARTBEAT_TIMEOUT, f"no heartbeat for "
-                              f"{self.settings.heartbeat_timeout:g}s; killed"),
+                "heartbeat": (
+                    CrashReason.HEARTBEAT_TIMEOUT,
+                    f"no heartbeat for {self.settings.heartbeat_timeout:g}s; killed",
+                ),
                 "fenced": (CrashReason.HOST_LOST, f"fenced on host {self.host_id}; {how}"),
                 "drain": (CrashReason.HOST_LOST, f"host {self.host_id} shut down; {how}"),
             }.get(worker.end_reason or "", (CrashReason.EXITED, "" if code >= 0 else how))
-            uow.emit(WorkerCrashed(**ids, host_id=self.host_id, attempt=worker.attempt,
-                                   reason=reason, exit_code=code, detail=detail), **where)
+            uow.emit(
+                WorkerCrashed(
+                    **ids,
+                    host_id=self.host_id,
+                    attempt=worker.attempt,
+                    reason=reason,
+                    exit_code=code,
+                    detail=detail,
+                ),
+                **where,
+            )
 
     # ------------------------------------------------------------------ host liveness
 
@@ -303,26 +393,42 @@ class WorkerHostService(Service):
             rows = (await uow.session.exec(select(LocalWorker))).all()
             for row in rows:
                 if row.pid is None:
-                    uow.after_commit.append(lambda wid=row.worker_id: self.background(
-                        self._launch(wid), f"launch-{wid}"))
+                    uow.after_commit.append(
+                        lambda wid=row.worker_id: self.background(
+                            self._launch(wid), f"launch-{wid}"
+                        )
+                    )
                     continue
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(row.pid, signal.SIGKILL)
                 await uow.session.delete(row)
                 ids = dict(job_id=row.job_id, worker_id=row.worker_id)
-                where = dict(stream=job_stream(row.job_id), user_id=row.user_id,
-                             correlation_id=row.job_id)
+                where = dict(
+                    stream=job_stream(row.job_id), user_id=row.user_id, correlation_id=row.job_id
+                )
                 if row.stopping:
-                    uow.emit(WorkerStopped(**ids, reason=f"{row.stop_reason} (host restarted)"), **where)
+                    uow.emit(
+                        WorkerStopped(**ids, reason=f"{row.stop_reason} (host restarted)"), **where
+                    )
                 else:
-                    uow.emit(WorkerCrashed(**ids, host_id=self.host_id, attempt=row.attempt,
-                                           reason=CrashReason.EXITED,
-                                           detail=f"worker-host {self.host_id} restarted"), **where)
+                    uow.emit(
+                        WorkerCrashed(
+                            **ids,
+                            host_id=self.host_id,
+                            attempt=row.attempt,
+                            reason=CrashReason.EXITED,
+                            detail=f"worker-host {self.host_id} restarted",
+                        ),
+                        **where,
+                    )
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._send_telemetry(HostHeartbeat(
-                host_id=self.host_id, capacity=self.capacity, workers=tuple(self.live), at=now()))
+            await self._send_telemetry(
+                HostHeartbeat(
+                    host_id=self.host_id, capacity=self.capacity, workers=tuple(self.live), at=now()
+                )
+            )
             await asyncio.sleep(self.settings.host_heartbeat_interval)
 
     async def _send_telemetry(self, message: Any) -> None:
@@ -342,8 +448,11 @@ class WorkerHostService(Service):
                 continue
             cut_off_since = cut_off_since or loop.time()
             if loop.time() - cut_off_since > self.settings.host_lease and self.live:
-                log.warning("broker unreachable for %.1fs: fencing %d workers",
-                            loop.time() - cut_off_since, len(self.live))
+                log.warning(
+                    "broker unreachable for %.1fs: fencing %d workers",
+                    loop.time() - cut_off_since,
+                    len(self.live),
+                )
                 self._fence("broker unreachable past the lease")
 
     def _fence(self, why: str) -> None:
@@ -357,7 +466,9 @@ class WorkerHostService(Service):
         processes = [w.process.wait() for w in self.live.values()]
         if not processes:
             return
-        done, pending = await asyncio.wait([asyncio.ensure_future(p) for p in processes], timeout=timeout)
+        _, pending = await asyncio.wait(
+            [asyncio.ensure_future(p) for p in processes], timeout=timeout
+        )
         if pending:
             for worker in list(self.live.values()):
                 worker.signal(signal.SIGKILL)

@@ -34,7 +34,9 @@ class WorkerProcess:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
-    end_reason: str | None = None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain"
+    end_reason: str | None = (
+        None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain"
+    )
 
     @property
     def pid(self) -> int:
@@ -108,7 +110,9 @@ async def spawn(
     try:
         with open(log_file, "ab") as log:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "services.worker",
+                sys.executable,
+                "-m",
+                "services.worker",
                 env=env | {protocol.ENV_CONTROL_FD: str(child_end.fileno())},
                 pass_fds=(child_end.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,

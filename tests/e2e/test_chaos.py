@@ -24,13 +24,21 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 SEED = int(os.environ.get("CHAOS_SEED", "20261126"))
 DURATION = float(os.environ.get("CHAOS_SECONDS", "20"))
-VICTIMS = ("gateway", "entitlement", "scheduler", "monitor", "worker-host host-1", "worker-host host-2")
+VICTIMS = (
+    "gateway",
+    "entitlement",
+    "scheduler",
+    "monitor",
+    "worker-host host-1",
+    "worker-host host-2",
+)
 TIERS = {"free": 1, "basic": 3, "pro": 10}
 ENDINGS = ("WorkerStopped", "RestartsExhausted")
 
 
-async def traffic(rng: random.Random, users: dict[str, GatewayClient], stop: asyncio.Event,
-                  seen_workers: set[str]) -> Counter[str]:
+async def traffic(
+    rng: random.Random, users: dict[str, GatewayClient], stop: asyncio.Event, seen_workers: set[str]
+) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     mine: dict[str, list[str]] = defaultdict(list)
     while not stop.is_set():
@@ -75,12 +83,18 @@ async def settled(system: System, timeout: float = 60.0) -> dict:
         except GatewayError:
             continue
         in_flight = [e for e in status["workers"] if e["worker"]["status"] in ("queued", "crashed")]
-        snapshot = json.dumps([(e["worker"]["workerId"], e["worker"]["status"], e["worker"]["pid"])
-                               for e in status["workers"]])
+        snapshot = json.dumps(
+            [
+                (e["worker"]["workerId"], e["worker"]["status"], e["worker"]["pid"])
+                for e in status["workers"]
+            ]
+        )
         if not in_flight and snapshot == previous:
             return status
         previous = snapshot
-    raise AssertionError(f"system never settled: {[(e['worker']['workerId'], e['worker']['status']) for e in status['workers'] if e['worker']['status'] in ('queued', 'crashed')]}")
+    stuck = [(e["worker"]["workerId"], e["worker"]["status"]) for e in status["workers"]
+             if e["worker"]["status"] in ("queued", "crashed")]
+    raise AssertionError(f"system never settled: {stuck}")
 
 
 async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) -> None:
@@ -114,11 +128,18 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         assert len(ids) == len(set(ids)), "an event was recorded twice"
 
         # Exactly one decision per requested job, and no semantic duplicates.
-        decisions = Counter(e.payload["job_id"] for e in log if e.type in ("JobAccepted", "JobRejected")
-                            and e.payload.get("reason") != "circuit_open")
+        decisions = Counter(
+            e.payload["job_id"]
+            for e in log
+            if e.type in ("JobAccepted", "JobRejected")
+            and e.payload.get("reason") != "circuit_open"
+        )
         assert all(n == 1 for n in decisions.values()), decisions.most_common(3)
-        starts = Counter((e.payload["worker_id"], e.payload["attempt"]) for e in log
-                         if e.type in ("WorkerSpawned", "WorkerRestarted"))
+        starts = Counter(
+            (e.payload["worker_id"], e.payload["attempt"])
+            for e in log
+            if e.type in ("WorkerSpawned", "WorkerRestarted")
+        )
         assert all(n == 1 for n in starts.values()), starts.most_common(3)
 
         # No limit exceeded: slots held (accepted, not yet ended) per user, in log order.
@@ -137,13 +158,27 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         assert {final[w] for w in accepted} <= {"running", "stopped", "failed"}
 
         # Live projections equal a replay of the log; the chain is intact.
-        replayed = json.loads(subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "replay", "--json"], env=system.env,
-            capture_output=True, text=True, timeout=60, check=True).stdout)
+        replayed = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "services.cli.main", "replay", "--json"],
+                env=system.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+        )
         assert replayed["queueStats"] == live["queueStats"]
-        assert {e["worker"]["workerId"]: e["worker"]["status"] for e in replayed["workers"]} == final
-        verify = subprocess.run([sys.executable, "-m", "services.cli.main", "audit", "verify"],
-                                env=system.env, capture_output=True, text=True, timeout=60)
+        assert {
+            e["worker"]["workerId"]: e["worker"]["status"] for e in replayed["workers"]
+        } == final
+        verify = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "audit", "verify"],
+            env=system.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         await system.stop()

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 SECONDS = 1 / 86400  # in days
 
 
-async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(running: System) -> None:
+async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(
+    running: System,
+) -> None:
     user, client = await running.user()
     upgraded = await running.admin.upgrade(user, "basic", 6 * SECONDS)
     assert upgraded["tier"] == "basic" and upgraded["maxWorkers"] == 3
@@ -30,16 +32,28 @@ async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(run
     for wid in workers:
         await running.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "running")
     check = await running.admin.entitlement(user)
-    assert check == {"userId": user, "isEntitled": False, "tier": "basic", "maxWorkers": 3,
-                     "currentWorkers": 3, "expiresAt": upgraded["expiresAt"]}
+    assert check == {
+        "userId": user,
+        "isEntitled": False,
+        "tier": "basic",
+        "maxWorkers": 3,
+        "currentWorkers": 3,
+        "expiresAt": upgraded["expiresAt"],
+    }
 
     # The expiry timer is durable: kill the entitlement service; the supervisor restarts it.
     entitlement = next(c for c in running.supervisor.children if c.service == "entitlement")
     os.kill(entitlement.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
 
-    log = await running.wait_for_log(lambda ev: sum(
-        1 for e in ev if e.type == "WorkerStopped" and e.payload["worker_id"] in workers[1:]) == 2,
-        timeout=30)
+    log = await running.wait_for_log(
+        lambda ev: (
+            sum(
+                1 for e in ev if e.type == "WorkerStopped" and e.payload["worker_id"] in workers[1:]
+            )
+            == 2
+        ),
+        timeout=30,
+    )
     mine = [e for e in log if e.user_id == user]
     types = [e.type for e in mine]
     assert types.index("EntitlementExpired") < types.index("EntitlementDowngraded")
@@ -76,8 +90,11 @@ async def test_credentials_never_appear_in_clear(running: System) -> None:
     assert secret not in str(bad.value)
 
     needles = (secret.encode(), body["credentials"]["apiKey"].encode())
-    leaks = [str(path) for path in [*running.data_dir.rglob("*"), running.log_path]
-             if path.is_file() and any(n in path.read_bytes() for n in needles)]
+    leaks = [
+        str(path)
+        for path in [*running.data_dir.rglob("*"), running.log_path]
+        if path.is_file() and any(n in path.read_bytes() for n in needles)
+    ]
     assert leaks == []
     log = await running.log()
     assert all(secret not in e.model_dump_json() for e in log)
@@ -87,21 +104,38 @@ async def test_credentials_never_appear_in_clear(running: System) -> None:
 
 async def test_replay_gives_the_live_queue_stats_and_positions(running: System) -> None:
     _, client = await running.user()
-    wid = (await client.start(**start_body("hold", ("BTC-PERPETUAL", "ETH-USD"), amount=3)))["workerId"]
+    wid = (await client.start(**start_body("hold", ("BTC-PERPETUAL", "ETH-USD"), amount=3)))[
+        "workerId"
+    ]
     await running.wait_for_worker(client, wid, lambda e: len(e["positions"]) == 2)
     await asyncio.sleep(0.5)  # quiet: nothing in flight
     live = await running.admin.status()
 
-    replayed = json.loads(subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "replay", "--json"],
-        env=running.env, capture_output=True, text=True, timeout=60, check=True).stdout)
+    replayed = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "replay", "--json"],
+            env=running.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
 
     assert replayed["queueStats"] == live["queueStats"]
 
     def facts(status: dict) -> dict:
-        return {e["worker"]["workerId"]: (
-            e["worker"]["status"], e["worker"]["restartCount"], e["stats"],
-            sorted((p["instrumentName"], p["side"], p["amount"], p["entryPrice"]) for p in e["positions"]))
-            for e in status["workers"]}
+        return {
+            e["worker"]["workerId"]: (
+                e["worker"]["status"],
+                e["worker"]["restartCount"],
+                e["stats"],
+                sorted(
+                    (p["instrumentName"], p["side"], p["amount"], p["entryPrice"])
+                    for p in e["positions"]
+                ),
+            )
+            for e in status["workers"]
+        }
 
     assert facts(replayed) == facts(live)

@@ -72,7 +72,9 @@ async def two_hosts(tmp_path: Path) -> AsyncIterator[System]:
         rabbitmqctl("delete_user", CUT_USER)
     rabbitmqctl("add_user", CUT_USER, "pw")
     host_2 = system.supervisor.child("worker-host host-2")
-    host_2.env["RUNNER_AMQP_URL"] = system.env["RUNNER_AMQP_URL"].replace("guest:guest", f"{CUT_USER}:pw")
+    host_2.env["RUNNER_AMQP_URL"] = system.env["RUNNER_AMQP_URL"].replace(
+        "guest:guest", f"{CUT_USER}:pw"
+    )
     system.create_vhost()
     rabbitmqctl("set_permissions", "-p", system.vhost, CUT_USER, ".*", ".*", ".*")
     await system.start()
@@ -96,12 +98,16 @@ async def start_spread(system: System, count: int) -> tuple[list[str], dict[str,
     ids = [(await client.start(**start_body("hold", amount=1)))["workerId"] for _ in range(count)]
     entries = {}
     for wid in ids:
-        entries[wid] = await system.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "running")
+        entries[wid] = await system.wait_for_worker(
+            client, wid, lambda e: e["worker"]["status"] == "running"
+        )
     system.client_of_test = client  # type: ignore[attr-defined]
     return ids, entries
 
 
-async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(two_hosts: System) -> None:
+async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(
+    two_hosts: System,
+) -> None:
     ids, entries = await start_spread(two_hosts, 4)
     on_host_1 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-1"}
     assert on_host_1 and len(on_host_1) < 4  # placement spread the work
@@ -111,8 +117,11 @@ async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(tw
         two_hosts.supervisor.kill("worker-host host-1", restart=False)
         for wid in ids:
             entry = await two_hosts.wait_for_worker(
-                client, wid, lambda e: e["worker"]["status"] == "running"
-                and e["worker"]["hostId"] == "host-2", timeout=30)
+                client,
+                wid,
+                lambda e: e["worker"]["status"] == "running" and e["worker"]["hostId"] == "host-2",
+                timeout=30,
+            )
             assert entry["worker"]["restartCount"] == (1 if wid in on_host_1 else 0)
         for wid in on_host_1:
             assert not alive(entries[wid]["worker"]["pid"])  # they died with their host
@@ -127,11 +136,19 @@ async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(tw
     log = await two_hosts.log()
     lost = [e for e in log if e.type == "HostLost" and e.payload["host_id"] == "host-1"]
     assert lost and all(
-        any(e.type == "WorkerCrashed" and e.payload["worker_id"] == w and e.payload["reason"] == "host_lost"
-            for e in log) for w in on_host_1)
+        any(
+            e.type == "WorkerCrashed"
+            and e.payload["worker_id"] == w
+            and e.payload["reason"] == "host_lost"
+            for e in log
+        )
+        for w in on_host_1
+    )
 
 
-async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(two_hosts: System) -> None:
+async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
+    two_hosts: System,
+) -> None:
     ids, entries = await start_spread(two_hosts, 4)
     on_host_2 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-2"}
     assert on_host_2
@@ -140,7 +157,9 @@ async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
 
     async with NeverTwice(set(ids)).running() as guard:
         rabbitmqctl("clear_permissions", "-p", two_hosts.vhost, CUT_USER)
-        for line in rabbitmqctl("list_connections", "user", "pid", "--no-table-headers").splitlines():
+        for line in rabbitmqctl(
+            "list_connections", "user", "pid", "--no-table-headers"
+        ).splitlines():
             user, _, pid = line.partition("\t")
             if user == CUT_USER:
                 rabbitmqctl("close_connection", pid.strip(), "e2e: network cut")
@@ -153,8 +172,11 @@ async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
 
         for wid in on_host_2:  # rescheduled on host-1 once host-2 is declared lost
             entry = await two_hosts.wait_for_worker(
-                client, wid, lambda e: e["worker"]["status"] == "running"
-                and e["worker"]["hostId"] == "host-1", timeout=30)
+                client,
+                wid,
+                lambda e: e["worker"]["status"] == "running" and e["worker"]["hostId"] == "host-1",
+                timeout=30,
+            )
             assert entry["worker"]["restartCount"] >= 1
 
         rabbitmqctl("set_permissions", "-p", two_hosts.vhost, CUT_USER, ".*", ".*", ".*")

@@ -36,7 +36,10 @@ async def test_start_spawns_a_worker_process_with_the_injected_environment(runni
     assert started["success"] and started["jobId"] and started["workerId"]
 
     entry = await running.wait_for_worker(
-        client, started["workerId"], lambda e: e["worker"]["status"] == "running" and len(e["positions"]) == 2)
+        client,
+        started["workerId"],
+        lambda e: e["worker"]["status"] == "running" and len(e["positions"]) == 2,
+    )
     worker = entry["worker"]
     assert worker["pid"] and alive(worker["pid"])
     assert worker["userId"] == user and worker["jobId"] == started["jobId"]
@@ -50,18 +53,28 @@ async def test_start_spawns_a_worker_process_with_the_injected_environment(runni
     assert "RUNNER_SECRET_KEY" not in env and "RUNNER_ADMIN_TOKEN" not in env
 
     positions = {p["instrumentName"]: p for p in entry["positions"]}
-    assert positions["BTC-PERPETUAL"]["side"] == "long" and positions["BTC-PERPETUAL"]["amount"] == 2
+    assert (
+        positions["BTC-PERPETUAL"]["side"] == "long" and positions["BTC-PERPETUAL"]["amount"] == 2
+    )
     assert positions["ETH-PERPETUAL"]["entryPrice"] > 0
-    assert set(entry["stats"]) == {"totalTrades", "winningTrades", "losingTrades", "totalPnL", "winRate"}
-    beat = await running.wait_for_worker(client, started["workerId"],
-                                         lambda e: e["worker"]["lastHeartbeat"] is not None)
+    assert set(entry["stats"]) == {
+        "totalTrades",
+        "winningTrades",
+        "losingTrades",
+        "totalPnL",
+        "winRate",
+    }
+    beat = await running.wait_for_worker(
+        client, started["workerId"], lambda e: e["worker"]["lastHeartbeat"] is not None
+    )
     assert beat["worker"]["lastHeartbeat"] >= beat["worker"]["startedAt"]
 
 
 async def test_stop_with_flatten_closes_every_position_at_market(running: System) -> None:
     _, client = await running.user()
-    started = await client.start(**start_body("hold", ("BTC-PERPETUAL", "ETH-PERPETUAL", "SOL-USD"),
-                                              amount=1.5))
+    started = await client.start(
+        **start_body("hold", ("BTC-PERPETUAL", "ETH-PERPETUAL", "SOL-USD"), amount=1.5)
+    )
     wid = started["workerId"]
     entry = await running.wait_for_worker(client, wid, lambda e: len(e["positions"]) == 3)
     pid = entry["worker"]["pid"]
@@ -74,12 +87,17 @@ async def test_stop_with_flatten_closes_every_position_at_market(running: System
     assert mine["worker"]["status"] == "stopped" and mine["positions"] == []
     assert mine["stats"]["totalTrades"] == 3
     assert not alive(pid)
-    log = await running.wait_for_log(lambda ev: any(e.type == "WorkerStopped" and e.payload["worker_id"] == wid for e in ev))
+    log = await running.wait_for_log(
+        lambda ev: any(e.type == "WorkerStopped" and e.payload["worker_id"] == wid for e in ev)
+    )
     flattened = [e for e in log if e.type == "PositionsFlattened" and e.payload["worker_id"] == wid]
     assert len(flattened) == 1 and flattened[0].payload["count"] == 3
     assert len(flattened[0].payload["fills"]) == 3
-    sells = [e for e in log if e.type == "OrderFilled" and e.payload["worker_id"] == wid
-             and e.payload["side"] == "sell"]
+    sells = [
+        e
+        for e in log
+        if e.type == "OrderFilled" and e.payload["worker_id"] == wid and e.payload["side"] == "sell"
+    ]
     assert {e.payload["instrument"] for e in sells} == {"BTC-PERPETUAL", "ETH-PERPETUAL", "SOL-USD"}
 
 
@@ -95,13 +113,16 @@ async def test_stop_without_flatten_leaves_positions_and_reports_zero(running: S
 
 async def test_free_user_twenty_parallel_starts_one_wins(running: System) -> None:
     _, client = await running.user()
-    results = await asyncio.gather(*(client.start(**start_body()) for _ in range(20)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(client.start(**start_body()) for _ in range(20)), return_exceptions=True
+    )
     wins = [r for r in results if isinstance(r, dict)]
     refusals = [r for r in results if isinstance(r, GatewayError)]
     assert len(wins) == 1, results
     assert len(refusals) == 19
-    assert all(r.status == 403 and "limit" in str(r) and "1 of 1 (free)" in str(r) for r in refusals)
+    assert all(
+        r.status == 403 and "limit" in str(r) and "1 of 1 (free)" in str(r) for r in refusals
+    )
 
 
 async def test_stopping_frees_the_slot(running: System) -> None:
@@ -152,8 +173,11 @@ async def test_bad_requests_are_clear_errors_never_500(running: System) -> None:
     async with httpx.AsyncClient(base_url=running.base_url) as anonymous:
         response = await anonymous.get("/runner/status")
         assert response.status_code == 401 and response.json()["success"] is False
-        response = await anonymous.post("/runner/start", content=b"{not json",
-                                        headers={"Authorization": f"Bearer {running.admin_token}"})
+        response = await anonymous.post(
+            "/runner/start",
+            content=b"{not json",
+            headers={"Authorization": f"Bearer {running.admin_token}"},
+        )
         assert response.status_code == 422
     docs = httpx.get(f"{running.base_url}/openapi.json").json()
     assert "/runner/start" in docs["paths"]

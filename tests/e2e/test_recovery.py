@@ -26,7 +26,9 @@ def pick(log: list[Envelope], worker_id: str, *types: str) -> list[Envelope]:
     return [e for e in log if of(worker_id, *types)(e)]
 
 
-async def test_killed_worker_is_crashed_at_once_and_restarted_under_the_same_id(running: System) -> None:
+async def test_killed_worker_is_crashed_at_once_and_restarted_under_the_same_id(
+    running: System,
+) -> None:
     _, client = await running.user()
     wid = (await client.start(**start_body("hold", amount=2)))["workerId"]
     first = await running.wait_for_worker(client, wid, lambda e: e["positions"])
@@ -36,22 +38,31 @@ async def test_killed_worker_is_crashed_at_once_and_restarted_under_the_same_id(
     os.kill(pid, signal.SIGKILL)
 
     again = await running.wait_for_worker(
-        client, wid, lambda e: e["worker"]["restartCount"] == 1 and e["worker"]["status"] == "running")
+        client,
+        wid,
+        lambda e: e["worker"]["restartCount"] == 1 and e["worker"]["status"] == "running",
+    )
     assert again["worker"]["pid"] != pid and alive(again["worker"]["pid"])
     log = await running.wait_for_log(lambda ev: pick(ev, wid, "WorkerRestarted"))
     crashed = pick(log, wid, "WorkerCrashed")
     assert len(crashed) == 1
     assert crashed[0].payload["reason"] == "exited" and crashed[0].payload["exit_code"] == -9
-    assert (crashed[0].occurred_at - killed_at).total_seconds() < 1.0  # from the exit, not a timeout
-    assert [e.type for e in log if of(wid, "WorkerCrashed", "WorkerRestartScheduled",
-                                      "WorkerRestarted")(e)] == [
-        "WorkerCrashed", "WorkerRestartScheduled", "WorkerRestarted"]
+    assert (
+        crashed[0].occurred_at - killed_at
+    ).total_seconds() < 1.0  # from the exit, not a timeout
+    assert [
+        e.type
+        for e in log
+        if of(wid, "WorkerCrashed", "WorkerRestartScheduled", "WorkerRestarted")(e)
+    ] == ["WorkerCrashed", "WorkerRestartScheduled", "WorkerRestarted"]
     # The paper account survived the crash: the restarted hold found its position, no new order.
     assert len(pick(log, wid, "OrderFilled")) == 1
     assert again["positions"][0]["amount"] == 2
 
 
-async def test_hung_worker_gets_heartbeat_missed_then_is_killed_and_restarted(running: System) -> None:
+async def test_hung_worker_gets_heartbeat_missed_then_is_killed_and_restarted(
+    running: System,
+) -> None:
     _, client = await running.user()
     wid = (await client.start(**start_body("hold", amount=1)))["workerId"]
     entry = await running.wait_for_worker(client, wid, lambda e: e["worker"]["lastHeartbeat"])
@@ -61,24 +72,32 @@ async def test_hung_worker_gets_heartbeat_missed_then_is_killed_and_restarted(ru
     stopped_at = time.monotonic()
 
     again = await running.wait_for_worker(
-        client, wid, lambda e: e["worker"]["restartCount"] == 1 and e["worker"]["status"] == "running",
-        timeout=30)
+        client,
+        wid,
+        lambda e: e["worker"]["restartCount"] == 1 and e["worker"]["status"] == "running",
+        timeout=30,
+    )
     assert time.monotonic() - stopped_at >= 2.5  # the heartbeat timeout, not earlier
     assert not alive(pid)  # the hung process was killed before the restart
     assert again["worker"]["pid"] != pid
     log = await running.wait_for_log(lambda ev: pick(ev, wid, "WorkerRestarted"))
-    sequence = [e.type for e in log if of(wid, "HeartbeatMissed", "WorkerCrashed", "WorkerRestarted")(e)]
+    sequence = [
+        e.type for e in log if of(wid, "HeartbeatMissed", "WorkerCrashed", "WorkerRestarted")(e)
+    ]
     assert sequence == ["HeartbeatMissed", "WorkerCrashed", "WorkerRestarted"]
     assert pick(log, wid, "WorkerCrashed")[0].payload["reason"] == "heartbeat_timeout"
 
 
-async def test_always_crashing_strategy_exhausts_restarts_then_its_circuit_opens(running: System) -> None:
+async def test_always_crashing_strategy_exhausts_restarts_then_its_circuit_opens(
+    running: System,
+) -> None:
     user, client = await running.user()
     body = start_body("chaos", crashAfter=0.2, exitCode=7)
     wid = (await client.start(**body))["workerId"]
 
-    failed = await running.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "failed",
-                                           timeout=40)
+    failed = await running.wait_for_worker(
+        client, wid, lambda e: e["worker"]["status"] == "failed", timeout=40
+    )
     assert failed["worker"]["restartCount"] == 3
     log = await running.log()
     crashes = pick(log, wid, "WorkerCrashed")
