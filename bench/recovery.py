@@ -33,7 +33,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def measure(kills: int, workers: int, backoff: float, console: Console) -> dict[str, list[float]]:
+async def measure(
+    kills: int, workers: int, backoff: float, console: Console
+) -> dict[str, list[float]]:
     env = {
         "RUNNER_RESTART_BACKOFF": str(backoff),
         "RUNNER_RESTART_BACKOFF_MAX": str(backoff),
@@ -46,10 +48,15 @@ async def measure(kills: int, workers: int, backoff: float, console: Console) ->
         await local.start()
         try:
             _, client = await local.user(tier="enterprise")
-            body = {"brokerId": "paper", "credentials": {"apiKey": "bench", "apiSecret": "bench"},
-                    "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}}}
-            ids = [(await client.start(strategyId=f"bench-{i}", **body))["workerId"]
-                   for i in range(workers)]
+            body = {
+                "brokerId": "paper",
+                "credentials": {"apiKey": "bench", "apiSecret": "bench"},
+                "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}},
+            }
+            ids = [
+                (await client.start(strategyId=f"bench-{i}", **body))["workerId"]
+                for i in range(workers)
+            ]
             detect, running_again = [], []
             for n in range(kills):
                 wid = ids[n % workers]
@@ -58,15 +65,21 @@ async def measure(kills: int, workers: int, backoff: float, console: Console) ->
                 killed_at = datetime.now(UTC)
                 os.kill(entry["pid"], signal.SIGKILL)
                 await _running(client, wid, more_than=restarts)
-                events = [e for e in await local.log() if e.payload.get("worker_id") == wid
-                          and e.occurred_at >= killed_at]
+                events = [
+                    e
+                    for e in await local.log()
+                    if e.payload.get("worker_id") == wid and e.occurred_at >= killed_at
+                ]
                 crashed = next(e for e in events if e.type == "WorkerCrashed")
                 restarted = next(e for e in events if e.type == "WorkerRestarted")
                 detect.append((crashed.occurred_at - killed_at).total_seconds() * 1000)
                 running_again.append((restarted.occurred_at - killed_at).total_seconds() * 1000)
                 console.print(f"\rkill {n + 1}/{kills}", end="")
             console.print()
-            return {"death → WorkerCrashed (ms)": detect, "death → running again (ms)": running_again}
+            return {
+                "death → WorkerCrashed (ms)": detect,
+                "death → running again (ms)": running_again,
+            }
         finally:
             await local.stop()
 
@@ -75,7 +88,9 @@ async def _running(client, worker_id: str, more_than: int = -1, timeout: float =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = await client.status()
-        worker = next(e["worker"] for e in status["workers"] if e["worker"]["workerId"] == worker_id)
+        worker = next(
+            e["worker"] for e in status["workers"] if e["worker"]["workerId"] == worker_id
+        )
         if worker["status"] == "running" and worker["pid"] and worker["restartCount"] > more_than:
             return worker
         await asyncio.sleep(0.02)
@@ -90,14 +105,23 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     figures = asyncio.run(measure(args.kills, args.workers, args.backoff, console))
-    table = Table(title=f"recovery latency ({args.kills} kills, backoff {args.backoff * 1000:g} ms)")
+    table = Table(
+        title=f"recovery latency ({args.kills} kills, backoff {args.backoff * 1000:g} ms)"
+    )
     for column in ("figure", "p50", "p99", "max", "n"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for name, values in figures.items():
-        table.add_row(name, f"{statistics.median(values):.1f}", f"{percentile(values, 99):.1f}",
-                      f"{max(values):.1f}", str(len(values)))
+        table.add_row(
+            name,
+            f"{statistics.median(values):.1f}",
+            f"{percentile(values, 99):.1f}",
+            f"{max(values):.1f}",
+            str(len(values)),
+        )
     console.print(table)
-    RESULTS.write_text(json.dumps({"backoff_ms": args.backoff * 1000, "figures": figures}, indent=2))
+    RESULTS.write_text(
+        json.dumps({"backoff_ms": args.backoff * 1000, "figures": figures}, indent=2)
+    )
     console.print(f"raw figures in {RESULTS}")
 
 
