@@ -1,0 +1,1 @@
+"""The monitor service: event-log recorder, live projections, heartbeat watchdog, status queries."""

@@ -1,0 +1,131 @@
+"""Who is alive: known hosts (a fold over the log) and the heartbeat overlay (telemetry).
+
+Heartbeats never enter the log, so what they tell (last beat, position marks) is an overlay kept
+beside the projections, not part of the fold. The watchdog decisions (`silent_workers`,
+`silent_hosts`) are pure functions of that overlay, the projections and `now`.
+
+A worker or host is reported silent once per silence episode. The episode ends with a new sign
+of life: a heartbeat, or a recorded WorkerSpawned/WorkerRestarted (workers) or HostOnline (hosts).
+A report already in the log (HeartbeatMissed, HostLost) counts as made, so a restarted monitor
+does not report the same episode again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import immutables
+
+from events import Envelope, HostHeartbeat, JobStatus, PositionMark, WorkerHeartbeat
+from projections import WorkerView
+from services.store import as_utc
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    host_id: str
+    hostname: str
+    capacity: int
+    online_at: datetime
+    lost: bool = False
+
+
+Hosts = immutables.Map[str, HostView]
+NO_HOSTS: Hosts = immutables.Map()
+
+
+def apply_host(hosts: Hosts, envelope: Envelope) -> Hosts:
+    """Fold host membership: HostOnline adds (or brings back) a host, HostLost marks it lost."""
+    if envelope.type == "HostOnline":
+        payload = envelope.payload
+        return hosts.set(payload["host_id"], HostView(
+            host_id=payload["host_id"],
+            hostname=payload.get("hostname", ""),
+            capacity=int(payload.get("capacity", 0)),
+            online_at=as_utc(envelope.occurred_at),
+        ))
+    if envelope.type == "HostLost":
+        host = hosts.get(envelope.payload["host_id"])
+        if host is not None:
+            return hosts.set(host.host_id, replace(host, lost=True))
+    return hosts
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBeat:
+    """A worker's last heartbeat: its own timestamp, when we got it, its position marks."""
+
+    at: datetime
+    received_at: datetime
+    marks: immutables.Map[str, PositionMark] = field(default_factory=immutables.Map)
+
+
+@dataclass
+class Liveness:
+    """The telemetry overlay and the silence reports made (mutable, monitor-local)."""
+
+    since: datetime  # the monitor's start: nobody is judged on silence from before it watched
+    beats: dict[str, WorkerBeat] = field(default_factory=dict)
+    worker_seen: dict[str, datetime] = field(default_factory=dict)
+    host_seen: dict[str, datetime] = field(default_factory=dict)
+    reported_workers: set[str] = field(default_factory=set)
+    reported_hosts: set[str] = field(default_factory=set)
+
+    def worker_heartbeat(self, beat: WorkerHeartbeat, now: datetime) -> None:
+        marks = immutables.Map({mark.instrument: mark for mark in beat.positions})
+        self.beats[beat.worker_id] = WorkerBeat(at=as_utc(beat.at), received_at=now, marks=marks)
+        self.worker_seen[beat.worker_id] = now
+        self.reported_workers.discard(beat.worker_id)
+
+    def host_heartbeat(self, beat: HostHeartbeat, now: datetime) -> None:
+        self.host_seen[beat.host_id] = now
+
+    def observe(self, envelope: Envelope, now: datetime | None) -> None:
+        """A recorded event; `now` is None while replaying history (no sign of life today)."""
+        kind, payload = envelope.type, envelope.payload
+        if kind in ("WorkerSpawned", "WorkerRestarted"):
+            self.reported_workers.discard(payload["worker_id"])
+            if now is not None:
+                self.worker_seen[payload["worker_id"]] = now
+        elif kind == "HeartbeatMissed":
+            self.reported_workers.add(payload["worker_id"])
+        elif kind == "HostOnline":
+            self.reported_hosts.discard(payload["host_id"])
+            if now is not None:
+                self.host_seen[payload["host_id"]] = now
+        elif kind == "HostLost":
+            self.reported_hosts.add(payload["host_id"])
+
+    def silent_workers(self, workers: Iterable[WorkerView], now: datetime,
+                       timeout: float) -> list[tuple[WorkerView, float]]:
+        """Running workers silent for longer than `timeout` and not yet reported, with how long."""
+        silent = []
+        for worker in workers:
+            if worker.status != JobStatus.RUNNING or worker.worker_id in self.reported_workers:
+                continue
+            signs = [self.since]
+            if worker.started_at is not None:
+                signs.append(as_utc(worker.started_at))
+            if (seen := self.worker_seen.get(worker.worker_id)) is not None:
+                signs.append(seen)
+            silent_for = (now - max(signs)).total_seconds()
+            if silent_for > timeout:
+                silent.append((worker, silent_for))
+        return silent
+
+    def silent_hosts(self, hosts: Hosts, now: datetime,
+                     timeout: float) -> list[tuple[HostView, float]]:
+        """Hosts silent for longer than `timeout`, not lost already, with how long."""
+        silent = []
+        for host in hosts.values():
+            if host.lost or host.host_id in self.reported_hosts:
+                continue
+            signs = [self.since, host.online_at]
+            if (seen := self.host_seen.get(host.host_id)) is not None:
+                signs.append(seen)
+            silent_for = (now - max(signs)).total_seconds()
+            if silent_for > timeout:
+                silent.append((host, silent_for))
+        return silent

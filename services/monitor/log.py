@@ -1,0 +1,307 @@
+"""The append-only event log: every command and event, in one global order, hash-chained.
+
+Each row keeps the envelope JSON as the recorder received it (after envelope validation, so a
+row always parses back) and `hash = sha256(prev_hash + canonical JSON)`, where canonical JSON is
+the stored envelope re-serialised with sorted keys and no whitespace. Every row therefore vouches
+for all rows before it: editing, reordering or deleting a row in the middle breaks the chain at
+that row (`verify`). Truncating the tail or rewriting every later hash is only detectable against
+a head hash kept elsewhere (`head()` gives it).
+
+One writer: `append` takes the batch's positions from the current head inside its transaction,
+so positions are contiguous. On SQLite the engine's `BEGIN IMMEDIATE` (see `services.store`)
+makes that read-then-insert atomic across connections and processes; on PostgreSQL a
+transaction-scoped advisory lock does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import Table
+
+from events import Envelope, model_for
+from services.store import _engine as store_engine
+
+GENESIS = "0" * 64
+_ID_CHUNK = 500  # event ids per IN (...) lookup, far below every backend's parameter limit
+_ADVISORY_KEY = int.from_bytes(hashlib.sha256(b"event_log").digest()[:8], "big", signed=True)
+
+metadata = MetaData()
+
+event_log = Table(
+    "event_log",
+    metadata,
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("type", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("stream", String(200), nullable=False),
+    Column("user_id", String(200)),
+    Column("correlation_id", String(200)),
+    Column("causation_id", String(36)),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("envelope", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_event_log_stream", "stream"),
+    Index("ix_event_log_user_id", "user_id"),
+    Index("ix_event_log_type", "type"),
+    Index("ix_event_log_occurred_at", "occurred_at"),
+)
+
+
+class EventLogMissing(LookupError):
+    """The database (or its event_log table) does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    position: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first row whose chain does not hold, and why."""
+
+    position: int
+    event_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.position} (event_id {self.event_id}): {self.reason}"
+
+
+def canonical_json(envelope_json: str) -> str:
+    return json.dumps(
+        json.loads(envelope_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def chain_hash(prev_hash: str, envelope_json: str) -> str:
+    return hashlib.sha256((prev_hash + canonical_json(envelope_json)).encode()).hexdigest()
+
+
+def _utc(moment: datetime) -> datetime:
+    """Stored as UTC; SQLite drops the offset, so normalise before writing or comparing."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class EventLog:
+    """The log on an async SQLAlchemy engine (shared with the owner's Store, or its own)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._append_lock = asyncio.Lock()
+        self._owns_engine = False
+
+    @classmethod
+    def at(cls, url: str, *, must_exist: bool = False) -> EventLog:
+        """A log on its own engine. `must_exist`: for readers (replay, audit) that must not create
+        an empty database where there is none; raises `EventLogMissing`."""
+        if must_exist:
+            if url.startswith("sqlite"):
+                database = make_url(url).database
+                if not database or database == ":memory:" or not Path(database).is_file():
+                    raise EventLogMissing(f"no event log database at {database or url}")
+            # readers need no BEGIN IMMEDIATE: WAL gives them a snapshot while the monitor writes
+            engine = create_async_engine(url)
+        else:
+            engine = store_engine(url)
+        log = cls(engine)
+        log._owns_engine = True
+        return log
+
+    async def open(self) -> None:
+        """Create the table and its indexes if missing."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def ensure_exists(self) -> None:
+        """Raise `EventLogMissing` unless the event_log table is there (for readers)."""
+        async with self.engine.connect() as conn:
+            present = await conn.run_sync(lambda sync: inspect(sync).has_table("event_log"))
+        if not present:
+            raise EventLogMissing("the database has no event_log table")
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()
+
+    # ------------------------------------------------------------------ writing
+
+    async def append(self, envelopes: Sequence[Envelope]) -> list[tuple[int, Envelope]]:
+        """Record `envelopes` in order in one transaction; returns the newly recorded ones with
+        their positions. An `event_id` already in the log (or earlier in the batch) is skipped,
+        so a redelivered message is recorded once. Telemetry is never recorded."""
+        batch: dict[str, Envelope] = {}
+        for envelope in envelopes:
+            if model_for(envelope.type).kind == "telemetry":
+                continue
+            batch.setdefault(str(envelope.event_id), envelope)
+        if not batch:
+            return []
+        async with self._append_lock, self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_KEY})
+            for present in await self._existing(conn, list(batch)):
+                del batch[present]
+            if not batch:
+                return []
+            head = await self._head(conn)
+            position, prev = head.position, head.hash
+            recorded_at = datetime.now(UTC)
+            rows: list[dict[str, Any]] = []
+            recorded: list[tuple[int, Envelope]] = []
+            for event_id, envelope in batch.items():
+                position += 1
+                body = envelope.model_dump_json()
+                digest = chain_hash(prev, body)
+                rows.append({
+                    "position": position,
+                    "event_id": event_id,
+                    "type": envelope.type,
+                    "version": envelope.version,
+                    "kind": model_for(envelope.type).kind,
+                    "stream": envelope.stream,
+                    "user_id": envelope.user_id,
+                    "correlation_id": envelope.correlation_id,
+                    "causation_id": str(envelope.causation_id) if envelope.causation_id else None,
+                    "occurred_at": _utc(envelope.occurred_at),
+                    "recorded_at": recorded_at,
+                    "envelope": body,
+                    "prev_hash": prev,
+                    "hash": digest,
+                })
+                recorded.append((position, envelope))
+                prev = digest
+            await conn.execute(event_log.insert(), rows)
+        return recorded
+
+    @staticmethod
+    async def _existing(conn: AsyncConnection, event_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(event_ids), _ID_CHUNK):
+            chunk = event_ids[start : start + _ID_CHUNK]
+            result = await conn.execute(
+                select(event_log.c.event_id).where(event_log.c.event_id.in_(chunk))
+            )
+            found.update(result.scalars())
+        return found
+
+    @staticmethod
+    async def _head(conn: AsyncConnection) -> Head:
+        row = (
+            await conn.execute(
+                select(event_log.c.position, event_log.c.hash)
+                .order_by(event_log.c.position.desc())
+                .limit(1)
+            )
+        ).first()
+        return Head(row.position, row.hash) if row else Head(0, GENESIS)
+
+    # ------------------------------------------------------------------ reading
+
+    async def head(self) -> Head:
+        """The last recorded position and its hash (`Head(0, GENESIS)` when empty)."""
+        async with self.engine.connect() as conn:
+            return await self._head(conn)
+
+    async def count(self) -> int:
+        async with self.engine.connect() as conn:
+            result = await conn.execute(select(func.count()).select_from(event_log))
+            return int(result.scalar_one())
+
+    async def page(self, after_position: int = 0, limit: int = 1000,
+                   until_position: int | None = None,
+                   until_time: datetime | None = None) -> list[tuple[int, str]]:
+        """Up to `limit` rows after `after_position` as (position, envelope JSON), in order.
+
+        Keyset paging: each page is its own short read, so a long replay never holds the
+        database (on SQLite every transaction of a shared engine takes the write lock)."""
+        query = (
+            select(event_log.c.position, event_log.c.envelope)
+            .where(event_log.c.position > after_position)
+            .order_by(event_log.c.position)
+            .limit(limit)
+        )
+        if until_position is not None:
+            query = query.where(event_log.c.position <= until_position)
+        if until_time is not None:
+            query = query.where(event_log.c.occurred_at <= _utc(until_time))
+        async with self.engine.connect() as conn:
+            return [(row.position, row.envelope) for row in await conn.execute(query)]
+
+    async def read(self, after_position: int = 0, until_position: int | None = None,
+                   until_time: datetime | None = None,
+                   batch: int = 1000) -> AsyncIterator[tuple[int, Envelope]]:
+        """Every recorded envelope after `after_position`, in log order, fetched `batch` rows at
+        a time. `until_time` keeps the events that had occurred by then (the clocks of different
+        services may disagree slightly, so this filters rather than stopping at the first later
+        one)."""
+        last = after_position
+        while True:
+            rows = await self.page(last, batch, until_position, until_time)
+            for position, body in rows:
+                yield position, Envelope.model_validate_json(body)
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    async def verify(self, until_position: int | None = None,
+                     batch: int = 5000) -> ChainBreak | None:
+        """Walk the chain from the first row; the first row that breaks it, or None if intact."""
+        prev, expected = GENESIS, 1
+        columns = (event_log.c.position, event_log.c.event_id, event_log.c.envelope,
+                   event_log.c.prev_hash, event_log.c.hash)
+        while True:
+            query = (select(*columns).where(event_log.c.position >= expected)
+                     .order_by(event_log.c.position).limit(batch))
+            if until_position is not None:
+                query = query.where(event_log.c.position <= until_position)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            for row in rows:
+                if row.position != expected:
+                    return ChainBreak(row.position, row.event_id,
+                                      f"position gap: row {expected} is missing")
+                if row.prev_hash != prev:
+                    return ChainBreak(row.position, row.event_id,
+                                      "prev_hash does not match the previous row's hash")
+                try:
+                    digest = chain_hash(prev, row.envelope)
+                    envelope_id = json.loads(row.envelope).get("event_id")
+                except (ValueError, AttributeError):
+                    return ChainBreak(row.position, row.event_id, "envelope is not a JSON object")
+                if digest != row.hash:
+                    return ChainBreak(row.position, row.event_id, "hash mismatch")
+                if envelope_id != row.event_id:
+                    return ChainBreak(row.position, row.event_id,
+                                      "event_id column differs from the envelope")
+                prev, expected = row.hash, expected + 1
+            if len(rows) < batch:
+                return None

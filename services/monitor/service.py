@@ -1,0 +1,146 @@
+"""The monitor: records the event log, keeps the live projections, watches heartbeats, answers
+status queries.
+
+Storage: the log lives in the monitor's own database, the same file as its Store (outbox,
+processed ids), on the Store's engine. On SQLite every write transaction there is
+`BEGIN IMMEDIATE` under a 30 s busy timeout, so the recorder's batch commits and the Store's
+rare watchdog emits serialise on the file's single write lock without further coordination.
+
+Guarantees: every command and event is recorded once, in one global order, before it is acked
+(see `recorder`); the live state is the fold of exactly the recorded envelopes, and a restart
+rebuilds it by replaying the log before consuming again. HeartbeatMissed and HostLost go out
+through the Store's outbox, once per silence episode (see `liveness`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from events import HeartbeatMissed, HostHeartbeat, HostLost, Message, WorkerHeartbeat
+from projections import Projections
+from services.monitor import views
+from services.monitor.liveness import Hosts, Liveness
+from services.monitor.log import EventLog
+from services.monitor.recorder import Recorded, Recorder
+from services.monitor.replay import Folded, replay
+from services.service import Service, now
+from services.settings import Settings
+from services.topology import MONITOR_LOG, MONITOR_TELEMETRY, rpc_queue
+
+log = logging.getLogger(__name__)
+
+LOG_PREFETCH = 2000  # two batches in flight: one committing, one filling
+LOG_PAGE_MAX = 1000
+
+
+class MonitorService(Service):
+    name = "monitor"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.log = EventLog(self.store.engine)
+        self.folded = Folded()
+        self.liveness = Liveness(since=now())
+        self.recorder = Recorder(self.log, self._on_recorded)
+
+    @property
+    def state(self) -> Projections:
+        return self.folded.state
+
+    @property
+    def hosts(self) -> Hosts:
+        return self.folded.hosts
+
+    async def setup(self) -> None:
+        await self.log.open()
+        self.liveness = Liveness(since=now())
+        self.folded = await replay(self.log, each=lambda _, e: self.liveness.observe(e, None))
+        self.liveness.since = now()  # silence is judged from when we start watching again
+        log.info("monitor: replayed %d events", self.folded.position)
+        self.background(self.recorder.run(), "monitor-recorder")
+        self.bus.subscribe(MONITOR_LOG, self.recorder.record, prefetch=LOG_PREFETCH)
+        self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
+        self.bus.serve(rpc_queue("monitor"), self._on_request)
+
+    async def started(self) -> None:
+        self.background(self._watch(), "monitor-watchdog")
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_recorded(self, recorded: Recorded) -> None:
+        moment = now()
+        for position, envelope in recorded:
+            self.folded.apply(position, envelope)
+            self.liveness.observe(envelope, moment)
+
+    def _on_telemetry(self, message: Message) -> None:
+        if isinstance(message, WorkerHeartbeat):
+            self.liveness.worker_heartbeat(message, now())
+        elif isinstance(message, HostHeartbeat):
+            self.liveness.host_heartbeat(message, now())
+
+    # ------------------------------------------------------------------ watchdog
+
+    async def _watch(self) -> None:
+        period = max(self.settings.heartbeat_interval / 2, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.check_liveness(now())
+            except Exception:  # a failed emit is retried on the next tick (nothing marked)
+                log.exception("watchdog tick failed")
+
+    async def check_liveness(self, moment: datetime) -> None:
+        """Emit HeartbeatMissed for silent running workers and HostLost for silent hosts."""
+        workers = self.liveness.silent_workers(
+            self.state.workers.values(), moment, self.settings.heartbeat_timeout)
+        hosts = self.liveness.silent_hosts(self.hosts, moment, self.settings.host_timeout)
+        if not workers and not hosts:
+            return
+        async with self.store.transaction() as uow:
+            for worker, silent_for in workers:
+                log.warning("worker %s silent for %.1fs", worker.worker_id, silent_for)
+                uow.emit(
+                    HeartbeatMissed(job_id=worker.job_id, worker_id=worker.worker_id,
+                                    host_id=worker.host_id or "", silent_for=round(silent_for, 3)),
+                    stream=f"job-{worker.job_id}", user_id=worker.user_id,
+                    correlation_id=worker.job_id,
+                )
+            for host, silent_for in hosts:
+                log.warning("host %s silent for %.1fs", host.host_id, silent_for)
+                uow.emit(HostLost(host_id=host.host_id, silent_for=round(silent_for, 3)),
+                         stream=f"host-{host.host_id}")
+        self.liveness.reported_workers.update(w.worker_id for w, _ in workers)
+        self.liveness.reported_hosts.update(h.host_id for h, _ in hosts)
+
+    # ------------------------------------------------------------------ queries
+
+    async def _on_request(self, body: Any) -> Any:
+        """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
+        except `log`, which pages the log)."""
+        if not isinstance(body, dict):
+            raise ValueError("request must be a JSON object with an 'op'")
+        op = body.get("op")
+        if op == "status":
+            return views.status(self.state, body.get("user_id"), self.liveness.beats)
+        if op == "worker":
+            worker_id = body.get("worker_id")
+            worker = self.state.workers.get(worker_id) if isinstance(worker_id, str) else None
+            if worker is None:
+                raise LookupError(f"unknown worker {worker_id!r}")
+            return views.worker_entry(self.state, worker, self.liveness.beats.get(worker_id))
+        if op == "log":
+            try:
+                after = max(int(body.get("after") or 0), 0)
+                limit = min(max(int(body.get("limit") or LOG_PAGE_MAX), 1), LOG_PAGE_MAX)
+            except (TypeError, ValueError):
+                raise ValueError("'after' and 'limit' must be integers") from None
+            rows = await self.log.page(after, limit)
+            return [{"position": p, "envelope": json.loads(body_)} for p, body_ in rows]
+        if op == "hosts":
+            return views.hosts(self.hosts, self.liveness)
+        raise ValueError(f"unknown op {op!r} (expected status, worker, log or hosts)")

@@ -1,0 +1,100 @@
+"""Projections (plus the heartbeat overlay) in the seed's JSON shape, for status and replay.
+
+One function for every reader (the monitor's status RPC, `runner replay --json`), so what a
+replay prints is exactly what the live status said at that point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from projections import Projections, TradingStats, WorkerView, queue_stats
+from services.monitor.liveness import Hosts, Liveness, WorkerBeat
+from services.store import as_utc
+
+NO_BEATS: Mapping[str, WorkerBeat] = {}
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(as_utc(moment).timestamp() * 1000)
+
+
+def worker_entry(state: Projections, worker: WorkerView,
+                 beat: WorkerBeat | None = None) -> dict[str, Any]:
+    """`{worker, positions, stats}` for one worker."""
+    marks = beat.marks if beat is not None else {}
+    positions = state.positions.get(worker.worker_id) or {}
+    stats = state.stats.get(worker.worker_id) or TradingStats()
+    return {
+        "worker": {
+            "workerId": worker.worker_id,
+            "jobId": worker.job_id,
+            "userId": worker.user_id,
+            "strategyId": worker.strategy_id,
+            "brokerId": worker.broker_id,
+            "status": str(worker.status),
+            "pid": worker.pid,
+            "hostId": worker.host_id,
+            "startedAt": epoch_ms(worker.started_at),
+            "restartCount": worker.restart_count,
+            "lastHeartbeat": epoch_ms(beat.at) if beat is not None else None,
+            "reason": worker.reason,
+        },
+        "positions": [
+            {
+                "instrumentName": position.instrument,
+                "side": position.side,
+                "amount": position.amount,
+                "entryPrice": position.entry_price,
+                "unrealizedPnL": mark.unrealized_pnl
+                if (mark := marks.get(position.instrument)) is not None else 0.0,
+            }
+            for position in positions.values()
+            if position.amount
+        ],
+        "stats": {
+            "totalTrades": stats.total_trades,
+            "winningTrades": stats.winning_trades,
+            "losingTrades": stats.losing_trades,
+            "totalPnL": stats.total_pnl,
+            "winRate": round(stats.win_rate, 2),
+        },
+    }
+
+
+def status(state: Projections, user_id: str | None = None,
+           beats: Mapping[str, WorkerBeat] = NO_BEATS) -> dict[str, Any]:
+    """`{workers, queueStats}` for one user (or everyone when `user_id` is None)."""
+    workers = sorted(
+        (w for w in state.workers.values() if user_id is None or w.user_id == user_id),
+        key=lambda w: (w.created_at, w.worker_id),
+    )
+    stats = queue_stats(state, user_id)
+    return {
+        "workers": [worker_entry(state, w, beats.get(w.worker_id)) for w in workers],
+        "queueStats": {
+            "queuedJobs": stats.queued_jobs,
+            "runningWorkers": stats.running_workers,
+            "totalWorkers": stats.total_workers,
+            "failedJobs": stats.failed_jobs,
+        },
+    }
+
+
+def hosts(known: Hosts, liveness: Liveness | None = None) -> list[dict[str, Any]]:
+    """Known worker-hosts: when they came online, when last heard of, whether lost."""
+    entries = []
+    for host in sorted(known.values(), key=lambda h: h.host_id):
+        seen = liveness.host_seen.get(host.host_id) if liveness is not None else None
+        reported = liveness is not None and host.host_id in liveness.reported_hosts
+        entries.append({
+            "hostId": host.host_id,
+            "hostname": host.hostname,
+            "capacity": host.capacity,
+            "onlineAt": epoch_ms(host.online_at),
+            "lastSeen": epoch_ms(max(seen, host.online_at) if seen else host.online_at),
+            "lost": host.lost or reported,
+        })
+    return entries

@@ -1,0 +1,114 @@
+"""The event log on real SQLite: idempotent appends, contiguous positions, the hash chain."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from events import Envelope, HostOnline, JobQueued, WorkerHeartbeat
+from services.monitor.log import GENESIS, EventLog, EventLogMissing, chain_hash
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def queued(n: int, *, at: datetime | None = None) -> Envelope:
+    return Envelope.wrap(JobQueued(job_id=f"job-{n}", worker_id=f"w-{n}"), stream=f"job-job-{n}",
+                         user_id="alice", correlation_id=f"job-{n}",
+                         occurred_at=at or T0 + timedelta(seconds=n))
+
+
+@pytest.fixture
+async def event_log(tmp_path: Path):
+    log = EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    await log.open()
+    yield log
+    await log.close()
+
+
+async def test_same_event_id_twice_is_recorded_once(event_log: EventLog) -> None:
+    envelope = queued(1)
+    first = await event_log.append([envelope, envelope])
+    again = await event_log.append([envelope])
+    assert [p for p, _ in first] == [1]
+    assert again == []
+    assert await event_log.count() == 1
+
+
+async def test_positions_are_contiguous_across_batches_with_duplicates(event_log: EventLog) -> None:
+    batch = [queued(n) for n in range(5)]
+    await event_log.append(batch[:3])
+    recorded = await event_log.append([batch[1], *batch[3:], batch[2]])
+    assert [p for p, _ in recorded] == [4, 5]
+    assert [e.event_id for _, e in recorded] == [batch[3].event_id, batch[4].event_id]
+    assert [p async for p, _ in event_log.read()] == [1, 2, 3, 4, 5]
+
+
+async def test_telemetry_is_never_recorded(event_log: EventLog) -> None:
+    beat = WorkerHeartbeat(job_id="j", worker_id="w", host_id="h", pid=1, at=T0)
+    assert await event_log.append([Envelope.wrap(beat, stream="telemetry")]) == []
+    assert await event_log.count() == 0
+
+
+async def test_each_row_hashes_the_previous_one(event_log: EventLog) -> None:
+    await event_log.append([queued(n) for n in range(3)])
+    db = sqlite3.connect(event_log.engine.url.database)
+    rows = db.execute(
+        "SELECT envelope, prev_hash, hash FROM event_log ORDER BY position").fetchall()
+    prev = GENESIS
+    for body, prev_hash, digest in rows:
+        assert prev_hash == prev
+        assert digest == chain_hash(prev, body)
+        prev = digest
+    assert (await event_log.head()).hash == prev
+    assert await event_log.verify() is None
+
+
+async def test_the_stored_envelope_reads_back_equal(event_log: EventLog) -> None:
+    envelope = Envelope.wrap(HostOnline(host_id="h1", capacity=4, hostname="box", pid=7),
+                             stream="host-h1", occurred_at=T0)
+    await event_log.append([envelope])
+    assert [e async for _, e in event_log.read()] == [envelope]
+
+
+async def test_verify_names_an_edited_row(event_log: EventLog) -> None:
+    await event_log.append([queued(n) for n in range(20)])
+    db = sqlite3.connect(event_log.engine.url.database)
+    db.execute("UPDATE event_log SET envelope = replace(envelope, 'alice', 'mallory') "
+               "WHERE position = 17")
+    db.commit()
+    db.close()
+    broken = await event_log.verify()
+    assert broken is not None
+    assert broken.position == 17
+    assert "hash mismatch" in str(broken)
+    assert str(broken).startswith("row 17 (event_id ")
+
+
+async def test_verify_names_a_deleted_row(event_log: EventLog) -> None:
+    await event_log.append([queued(n) for n in range(5)])
+    db = sqlite3.connect(event_log.engine.url.database)
+    db.execute("DELETE FROM event_log WHERE position = 3")
+    db.commit()
+    db.close()
+    broken = await event_log.verify()
+    assert broken is not None and broken.position == 4
+
+
+async def test_read_until_position_and_time(event_log: EventLog) -> None:
+    await event_log.append([queued(n) for n in range(10)])
+    assert [p async for p, _ in event_log.read(until_position=4)] == [1, 2, 3, 4]
+    assert [p async for p, _ in event_log.read(after_position=8)] == [9, 10]
+    until = T0 + timedelta(seconds=5)
+    assert [e.occurred_at async for _, e in event_log.read(until_time=until)] == [
+        T0 + timedelta(seconds=n) for n in range(6)
+    ]
+    assert [p async for p, _ in event_log.read(batch=3)] == list(range(1, 11))
+
+
+async def test_a_reader_does_not_create_a_missing_database(tmp_path: Path) -> None:
+    with pytest.raises(EventLogMissing):
+        EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'nope.db'}", must_exist=True)
+    assert not (tmp_path / "nope.db").exists()
