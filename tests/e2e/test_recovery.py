@@ -110,6 +110,8 @@ async def test_always_crashing_strategy_exhausts_restarts_then_its_circuit_opens
     with pytest.raises(GatewayError) as refused:
         await client.start(**body)
     assert refused.value.status == 429 and "circuit" in str(refused.value)
-    # The failed job freed its slot: another strategy may start.
-    other = await client.start(**start_body("hold"))
-    assert other["success"]
+    # The failed job freed its slot; once the cool-down is over, the circuit closes again.
+    await running.wait_for_log(lambda ev: any(e.type == "CircuitClosed" and e.user_id == user
+                                              for e in ev), timeout=20)
+    retried = await client.start(**body)
+    assert retried["success"]
