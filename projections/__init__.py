@@ -14,7 +14,9 @@ from projections.state import (
     TradingStats,
     WorkerView,
     apply,
+    counted,
     fold,
+    folds,
     queue_stats,
 )
 
@@ -27,6 +29,8 @@ __all__ = [
     "TradingStats",
     "WorkerView",
     "apply",
+    "counted",
     "fold",
+    "folds",
     "queue_stats",
 ]

@@ -8,6 +8,12 @@ that cannot be decoded (bad JSON, unknown type, invalid payload) is dead-lettere
 reason; a handler that raises is retried with a short backoff and dead-lettered with the error
 after `handler_attempts` deliveries. Poison never crash-loops a consumer and never vanishes.
 
+Batch consuming (`consume_batches`, for a consumer that commits many messages in one transaction,
+such as the event-log recorder): the same guarantees, with one handler call and one ack per batch.
+It runs on aio-pika directly (FastStream's per-message handler costs more than the whole recording
+of a message), on a channel of its own with one consumer, so one `basic.ack(multiple=True)` for
+the last message of a committed batch acks exactly that batch (module doc of `_BatchConsumer`).
+
 Request/reply: direct reply-to over aio-pika, many calls in flight at once (FastStream's
 `broker.request` is serialised by a lock).
 """
@@ -15,10 +21,13 @@ Request/reply: direct reply-to over aio-pika, many calls in flight at once (Fast
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -40,6 +49,19 @@ TelemetryHandler = Callable[[Message], Awaitable[None] | None]
 RpcHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message of a batch, decoded and validated."""
+
+    envelope: Envelope
+    message: Message
+
+
+# Returns the deliveries (by index in the batch) it could not commit, with why; raising means
+# none of the batch was committed.
+BatchHandler = Callable[[list[Delivery]], Awaitable[Mapping[int, str] | None]]
 
 
 class PublishFailed(RuntimeError):
@@ -83,6 +105,7 @@ class Bus:
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._batch_consumers: list[_BatchConsumer] = []
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -98,6 +121,8 @@ class Bus:
             await self._declare_bindings(spec)
         self._publish_channel = await self._channel()
         await self.broker.start()
+        for consumer in self._batch_consumers:
+            await consumer.start()
         self._started = True
 
     def connected(self) -> bool:
@@ -109,6 +134,8 @@ class Bus:
 
     async def stop_consuming(self) -> None:
         """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
+        for consumer in self._batch_consumers:
+            await consumer.stop(self.broker.config.graceful_timeout or 5.0)
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
 
@@ -117,6 +144,8 @@ class Bus:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
+        for consumer in self._batch_consumers:
+            await consumer.stop(self.broker.config.graceful_timeout or 5.0)
         await self.broker.stop()
         self._started = False
 
@@ -274,6 +303,19 @@ class Bus:
                 return
             await msg.ack()
 
+    def consume_batches(self, spec: QueueSpec, handler: BatchHandler, *, max_batch: int = 1000,
+                        max_delay: float = 0.005, prefetch: int | None = None) -> None:
+        """Consume `spec` in batches: `handler(deliveries)` gets up to `max_batch` decoded
+        messages (waiting at most `max_delay` s after the first for more) and commits them; they
+        are acked once it returns. Poison is dead-lettered with its reason as by `subscribe`; a
+        delivery the handler reports failed (or all of them, if it raises) is retried and, after
+        `handler_attempts` deliveries, dead-lettered with the error, while the rest of its batch
+        is acked. `prefetch` [2 × max_batch] lets the next batch arrive while one commits."""
+        self._queues.append(spec)
+        self._batch_consumers.append(_BatchConsumer(
+            self, spec, handler, max_batch=max_batch, max_delay=max_delay,
+            prefetch=prefetch or 2 * max_batch))
+
     def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
         """Consume transient telemetry; undecodable samples are dropped (they carry no history)."""
         self._queues.append(spec)
@@ -424,6 +466,163 @@ class Bus:
                 future.set_result(json.loads(message.body))
             except ValueError:
                 future.set_exception(RpcError("malformed reply"))
+
+
+class _BatchConsumer:
+    """`Bus.consume_batches`: a collector task cuts deliveries into batches, a committer task runs
+    the handler on one batch at a time, in delivery order, and settles it.
+
+    Why one multiple-ack is exact: the channel is ours alone (FastStream's channel manager keys
+    channels by `Channel` instance) and carries this one consumer, so its delivery tags number
+    exactly our deliveries, in order. A batch is a run of consecutive deliveries, and every
+    earlier delivery has been settled (acked, dead-lettered or nacked) before the batch commits,
+    so acking the batch's highest tag with `multiple=True` acks this batch and nothing else: no
+    message is acked before the transaction holding it has committed. After a reconnect the new
+    channel numbers its deliveries from 1 again; messages that came on the old channel cannot be
+    settled any more and are skipped (the broker redelivers them; the handler must be idempotent,
+    as every consumer here is).
+    """
+
+    def __init__(self, bus: Bus, spec: QueueSpec, handler: BatchHandler, *, max_batch: int,
+                 max_delay: float, prefetch: int) -> None:
+        self.bus, self.spec, self.handler = bus, spec, handler
+        self.max_batch, self.max_delay, self.prefetch = max_batch, max_delay, prefetch
+        self._incoming: deque[aio_pika.abc.AbstractIncomingMessage] = deque()
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._batches: asyncio.Queue[list[aio_pika.abc.AbstractIncomingMessage] | None] = (
+            asyncio.Queue(maxsize=1))  # one batch filling while one commits
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
+        self._consumer_tag: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        channel = await self.bus._channel(prefetch=self.prefetch)
+        queue = await channel.declare_queue(
+            self.spec.name,
+            durable=self.spec.durable,
+            auto_delete=self.spec.auto_delete,
+            arguments=self.spec.arguments or None,
+        )
+        self._queue = queue  # robust objects are restored after a reconnect only while referenced
+        self.bus._declared.append(queue)
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._collect(), name=f"{self.spec.name}-collect"),
+            asyncio.create_task(self._commit(), name=f"{self.spec.name}-commit"),
+        ]
+        self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop receiving, commit and settle what has arrived, then end (graceful)."""
+        if not self._tasks:
+            return
+        self._stopping = True
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):  # the channel may be gone: nothing more arrives
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
+        self._arrived.set()
+        self._full.set()
+        tasks, self._tasks = self._tasks, []
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:  # unsettled deliveries are redelivered once the channel closes
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._incoming.append(message)
+        self._arrived.set()
+        if len(self._incoming) >= self.max_batch:
+            self._full.set()
+
+    async def _collect(self) -> None:
+        incoming = self._incoming
+        while True:
+            if not incoming:
+                if self._stopping:
+                    await self._batches.put(None)
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if len(incoming) < self.max_batch and not self._stopping:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self.max_delay)
+            batch = [incoming.popleft() for _ in range(min(len(incoming), self.max_batch))]
+            await self._batches.put(batch)
+
+    async def _commit(self) -> None:
+        while (batch := await self._batches.get()) is not None:
+            try:
+                await self._process(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # unsettled: redelivered when the channel closes
+                log.exception("%s: settling a batch of %d failed", self.spec.name, len(batch))
+
+    async def _process(self, raws: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+        deliveries: list[Delivery] = []
+        delivered: list[aio_pika.abc.AbstractIncomingMessage] = []
+        dead: list[tuple[aio_pika.abc.AbstractIncomingMessage, str]] = []
+        for raw in raws:
+            try:
+                envelope = Envelope.from_json(raw.body)
+                deliveries.append(Delivery(envelope, envelope.message()))
+                delivered.append(raw)
+            except (ValidationError, UnknownMessageType, ValueError) as exc:
+                dead.append((raw, poison_reason(exc)))
+        failed: Mapping[int, str] = {}
+        if deliveries:
+            try:
+                failed = await self.handler(deliveries) or {}
+            except Exception as exc:
+                failed = dict.fromkeys(range(len(deliveries)), poison_reason(exc))
+        retry: list[aio_pika.abc.AbstractIncomingMessage] = []
+        attempts_allowed = self.bus.settings.handler_attempts
+        for index, reason in failed.items():
+            raw = delivered[index]
+            attempt = int((raw.headers or {}).get("x-delivery-count") or 0) + 1
+            if attempt >= attempts_allowed:
+                log.error("%s: %s failed %d times, dead-lettered: %s", self.spec.name,
+                          deliveries[index].envelope.type, attempt, reason)
+                dead.append((raw, f"handler failed {attempt} times: {reason}"))
+            else:
+                log.warning("%s: %s failed (delivery %d), will retry: %s", self.spec.name,
+                            deliveries[index].envelope.type, attempt, reason)
+                retry.append(raw)
+        if dead:
+            results = await asyncio.gather(
+                *(self.bus._dead_letter(self.spec, raw, reason) for raw, reason in dead),
+                return_exceptions=True)
+            retry += [raw for (raw, _), result in zip(dead, results, strict=True)
+                      if isinstance(result, BaseException)]
+        if retry:
+            worst = max(int((r.headers or {}).get("x-delivery-count") or 0) + 1 for r in retry)
+            await asyncio.sleep(min(0.05 * 2**worst, 2.0))
+            for raw in retry:
+                await _settle_quietly(raw.nack(requeue=True))
+        await self._ack(raws, {id(raw) for raw in retry})
+
+    @staticmethod
+    async def _ack(raws: list[aio_pika.abc.AbstractIncomingMessage], settled: set[int]) -> None:
+        """One `multiple` ack per channel at the highest tag to ack (see the class doc)."""
+        last: dict[int, tuple[Any, int]] = {}
+        for raw in raws:
+            if id(raw) in settled or raw.delivery_tag is None:
+                continue
+            try:
+                channel = raw.channel
+            except aio_pika.exceptions.ChannelInvalidStateError:
+                continue  # came on a channel that has closed: the broker redelivers it
+            known = last.get(id(channel))
+            if known is None or raw.delivery_tag > known[1]:
+                last[id(channel)] = (channel, raw.delivery_tag)
+        for channel, tag in last.values():
+            await _settle_quietly(channel.basic_ack(delivery_tag=tag, multiple=True))
 
 
 async def _raw_body(msg: Any) -> bytes:

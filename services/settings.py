@@ -5,8 +5,18 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+POSTGRES_NAME_MAX = 63  # PostgreSQL silently truncates longer database names
+
+
+def async_driver(url: str) -> str:
+    """`postgresql://…` means the async driver here (asyncpg), not psycopg2."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url.removeprefix(plain)
+    return url
 
 
 class Settings(BaseSettings):
@@ -18,8 +28,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = Field(
         default=None,
-        description="SQLAlchemy async URL template; '{service}' is replaced by the service name. "
-        "Default: one SQLite file per service in the data dir.",
+        description="SQLAlchemy async URL template; '{service}' is replaced by the service name "
+        "(required: services share no tables). Default: one SQLite file per service in the data "
+        "dir. PostgreSQL: postgresql+asyncpg://user:password@host/{service}, one database each.",
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -43,6 +54,7 @@ class Settings(BaseSettings):
     circuit_window: float = 600.0
     circuit_cooldown: float = 300.0
     spawn_concurrency: int = 1
+    spawn_mode: str = "fork"
     max_system_workers: int = 1000
     stop_grace: float = 10.0
     request_timeout: float = 15.0
@@ -55,6 +67,16 @@ class Settings(BaseSettings):
     )
     prefetch: int = 200
 
+    @field_validator("database_url")
+    @classmethod
+    def _one_database_per_service(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        if "{service}" not in url:
+            # one shared database would mix the services' outbox, timers and ledgers
+            raise ValueError("must contain '{service}' (each service keeps its own database)")
+        return async_driver(url)
+
     @cached_property
     def vhost(self) -> str:
         from yarl import URL
@@ -63,5 +85,13 @@ class Settings(BaseSettings):
 
     def database_for(self, service: str) -> str:
         if self.database_url:
-            return self.database_url.replace("{service}", service)
+            url = self.database_url.replace("{service}", service)
+            if url.startswith("postgresql"):
+                name = url.split("?", 1)[0].rsplit("/", 1)[-1]
+                if len(name.encode()) > POSTGRES_NAME_MAX:
+                    raise ValueError(
+                        f"database name {name!r} is longer than PostgreSQL's "
+                        f"{POSTGRES_NAME_MAX} bytes (use a shorter RUNNER_HOST_ID or URL)"
+                    )
+            return url
         return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -8,15 +8,19 @@ loses nothing: the relay publishes the rows at the next start.
 
 SQLite (default) runs in WAL mode, and every transaction is `BEGIN IMMEDIATE`, so
 read-modify-write decisions never race, whether across tasks or processes. Any SQLAlchemy async
-URL (e.g. PostgreSQL) works; there `lock()` takes a transaction-scoped advisory lock.
+URL works; on PostgreSQL (tested like SQLite) `lock()` takes a transaction-scoped advisory lock,
+every datetime column is `TIMESTAMP WITH TIME ZONE`, and `open()` creates the service's database
+when it does not exist yet (the role needs CREATEDB for that; otherwise create it beforehand).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,7 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, String, Text, delete, event, text
+from sqlalchemy import Column, DateTime, String, Text, TypeDecorator, delete, event, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
 from sqlmodel import Field, SQLModel, select
@@ -34,6 +40,28 @@ from events import Envelope, Message
 from services.bus import Bus, PublishFailed
 
 log = logging.getLogger(__name__)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A point in time, stored as UTC: `TIMESTAMP WITH TIME ZONE` on PostgreSQL (asyncpg refuses
+    an aware value for a naive column), `DATETIME` text on SQLite. Takes aware datetimes only and
+    returns aware UTC ones on every backend (SQLite hands back naive values, read here as UTC).
+    Declared explicitly so the schema does not depend on the SQLModel version's default."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError("naive datetime: every time in this system is timezone-aware UTC")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.utcoffset() is None else value.astimezone(UTC)
 
 
 class Processed(SQLModel, table=True):
@@ -58,7 +86,7 @@ class TimerRow(SQLModel, table=True):
     __tablename__ = "timers"
     key: str = Field(sa_column=Column(String(200), primary_key=True))
     kind: str = Field(max_length=50)
-    due_at: datetime = Field(index=True)
+    due_at: datetime = Field(index=True, sa_type=UtcDateTime)
     data: str = Field(default="{}", sa_column=Column(Text, nullable=False))
 
 
@@ -80,6 +108,7 @@ class UnitOfWork:
     session: AsyncSession
     cause: Envelope | None = None
     emitted: list[Envelope] = field(default_factory=list)
+    outbox_rows: list[OutboxRow] = field(default_factory=list)
     timers_changed: bool = False
     after_commit: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -101,7 +130,9 @@ class UnitOfWork:
             causation=self.cause,
             occurred_at=occurred_at,
         )
-        self.session.add(OutboxRow(envelope=envelope.model_dump_json()))
+        row = OutboxRow(envelope=envelope.model_dump_json())
+        self.session.add(row)
+        self.outbox_rows.append(row)
         self.emitted.append(envelope)
         return envelope
 
@@ -117,11 +148,11 @@ class UnitOfWork:
 
     async def lock(self, name: str) -> None:
         """Serialise decisions about `name` (e.g. one user's quota) across processes."""
-        bind = self.session.bind
-        if bind is not None and bind.dialect.name == "postgresql":
+        connection = await self.session.connection()  # the transaction really begins here
+        if connection.dialect.name == "postgresql":
             key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
             await self.session.exec(text("SELECT pg_advisory_xact_lock(:k)").bindparams(k=key))  # type: ignore[call-overload]
-        # SQLite: BEGIN IMMEDIATE already holds the database's single write lock.
+        # SQLite: the BEGIN IMMEDIATE just issued holds the database's single write lock.
 
 
 class Store:
@@ -135,6 +166,8 @@ class Store:
         self.on_commit: list[Any] = []  # callbacks(uow) run after each commit
 
     async def open(self) -> None:
+        if self.engine.dialect.name == "postgresql":
+            await _ensure_database(self.engine)
         async with self.engine.begin() as conn:
             await conn.run_sync(SQLModel.metadata.create_all, tables=list(self.tables))
 
@@ -204,64 +237,127 @@ def _engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True)
 
 
-class OutboxRelay:
-    """Publishes committed outbox rows in order, with confirms; deletes them once confirmed.
+async def _ensure_database(engine: AsyncEngine) -> None:
+    """PostgreSQL: create the engine's database if it does not exist (first start of a service,
+    or a worker-host with a new id). Connects to the server's `postgres` database to do so."""
+    try:
+        async with engine.connect():
+            return
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "3D000":  # invalid_catalog_name
+            raise
+    name = engine.url.database
+    server = create_async_engine(engine.url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        async with server.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(name)
+            try:
+                await conn.execute(text(f"CREATE DATABASE {quoted}"))
+                log.info("created database %s", name)
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != "42P04":  # created meanwhile
+                    raise
+    except DBAPIError as exc:
+        raise RuntimeError(
+            f"database {name!r} does not exist and could not be created "
+            f"(create it, or grant CREATEDB): {exc.orig}"
+        ) from exc
+    finally:
+        await server.dispose()
 
+
+class OutboxRelay:
+    """Publishes committed outbox rows in commit order, with confirms, then deletes them.
+
+    Each commit hands its rows over in memory (no polling, no re-read); rows an earlier run left
+    unconfirmed are loaded at start. Confirmed rows are deleted in batches, off the hot path.
     Guarantee: every committed message is published at least once, in commit order per service.
     """
 
-    def __init__(self, store: Store, bus: Bus, batch: int = 500) -> None:
+    def __init__(self, store: Store, bus: Bus, batch: int = 500, delete_every: float = 0.5) -> None:
         self.store = store
         self.bus = bus
         self.batch = batch
+        self.delete_every = delete_every
+        self._pending: deque[tuple[int, Envelope]] = deque()
+        self._confirmed: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        store.on_commit.append(lambda uow: self._wake.set() if uow.emitted else None)
+        store.on_commit.append(self._committed)
+
+    def _committed(self, uow: UnitOfWork) -> None:
+        if uow.outbox_rows:
+            rows = zip(uow.outbox_rows, uow.emitted, strict=True)
+            self._pending.extend((row.id, envelope) for row, envelope in rows)
+            self._wake.set()
 
     def start(self) -> None:
-        self._wake.set()
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
         """Publish what is committed (best effort), then stop."""
         if self._task is None:
             return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         try:
             await asyncio.wait_for(self.flush(), timeout=5)
         except Exception as exc:
             log.warning("outbox not drained on stop (kept for next start): %s", exc)
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await self._delete_confirmed()
 
     async def flush(self) -> int:
-        """Publish every pending row now; returns how many were published."""
+        """Publish every pending row now, in order; returns how many were published."""
         sent = 0
-        while True:
-            async with self.store.reading() as session:
-                rows = (
-                    await session.exec(select(OutboxRow).order_by(OutboxRow.id).limit(self.batch))  # type: ignore[call-overload]
-                ).all()
-            if not rows:
-                return sent
-            await self.bus.publish_many(Envelope.model_validate_json(r.envelope) for r in rows)
+        while self._pending:
+            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
+            try:
+                await self.bus.publish_many(envelope for _, envelope in batch)
+            except BaseException:
+                self._pending.extendleft(reversed(batch))
+                raise
+            self._confirmed.extend(row_id for row_id, _ in batch)
+            sent += len(batch)
+        return sent
+
+    async def _load_leftovers(self) -> None:
+        """Rows committed by an earlier run but never confirmed go first."""
+        async with self.store.reading() as session:
+            rows = (await session.exec(select(OutboxRow).order_by(OutboxRow.id))).all()
+        known = {row_id for row_id, _ in self._pending}
+        leftovers = [
+            (r.id, Envelope.model_validate_json(r.envelope)) for r in rows if r.id not in known
+        ]
+        self._pending.extendleft(reversed(leftovers))
+        if leftovers:
+            log.info("outbox: %d messages from an earlier run to publish", len(leftovers))
+
+    async def _delete_confirmed(self) -> None:
+        # exactly the rows confirmed: on PostgreSQL ids are taken at insert, not at commit, so a
+        # lower id can still be committing elsewhere and must not be deleted unsent
+        while self._confirmed:
+            chunk, self._confirmed = self._confirmed[: self.batch], self._confirmed[self.batch :]
             async with self.store.transaction() as uow:
-                await uow.session.exec(delete(OutboxRow).where(OutboxRow.id <= rows[-1].id))  # type: ignore[call-overload, operator]
-            sent += len(rows)
+                await uow.session.exec(delete(OutboxRow).where(OutboxRow.id.in_(chunk)))  # type: ignore[union-attr]
 
     async def _run(self) -> None:
-        backoff = 0.1
+        await self._load_leftovers()
+        loop = asyncio.get_running_loop()
+        backoff, last_delete = 0.1, loop.time()
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.delete_every)
             self._wake.clear()
             try:
                 await self.flush()
                 backoff = 0.1
+                if self._confirmed and (len(self._confirmed) >= self.batch
+                                        or loop.time() - last_delete >= self.delete_every):
+                    await self._delete_confirmed()
+                    last_delete = loop.time()
             except (PublishFailed, OSError) as exc:
                 log.warning("outbox: publish failed, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)

@@ -2,15 +2,24 @@
 
 One source for two consumers: services declare what they use from here at start-up
 (idempotently), and `rabbitmq/definitions.json` (for a broker container) is generated from it by
-`runner topology export`; a test keeps the two equal.
+`runner topology export`; a test keeps the two equal. A deployment's broker users and their
+least permissions are derived here too (`permissions`, `broker_users`), rendered with the
+passwords of that deployment by `rabbitmq/render_definitions.py`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from events import (
+    CircuitClosed,
+    CircuitOpened,
     EntitlementDowngraded,
     EntitlementExpired,
     EntitlementUpgraded,
@@ -58,19 +67,20 @@ class QueueSpec:
     """A queue, what it is bound to, and how it behaves.
 
     `quorum` queues hold commands and events (replicated, delivery-limited, dead-lettered);
-    `transient` queues hold telemetry and RPC requests that are worthless after a restart.
+    `classic` durable queues hold dead letters; `transient` queues hold telemetry and RPC
+    requests that are worthless after a restart.
     """
 
     name: str
     bindings: tuple[tuple[str, str], ...] = ()
-    kind: Literal["quorum", "transient"] = "quorum"
+    kind: Literal["quorum", "classic", "transient"] = "quorum"
     message_ttl_ms: int | None = None
     max_length: int | None = None
     auto_delete: bool = False
 
     @property
     def durable(self) -> bool:
-        return self.kind == "quorum"
+        return self.kind != "transient"
 
     @property
     def arguments(self) -> dict[str, Any]:
@@ -103,15 +113,18 @@ def _bind(*types: type) -> tuple[tuple[str, str], ...]:
 
 def dead_letter_queue(service: str) -> QueueSpec:
     """Where poison messages of `service`'s queues wait for an operator, with their reason."""
-    return QueueSpec(f"dlq.{service}", bindings=((DEAD_LETTER_EXCHANGE, f"{service}.#"),))
+    # A classic durable queue: no delivery limit and no dead-lettering of its own, so an
+    # operator may look at a dead letter (get + requeue) any number of times without losing it.
+    return QueueSpec(f"dlq.{service}", bindings=((DEAD_LETTER_EXCHANGE, f"{service}.#"),),
+                     kind="classic")
 
 
 def rpc_queue(service: str) -> QueueSpec:
     return QueueSpec(f"{service}.rpc", kind="transient", message_ttl_ms=30_000)
 
 
-# Job ends that free an entitlement slot or end a placement.
-JOB_ENDINGS = (WorkerStopped, RestartsExhausted, JobRejected)
+# Job ends that free an entitlement slot.
+JOB_ENDINGS = (WorkerStopped, RestartsExhausted)
 
 MONITOR_LOG = QueueSpec("monitor.log", bindings=((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#")))
 MONITOR_TELEMETRY = QueueSpec(
@@ -123,12 +136,12 @@ MONITOR_TELEMETRY = QueueSpec(
 )
 ENTITLEMENT_INBOX = QueueSpec(
     "entitlement.inbox",
-    bindings=_bind(UpgradeEntitlement, JobRequested, *JOB_ENDINGS),
+    bindings=_bind(StartRunner, UpgradeEntitlement, CircuitOpened, CircuitClosed, *JOB_ENDINGS),
 )
 SCHEDULER_INBOX = QueueSpec(
     "scheduler.inbox",
     bindings=_bind(
-        StartRunner,
+        JobRequested,
         StopRunner,
         JobAccepted,
         JobRejected,
@@ -178,9 +191,29 @@ STATIC_QUEUES: tuple[QueueSpec, ...] = (
 )
 
 
-def definitions(vhost: str = "/") -> dict[str, Any]:
-    """Broker definitions (exchanges, static queues, bindings) for `import_definitions`."""
-    return {
+def definitions(vhost: str = "/", users: Sequence[BrokerUser] = ()) -> dict[str, Any]:
+    """Broker definitions (exchanges, static queues, bindings, policies) for
+    `import_definitions` or boot-time `load_definitions`; with `users`, also the vhost, the
+    users (password hashes) and their permissions (see `broker_users`)."""
+    access: dict[str, Any] = {}
+    if users:
+        access = {
+            "vhosts": [{"name": vhost}],
+            "users": [
+                {
+                    "name": u.name,
+                    "password_hash": u.password_hash,
+                    "hashing_algorithm": "rabbit_password_hashing_sha256",
+                    "tags": list(u.tags),
+                    "limits": {},
+                }
+                for u in users
+            ],
+            "permissions": [
+                {"user": u.name, "vhost": vhost, **u.permissions.as_dict()} for u in users
+            ],
+        }
+    return access | {
         "exchanges": [
             {
                 "name": e.name,
@@ -215,4 +248,125 @@ def definitions(vhost: str = "/") -> dict[str, Any]:
             for q in STATIC_QUEUES
             for exchange, key in q.bindings
         ],
+        "policies": [{"vhost": vhost, **policy} for policy in POLICIES],
     }
+
+
+# ---------------------------------------------------------------- policies
+
+# Queue TTL for worker-host inboxes: the inbox of a host retired (or renamed) for a week is
+# deleted instead of collecting every host's broadcast events forever. A host that comes back
+# declares it afresh; nothing it missed is still relevant (its jobs went elsewhere at HostLost).
+HOST_INBOX_EXPIRES_MS = 7 * 24 * 3600 * 1000
+POLICIES: tuple[dict[str, Any], ...] = (
+    {
+        "name": "worker-host-inbox-expiry",
+        "pattern": r"^worker-host\.",
+        "apply-to": "queues",
+        "definition": {"expires": HOST_INBOX_EXPIRES_MS},
+        "priority": 0,
+    },
+)
+
+# ---------------------------------------------------------------- broker users (deployments)
+
+DEFAULT_EXCHANGE = "amq.default"  # the nameless exchange, in permissions: RPC requests, replies
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """RabbitMQ permission regexes over exchange and queue names in one vhost."""
+
+    configure: str
+    write: str
+    read: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"configure": self.configure, "write": self.write, "read": self.read}
+
+
+@dataclass(frozen=True)
+class ServiceAccess:
+    """What a service does on the broker; its permissions follow from it (`permissions`)."""
+
+    publishes: tuple[str, ...]  # exchanges
+    consumes: tuple[str, ...] = ()  # static queue names
+    own_queues: tuple[str, ...] = ()  # regexes of queues it declares and consumes itself
+
+
+SERVICE_ACCESS: dict[str, ServiceAccess] = {
+    "gateway": ServiceAccess(
+        publishes=(COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
+        own_queues=(r"gateway\.waits\..+",),
+    ),
+    "entitlement": ServiceAccess(
+        publishes=(EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
+        consumes=(ENTITLEMENT_INBOX.name, rpc_queue("entitlement").name),
+    ),
+    "scheduler": ServiceAccess(
+        publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE),
+        consumes=(SCHEDULER_INBOX.name,),
+    ),
+    "worker-host": ServiceAccess(
+        publishes=(EVENTS_EXCHANGE, TELEMETRY_EXCHANGE, DEAD_LETTER_EXCHANGE),
+        own_queues=(r"worker-host\..+",),
+    ),
+    "monitor": ServiceAccess(
+        publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
+        consumes=(MONITOR_LOG.name, MONITOR_TELEMETRY.name, rpc_queue("monitor").name),
+    ),
+}
+
+
+def _names(*names: str) -> list[str]:
+    return [re.escape(n) for n in names]
+
+
+def _any_of(patterns: Sequence[str]) -> str:
+    return "^(" + "|".join(patterns) + ")$"
+
+
+def permissions(service: str) -> Permissions:
+    """The least a service's user needs. Every service declares all exchanges and the whole
+    static topology at start (configure; write on the queues and read on the exchanges, to bind
+    them), so no message waits for its consumer's first start; beyond that each may publish
+    only to the exchanges it uses and consume only its own queues."""
+    access = SERVICE_ACCESS[service]
+    exchanges = _names(*(e.name for e in EXCHANGES))
+    queues = _names(*(q.name for q in STATIC_QUEUES))
+    return Permissions(
+        configure=_any_of([*exchanges, *queues, *access.own_queues]),
+        write=_any_of([*queues, *access.own_queues, *_names(*access.publishes)]),
+        read=_any_of([*exchanges, *_names(*access.consumes), *access.own_queues]),
+    )
+
+
+@dataclass(frozen=True)
+class BrokerUser:
+    name: str
+    password_hash: str
+    permissions: Permissions
+    tags: tuple[str, ...] = ()
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's `rabbit_password_hashing_sha256`: base64(salt + sha256(salt + password)) with a
+    4-byte random salt, so definitions carry no password in clear."""
+    salt = os.urandom(4) if salt is None else salt
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def service_user(service: str) -> str:
+    return f"runner-{service}"
+
+
+def broker_users(admin: tuple[str, str], passwords: dict[str, str]) -> list[BrokerUser]:
+    """The operators' administrator (management UI, full rights in the vhost) and one user per
+    service in `passwords` (service name -> password)."""
+    everything = Permissions(".*", ".*", ".*")
+    users = [BrokerUser(admin[0], password_hash(admin[1]), everything, ("administrator",))]
+    for service, password in passwords.items():
+        users.append(
+            BrokerUser(service_user(service), password_hash(password), permissions(service))
+        )
+    return users

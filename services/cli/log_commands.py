@@ -32,7 +32,7 @@ from services.bus import Bus, PublishFailed, RpcError, poison_reason
 from services.monitor import views
 from services.monitor.log import EventLog, EventLogMissing
 from services.monitor.replay import replay
-from services.settings import Settings
+from services.settings import Settings, async_driver
 from services.topology import rpc_queue
 
 events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.")
@@ -263,7 +263,7 @@ async def _print_live(live: asyncio.Queue[bytes], printer: _Printer, seen: set[s
 def _log_url(database: str | None) -> str:
     if database is None:
         return Settings().database_for("monitor")
-    return database if "://" in database else f"sqlite+aiosqlite:///{database}"
+    return async_driver(database) if "://" in database else f"sqlite+aiosqlite:///{database}"
 
 
 async def _open_log(url: str) -> EventLog:

@@ -1,4 +1,5 @@
-"""Entitlement service: owns plans and slot usage; decides every start; expires upgrades.
+"""Entitlement service: owns plans, slot usage and open circuits; decides every start
+(StartRunner → JobRequested + JobAccepted | JobRejected, one transaction); expires upgrades.
 
 Race-free counting: every decision runs in one write transaction (SQLite `BEGIN IMMEDIATE`, or a
 per-user advisory lock elsewhere) that counts the user's slots and takes one, so N parallel
@@ -16,6 +17,8 @@ from sqlalchemy import func
 from sqlmodel import Field, SQLModel, select
 
 from events import (
+    CircuitClosed,
+    CircuitOpened,
     EntitlementDowngraded,
     EntitlementExpired,
     EntitlementUpgraded,
@@ -23,14 +26,16 @@ from events import (
     JobAccepted,
     JobRejected,
     JobRequested,
+    RejectReason,
     RestartsExhausted,
+    StartRunner,
     StopRunner,
     UpgradeEntitlement,
     WorkerStopped,
 )
 from services.entitlement.rules import FREE, TIER_LIMITS, Accept, Plan, decide, excess
 from services.service import Service, now
-from services.store import UnitOfWork, as_utc
+from services.store import UnitOfWork, UtcDateTime, as_utc
 from services.topology import ENTITLEMENT_INBOX, rpc_queue
 
 
@@ -38,7 +43,15 @@ class PlanRow(SQLModel, table=True):
     __tablename__ = "plans"
     user_id: str = Field(primary_key=True, max_length=100)
     tier: str = Field(max_length=20)
-    expires_at: datetime | None = None
+    expires_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+
+
+class CircuitRow(SQLModel, table=True):
+    """A strategy (per user) whose circuit is open until `open_until`."""
+
+    __tablename__ = "open_circuits"
+    key: str = Field(primary_key=True, max_length=250)
+    open_until: datetime = Field(sa_type=UtcDateTime)
 
 
 class SlotRow(SQLModel, table=True):
@@ -52,22 +65,27 @@ class SlotRow(SQLModel, table=True):
     flatten_on_stop: bool = True
 
 
+def circuit_key(user_id: str, strategy_id: str) -> str:
+    return f"{user_id}|{strategy_id}"
+
+
 def user_stream(user_id: str) -> str:
     return f"user-{user_id}"
 
 
 class EntitlementService(Service):
     name = "entitlement"
-    tables = (PlanRow.__table__, SlotRow.__table__)  # type: ignore[attr-defined]
+    tables = (PlanRow.__table__, SlotRow.__table__, CircuitRow.__table__)  # type: ignore[attr-defined]
 
     async def setup(self) -> None:
         self.handle(
             ENTITLEMENT_INBOX,
             {
-                JobRequested: self.on_job_requested,
+                StartRunner: self.on_start_runner,
+                CircuitOpened: self.on_circuit,
+                CircuitClosed: self.on_circuit,
                 WorkerStopped: self.on_job_ended,
                 RestartsExhausted: self.on_job_ended,
-                JobRejected: self.on_job_ended,
                 UpgradeEntitlement: self.on_upgrade,
             },
         )
@@ -76,38 +94,74 @@ class EntitlementService(Service):
 
     # ------------------------------------------------------------------ handlers
 
-    async def on_job_requested(self, uow: UnitOfWork, env: Envelope, event: JobRequested) -> None:
-        """Emits exactly one JobAccepted (taking a slot) or JobRejected per job."""
+    async def on_start_runner(self, uow: UnitOfWork, env: Envelope, cmd: StartRunner) -> None:
+        """Records the request (JobRequested) and decides it in the same transaction: exactly one
+        JobAccepted (taking a slot) or JobRejected (worker_limit, entitlement_expired,
+        circuit_open) per job."""
         user_id = env.user_id or ""
         await uow.lock(f"quota:{user_id}")
-        if (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == event.job_id))).first():
-            return  # decided before (a StartRunner retried under a new event id)
-        plan = await _plan(uow, user_id)
-        decision = decide(plan, await _in_use(uow.session, user_id), now())
+        if (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == cmd.job_id))).first():
+            return  # accepted before (the same start sent twice)
+        where = dict(stream=env.stream, correlation_id=cmd.job_id)
+        uow.emit(
+            JobRequested(
+                job_id=cmd.job_id,
+                worker_id=cmd.worker_id,
+                strategy_id=cmd.strategy_id,
+                broker_id=cmd.broker_id,
+                credentials_sealed=cmd.credentials_sealed,
+                config=cmd.config,
+                flatten_on_stop=cmd.flatten_on_stop,
+            ),
+            **where,
+        )
+        circuit = await uow.session.get(CircuitRow, circuit_key(user_id, cmd.strategy_id))
+        if circuit is not None and as_utc(circuit.open_until) > now():
+            retry_at = as_utc(circuit.open_until)
+            uow.emit(
+                JobRejected(
+                    job_id=cmd.job_id,
+                    reason=RejectReason.CIRCUIT_OPEN,
+                    detail=f"strategy {cmd.strategy_id} keeps failing; circuit open, "
+                    f"retry after {retry_at:%Y-%m-%d %H:%M:%S}Z",
+                    retry_at=retry_at,
+                ),
+                **where,
+            )
+            return
+        decision = decide(await _plan(uow, user_id), await _in_use(uow.session, user_id), now())
         if isinstance(decision, Accept):
             uow.session.add(
                 SlotRow(
-                    job_id=event.job_id,
+                    job_id=cmd.job_id,
                     user_id=user_id,
-                    worker_id=event.worker_id,
-                    flatten_on_stop=event.flatten_on_stop,
+                    worker_id=cmd.worker_id,
+                    flatten_on_stop=cmd.flatten_on_stop,
                 )
             )
             uow.emit(
                 JobAccepted(
-                    job_id=event.job_id,
-                    worker_id=event.worker_id,
+                    job_id=cmd.job_id,
+                    worker_id=cmd.worker_id,
                     tier=decision.tier,
                     max_workers=decision.max_workers,
                     in_use=decision.in_use,
                 ),
-                stream=env.stream,
+                **where,
             )
         else:
             uow.emit(
-                JobRejected(job_id=event.job_id, reason=decision.reason, detail=decision.detail),
-                stream=env.stream,
+                JobRejected(job_id=cmd.job_id, reason=decision.reason, detail=decision.detail),
+                **where,
             )
+
+    async def on_circuit(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
+        """Remembers which strategies' circuits are open (the scheduler counts the failures)."""
+        key = circuit_key(env.user_id or "", event.strategy_id)
+        if isinstance(event, CircuitOpened):
+            await uow.session.merge(CircuitRow(key=key, open_until=event.retry_at))
+        elif (row := await uow.session.get(CircuitRow, key)) is not None:
+            await uow.session.delete(row)
 
     async def on_job_ended(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """Frees the job's slot (idempotent: a job without a slot is a no-op)."""

@@ -10,14 +10,14 @@ from datetime import datetime
 
 from sqlmodel import Field, SQLModel, select
 
-from services.store import Store
+from services.store import Store, UtcDateTime
 
 
 class UserRow(SQLModel, table=True):
     __tablename__ = "users"
     user_id: str = Field(primary_key=True, max_length=64)
     token_hash: str = Field(index=True, max_length=64)
-    created_at: datetime
+    created_at: datetime = Field(sa_type=UtcDateTime)
 
 
 @dataclass(frozen=True)

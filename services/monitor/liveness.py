@@ -36,6 +36,9 @@ Hosts = immutables.Map[str, HostView]
 NO_HOSTS: Hosts = immutables.Map()
 
 
+HOST_TYPES = frozenset({"HostOnline", "HostLost"})  # the only envelopes `apply_host` reads
+
+
 def apply_host(hosts: Hosts, envelope: Envelope) -> Hosts:
     """Fold host membership: HostOnline adds (or brings back) a host, HostLost marks it lost."""
     if envelope.type == "HostOnline":
@@ -81,6 +84,10 @@ class Liveness:
 
     def host_heartbeat(self, beat: HostHeartbeat, now: datetime) -> None:
         self.host_seen[beat.host_id] = now
+
+    # the only envelopes `observe` reads
+    OBSERVED = frozenset({"WorkerSpawned", "WorkerRestarted", "HeartbeatMissed", "HostOnline",
+                          "HostLost"})
 
     def observe(self, envelope: Envelope, now: datetime | None) -> None:
         """A recorded event; `now` is None while replaying history (no sign of life today)."""

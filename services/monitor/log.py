@@ -16,8 +16,10 @@ transaction-scoped advisory lock does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Index,
@@ -42,6 +45,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.schema import Table
 
 from events import Envelope, model_for
+
+try:
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - orjson comes with ccxt
+    _orjson_loads = json.loads
 from services.store import _engine as store_engine
 
 GENESIS = "0" * 64
@@ -53,7 +61,7 @@ metadata = MetaData()
 event_log = Table(
     "event_log",
     metadata,
-    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
     Column("event_id", String(36), nullable=False, unique=True),
     Column("type", String(100), nullable=False),
     Column("version", Integer, nullable=False),
@@ -96,14 +104,35 @@ class ChainBreak:
         return f"row {self.position} (event_id {self.event_id}): {self.reason}"
 
 
+def _loads(text: str) -> Any:
+    """`json.loads`, twice as fast: orjson reads every valid JSON document to the same values,
+    and refuses the few it cannot represent (integers beyond 64 bits, NaN, lone surrogates),
+    which `json` then reads."""
+    try:
+        return _orjson_loads(text)
+    except ValueError:
+        return json.loads(text)
+
+
 def canonical_json(envelope_json: str) -> str:
     return json.dumps(
-        json.loads(envelope_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        _loads(envelope_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
 
 
 def chain_hash(prev_hash: str, envelope_json: str) -> str:
     return hashlib.sha256((prev_hash + canonical_json(envelope_json)).encode()).hexdigest()
+
+
+def _sqlite_rows(path: str, after: int, limit: int,
+                 until: int | None) -> list[tuple[int, str, str]]:
+    """A page of the log read with the stdlib driver, read-only (WAL: a consistent snapshot
+    while the monitor writes), twice as fast per row as going through SQLAlchemy."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return conn.execute(
+            "SELECT position, type, envelope FROM event_log WHERE position > ? AND position <= ?"
+            " ORDER BY position LIMIT ?", (after, until if until is not None else 2**63 - 1, limit),
+        ).fetchall()
 
 
 def _utc(moment: datetime) -> datetime:
@@ -116,6 +145,9 @@ class EventLog:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        url = engine.url
+        self._sqlite_file = (url.database if url.get_backend_name() == "sqlite"
+                             and url.database not in (None, "", ":memory:") else None)
         self._append_lock = asyncio.Lock()
         self._owns_engine = False
 
@@ -160,9 +192,8 @@ class EventLog:
         so a redelivered message is recorded once. Telemetry is never recorded."""
         batch: dict[str, Envelope] = {}
         for envelope in envelopes:
-            if model_for(envelope.type).kind == "telemetry":
-                continue
-            batch.setdefault(str(envelope.event_id), envelope)
+            if model_for(envelope.type).kind != "telemetry":
+                batch.setdefault(str(envelope.event_id), envelope)
         if not batch:
             return []
         async with self._append_lock, self.engine.begin() as conn:
@@ -186,7 +217,7 @@ class EventLog:
                     "event_id": event_id,
                     "type": envelope.type,
                     "version": envelope.version,
-                    "kind": model_for(envelope.type).kind,
+                    "kind": model_for(envelope.type).kind,  # known: checked above
                     "stream": envelope.stream,
                     "user_id": envelope.user_id,
                     "correlation_id": envelope.correlation_id,
@@ -239,12 +270,16 @@ class EventLog:
     async def page(self, after_position: int = 0, limit: int = 1000,
                    until_position: int | None = None,
                    until_time: datetime | None = None) -> list[tuple[int, str]]:
-        """Up to `limit` rows after `after_position` as (position, envelope JSON), in order.
+        """Up to `limit` rows after `after_position` as (position, envelope JSON), in order."""
+        rows = await self._rows(after_position, limit, until_position, until_time)
+        return [(position, body) for position, _, body in rows]
 
-        Keyset paging: each page is its own short read, so a long replay never holds the
+    async def _rows(self, after_position: int, limit: int, until_position: int | None,
+                    until_time: datetime | None) -> list[tuple[int, str, str]]:
+        """Keyset paging: each page is its own short read, so a long replay never holds the
         database (on SQLite every transaction of a shared engine takes the write lock)."""
         query = (
-            select(event_log.c.position, event_log.c.envelope)
+            select(event_log.c.position, event_log.c.type, event_log.c.envelope)
             .where(event_log.c.position > after_position)
             .order_by(event_log.c.position)
             .limit(limit)
@@ -253,8 +288,36 @@ class EventLog:
             query = query.where(event_log.c.position <= until_position)
         if until_time is not None:
             query = query.where(event_log.c.occurred_at <= _utc(until_time))
+        elif self._sqlite_file is not None:  # the bulk of a replay: skip SQLAlchemy's row layer
+            return await asyncio.to_thread(
+                _sqlite_rows, self._sqlite_file, after_position, limit, until_position)
         async with self.engine.connect() as conn:
-            return [(row.position, row.envelope) for row in await conn.execute(query)]
+            return [tuple(row) for row in await conn.execute(query)]
+
+    async def pages(self, after_position: int = 0, until_position: int | None = None,
+                    until_time: datetime | None = None,
+                    batch: int = 5000) -> AsyncIterator[list[tuple[int, str, str]]]:
+        """The log after `after_position` in order, as pages of (position, type, envelope JSON).
+
+        The next page is read while the caller works on this one: the database driver's thread
+        fetches (SQLite releases the GIL while it steps) as the caller decodes and folds."""
+        ahead = asyncio.ensure_future(
+            self._rows(after_position, batch, until_position, until_time))
+        try:
+            while True:
+                rows = await ahead
+                if len(rows) == batch:
+                    ahead = asyncio.ensure_future(
+                        self._rows(rows[-1][0], batch, until_position, until_time))
+                if rows:
+                    yield rows
+                if len(rows) < batch:
+                    return
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ahead
 
     async def read(self, after_position: int = 0, until_position: int | None = None,
                    until_time: datetime | None = None,
@@ -263,14 +326,9 @@ class EventLog:
         a time. `until_time` keeps the events that had occurred by then (the clocks of different
         services may disagree slightly, so this filters rather than stopping at the first later
         one)."""
-        last = after_position
-        while True:
-            rows = await self.page(last, batch, until_position, until_time)
-            for position, body in rows:
-                yield position, Envelope.model_validate_json(body)
-            if len(rows) < batch:
-                return
-            last = rows[-1][0]
+        async for rows in self.pages(after_position, until_position, until_time, batch):
+            for position, _, body in rows:
+                yield position, Envelope.from_json(body)
 
     async def verify(self, until_position: int | None = None,
                      batch: int = 5000) -> ChainBreak | None:
@@ -294,7 +352,7 @@ class EventLog:
                                       "prev_hash does not match the previous row's hash")
                 try:
                     digest = chain_hash(prev, row.envelope)
-                    envelope_id = json.loads(row.envelope).get("event_id")
+                    envelope_id = _loads(row.envelope).get("event_id")
                 except (ValueError, AttributeError):
                     return ChainBreak(row.position, row.event_id, "envelope is not a JSON object")
                 if digest != row.hash:

@@ -33,7 +33,8 @@ from services.topology import MONITOR_LOG, MONITOR_TELEMETRY, rpc_queue
 
 log = logging.getLogger(__name__)
 
-LOG_PREFETCH = 2000  # two batches in flight: one committing, one filling
+LOG_BATCH = 1000  # envelopes per log transaction
+LOG_LINGER = 0.005  # seconds a batch waits for more after its first envelope
 LOG_PAGE_MAX = 1000
 
 
@@ -58,11 +59,12 @@ class MonitorService(Service):
     async def setup(self) -> None:
         await self.log.open()
         self.liveness = Liveness(since=now())
-        self.folded = await replay(self.log, each=lambda _, e: self.liveness.observe(e, None))
+        self.folded = await replay(self.log, each=lambda _, e: self.liveness.observe(e, None),
+                                   each_types=Liveness.OBSERVED)
         self.liveness.since = now()  # silence is judged from when we start watching again
         log.info("monitor: replayed %d events", self.folded.position)
-        self.background(self.recorder.run(), "monitor-recorder")
-        self.bus.subscribe(MONITOR_LOG, self.recorder.record, prefetch=LOG_PREFETCH)
+        self.bus.consume_batches(MONITOR_LOG, self.recorder.record, max_batch=LOG_BATCH,
+                                 max_delay=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
         self.bus.serve(rpc_queue("monitor"), self._on_request)
 

@@ -1,11 +1,12 @@
 """Scheduler service: owns the job queue (its own store, so it survives restarts).
 
-- StartRunner → JobRequested (or JobRejected `circuit_open`); JobAccepted → JobQueued.
+- JobRequested records the job; JobAccepted → JobQueued (the entitlement service decides).
 - The dispatcher places queued jobs on online hosts with free capacity, at most
   `spawn_concurrency` spawns in flight; at `max_system_workers` it pauses (QueuePaused) and
   resumes (QueueResumed) when there is room again: jobs wait, nothing is dropped.
 - WorkerCrashed → restart with backoff while the user is entitled (WorkerRestartScheduled), or
-  RestartsExhausted; repeated failures of a strategy open its circuit.
+  RestartsExhausted; repeated failures of a strategy open its circuit (CircuitOpened, which
+  the entitlement service enforces on new starts, then CircuitClosed after the cool-down).
 - StopRunner → StopRequested for the host running the worker (or WorkerStopped at once when
   nothing runs yet). HostLost → the host's workers are crashed (`host_lost`) and rescheduled.
 
@@ -42,9 +43,7 @@ from events import (
     JobRequested,
     QueuePaused,
     QueueResumed,
-    RejectReason,
     RestartsExhausted,
-    StartRunner,
     StopRequested,
     StopRunner,
     StrategyConfig,
@@ -64,7 +63,7 @@ from services.scheduler.policy import (
     record_failure,
 )
 from services.service import Service, now
-from services.store import UnitOfWork, as_utc
+from services.store import UnitOfWork, UtcDateTime, as_utc
 from services.topology import SCHEDULER_INBOX
 
 
@@ -106,7 +105,7 @@ class JobRow(SQLModel, table=True):
     host_id: str | None = Field(default=None, index=True, max_length=100)
     attempt: int = 0  # incarnation: 0 first start, +1 per restart (the worker's restartCount)
     streak: int = 0  # restarts used since the worker was last healthy
-    started_at: datetime | None = None
+    started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class HostRow(SQLModel, table=True):
@@ -120,7 +119,7 @@ class CircuitRow(SQLModel, table=True):
     __tablename__ = "circuits"
     key: str = Field(primary_key=True, max_length=250)
     failures: str = Field(default="[]", sa_column=Column(Text, nullable=False))
-    open_until: datetime | None = None
+    open_until: datetime | None = Field(default=None, sa_type=UtcDateTime)
 
 
 class LimitRow(SQLModel, table=True):
@@ -156,7 +155,7 @@ class SchedulerService(Service):
         self.handle(
             SCHEDULER_INBOX,
             {
-                StartRunner: self.on_start_runner,
+                JobRequested: self.on_job_requested,
                 StopRunner: self.on_stop_runner,
                 JobAccepted: self.on_job_accepted,
                 JobRejected: self.on_job_rejected,
@@ -180,52 +179,21 @@ class SchedulerService(Service):
 
     # ------------------------------------------------------------------ commands
 
-    async def on_start_runner(self, uow: UnitOfWork, env: Envelope, cmd: StartRunner) -> None:
-        """Records the job and emits JobRequested, or JobRejected(circuit_open)."""
-        if await _job(uow, job_id=cmd.job_id) is not None:
+    async def on_job_requested(self, uow: UnitOfWork, env: Envelope, event: JobRequested) -> None:
+        """Records the job (awaiting its entitlement decision)."""
+        if await _job(uow, job_id=event.job_id) is not None:
             return
-        user_id = env.user_id or ""
-        circuit = await uow.session.get(CircuitRow, circuit_key(user_id, cmd.strategy_id))
-        state = State.REQUESTED
-        if circuit and circuit.open_until and as_utc(circuit.open_until) > now():
-            state = State.REJECTED
-            retry_at = as_utc(circuit.open_until)
-            uow.emit(
-                JobRejected(
-                    job_id=cmd.job_id,
-                    reason=RejectReason.CIRCUIT_OPEN,
-                    detail=f"strategy {cmd.strategy_id} keeps failing; circuit open, "
-                    f"retry after {retry_at:%Y-%m-%d %H:%M:%S}Z",
-                    retry_at=retry_at,
-                ),
-                stream=job_stream(cmd.job_id),
-                correlation_id=cmd.job_id,
-            )
-        else:
-            uow.emit(
-                JobRequested(
-                    job_id=cmd.job_id,
-                    worker_id=cmd.worker_id,
-                    strategy_id=cmd.strategy_id,
-                    broker_id=cmd.broker_id,
-                    credentials_sealed=cmd.credentials_sealed,
-                    config=cmd.config,
-                    flatten_on_stop=cmd.flatten_on_stop,
-                ),
-                stream=job_stream(cmd.job_id),
-                correlation_id=cmd.job_id,
-            )
         uow.session.add(
             JobRow(
-                job_id=cmd.job_id,
-                worker_id=cmd.worker_id,
-                user_id=user_id,
-                strategy_id=cmd.strategy_id,
-                broker_id=cmd.broker_id,
-                credentials_sealed=cmd.credentials_sealed,
-                config=cmd.config.model_dump_json(),
-                flatten_on_stop=cmd.flatten_on_stop,
-                state=state,
+                job_id=event.job_id,
+                worker_id=event.worker_id,
+                user_id=env.user_id or "",
+                strategy_id=event.strategy_id,
+                broker_id=event.broker_id,
+                credentials_sealed=event.credentials_sealed,
+                config=event.config.model_dump_json(),
+                flatten_on_stop=event.flatten_on_stop,
+                state=State.REQUESTED,
             )
         )
 
@@ -293,7 +261,9 @@ class SchedulerService(Service):
 
     async def on_job_accepted(self, uow: UnitOfWork, env: Envelope, event: JobAccepted) -> None:
         job = await _job(uow, job_id=event.job_id)
-        if job is None or job.state != State.REQUESTED:
+        if job is None:
+            raise LookupError(f"{event.job_id} accepted before it was requested here; retrying")
+        if job.state != State.REQUESTED:
             return
         job.state = State.QUEUED
         uow.session.add(job)

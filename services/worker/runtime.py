@@ -291,6 +291,8 @@ class WorkerRuntime:
             ",".join(env.config.instruments),
         )
 
+        # The first beat goes out before the strategy starts: it tells the host "alive" at once.
+        beating = asyncio.create_task(self._beat(broker, channel), name="heartbeat")
         trading = asyncio.create_task(self._trade(strategy, broker), name="strategy")
 
         def on_trading_done(task: asyncio.Task[None]) -> None:
@@ -298,7 +300,6 @@ class WorkerRuntime:
                 settle(_Crashed(error))
 
         trading.add_done_callback(on_trading_done)
-        beating = asyncio.create_task(self._beat(broker, channel), name="heartbeat")
         listening = asyncio.create_task(self._listen(reader, settle), name="control")
         try:
             result = await outcome
@@ -335,14 +336,16 @@ class WorkerRuntime:
             await strategy.on_tick()
 
     async def _beat(self, broker: Broker, channel: Channel) -> None:
-        """A Beat every interval, on a fixed cadence (a late one does not shift the next)."""
+        """A Beat at once (the host learns it is alive without waiting an interval), then every
+        interval on a fixed cadence (a late one does not shift the next)."""
         loop = asyncio.get_running_loop()
         interval = self.env.heartbeat_interval
         due = loop.time()
         marks: tuple[PositionMark, ...] = ()
         while True:
+            if (delay := due - loop.time()) > 0:
+                await asyncio.sleep(delay)
             due = max(due + interval, loop.time())
-            await asyncio.sleep(due - loop.time())
             try:
                 marks = tuple(
                     [

@@ -8,6 +8,8 @@ Guarantees:
   `host_lost` when fenced), the moment the process is gone.
 - Fencing: cut off from the broker for longer than `host_lease`, or told it was declared lost,
   the host kills its workers, so a rescheduled strategy never runs twice.
+- Workers are forked from a pre-imported fork-server (`RUNNER_SPAWN_MODE=fork`, the default) or
+  exec'd one by one (`exec`); the code here does not depend on which.
 - Heartbeats (its own and its workers') go out as transient telemetry; trading reports go
   through the outbox, so none is lost.
 """
@@ -46,10 +48,17 @@ from events import (
 )
 from services.secrets import Sealer, SealError, secret_key
 from services.service import Service, now
-from services.store import UnitOfWork
+from services.store import UnitOfWork, UtcDateTime
 from services.topology import host_inbox
 from services.worker import protocol
-from services.worker_host.spawner import SpawnError, WorkerProcess, spawn, worker_environment
+from services.worker_host.spawner import (
+    SpawnError,
+    SpawnRequest,
+    WorkerProcess,
+    make_spawner,
+    raise_open_files_limit,
+    worker_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ class LocalWorker(SQLModel, table=True):
     stopping: bool = False
     flatten: bool = False
     stop_reason: str | None = None
-    dispatched_at: datetime
+    dispatched_at: datetime = Field(sa_type=UtcDateTime)
 
 
 def job_stream(job_id: str) -> str:
@@ -88,12 +97,15 @@ class WorkerHostService(Service):
         self.sealer = Sealer(secret_key(settings))
         self.live: dict[str, WorkerProcess] = {}
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
+        self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
 
     @property
     def store_name(self) -> str:
         return f"worker-host-{self.host_id}"
 
     async def setup(self) -> None:
+        raise_open_files_limit()
+        await self.spawner.start()
         self.handle(
             host_inbox(self.host_id),
             {
@@ -126,6 +138,7 @@ class WorkerHostService(Service):
             worker.end_reason = "drain"
             await worker.send(protocol.Stop(flatten=False))
         await self._wait_all_exited(self.settings.stop_grace)
+        await self.spawner.close()
         async with self.store.transaction() as uow:
             uow.emit(HostLost(host_id=self.host_id, silent_for=0.0), stream=f"host-{self.host_id}")
 
@@ -141,21 +154,22 @@ class WorkerHostService(Service):
         if row is not None:
             await uow.session.delete(row)
             await uow.session.flush()
-        uow.session.add(
-            LocalWorker(
-                worker_id=event.worker_id,
-                job_id=event.job_id,
-                user_id=env.user_id or "",
-                attempt=event.attempt,
-                dispatched_at=now(),
-                strategy_id=event.strategy_id,
-                broker_id=event.broker_id,
-                credentials_sealed=event.credentials_sealed,
-                config=event.config.model_dump_json(by_alias=True),
-            )
+        intent = LocalWorker(
+            worker_id=event.worker_id,
+            job_id=event.job_id,
+            user_id=env.user_id or "",
+            attempt=event.attempt,
+            dispatched_at=now(),
+            strategy_id=event.strategy_id,
+            broker_id=event.broker_id,
+            credentials_sealed=event.credentials_sealed,
+            config=event.config.model_dump_json(by_alias=True),
         )
+        uow.session.add(intent)
         uow.after_commit.append(
-            lambda: self.background(self._launch(event.worker_id), f"launch-{event.worker_id}")
+            lambda: self.background(
+                self._launch(event.worker_id, intent), f"launch-{event.worker_id}"
+            )
         )
 
     async def on_stop_requested(self, uow: UnitOfWork, env: Envelope, event: StopRequested) -> None:
@@ -220,9 +234,11 @@ class WorkerHostService(Service):
 
     # ------------------------------------------------------------------ worker lifecycle
 
-    async def _launch(self, worker_id: str) -> None:
-        async with self.store.reading() as session:
-            row = await session.get(LocalWorker, worker_id)
+    async def _launch(self, worker_id: str, row: LocalWorker | None = None) -> None:
+        """Spawn the committed intent `row` (read from the store when not given)."""
+        if row is None:
+            async with self.store.reading() as session:
+                row = await session.get(LocalWorker, worker_id)
         if row is None or row.pid is not None or worker_id in self.live:
             return
         try:
@@ -240,14 +256,16 @@ class WorkerHostService(Service):
                 heartbeat_interval=self.settings.heartbeat_interval,
                 state_file=self.workers_dir / f"{worker_id}.state.json",
             )
-            worker = await spawn(
-                worker_id=worker_id,
-                job_id=row.job_id,
-                user_id=row.user_id,
-                attempt=row.attempt,
-                env=env,
-                log_file=self.workers_dir / f"{worker_id}.log",
-                hello_timeout=max(10.0, self.settings.heartbeat_timeout),
+            worker = await self.spawner.spawn(
+                SpawnRequest(
+                    worker_id=worker_id,
+                    job_id=row.job_id,
+                    user_id=row.user_id,
+                    attempt=row.attempt,
+                    env=env,
+                    log_file=self.workers_dir / f"{worker_id}.log",
+                    hello_timeout=max(10.0, self.settings.heartbeat_timeout),
+                )
             )
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
@@ -295,7 +313,7 @@ class WorkerHostService(Service):
         worker.end_reason = worker.end_reason or "stop"
         await worker.send(protocol.Stop(flatten=flatten))
         try:
-            await asyncio.wait_for(worker.process.wait(), timeout=self.settings.stop_grace)
+            await asyncio.wait_for(worker.wait(), timeout=self.settings.stop_grace)
         except TimeoutError:
             await worker.terminate(grace=self.settings.stop_grace)
 
@@ -306,7 +324,7 @@ class WorkerHostService(Service):
                 await self._relay(worker, line)
         except (ConnectionError, OSError):
             pass
-        code = await worker.process.wait()
+        code = await worker.wait()
         worker.writer.close()
         self.live.pop(worker.worker_id, None)
         await self._report_exit(worker, code)
@@ -345,8 +363,13 @@ class WorkerHostService(Service):
                     correlation_id=worker.job_id,
                 )
 
-    async def _report_exit(self, worker: WorkerProcess, code: int) -> None:
-        how = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+    async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
+        if code is None:  # an orphan of a lost fork-server: gone, but nobody could reap it
+            how = "exited (code unknown)"
+        elif code >= 0:
+            how = f"exited with code {code}"
+        else:
+            how = f"killed by {signal.Signals(-code).name}"
         async with self.store.transaction() as uow:
             row = await uow.session.get(LocalWorker, worker.worker_id)
             if row is None or row.attempt != worker.attempt:
@@ -371,7 +394,10 @@ class WorkerHostService(Service):
                 ),
                 "fenced": (CrashReason.HOST_LOST, f"fenced on host {self.host_id}; {how}"),
                 "drain": (CrashReason.HOST_LOST, f"host {self.host_id} shut down; {how}"),
-            }.get(worker.end_reason or "", (CrashReason.EXITED, "" if code >= 0 else how))
+            }.get(
+                worker.end_reason or "",
+                (CrashReason.EXITED, "" if code is not None and code >= 0 else how),
+            )
             uow.emit(
                 WorkerCrashed(
                     **ids,
@@ -463,7 +489,7 @@ class WorkerHostService(Service):
         log.info("fenced: %s", why)
 
     async def _wait_all_exited(self, timeout: float) -> None:
-        processes = [w.process.wait() for w in self.live.values()]
+        processes = [w.wait() for w in self.live.values()]
         if not processes:
             return
         _, pending = await asyncio.wait(

@@ -1,25 +1,66 @@
-"""Spawning one worker process and talking to it over its control channel."""
+"""Spawning worker processes and talking to them over their control channels.
+
+Two spawners give the same `WorkerProcess`: `ExecSpawner` runs `python -m services.worker` per
+worker (a fresh interpreter importing everything), `ForkSpawner` (fork_spawner.py) asks a
+pre-imported fork-server to fork one (an order of magnitude faster, most pages shared; figures
+in bench/spawn.py). `RUNNER_SPAWN_MODE` picks one (default fork).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from services.worker import protocol
 
-# The only variables of the host's own environment a worker inherits (never the host's
-# secrets: no deployment key, no admin token, no broker URL).
+# The only variables of the host's own environment a worker (or the fork-server) inherits: never
+# the host's secrets (no deployment key, no admin token, no broker URL).
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
 
 
 class SpawnError(RuntimeError):
     """The worker did not come up (no hello in time, or exited at once)."""
+
+
+class OsProcess(Protocol):
+    """What the host needs of a worker's OS process, whoever spawned it."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    async def wait(self) -> int | None:
+        """The exit code once it has exited (negative: killed by that signal, as in asyncio;
+        None: gone, code unknown)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExecProcess:
+    """An exec'd worker: a child of the host, reaped by asyncio."""
+
+    process: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    async def wait(self) -> int | None:
+        return await self.process.wait()
 
 
 @dataclass
@@ -30,7 +71,7 @@ class WorkerProcess:
     job_id: str
     user_id: str
     attempt: int
-    process: asyncio.subprocess.Process
+    process: OsProcess
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
@@ -42,6 +83,9 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    async def wait(self) -> int | None:
+        return await self.process.wait()
+
     async def send(self, line: protocol.Stop) -> None:
         try:
             self.writer.write(protocol.encode(line))
@@ -50,7 +94,8 @@ class WorkerProcess:
             pass  # already gone: its exit is reported by the supervisor
 
     def signal(self, sig: int) -> None:
-        if self.process.returncode is None:
+        """`sig` to the worker's process group (it leads its own session)."""
+        if self.process.running:
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
@@ -65,6 +110,25 @@ class WorkerProcess:
             self.signal(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class SpawnRequest:
+    worker_id: str
+    job_id: str
+    user_id: str
+    attempt: int
+    env: dict[str, str]
+    log_file: Path
+    hello_timeout: float
+
+
+class Spawner(Protocol):
+    async def start(self) -> None: ...
+
+    async def spawn(self, request: SpawnRequest) -> WorkerProcess: ...
+
+    async def close(self) -> None: ...
+
+
 def worker_environment(
     *,
     worker_id: str,
@@ -77,7 +141,7 @@ def worker_environment(
     heartbeat_interval: float,
     state_file: Path,
 ) -> dict[str, str]:
-    """The seed's per-worker environment plus the runtime's own variables."""
+    """The seed's per-worker environment plus the runtime's own."""
     env = {k: os.environ[k] for k in INHERITED if k in os.environ}
     env |= {
         protocol.ENV_USER_ID: user_id,
@@ -94,38 +158,16 @@ def worker_environment(
     return env
 
 
-async def spawn(
-    *,
-    worker_id: str,
-    job_id: str,
-    user_id: str,
-    attempt: int,
-    env: dict[str, str],
-    log_file: Path,
-    hello_timeout: float,
+async def greeted(
+    request: SpawnRequest, process: OsProcess, host_end: socket.socket
 ) -> WorkerProcess:
-    """Start `python -m services.worker` in its own session and wait for its hello."""
-    host_end, child_end = socket.socketpair()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(log_file, "ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.worker",
-                env=env | {protocol.ENV_CONTROL_FD: str(child_end.fileno())},
-                pass_fds=(child_end.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-    finally:
-        child_end.close()
+    """The worker once it has said hello on its channel; killed and SpawnError otherwise."""
     reader, writer = await asyncio.open_unix_connection(sock=host_end)
-    worker = WorkerProcess(worker_id, job_id, user_id, attempt, process, reader, writer)
+    worker = WorkerProcess(
+        request.worker_id, request.job_id, request.user_id, request.attempt, process, reader, writer
+    )
     try:
-        line = await asyncio.wait_for(reader.readline(), timeout=hello_timeout)
+        line = await asyncio.wait_for(reader.readline(), timeout=request.hello_timeout)
         hello = protocol.decode(line) if line else None
     except (TimeoutError, ValueError):
         hello = None
@@ -133,5 +175,60 @@ async def spawn(
         worker.signal(signal.SIGKILL)
         code = await process.wait()
         writer.close()
-        raise SpawnError(f"worker did not start (exit code {code}; see {log_file.name})")
+        raise SpawnError(f"worker did not start (exit code {code}; see {request.log_file.name})")
     return worker
+
+
+class ExecSpawner:
+    """`python -m services.worker` in its own session per worker."""
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+        host_end, child_end = socket.socketpair()
+        request.log_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(request.log_file, "ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "services.worker",
+                    env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno())},
+                    pass_fds=(child_end.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+        except BaseException:
+            host_end.close()
+            raise
+        finally:
+            child_end.close()
+        return await greeted(request, ExecProcess(process), host_end)
+
+
+def raise_open_files_limit() -> int:
+    """The soft limit on open files raised to the hard one: the host holds one control channel
+    per worker, and the usual soft default (1,024) would cap it below 1,000 workers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # an unlimited hard limit cannot be the soft one
+        return soft
+    return hard
+
+
+def make_spawner(mode: str, workdir: Path) -> Spawner:
+    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"."""
+    if mode == "exec":
+        return ExecSpawner()
+    if mode == "fork":
+        from services.worker_host.fork_spawner import ForkSpawner
+
+        return ForkSpawner(workdir)
+    raise ValueError(f"unknown spawn mode {mode!r} (fork or exec)")

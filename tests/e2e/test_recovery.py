@@ -65,7 +65,10 @@ async def test_hung_worker_gets_heartbeat_missed_then_is_killed_and_restarted(
 ) -> None:
     _, client = await running.user()
     wid = (await client.start(**start_body("hold", amount=1)))["workerId"]
-    entry = await running.wait_for_worker(client, wid, lambda e: e["worker"]["lastHeartbeat"])
+    # (the first beat may reach the monitor before WorkerSpawned, which brings the pid)
+    entry = await running.wait_for_worker(
+        client, wid, lambda e: e["worker"]["lastHeartbeat"] and e["worker"]["pid"]
+    )
     pid = entry["worker"]["pid"]
 
     os.kill(pid, signal.SIGSTOP)

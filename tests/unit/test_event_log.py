@@ -112,3 +112,28 @@ async def test_a_reader_does_not_create_a_missing_database(tmp_path: Path) -> No
     with pytest.raises(EventLogMissing):
         EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'nope.db'}", must_exist=True)
     assert not (tmp_path / "nope.db").exists()
+
+
+async def test_replay_skipping_unread_types_equals_folding_every_envelope(
+        event_log: EventLog) -> None:
+    from bench.replay import history
+    from projections import fold
+    from services.monitor.liveness import NO_HOSTS, apply_host
+    from services.monitor.replay import replay
+
+    envelopes = history(3000)
+    await event_log.append(envelopes)
+    seen: list[str] = []
+    folded = await replay(event_log, each=lambda _, e: seen.append(e.type),
+                          each_types={"WorkerSpawned", "HostOnline"})
+    hosts = NO_HOSTS
+    for envelope in envelopes:
+        hosts = apply_host(hosts, envelope)
+    assert folded.state == fold(envelopes)
+    assert folded.state.events_applied == len(envelopes)
+    assert folded.hosts == hosts and len(hosts) == 4
+    assert folded.position == len(envelopes)
+    assert seen == [e.type for e in envelopes if e.type in ("WorkerSpawned", "HostOnline")]
+    everything = await replay(event_log, until_position=1234, each=lambda _, e: seen.append(e.type))
+    assert everything.state == fold(envelopes[:1234])
+    assert len(seen) == 1234 + sum(e.type in ("WorkerSpawned", "HostOnline") for e in envelopes)

@@ -1,21 +1,21 @@
-"""The recorder's batching on real SQLite: one transaction per batch, acks only after commit."""
+"""The recorder on real SQLite: one transaction per batch, a refused envelope fails alone."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from events import Envelope, JobQueued
+from services.bus import Delivery
 from services.monitor.log import EventLog
-from services.monitor.recorder import NotRecorded, Recorded, Recorder
+from services.monitor.recorder import Recorded, Recorder
 
 
-def queued(job: str) -> Envelope:
+def queued(job: str) -> Delivery:
     message = JobQueued(job_id=job, worker_id=f"w-{job}")
-    return Envelope.wrap(message, stream=f"job-{job}")
+    return Delivery(Envelope.wrap(message, stream=f"job-{job}"), message)
 
 
 class CountingLog(EventLog):
@@ -35,37 +35,41 @@ async def recording(tmp_path: Path):
     event_log = CountingLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
     await event_log.open()
     folded: Recorded = []
-    recorder = Recorder(event_log, folded.extend, batch_size=1000, linger=0.005)
-    writer = asyncio.create_task(recorder.run())
-    yield event_log, recorder, folded
-    writer.cancel()
+    yield event_log, Recorder(event_log, folded.extend), folded
     await event_log.close()
 
 
-async def test_concurrent_deliveries_share_one_transaction_per_batch(recording) -> None:
+async def test_a_batch_is_one_transaction_and_folded_in_order(recording) -> None:
     event_log, recorder, folded = recording
-    envelopes = [queued(str(n)) for n in range(2500)]
-    await asyncio.gather(*(recorder.record(e, e.message()) for e in envelopes))
-    assert event_log.transactions <= 4
-    assert await event_log.count() == 2500
-    assert [p for p, _ in folded] == list(range(1, 2501))
-    assert [e for _, e in folded] == envelopes
+    batch = [queued(str(n)) for n in range(1000)]
+    assert await recorder.record(batch) == {}
+    assert event_log.transactions == 1
+    assert await event_log.count() == 1000
+    assert [p for p, _ in folded] == list(range(1, 1001))
+    assert [e for _, e in folded] == [d.envelope for d in batch]
 
 
-async def test_handler_returns_only_after_its_envelope_is_committed(recording) -> None:
+async def test_record_returns_only_after_the_batch_is_committed(recording) -> None:
     event_log, recorder, _ = recording
-    envelope = queued("1")
-    await recorder.record(envelope, envelope.message())
-    assert [e async for _, e in event_log.read()] == [envelope]
+    delivery = queued("1")
+    await recorder.record([delivery])
+    assert [e async for _, e in event_log.read()] == [delivery.envelope]
+
+
+async def test_a_redelivered_batch_is_recorded_once(recording) -> None:
+    event_log, recorder, folded = recording
+    batch = [queued(str(n)) for n in range(10)]
+    await recorder.record(batch[:6])
+    assert await recorder.record(batch) == {}  # a crash before the ack: all of it comes again
+    assert await event_log.count() == 10
+    assert [p for p, _ in folded] == list(range(1, 11))
 
 
 async def test_a_refused_envelope_fails_alone_and_the_rest_of_its_batch_is_recorded(
         recording) -> None:
     event_log, recorder, folded = recording
-    envelopes = [queued("a"), queued("bad"), queued("b")]
-    results = await asyncio.gather(*(recorder.record(e, e.message()) for e in envelopes),
-                                   return_exceptions=True)
-    assert results[0] is None and results[2] is None
-    assert isinstance(results[1], NotRecorded)
+    refused = await recorder.record([queued("a"), queued("bad"), queued("b")])
+    assert list(refused) == [1]
+    assert "not recorded" in refused[1]
     assert [e.payload["job_id"] for _, e in folded] == ["a", "b"]
     assert await event_log.count() == 2

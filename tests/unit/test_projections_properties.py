@@ -42,6 +42,7 @@ from events import (
     WorkerSpawnFailed,
     WorkerStopped,
 )
+from events.envelope import LoggedEnvelope
 from projections import EMPTY, Projections, QueueStats, fold, queue_stats
 
 USERS = ("alice", "bob", "carol")
@@ -369,6 +370,15 @@ def test_folding_in_chunks_equals_folding_at_once(history: History, data: st.Dat
 def test_replay_from_the_json_log_equals_the_live_state(history: History) -> None:
     logged = [Envelope.from_json(envelope.to_json()) for envelope in history.envelopes]
     assert fold(logged) == fold(history.envelopes)
+
+
+@PROPERTY_SETTINGS
+@given(history=histories())
+def test_the_light_replay_decode_folds_to_the_live_state(history: History) -> None:
+    """`runner replay` decodes logged envelopes with `LoggedEnvelope` (no envelope re-validation):
+    it must fold to exactly the state the validated envelopes give."""
+    logged = [LoggedEnvelope.from_json(envelope.to_json()) for envelope in history.envelopes]
+    assert fold(logged) == fold(history.envelopes)  # type: ignore[arg-type]
 
 
 @PROPERTY_SETTINGS

@@ -1,0 +1,284 @@
+"""Start throughput, request → first heartbeat, and density, through the real system.
+
+One worker-host (fork-server spawner, spawn concurrency 32) under `LocalSystem`; `hold` workers
+on the paper broker, started over HTTP by enterprise users (50 workers each). A queue of our own
+on `runner.telemetry` sees every WorkerHeartbeat the host relays.
+
+(a) start throughput: N workers requested at once; workers/s from the first JobDispatched to the
+    last WorkerSpawned in the event log (target ≥ 100/s).
+(b) request → first heartbeat: one start at a time; from sending the HTTP request to the first
+    WorkerHeartbeat of that worker on the bus, p50 (target ≤ 50 ms).
+(c) density: D idle workers on the host; unique memory (USS) per worker (≤ 8 MiB), every worker's
+    last heartbeat younger than 2 × the interval, admin `GET /runner/status` p99 over 50 calls
+    (≤ 50 ms).
+
+    .venv/bin/python -m bench.density [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aio_pika
+from rich.console import Console
+
+from bench.report import Figure, at_least, at_most, table
+from bench.spawn import MiB, uss
+from events.routing import TELEMETRY_EXCHANGE
+from services.cli.client import GatewayClient
+from services.cli.local import LocalSystem
+
+PER_USER = 50  # the enterprise limit
+HEARTBEAT = 5.0  # seconds: the contract's default interval
+IN_FLIGHT = 64  # concurrent start requests
+STATUS_CALLS = 50
+SHARED_BROKER = "rabbitmq (whole broker)"
+BODY = {
+    "brokerId": "paper",
+    "credentials": {"apiKey": "bench-key", "apiSecret": "bench-secret"},
+    "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}},
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time its live threads have used so far (0 once it is gone)."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total / 1e9
+
+
+def processes(local: LocalSystem) -> dict[str, int]:
+    """The system's processes by name: its services, the host's fork-server, the broker."""
+    pids = {child.label: child.process.pid for child in local.supervisor.children}
+    for label, pid in list(pids.items()):
+        if label.startswith("worker-host"):
+            with open(f"/proc/{pid}/task/{pid}/children") as children:
+                pids["fork-server"] = int(children.read().split()[0])
+    broker = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    if broker.stdout.strip():
+        pids[SHARED_BROKER] = int(broker.stdout.split()[0])
+    return pids
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class Heartbeats:
+    """Arrival times (monotonic) of each worker's first and latest heartbeat on the bus."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self._waiters: dict[str, asyncio.Future[float]] = {}
+
+    async def listen(self, amqp_url: str) -> aio_pika.abc.AbstractConnection:
+        connection = await aio_pika.connect(amqp_url)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(TELEMETRY_EXCHANGE, routing_key="#")
+        await queue.consume(self._on_message, no_ack=True)
+        return connection
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.type != "WorkerHeartbeat":
+            return
+        at = time.monotonic()
+        worker_id = json.loads(message.body)["worker_id"]
+        self.first.setdefault(worker_id, at)
+        self.last[worker_id] = at
+        waiter = self._waiters.pop(worker_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(at)
+
+    async def first_of(self, worker_id: str, timeout: float = 30.0) -> float:
+        if worker_id in self.first:
+            return self.first[worker_id]
+        waiter = self._waiters.setdefault(worker_id, asyncio.get_running_loop().create_future())
+        return await asyncio.wait_for(waiter, timeout)
+
+    async def all_beating(self, worker_ids: list[str], timeout: float) -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(self.first_of(w, timeout) for w in worker_ids)), timeout
+        )
+
+
+async def start_many(clients: list[GatewayClient], first: int, count: int) -> list[str]:
+    """`count` starts, `IN_FLIGHT` at a time; worker n belongs to user n // PER_USER."""
+    limit = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(n: int) -> str:
+        async with limit:
+            reply = await clients[n // PER_USER].start(strategyId=f"s-{n}", **BODY)
+            return reply["workerId"]
+
+    return list(await asyncio.gather(*(one(n) for n in range(first, first + count))))
+
+
+async def run(quick: bool) -> list[Figure]:
+    burst, singles, density = (60, 10, 100) if quick else (300, 30, 1000)
+    env = {
+        "RUNNER_HOST_CAPACITY": str(density + 50),
+        "RUNNER_MAX_SYSTEM_WORKERS": str(density + 100),
+        "RUNNER_SPAWN_CONCURRENCY": "32",
+        "RUNNER_SPAWN_MODE": "fork",
+        "RUNNER_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+    }
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w") as log:
+        local = LocalSystem(Path(tmp) / "var", env=env, log=log, quiet=True)
+        await local.start()
+        beats = Heartbeats()
+        connection = await beats.listen(local.amqp_url)
+        try:
+            clients = [
+                (await local.user(tier="enterprise"))[1]
+                for _ in range((density + PER_USER - 1) // PER_USER)
+            ]
+            # (a) a burst of starts
+            console.print(f"(a) starting {burst} workers at once")
+            pids = processes(local)
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            requested = time.perf_counter()
+            burst_ids = await start_many(clients, 0, burst)
+            answered = time.perf_counter() - requested
+            await beats.all_beating(burst_ids, timeout=60 + burst / 10)
+            cpu_ms = {
+                name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / burst
+                for name, pid in pids.items()
+            }
+            pids_of = {
+                e["worker"]["workerId"]: e["worker"]["pid"]
+                for e in (await local.admin.status())["workers"]
+            }
+            cpu_ms["workers"] = sum(cpu_seconds(pids_of[w]) for w in burst_ids) * 1000 / burst
+            events = [e for e in await local.log() if e.payload.get("worker_id") in burst_ids]
+            dispatched = min(e.occurred_at for e in events if e.type == "JobDispatched")
+            spawned = max(e.occurred_at for e in events if e.type == "WorkerSpawned")
+            rate = burst / (spawned - dispatched).total_seconds()
+
+            # (b) one start at a time, request → first heartbeat, once the burst has settled
+            await asyncio.sleep(3)
+            console.print(f"(b) {singles} starts one at a time")
+            latencies = []
+            for n in range(burst, burst + singles):
+                sent = time.monotonic()
+                reply = await clients[n // PER_USER].start(strategyId=f"s-{n}", **BODY)
+                latencies.append((await beats.first_of(reply["workerId"]) - sent) * 1000)
+                await asyncio.sleep(0.05)
+
+            # (c) fill the host, let it idle, then look
+            rest = density - burst - singles
+            console.print(f"(c) {rest} more workers, to {density}")
+            rest_ids = await start_many(clients, burst + singles, rest)
+            await beats.all_beating(rest_ids, timeout=60 + rest / 10)
+            await asyncio.sleep(2 * HEARTBEAT + 1)
+            looked = time.monotonic()
+            ages = [looked - at for at in beats.last.values()]
+            late = sum(age > 2 * HEARTBEAT for age in ages)
+            missed = sum(e.type == "HeartbeatMissed" for e in await local.log())
+            status_ms, status = [], {}
+            for _ in range(STATUS_CALLS):
+                started = time.perf_counter()
+                status = await local.admin.status()
+                status_ms.append((time.perf_counter() - started) * 1000)
+            running = [e["worker"] for e in status["workers"] if e["worker"]["status"] == "running"]
+            memory = [uss(w["pid"]) / MiB for w in running]
+        finally:
+            await connection.close()
+            console.print("stopping the system")
+            await local.stop()
+
+    p50_beat = statistics.median(latencies)
+    # the broker serves other vhosts too: shown, not counted
+    system_cpu = sum(v for k, v in cpu_ms.items() if k != SHARED_BROKER)
+    breakdown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu_ms.items(), key=lambda i: -i[1]))
+    console.print(f"CPU ms per worker started: {breakdown}")
+    spawn_side = sum(v for k, v in cpu_ms.items() if k.startswith(("worker", "fork-server")))
+    p99_status = percentile(status_ms, 99)
+    per_worker = statistics.mean(memory)
+    return [
+        Figure(
+            "start throughput, first JobDispatched → last WorkerSpawned",
+            rate,
+            "workers/s",
+            target="≥ 100/s",
+            met=at_least(rate, 100),
+            note=f"{burst} workers; HTTP answered all in {answered:.1f}s",
+        ),
+        Figure(
+            "CPU per worker started, all our processes",
+            system_cpu,
+            "ms",
+            higher_is_better=False,
+            note=f"on 2 cores ≤ {2000 / system_cpu:.0f} starts/s; by process on stderr",
+        ),
+        Figure(
+            "  of which worker-host + fork-server + worker",
+            spawn_side,
+            "ms",
+            higher_is_better=False,
+            note=f"on 1 core ≤ {1000 / spawn_side:.0f} starts/s",
+        ),
+        Figure(
+            "request → first heartbeat, p50",
+            p50_beat,
+            "ms",
+            target="≤ 50 ms",
+            met=at_most(p50_beat, 50),
+            higher_is_better=False,
+            note=f"n={singles}, p99 {percentile(latencies, 99):.0f} ms",
+        ),
+        Figure(
+            f"USS per idle worker, {len(running)} on one host",
+            per_worker,
+            "MiB",
+            target="≤ 8 MiB",
+            met=at_most(per_worker, 8) and len(running) >= density,
+            higher_is_better=False,
+            note=f"max {max(memory):.1f} MiB",
+        ),
+        Figure(
+            f"oldest last heartbeat, {len(ages)} workers",
+            max(ages),
+            "s",
+            target=f"< {2 * HEARTBEAT:g} s (2 × interval)",
+            met=late == 0 and missed == 0 and len(ages) >= density,
+            higher_is_better=False,
+            note=f"{late} late, {missed} HeartbeatMissed",
+        ),
+        Figure(
+            f"GET /runner/status (admin, {len(status['workers'])} workers), p99",
+            p99_status,
+            "ms",
+            target="≤ 50 ms",
+            met=at_most(p99_status, 50),
+            higher_is_better=False,
+            note=f"p50 {statistics.median(status_ms):.0f} ms",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    figures = asyncio.run(run(parser.parse_args().quick))
+    Console().print(table(figures, "start throughput and density (one worker-host)"))
+
+
+if __name__ == "__main__":
+    main()

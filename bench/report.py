@@ -1,0 +1,78 @@
+"""What every benchmark returns, and how the suite prints and saves it.
+
+A benchmark module exposes `async def run(quick: bool) -> list[Figure]`. Each figure is
+measured in the same run as its reference (never quoted), so the ratio compares like with like
+on this machine, today.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # what was measured, e.g. "event log ingest (publish → recorded)"
+    ours: float
+    unit: str  # "events/s", "ms", "MiB", …
+    reference: float | None = None  # the limit or peer measured in the same run
+    reference_name: str = ""  # e.g. "raw aio-pika pipelined confirms"
+    target: str = ""  # human-readable target, e.g. "≥ 70 % of reference"
+    met: bool | None = None  # None when there is no target
+    higher_is_better: bool = True
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / reference, oriented so that > 1 means we do better."""
+        if not self.reference or not self.ours:
+            return None
+        return self.ours / self.reference if self.higher_is_better else self.reference / self.ours
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self) | {"ratio": self.ratio}
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of a non-empty sample."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def at_least(value: float, bound: float) -> bool:
+    return value >= bound
+
+
+def at_most(value: float, bound: float) -> bool:
+    return value <= bound
+
+
+def _number(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def table(figures: list[Figure], title: str) -> Table:
+    out = Table(title=title)
+    for column in ("figure", "ours", "reference", "ratio", "target", "met?"):
+        out.add_column(
+            column, justify="left" if column in ("figure", "reference", "target") else "right"
+        )
+    for f in figures:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "–"}[f.met]
+        reference = f"{_number(f.reference, f.unit)} ({f.reference_name})" if f.reference else "–"
+        ratio = f"{f.ratio:.2f}×" if f.ratio is not None else "–"
+        out.add_row(
+            f.name + (f" [dim]{f.note}[/]" if f.note else ""),
+            _number(f.ours, f.unit),
+            reference,
+            ratio,
+            f.target or "–",
+            met,
+        )
+    return out

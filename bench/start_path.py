@@ -1,0 +1,93 @@
+"""The start path under a steady load: `POST /runner/start` answered (p50/p99) at 50 requests/s.
+
+Each request starts a real `hold` worker through the whole system (gateway → scheduler →
+entitlement → gateway), so the answer includes the entitlement decision, as the contract says.
+
+    .venv/bin/python -m bench.start_path [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.report import Figure, at_most, percentile, table
+from services.cli.client import GatewayClient
+from services.cli.local import LocalSystem
+
+RATE = 50.0  # requests per second
+PER_USER = 50  # the enterprise limit
+
+
+async def run(quick: bool) -> list[Figure]:
+    seconds = 2.0 if quick else 6.0
+    count = int(RATE * seconds)
+    env = {
+        "RUNNER_HOST_CAPACITY": str(count + 10),
+        "RUNNER_SPAWN_CONCURRENCY": "16",
+        "RUNNER_HEARTBEAT_INTERVAL": "5",
+    }
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w") as log:
+        local = LocalSystem(Path(tmp) / "var", env=env, log=log)
+        await local.start()
+        try:
+            clients: list[GatewayClient] = []
+            for _ in range((count + PER_USER - 1) // PER_USER):
+                clients.append((await local.user(tier="enterprise"))[1])
+            body = {
+                "brokerId": "paper",
+                "credentials": {"apiKey": "bench", "apiSecret": "bench"},
+                "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}},
+            }
+            await clients[0].start(strategyId="warm-up", **body)  # connections, caches
+            latencies: list[float] = []
+
+            async def one(n: int) -> None:
+                started = time.perf_counter()
+                await clients[n // PER_USER].start(strategyId=f"s-{n}", **body)
+                latencies.append((time.perf_counter() - started) * 1000)
+
+            tasks, begin = [], time.perf_counter()
+            for n in range(1, count):
+                await asyncio.sleep(max(0.0, begin + n / RATE - time.perf_counter()))
+                tasks.append(asyncio.create_task(one(n)))
+            await asyncio.gather(*tasks)
+        finally:
+            await local.stop()
+    p50, p99 = statistics.median(latencies), percentile(latencies, 99)
+    return [
+        Figure(
+            f"POST /runner/start at {RATE:g}/s, p50",
+            p50,
+            "ms",
+            target="≤ 10 ms",
+            met=at_most(p50, 10),
+            higher_is_better=False,
+            note=f"n={len(latencies)}",
+        ),
+        Figure(
+            f"POST /runner/start at {RATE:g}/s, p99",
+            p99,
+            "ms",
+            target="≤ 30 ms",
+            met=at_most(p99, 30),
+            higher_is_better=False,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    figures = asyncio.run(run(parser.parse_args().quick))
+    Console().print(table(figures, "start path"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""Every service's store on both backends: SQLite (the default) and PostgreSQL.
+
+Each test runs once per backend. The PostgreSQL variant gets fresh databases (one per service,
+`t_<id>_<service>`, created by `Store.open` itself and dropped afterwards), so it also proves
+that a service creates its database at first start. It is skipped, saying why, only when no
+PostgreSQL answers at `TEST_POSTGRES_DSN` [postgresql://root@127.0.0.1:5432/postgres];
+`.ci/run` starts the local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import func, text, update
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlmodel import select
+
+from events import (
+    Envelope,
+    JobQueued,
+    StartRunner,
+    StrategyConfig,
+    UpgradeEntitlement,
+)
+from events.routing import EVENTS_EXCHANGE
+from services.bus import Bus
+from services.entitlement.service import EntitlementService, PlanRow, SlotRow
+from services.gateway.users import UserRow
+from services.monitor.log import EventLog, EventLogMissing, event_log
+from services.scheduler.service import CircuitRow, JobRow, SchedulerService
+from services.settings import Settings
+from services.store import OutboxRelay, OutboxRow, Processed, Store, TimerRow, UtcDateTime
+from services.topology import ENTITLEMENT_INBOX
+from services.worker_host.service import LocalWorker, WorkerHostService
+
+PG_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://root@127.0.0.1:5432/postgres")
+EVERY_TABLE = (
+    *EntitlementService.tables,
+    *SchedulerService.tables,
+    *WorkerHostService.tables,
+    UserRow.__table__,  # type: ignore[attr-defined]
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    template: str  # RUNNER_DATABASE_URL: '{service}' becomes the service's name
+
+    def url(self, service: str) -> str:
+        return self.template.replace("{service}", service)
+
+    def settings(self, base: Settings | None = None, **overrides: Any) -> Settings:
+        values = {"database_url": self.template, **overrides}
+        if base is None:
+            return Settings(**values)
+        return base.model_copy(update=values)
+
+
+async def _postgres_unreachable() -> str | None:
+    try:
+        conn = await asyncpg.connect(PG_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"PostgreSQL not reachable at {PG_DSN} ({type(exc).__name__}: {exc})"
+    await conn.close()
+    return None
+
+
+async def _drop_databases(prefix: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        names = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix
+        )
+        for row in names:
+            name = row["datname"].replace('"', '""')
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def fresh_postgres(tag: str = "t") -> AsyncIterator[Backend]:
+    """A database-name prefix nobody uses yet; every database under it is dropped afterwards."""
+    reason = await _postgres_unreachable()
+    if reason:
+        pytest.skip(reason)
+    prefix = f"{tag}_{uuid.uuid4().hex[:10]}_"
+    server = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield Backend("postgres", f"{server}/{prefix}{{service}}")
+    finally:
+        await _drop_databases(prefix)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path}/db/{{service}}.db")
+        return
+    async with fresh_postgres() as postgres:
+        yield postgres
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[Backend]:
+    async with fresh_postgres() as backend:
+        yield backend
+
+
+def start_runner(user: str, job: str | None = None) -> Envelope:
+    """A start as the gateway sends it (the entitlement service decides it)."""
+    job = job or f"job-{uuid.uuid4().hex[:8]}"
+    return Envelope.wrap(
+        StartRunner(
+            job_id=job,
+            worker_id=f"w-{job}",
+            strategy_id="hold-btc",
+            broker_id="paper",
+            credentials_sealed="sealed",
+            config=StrategyConfig(name="hold", type="hold"),
+        ),
+        stream=f"job-{job}",
+        user_id=user,
+        correlation_id=job,
+    )
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or check}")
+
+
+class Sink:
+    """A private queue on the events exchange: what the relays published, by event_id (delivery
+    is at-least-once: two relays on one database may both publish a row before either deletes
+    it, and consumers dedupe by event_id, as this does)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Envelope] = {}
+
+    @property
+    def received(self) -> list[Envelope]:
+        return list(self.by_id.values())
+
+    async def start(self, amqp_url: str, *routing_keys: str) -> None:
+        self.connection = await aio_pika.connect(amqp_url)
+        channel = await self.connection.channel()
+        await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        for key in routing_keys or ("#",):
+            await queue.bind(EVENTS_EXCHANGE, routing_key=key)
+        await queue.consume(self._on_message, no_ack=True)
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        envelope = Envelope.from_json(message.body)
+        self.by_id.setdefault(str(envelope.event_id), envelope)
+
+    def of(self, type_name: str) -> list[Envelope]:
+        return [e for e in self.received if e.type == type_name]
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+# ---------------------------------------------------------------------------- schema and time
+
+
+def test_database_url_must_name_each_service_and_gets_the_async_driver() -> None:
+    with pytest.raises(ValidationError, match=re.escape("must contain '{service}'")):
+        Settings(database_url="postgresql+asyncpg://db/runner")
+    settings = Settings(database_url="postgresql://runner@db/runner_{service}")
+    assert (
+        settings.database_for("worker-host-h1")
+        == "postgresql+asyncpg://runner@db/runner_worker-host-h1"
+    )
+    with pytest.raises(ValueError, match="longer than PostgreSQL's 63 bytes"):
+        settings.database_for("worker-host-" + "h" * 60)
+
+
+async def test_datetimes_round_trip_as_utc_in_every_services_tables(backend: Backend) -> None:
+    """A +02:00 time comes back as the same instant in UTC (tz-aware) from the services' tables;
+    on PostgreSQL every datetime column of every service is TIMESTAMP WITH TIME ZONE (declared
+    as UtcDateTime, none left to a library default); a naive time is refused."""
+    store = Store(backend.url("worker-host-h1"), EVERY_TABLE)  # a name that needs quoting
+    await store.open()
+    try:
+        moment = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+        async with store.transaction() as uow:
+            uow.session.add(PlanRow(user_id="u", tier="pro", expires_at=moment))
+            uow.session.add(CircuitRow(key="u|s", open_until=moment))
+            uow.session.add(
+                JobRow(
+                    job_id="j",
+                    worker_id="w",
+                    user_id="u",
+                    strategy_id="s",
+                    broker_id="paper",
+                    credentials_sealed="x",
+                    config="{}",
+                    state="running",
+                    started_at=moment,
+                )
+            )
+            uow.session.add(
+                LocalWorker(
+                    worker_id="w",
+                    job_id="j",
+                    user_id="u",
+                    strategy_id="s",
+                    broker_id="paper",
+                    credentials_sealed="x",
+                    config="{}",
+                    dispatched_at=moment,
+                )
+            )
+            uow.session.add(UserRow(user_id="u", token_hash="h", created_at=moment))
+            await uow.set_timer("t", "expire", moment)
+        async with store.reading() as session:
+            read = [
+                (await session.get(PlanRow, "u")).expires_at,
+                (await session.get(CircuitRow, "u|s")).open_until,
+                (await session.exec(select(JobRow))).one().started_at,
+                (await session.get(LocalWorker, "w")).dispatched_at,
+                (await session.get(UserRow, "u")).created_at,
+                (await session.get(TimerRow, "t")).due_at,
+            ]
+        for value in read:
+            assert value == moment and value.tzinfo is not None
+            assert value.utcoffset() == timedelta(0)
+        assert (await store.next_timer()).due_at == moment
+
+        with pytest.raises(StatementError, match="naive datetime"):
+            async with store.transaction() as uow:
+                await uow.set_timer("naive", "expire", datetime(2026, 3, 1, 12, 0))
+
+        if backend.name == "postgres":
+            async with store.engine.connect() as conn:
+                types = (
+                    await conn.execute(
+                        text(
+                            "SELECT table_name, column_name, data_type "
+                            "FROM information_schema.columns WHERE table_schema = 'public' "
+                            "AND data_type LIKE 'timestamp%'"
+                        )
+                    )
+                ).all()
+            declared = {
+                (table.name, column.name)
+                for table in store.tables
+                for column in table.columns
+                if isinstance(column.type, UtcDateTime)
+            }
+            assert {
+                ("plans", "expires_at"),
+                ("jobs", "started_at"),
+                ("timers", "due_at"),
+                ("local_workers", "dispatched_at"),
+                ("users", "created_at"),
+            } <= declared
+            assert {(t, c) for t, c, _ in types} == declared
+            assert {d for _, _, d in types} == {"timestamp with time zone"}
+    finally:
+        await store.close()
+
+
+async def test_a_missing_postgres_database_is_created_at_first_open(postgres: Backend) -> None:
+    url = postgres.url("scheduler")
+    name = url.rsplit("/", 1)[1]
+    for _ in range(2):  # the second open finds it and leaves it alone
+        store = Store(url, SchedulerService.tables)
+        await store.open()
+        await store.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 1
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------- exactly-once effect
+
+
+async def test_the_same_envelope_processed_twice_has_one_effect(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Redelivery, and two consumers taking the same message at once: one slot, one decision,
+    one ledger row. (A concurrent loser fails on the ledger's key and is retried as a no-op.)"""
+    settings = backend.settings(data_dir=tmp_path / "var")
+    services = [EntitlementService(settings), EntitlementService(settings)]
+    for service in services:
+        await service.store.open()
+    envelope = start_runner("alice")
+
+    async def deliver(service: EntitlementService) -> bool:
+        async with service.store.processing(envelope, ENTITLEMENT_INBOX.name) as uow:
+            if uow is None:
+                return False
+            await service.on_start_runner(uow, envelope, envelope.message())
+            return True
+
+    try:
+        assert await deliver(services[0]) is True
+        assert await deliver(services[0]) is False  # redelivered: skipped
+        racing = await asyncio.gather(
+            *(deliver(s) for s in services for _ in range(3)), return_exceptions=True
+        )
+        assert all(r is False or isinstance(r, IntegrityError) for r in racing), racing
+        assert await deliver(services[1]) is False  # the retry of a loser is a no-op
+
+        async with services[0].store.reading() as session:
+            slots = (await session.exec(select(func.count()).select_from(SlotRow))).one()
+            ledger = (await session.exec(select(Processed))).all()
+            outbox = (await session.exec(select(OutboxRow))).all()
+        assert slots == 1
+        assert [(p.consumer, p.event_id) for p in ledger] == [
+            (ENTITLEMENT_INBOX.name, str(envelope.event_id))
+        ]
+        assert [Envelope.model_validate_json(r.envelope).type for r in outbox] == [
+            "JobRequested",
+            "JobAccepted",
+        ]
+    finally:
+        for service in services:
+            await service.store.close()
+
+
+async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
+    """`UnitOfWork.lock` (PostgreSQL: transaction-scoped advisory lock; SQLite: the write lock
+    of BEGIN IMMEDIATE) keeps a second store, on its own connections, out until commit."""
+    url = backend.url("entitlement")
+    first, second = Store(url, EntitlementService.tables), Store(url, EntitlementService.tables)
+    await first.open()
+    await second.open()
+    order: list[str] = []
+    held = asyncio.Event()
+
+    async def holder() -> None:
+        async with first.transaction() as uow:
+            await uow.lock("quota:alice")
+            held.set()
+            await asyncio.sleep(0.5)
+            order.append("first commits")
+
+    async def waiter() -> None:
+        await held.wait()
+        async with second.transaction() as uow:
+            await uow.lock("quota:alice")
+            order.append("second locked")
+
+    try:
+        await asyncio.wait_for(asyncio.gather(holder(), waiter()), timeout=20)
+        assert order == ["first commits", "second locked"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+# ---------------------------------------------------------------------------- on the real broker
+
+
+@pytest.mark.broker
+async def test_outbox_publishes_only_what_commits_and_survives_a_restart(
+    backend: Backend, settings: Settings
+) -> None:
+    settings = backend.settings(settings)
+    url = settings.database_for("probe")
+    sink = Sink()
+    bus = Bus(settings, "probe")
+    await bus.start()
+    await sink.start(settings.amqp_url)
+    store = Store(url)
+    await store.open()
+    relay = OutboxRelay(store, bus)
+    relay.start()
+    try:
+        async with store.transaction() as uow:
+            uow.emit(JobQueued(job_id="j1", worker_id="w1"), stream="job-j1")
+            await asyncio.sleep(0.5)  # the relay is running: nothing may leave before the commit
+            assert sink.received == []
+        await eventually(lambda: sink.of("JobQueued"), what="JobQueued published after commit")
+
+        with pytest.raises(RuntimeError):
+            async with store.transaction() as uow:
+                uow.emit(JobQueued(job_id="j2", worker_id="w2"), stream="job-j2")
+                raise RuntimeError("handler failed")
+        await relay.stop()
+        async with store.reading() as session:
+            assert (await session.exec(select(OutboxRow))).all() == []
+
+        # committed, then the service dies before publishing: the next start publishes it
+        async with store.transaction() as uow:
+            uow.emit(JobQueued(job_id="j3", worker_id="w3"), stream="job-j3")
+        await store.close()
+        store = Store(url)
+        await store.open()
+        relay = OutboxRelay(store, bus)
+        relay.start()
+        await eventually(lambda: len(sink.of("JobQueued")) == 2, what="j3 after the restart")
+        assert [e.payload["job_id"] for e in sink.of("JobQueued")] == ["j1", "j3"]
+
+        async def outbox_empty() -> bool:  # confirmed rows are deleted in batches, soon after
+            async with store.reading() as session:
+                return (await session.exec(select(OutboxRow))).all() == []
+
+        await eventually(outbox_empty, what="the confirmed row deleted")
+    finally:
+        await relay.stop()
+        await store.close()
+        await sink.close()
+        await bus.close()
+
+
+@pytest.mark.broker
+async def test_expiry_timer_fires_after_the_service_restarts(
+    backend: Backend, settings: Settings
+) -> None:
+    """The entitlement service arms an expiry timer, stops before it is due; the next instance
+    fires it: EntitlementExpired and EntitlementDowngraded, the plan back on free."""
+    settings = backend.settings(settings)
+    sink = Sink()
+    await sink.start(settings.amqp_url, "#")
+    first = EntitlementService(settings)
+    await first.start()
+    upgrade = Envelope.wrap(
+        UpgradeEntitlement(tier="pro", days=1.5 / 86_400), stream="user-bob", user_id="bob"
+    )
+    try:
+        async with first.store.processing(upgrade, ENTITLEMENT_INBOX.name) as uow:
+            assert uow is not None
+            await first.on_upgrade(uow, upgrade, upgrade.message())
+        await eventually(lambda: sink.of("EntitlementUpgraded"), what="EntitlementUpgraded")
+    finally:
+        await first.stop()
+    due = sink.of("EntitlementUpgraded")[0].payload["expires_at"]
+    assert sink.of("EntitlementDowngraded") == []
+
+    await asyncio.sleep(2.0)  # the timer falls due while no entitlement service runs
+    second = EntitlementService(settings)
+    await second.start()
+    try:
+        await eventually(lambda: sink.of("EntitlementDowngraded"), what="EntitlementDowngraded")
+        assert [e.type for e in sink.received if e.user_id == "bob"] == [
+            "EntitlementUpgraded",
+            "EntitlementExpired",
+            "EntitlementDowngraded",
+        ]
+        expired = sink.of("EntitlementExpired")[0].payload["expired_at"]
+        assert datetime.fromisoformat(expired) == datetime.fromisoformat(due)
+        async with second.store.reading() as session:
+            plan = await session.get(PlanRow, "bob")
+            timers = (await session.exec(select(TimerRow))).all()
+        assert plan.tier == "free" and plan.expires_at is None and timers == []
+    finally:
+        await second.stop()
+        await sink.close()
+
+
+@pytest.mark.broker
+async def test_free_user_twenty_parallel_starts_one_wins(
+    backend: Backend, settings: Settings
+) -> None:
+    """Twenty starts for one free user, consumed by two entitlement services competing on
+    one database (so only the database serialises them): exactly one JobAccepted. Redelivering
+    the winner, or a new request for the same job, decides nothing again."""
+    settings = backend.settings(settings)
+    sink = Sink()
+    await sink.start(settings.amqp_url, "job.JobAccepted", "job.JobRejected")
+    services = [EntitlementService(settings), EntitlementService(settings)]
+    handled = [0, 0]
+    for n, service in enumerate(services):
+        decide = service.on_start_runner
+
+        async def counting(uow: Any, env: Envelope, event: Any, n: int = n, decide=decide) -> None:
+            handled[n] += 1
+            await decide(uow, env, event)
+
+        service.on_start_runner = counting  # type: ignore[method-assign]
+        await service.start()
+    publisher = Bus(settings, "probe")
+    await publisher.start()
+    try:
+        requests = [start_runner("carol") for _ in range(20)]
+        await publisher.publish_many(requests)
+        await eventually(lambda: len(sink.received) == 20, timeout=30, what="20 decisions")
+        accepted, rejected = sink.of("JobAccepted"), sink.of("JobRejected")
+        assert len(accepted) == 1 and len(rejected) == 19
+        assert {e.payload["reason"] for e in rejected} == {"worker_limit"}
+        assert sum(handled) == 20 and all(handled), handled  # both services decided some
+
+        winner = next(r for r in requests if r.payload["job_id"] == accepted[0].payload["job_id"])
+        await publisher.publish(winner)  # redelivery of the same event
+        await publisher.publish(start_runner("carol", job=winner.payload["job_id"]))  # retry
+        await eventually(lambda: sum(handled) == 21, what="the redelivery reached a service")
+        await asyncio.sleep(1.0)
+        assert len(sink.received) == 20
+        async with services[0].store.reading() as session:
+            slots = (await session.exec(select(SlotRow))).all()
+        assert [s.job_id for s in slots] == [winner.payload["job_id"]]
+    finally:
+        await publisher.close()
+        for service in services:
+            await service.stop()
+        await sink.close()
+
+
+# ---------------------------------------------------------------------------- the event log
+
+
+def log_envelopes(n: int, tag: str) -> list[Envelope]:
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        Envelope.wrap(
+            JobQueued(job_id=f"{tag}{i}", worker_id=f"w{i}"),
+            stream=f"job-{tag}{i}",
+            user_id="dave",
+            occurred_at=base + timedelta(seconds=i),
+        )
+        for i in range(n)
+    ]
+
+
+async def test_event_log_append_verify_read(backend: Backend) -> None:
+    """Positions contiguous from 1 across batches and concurrent writers on their own engines,
+    duplicates recorded once, the hash chain verifies, reads come back in order and a time
+    filter works on UTC; an edited row breaks the chain at that row."""
+    url = backend.url("monitor")
+    store = Store(url)  # as the monitor: the log on its store's engine
+    await store.open()
+    log = EventLog(store.engine)
+    await log.open()
+    other = EventLog.at(url)
+    try:
+        first = log_envelopes(1500, "a")
+        recorded = await log.append(first[:1000])
+        assert [p for p, _ in recorded] == list(range(1, 1001))
+        again = await log.append(first[500:])  # 500 already recorded: only the new 500
+        assert [p for p, _ in again] == list(range(1001, 1501))
+
+        batches = [log_envelopes(200, f"c{n}-") for n in range(6)]
+        await asyncio.gather(
+            *((log if n % 2 else other).append(batch) for n, batch in enumerate(batches))
+        )
+        assert await log.count() == 1500 + 1200
+        async with store.engine.connect() as conn:
+            positions = (
+                (await conn.execute(select(event_log.c.position).order_by(event_log.c.position)))
+                .scalars()
+                .all()
+            )
+        assert positions == list(range(1, 2701))
+        assert await log.verify() is None
+        head = await log.head()
+        assert head.position == 2700
+
+        read = [e async for _, e in log.read(batch=700)]
+        assert [str(e.event_id) for e in read[:1500]] == [str(e.event_id) for e in first]
+        cutoff = datetime(2026, 1, 1, 2, 0, 9, tzinfo=timezone(timedelta(hours=2)))  # 00:00:09Z
+        early = [e async for _, e in log.read(until_time=cutoff)]
+        assert {e.payload["job_id"] for e in early if e.payload["job_id"].startswith("a")} == {
+            f"a{i}" for i in range(10)
+        }
+        assert all(e.occurred_at.utcoffset() == timedelta(0) for e in read[:10])
+        if backend.name == "postgres":
+            async with store.engine.connect() as conn:
+                types = dict(
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = 'event_log' AND data_type LIKE 'timestamp%'"
+                            )
+                        )
+                    ).all()
+                )
+            assert types == {
+                "occurred_at": "timestamp with time zone",
+                "recorded_at": "timestamp with time zone",
+            }
+
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                update(event_log)
+                .where(event_log.c.position == 1234)
+                .values(envelope=func.replace(event_log.c.envelope, '"w', '"x'))
+            )
+        broken = await log.verify()
+        assert broken is not None and broken.position == 1234 and "hash" in broken.reason
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_event_log_reader_refuses_a_missing_database(backend: Backend) -> None:
+    """`runner replay` / `audit verify` must not create an empty log where there is none."""
+    url = backend.url("nomonitor")
+    if backend.name == "sqlite":
+        with pytest.raises(EventLogMissing):
+            EventLog.at(url, must_exist=True)
+        return
+    reader = EventLog.at(url, must_exist=True)
+    try:
+        with pytest.raises(Exception, match="does not exist"):
+            await reader.ensure_exists()
+    finally:
+        await reader.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        name = url.rsplit("/", 1)[1]
+        assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
+    finally:
+        await conn.close()
