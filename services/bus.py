@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections import deque
@@ -31,11 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import orjson
 from aiormq.abc import DeliveredMessage
 from faststream import AckPolicy
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from pydantic import ValidationError
+from yarl import URL
 
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
@@ -62,6 +63,19 @@ class Delivery:
 # Returns the deliveries (by index in the batch) it could not commit, with why; raising means
 # none of the batch was committed.
 BatchHandler = Callable[[list[Delivery]], Awaitable[Mapping[int, str] | None]]
+
+
+AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=str)
+
+
+def with_heartbeat(amqp_url: str) -> str:
+    """The broker URL with an AMQP heartbeat, unless it sets one itself."""
+    url = URL(amqp_url)
+    return amqp_url if "heartbeat" in url.query else str(url.update_query(heartbeat=AMQP_HEARTBEAT))
 
 
 class PublishFailed(RuntimeError):
@@ -92,7 +106,7 @@ class Bus:
         self.settings = settings
         self.service = service
         self.broker = RabbitBroker(
-            settings.amqp_url,
+            with_heartbeat(settings.amqp_url),
             app_id=service,
             reconnect_interval=1.0,
             graceful_timeout=max(settings.stop_grace, 5.0),
@@ -404,7 +418,7 @@ class Bus:
             if not raw.reply_to:
                 return
             try:
-                reply = {"ok": True, "result": await handler(json.loads(raw.body))}
+                reply = {"ok": True, "result": await handler(orjson.loads(raw.body))}
             except (ValueError, LookupError, PermissionError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             except Exception as exc:
@@ -413,7 +427,7 @@ class Bus:
             channel = self._publish_channel or await self._channel()
             await channel.default_exchange.publish(
                 aio_pika.Message(
-                    json.dumps(reply, default=str).encode(),
+                    _dumps(reply),
                     correlation_id=raw.correlation_id,
                     content_type="application/json",
                 ),
@@ -430,7 +444,7 @@ class Bus:
         try:
             await channel.default_exchange.publish(
                 aio_pika.Message(
-                    json.dumps(body, default=str).encode(),
+                    _dumps(body),
                     correlation_id=correlation_id,
                     reply_to=REPLY_TO,
                     content_type="application/json",
@@ -463,7 +477,7 @@ class Bus:
         future = self._pending.get(message.correlation_id or "")
         if future is not None and not future.done():
             try:
-                future.set_result(json.loads(message.body))
+                future.set_result(orjson.loads(message.body))
             except ValueError:
                 future.set_exception(RpcError("malformed reply"))
 

@@ -283,6 +283,7 @@ class OutboxRelay:
         self._confirmed: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         store.on_commit.append(self._committed)
 
     def _committed(self, uow: UnitOfWork) -> None:
@@ -295,19 +296,20 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
-        """Publish what is committed (best effort), then stop."""
+        """Publish what is committed (best effort, a few seconds), then stop. Whatever is not
+        confirmed by then stays in the outbox for the next start."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        try:
-            await asyncio.wait_for(self.flush(), timeout=5)
-        except Exception as exc:
-            log.warning("outbox not drained on stop (kept for next start): %s", exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await self._delete_confirmed()
+        self._stopping = True
+        self._wake.set()
+        # not wait_for: a publish interrupted by cancellation can surface as a retryable error
+        # and swallow the cancel, so the loop is asked to end, and only abandoned if it won't
+        done, _ = await asyncio.wait({self._task}, timeout=5)
+        if not done:
+            log.warning("outbox not drained on stop (kept for next start)")
+            self._task.cancel()
+        with contextlib.suppress(Exception):
+            await self._delete_confirmed()
 
     async def flush(self) -> int:
         """Publish every pending row now, in order; returns how many were published."""
@@ -353,12 +355,16 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 await self.flush()
+                if self._stopping:
+                    return
                 backoff = 0.1
                 if self._confirmed and (len(self._confirmed) >= self.batch
                                         or loop.time() - last_delete >= self.delete_every):
                     await self._delete_confirmed()
                     last_delete = loop.time()
             except (PublishFailed, OSError) as exc:
+                if self._stopping:
+                    return
                 log.warning("outbox: publish failed, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -14,10 +14,11 @@ import logging
 import uuid
 from typing import Annotated, Any
 
+import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from events import (
@@ -112,7 +113,7 @@ class GatewayService(Service):
         )
         self._server = _QuietServer(config)
         self.background(self._server.serve(), "http")
-        http = self._tasks[-1]
+        self._http = http = self._tasks[-1]
         while not self._server.started:
             await asyncio.sleep(0.01)
             if http.done():
@@ -128,10 +129,7 @@ class GatewayService(Service):
     async def drain(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
-            for _ in range(100):
-                if not self._server.started:
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.wait({self._http}, timeout=5)
 
     # ------------------------------------------------------------------ operations
 
@@ -378,8 +376,11 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return await gateway.stop_runner(who, body)
 
     @app.get("/runner/status")
-    async def status(who: Who, userId: str | None = None) -> dict[str, Any]:
-        return await gateway.status(who, userId)
+    async def status(who: Who, userId: str | None = None) -> Response:
+        # Already JSON-shaped by the monitor: serialise once, skip FastAPI's encoder (costly
+        # with a thousand workers).
+        return Response(orjson.dumps(await gateway.status(who, userId)),
+                        media_type="application/json")
 
     @app.post("/entitlements/{user_id}/upgrade")
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:

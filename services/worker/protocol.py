@@ -56,7 +56,9 @@ class Report(_Line):
     """A trading event; `payload` is the event's fields (job_id and worker_id included)."""
 
     type: Literal["event"] = "event"
-    event: Literal["OrderFilled", "PositionChanged", "TradeClosed", "PositionsFlattened", "FlattenFailed"]
+    event: Literal[
+        "OrderFilled", "PositionChanged", "TradeClosed", "PositionsFlattened", "FlattenFailed"
+    ]
     payload: dict[str, Any]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Literal
@@ -70,8 +71,10 @@ def signed_target(side: Literal["long", "short"], amount: float) -> float:
     return direction(side) * amount
 
 
+@functools.cache
 def load_strategy(name: str) -> type[Strategy]:
-    """The strategy class registered as `name` (entry point first, then the built-ins)."""
+    """The strategy class registered as `name` (entry point first, then the built-ins); cached,
+    so a fork-server that loaded it once spares every forked worker the entry-point scan."""
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     if found:
         cls = next(iter(found)).load()
