@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)  # logs and CI: one row per figure
     figures, failed = asyncio.run(suite(args.quick, args.only, console))
     console.rule("summary")
     console.print(
