@@ -176,6 +176,7 @@ class GatewayService(Service):
                 retryAt=decision.retry_at.isoformat() if decision.retry_at else None,
             )
         assert isinstance(decision, JobAccepted)
+        await self._until_monitor_shows(worker_id, lambda _: True)  # so status shows it next
         return 200, ok(
             jobId=job_id,
             workerId=worker_id,
