@@ -176,7 +176,7 @@ class GatewayService(Service):
                 retryAt=decision.retry_at.isoformat() if decision.retry_at else None,
             )
         assert isinstance(decision, JobAccepted)
-        await self._until_monitor_shows(worker_id, lambda _: True)  # so status shows it next
+        await self._until_monitor_shows(worker_id, "known")  # so status shows it next
         return 200, ok(
             jobId=job_id,
             workerId=worker_id,
@@ -220,7 +220,7 @@ class GatewayService(Service):
                     flatten_error = event.error
                 elif isinstance(event, WorkerStopped):
                     break
-        await self._until_monitor_shows(wid, lambda w: w["status"] in ENDED)
+        await self._until_monitor_shows(wid, "ended")
         if flatten_error is not None:
             return failed(
                 f"worker stopped, but flatten failed: {flatten_error}",
@@ -282,21 +282,12 @@ class GatewayService(Service):
             break
         raise ApiError(404, f"no worker {worker_id!r} of yours")
 
-    async def _until_monitor_shows(
-        self, worker_id: str, predicate: Any, seconds: float = 2.0
-    ) -> None:
-        """Read-your-writes: wait (bounded) until the monitor's projection reflects what this
-        request just caused, so a status call right after the answer sees it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while loop.time() < deadline:
-            with contextlib.suppress(RpcError):
-                entry = await self.bus.request(
-                    "monitor.rpc", {"op": "worker", "worker_id": worker_id}
-                )
-                if predicate(entry["worker"]):
-                    return
-            await asyncio.sleep(0.02)
+    async def _until_monitor_shows(self, worker_id: str, until: str) -> None:
+        """Read-your-writes: wait (bounded) until the monitor's projection shows what this
+        request just caused ("known", "ended"), so a status call right after the answer sees it."""
+        with contextlib.suppress(RpcError):
+            await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id,
+                                                   "until": until, "wait": 2.0})
 
     async def _next(self, answers: asyncio.Queue, error: str, timeout: float | None = None) -> Any:
         try:

@@ -15,6 +15,7 @@ through the Store's outbox, once per silence episode (see `liveness`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import datetime
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 LOG_BATCH = 1000  # envelopes per log transaction
 LOG_LINGER = 0.005  # seconds a batch waits for more after its first envelope
 LOG_PAGE_MAX = 1000
+ENDED = ("stopped", "failed")
 
 
 class MonitorService(Service):
@@ -47,6 +49,7 @@ class MonitorService(Service):
         self.folded = Folded()
         self.liveness = Liveness(since=now())
         self.recorder = Recorder(self.log, self._on_recorded)
+        self._changed = asyncio.Event()
 
     @property
     def state(self) -> Projections:
@@ -78,6 +81,8 @@ class MonitorService(Service):
         for position, envelope in recorded:
             self.folded.apply(position, envelope)
             self.liveness.observe(envelope, moment)
+        self._changed.set()  # wake status queries waiting for what was just recorded
+        self._changed = asyncio.Event()
 
     def _on_telemetry(self, message: Message) -> None:
         if isinstance(message, WorkerHeartbeat):
@@ -121,6 +126,29 @@ class MonitorService(Service):
 
     # ------------------------------------------------------------------ queries
 
+    async def _worker(self, body: dict[str, Any]) -> Any:
+        """One worker's status entry. With `wait` (seconds, ≤ 5) and `until` ("known" or
+        "ended"), answers as soon as the log shows that much (read-your-writes for the gateway:
+        a start or stop it has just seen confirmed), or with what it has when the wait is over."""
+        worker_id = body.get("worker_id")
+        if not isinstance(worker_id, str):
+            raise ValueError("'worker_id' must be a string")
+        until = body.get("until", "known")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(float(body.get("wait") or 0), 0.0), 5.0)
+        while True:
+            changed = self._changed
+            worker = self.state.workers.get(worker_id)
+            settled = worker is not None and (until != "ended" or worker.status in ENDED)
+            remaining = deadline - loop.time()
+            if settled or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=remaining)
+        if worker is None:
+            raise LookupError(f"unknown worker {worker_id!r}")
+        return views.worker_entry(self.state, worker, self.liveness.beats.get(worker_id))
+
     async def _on_request(self, body: Any) -> Any:
         """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
         except `log`, which pages the log)."""
@@ -130,11 +158,7 @@ class MonitorService(Service):
         if op == "status":
             return views.status(self.state, body.get("user_id"), self.liveness.beats)
         if op == "worker":
-            worker_id = body.get("worker_id")
-            worker = self.state.workers.get(worker_id) if isinstance(worker_id, str) else None
-            if worker is None:
-                raise LookupError(f"unknown worker {worker_id!r}")
-            return views.worker_entry(self.state, worker, self.liveness.beats.get(worker_id))
+            return await self._worker(body)
         if op == "log":
             try:
                 after = max(int(body.get("after") or 0), 0)
