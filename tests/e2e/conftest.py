@@ -4,6 +4,9 @@ in its own vhost and data directory, driven through HTTP like a user would."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -51,6 +54,15 @@ class System(LocalSystem):
     async def stop(self, *, keep_vhost: bool = False) -> None:
         await super().stop(keep_vhost=keep_vhost)
         self._log_file.close()
+
+    def runner(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the `runner` CLI against this system (its broker and data dir)."""
+        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=self.env,
+                              capture_output=True, text=True, timeout=60, check=check)
+
+    def replay(self) -> dict[str, Any]:
+        """`runner replay --json`: the projections rebuilt from the log."""
+        return json.loads(self.runner("replay", "--json").stdout)
 
     async def wait_for_log(
         self, predicate: Callable[[list[Envelope]], Any], timeout: float = 20.0

@@ -9,8 +9,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -158,27 +156,12 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         assert {final[w] for w in accepted} <= {"running", "stopped", "failed"}
 
         # Live projections equal a replay of the log; the chain is intact.
-        replayed = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "services.cli.main", "replay", "--json"],
-                env=system.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout
-        )
+        replayed = system.replay()
         assert replayed["queueStats"] == live["queueStats"]
         assert {
             e["worker"]["workerId"]: e["worker"]["status"] for e in replayed["workers"]
         } == final
-        verify = subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "audit", "verify"],
-            env=system.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        verify = system.runner("audit", "verify", check=False)
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         await system.stop()

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -111,16 +109,7 @@ async def test_replay_gives_the_live_queue_stats_and_positions(running: System) 
     await asyncio.sleep(0.5)  # quiet: nothing in flight
     live = await running.admin.status()
 
-    replayed = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "services.cli.main", "replay", "--json"],
-            env=running.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    )
+    replayed = running.replay()
 
     assert replayed["queueStats"] == live["queueStats"]
 
