@@ -96,6 +96,7 @@ class WorkerHostService(Service):
         self.capacity = settings.host_capacity
         self.sealer = Sealer(secret_key(settings))
         self.live: dict[str, WorkerProcess] = {}
+        self._lease_renewed: float | None = None  # loop time of the last confirmed heartbeat
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
         self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
 
@@ -245,6 +246,8 @@ class WorkerHostService(Service):
         try:
             if len(self.live) >= self.capacity:
                 raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
+            if self._lease_expired():
+                raise SpawnError(f"host {self.host_id} is fenced (its lease expired)")
             credentials = self.sealer.open(row.credentials_sealed)
             env = worker_environment(
                 worker_id=worker_id,
@@ -415,15 +418,21 @@ class WorkerHostService(Service):
 
     async def _recover(self) -> None:
         """After a restart: workers of the previous run are gone (they exit when their host's
-        channel closes); report them, and launch what was committed but never started."""
+        channel closes); report them. A dispatch committed but never started is reported as a
+        failed spawn rather than started now: while we were down the scheduler may have moved
+        it elsewhere, and it decides (a stale report is ignored there)."""
         async with self.store.transaction() as uow:
             rows = (await uow.session.exec(select(LocalWorker))).all()
             for row in rows:
                 if row.pid is None:
-                    uow.after_commit.append(
-                        lambda wid=row.worker_id: self.background(
-                            self._launch(wid), f"launch-{wid}"
-                        )
+                    await uow.session.delete(row)
+                    uow.emit(
+                        WorkerSpawnFailed(job_id=row.job_id, worker_id=row.worker_id,
+                                          host_id=self.host_id, attempt=row.attempt,
+                                          error=f"worker-host {self.host_id} restarted before "
+                                                "starting it"),
+                        stream=job_stream(row.job_id), user_id=row.user_id,
+                        correlation_id=row.job_id,
                     )
                     continue
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -476,11 +485,16 @@ class WorkerHostService(Service):
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(self.settings.host_lease / 4, 1.0))
-            silent = loop.time() - self._lease_renewed
-            if silent > self.settings.host_lease and self.live:
+            if self._lease_expired() and self.live:
+                silent = loop.time() - (self._lease_renewed or 0.0)
                 log.warning("broker unreachable for %.1fs: fencing %d workers", silent,
                             len(self.live))
                 self._fence("broker unreachable past the lease")
+
+    def _lease_expired(self) -> bool:
+        if self._lease_renewed is None:  # not started yet: nothing to fence
+            return False
+        return asyncio.get_running_loop().time() - self._lease_renewed > self.settings.host_lease
 
     def _fence(self, why: str) -> None:
         for worker in list(self.live.values()):
