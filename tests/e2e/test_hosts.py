@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from services.cli.client import GatewayClient
 from tests.conftest import rabbitmqctl
 from tests.e2e.conftest import System, start_body
 from tests.e2e.test_lifecycle import alive
@@ -86,7 +87,9 @@ async def two_hosts(tmp_path: Path) -> AsyncIterator[System]:
             rabbitmqctl("delete_user", CUT_USER)
 
 
-async def start_spread(system: System, count: int) -> tuple[list[str], dict[str, dict]]:
+async def start_spread(
+    system: System, count: int
+) -> tuple[list[str], dict[str, dict], GatewayClient]:
     """Start `count` holds for an enterprise user; wait until all run; returns ids and entries."""
     for _ in range(100):
         hosts = (await system.admin.call("GET", "/admin/hosts"))["hosts"]
@@ -101,17 +104,15 @@ async def start_spread(system: System, count: int) -> tuple[list[str], dict[str,
         entries[wid] = await system.wait_for_worker(
             client, wid, lambda e: e["worker"]["status"] == "running"
         )
-    system.client_of_test = client  # type: ignore[attr-defined]
-    return ids, entries
+    return ids, entries, client
 
 
 async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(
     two_hosts: System,
 ) -> None:
-    ids, entries = await start_spread(two_hosts, 4)
+    ids, entries, client = await start_spread(two_hosts, 4)
     on_host_1 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-1"}
     assert on_host_1 and len(on_host_1) < 4  # placement spread the work
-    client = two_hosts.client_of_test  # type: ignore[attr-defined]
 
     async with NeverTwice(set(ids)).running() as guard:
         two_hosts.supervisor.kill("worker-host host-1", restart=False)
@@ -149,10 +150,9 @@ async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(
 async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
     two_hosts: System,
 ) -> None:
-    ids, entries = await start_spread(two_hosts, 4)
+    ids, entries, client = await start_spread(two_hosts, 4)
     on_host_2 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-2"}
     assert on_host_2
-    client = two_hosts.client_of_test  # type: ignore[attr-defined]
     lease = float(two_hosts.env["RUNNER_HOST_LEASE"])
 
     async with NeverTwice(set(ids)).running() as guard:
