@@ -77,6 +77,18 @@ class Settings(BaseSettings):
             raise ValueError("must contain '{service}' (each service keeps its own database)")
         return async_driver(url)
 
+    @property
+    def lease_check_interval(self) -> float:
+        """How often a worker-host checks its own lease."""
+        return min(self.host_lease / 4, 1.0)
+
+    @property
+    def host_fenced_within(self) -> float:
+        """How long after being declared lost a host has surely killed its workers: its lease
+        (counted from its last confirmed heartbeat, which came before the declaration), one
+        lease check, and a margin for a slow event loop."""
+        return self.host_lease + self.lease_check_interval + 0.5
+
     @cached_property
     def vhost(self) -> str:
         from yarl import URL

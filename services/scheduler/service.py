@@ -307,9 +307,16 @@ class SchedulerService(Service):
             return
         if job.state not in (State.DISPATCHED, State.RUNNING):
             return
-        at = now()
         if getattr(event, "reason", None) != CrashReason.HOST_LOST:
-            await self._record_strategy_failure(uow, job, at)
+            await self._record_strategy_failure(uow, job, now())
+        await self._restart_or_give_up(uow, job, env.stream)
+
+    async def _restart_or_give_up(
+        self, uow: UnitOfWork, job: JobRow, stream: str, not_before: float = 0.0
+    ) -> None:
+        """Apply the restart policy to a crashed job: WorkerRestartScheduled (after the backoff,
+        and no sooner than `not_before` seconds) or RestartsExhausted."""
+        at = now()
         ran_for = (at - as_utc(job.started_at)).total_seconds() if job.started_at else None
         decision = after_crash(
             streak=job.streak,
@@ -330,11 +337,12 @@ class SchedulerService(Service):
                     attempts=decision.attempts,
                     detail=decision.detail,
                 ),
-                stream=env.stream,
+                stream=stream,
                 user_id=job.user_id,
             )
             return
-        due = at + timedelta(seconds=decision.delay)
+        delay = max(decision.delay, not_before)
+        due = at + timedelta(seconds=delay)
         job.state, job.streak, job.host_id = State.CRASHED, decision.streak, None
         uow.session.add(job)
         await uow.set_timer(f"restart:{job.job_id}", "restart", due, job_id=job.job_id)
@@ -343,10 +351,10 @@ class SchedulerService(Service):
                 job_id=job.job_id,
                 worker_id=job.worker_id,
                 attempt=job.attempt + 1,
-                delay=decision.delay,
+                delay=delay,
                 due_at=due,
             ),
-            stream=env.stream,
+            stream=stream,
             user_id=job.user_id,
         )
 
@@ -377,7 +385,10 @@ class SchedulerService(Service):
         self._kick.set()
 
     async def on_host_lost(self, uow: UnitOfWork, env: Envelope, event: HostLost) -> None:
-        """The host's workers are crashed (`host_lost`) and go through the restart policy."""
+        """The host's workers are crashed (`host_lost`) and go through the restart policy, but
+        restart no sooner than the host has surely fenced them (`host_fenced_within`): a host
+        declared lost may still be alive, and a strategy must never run twice. A host that shut
+        down cleanly (`silent_for` 0) has reported its workers' ends already."""
         host = await uow.session.get(HostRow, event.host_id)
         if host is not None:
             host.online = False
@@ -387,7 +398,9 @@ class SchedulerService(Service):
                 select(JobRow).where(JobRow.host_id == event.host_id, JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
             )
         ).all()
+        fence_wait = self.settings.host_fenced_within if event.silent_for > 0 else 0.0
         for job in jobs:
+            stream = job_stream(job.job_id)
             uow.emit(
                 WorkerCrashed(
                     job_id=job.job_id,
@@ -397,10 +410,12 @@ class SchedulerService(Service):
                     reason=CrashReason.HOST_LOST,
                     detail=f"host {event.host_id} silent for {event.silent_for:.1f}s",
                 ),
-                stream=job_stream(job.job_id),
+                stream=stream,
                 correlation_id=job.job_id,
                 user_id=job.user_id,
             )
+            if job.state != State.STOPPING:  # a stopping one ends as stopped (on_worker_crashed)
+                await self._restart_or_give_up(uow, job, stream, not_before=fence_wait)
 
     async def on_limit_changed(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         if isinstance(event, EntitlementExpired):

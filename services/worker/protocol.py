@@ -8,6 +8,12 @@ trading fact (OrderFilled, PositionChanged, TradeClosed, PositionsFlattened, Fla
 host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
 flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
 exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
+
+The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, then a `Lease` line each
+time the host renews its own. Both are `time.monotonic()` instants (host and worker share the
+machine, hence the clock). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without
+touching positions: a stalled or cut-off host cannot leave it running past the moment the system
+may restart it elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from events.values import PositionMark
 
 EXIT_HOST_GONE = 3
+EXIT_LEASE_LAPSED = 4
 
 # Environment of a worker process: the seed's per-worker variables ...
 ENV_USER_ID = "USER_ID"
@@ -35,6 +42,7 @@ ENV_CONTROL_FD = "RUNNER_CONTROL_FD"
 ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
 ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper-broker account state, kept across restarts
 ENV_PAPER_SEED = "RUNNER_PAPER_SEED"
+ENV_LEASE_UNTIL = "RUNNER_LEASE_UNTIL"  # time.monotonic() instant; unset: no lease (no host)
 
 
 class _Line(BaseModel):
@@ -67,7 +75,14 @@ class Stop(_Line):
     flatten: bool = False
 
 
-Line = Annotated[Hello | Beat | Report | Stop, Field(discriminator="type")]
+class Lease(_Line):
+    """The host holds its lease until `until` (a `time.monotonic()` instant)."""
+
+    type: Literal["lease"] = "lease"
+    until: float
+
+
+Line = Annotated[Hello | Beat | Report | Stop | Lease, Field(discriminator="type")]
 LINE = TypeAdapter(Line)
 
 
@@ -75,5 +90,5 @@ def encode(line: _Line) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
-def decode(raw: bytes | str) -> Hello | Beat | Report | Stop:
+def decode(raw: bytes | str) -> Hello | Beat | Report | Stop | Lease:
     return LINE.validate_json(raw)

@@ -6,6 +6,8 @@ Exit paths (what the host can rely on):
 - `Stop(flatten=False)`, SIGTERM or SIGINT: the strategy is cancelled, positions and resting
   orders are left as they are; exit 0.
 - EOF on the channel (the host is gone): exit `EXIT_HOST_GONE` (3), positions untouched.
+- The host's lease runs out (see `protocol`): exit `EXIT_LEASE_LAPSED` (4), positions untouched;
+  the strategy makes no further tick once the lease has lapsed.
 - The strategy (or the market data feeding it) raises: the traceback goes to stderr; exit 1.
 - The environment cannot be used (a variable missing or malformed, invalid CONFIG, unknown
   broker or strategy, invalid parameters): one line on stderr, no Hello; exit `EXIT_BAD_CONFIG`
@@ -24,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +48,7 @@ from services.worker.brokers.base import (
     mark_position,
 )
 from services.worker.flatten import flatten
-from services.worker.protocol import Beat, Hello, Report, Stop
+from services.worker.protocol import Beat, Hello, Lease, Report, Stop
 from services.worker.strategies.base import Strategy, load_strategy
 
 log = logging.getLogger("services.worker")
@@ -54,6 +57,7 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_HOST_GONE = protocol.EXIT_HOST_GONE
+EXIT_LEASE_LAPSED = protocol.EXIT_LEASE_LAPSED
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
 REDACTED = "[redacted]"
@@ -79,6 +83,7 @@ class WorkerEnv:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     state_file: Path | None = None
     paper_seed: str | None = None
+    lease_until: float | None = None  # time.monotonic(); None: not run by a host
     credentials: Credentials = field(default_factory=Credentials, repr=False)
 
     @classmethod
@@ -117,6 +122,11 @@ class WorkerEnv:
                 f"{protocol.ENV_HEARTBEAT_INTERVAL} must be between 0 and 3600 seconds"
             )
         state_file = env.get(protocol.ENV_STATE_FILE, "").strip()
+        lease_until = env.get(protocol.ENV_LEASE_UNTIL, "").strip()
+        try:
+            lease = float(lease_until) if lease_until else None
+        except ValueError:
+            raise BadEnvironment(f"{protocol.ENV_LEASE_UNTIL} is not a monotonic time") from None
         return cls(
             user_id=required(protocol.ENV_USER_ID),
             strategy_id=required(protocol.ENV_STRATEGY_ID),
@@ -128,6 +138,7 @@ class WorkerEnv:
             heartbeat_interval=interval,
             state_file=Path(state_file) if state_file else None,
             paper_seed=env.get(protocol.ENV_PAPER_SEED) or None,
+            lease_until=lease,
             credentials=Credentials(
                 api_key=env.get(protocol.ENV_API_KEY, ""),
                 api_secret=env.get(protocol.ENV_API_SECRET, ""),
@@ -223,8 +234,34 @@ class _Crashed:
     error: BaseException
 
 
+class _LeaseLapsed:
+    """The host's lease ran out before it was renewed."""
+
+
 HOST_GONE = _HostGone()
-Outcome = Stop | _HostGone | _Crashed
+LEASE_LAPSED = _LeaseLapsed()
+Outcome = Stop | _HostGone | _LeaseLapsed | _Crashed
+
+
+@dataclass
+class HostLease:
+    """Until when this worker may run (a `time.monotonic()` instant; None: no limit)."""
+
+    until: float | None
+
+    def renew(self, until: float) -> None:
+        self.until = until if self.until is None else max(self.until, until)
+
+    def lapsed(self) -> bool:
+        return self.until is not None and time.monotonic() >= self.until
+
+    async def watch(self, settle: Callable[[Outcome], None]) -> None:
+        """Settle LEASE_LAPSED once the lease runs out without renewal."""
+        while self.until is not None:
+            if (left := self.until - time.monotonic()) <= 0:
+                settle(LEASE_LAPSED)
+                return
+            await asyncio.sleep(left)
 
 
 class WorkerRuntime:
@@ -233,6 +270,7 @@ class WorkerRuntime:
     def __init__(self, env: WorkerEnv) -> None:
         self.env = env
         self.redact = redactor(env.credentials)
+        self.lease = HostLease(env.lease_until)
 
     async def run(self) -> int:
         env = self.env
@@ -294,6 +332,7 @@ class WorkerRuntime:
         # The first beat goes out before the strategy starts: it tells the host "alive" at once.
         beating = asyncio.create_task(self._beat(broker, channel), name="heartbeat")
         trading = asyncio.create_task(self._trade(strategy, broker), name="strategy")
+        leasing = asyncio.create_task(self.lease.watch(settle), name="lease")
 
         def on_trading_done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and (error := task.exception()) is not None:
@@ -310,6 +349,9 @@ class WorkerRuntime:
             if isinstance(result, _HostGone):
                 log.warning("control channel closed: host gone, exiting without touching positions")
                 return EXIT_HOST_GONE
+            if isinstance(result, _LeaseLapsed):
+                log.warning("the host's lease lapsed: exiting without touching positions")
+                return EXIT_LEASE_LAPSED
             if result.flatten:
                 event = await flatten(broker, job_id=env.job_id, worker_id=env.worker_id)
                 if isinstance(event, FlattenFailed):
@@ -323,15 +365,16 @@ class WorkerRuntime:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await _cancel(beating, listening, trading)
+            await _cancel(beating, listening, trading, leasing)
             with contextlib.suppress(Exception):
                 await broker.close()
 
-    @staticmethod
-    async def _trade(strategy: Strategy, broker: Broker) -> None:
+    async def _trade(self, strategy: Strategy, broker: Broker) -> None:
         await strategy.start()
         while True:
             await asyncio.sleep(strategy.tick_interval)
+            if self.lease.lapsed():  # e.g. resumed after a long stall: the watcher settles
+                return
             await broker.tick()
             await strategy.on_tick()
 
@@ -359,8 +402,9 @@ class WorkerRuntime:
             channel.send(Beat(at=datetime.now(UTC), positions=marks))
             await channel.flush()
 
-    @staticmethod
-    async def _listen(reader: asyncio.StreamReader, settle: Callable[[Outcome], None]) -> None:
+    async def _listen(
+        self, reader: asyncio.StreamReader, settle: Callable[[Outcome], None]
+    ) -> None:
         while True:
             try:
                 raw = await reader.readline()
@@ -377,6 +421,9 @@ class WorkerRuntime:
             if isinstance(line, Stop):
                 settle(line)
                 return
+            if isinstance(line, Lease):
+                self.lease.renew(line.until)
+                continue
             log.warning("ignoring an unexpected %r line from the host", line.type)
 
 

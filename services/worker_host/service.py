@@ -7,7 +7,9 @@ Guarantees:
   otherwise (`exited` with the code or signal, `heartbeat_timeout` after a HeartbeatMissed kill,
   `host_lost` when fenced), the moment the process is gone.
 - Fencing: cut off from the broker for longer than `host_lease`, or told it was declared lost,
-  the host kills its workers, so a rescheduled strategy never runs twice.
+  the host kills its workers, so a rescheduled strategy never runs twice. A fence also voids
+  every dispatch received before it: a spawn still in flight is refused, or killed the moment
+  it returns.
 - Workers are forked from a pre-imported fork-server (`RUNNER_SPAWN_MODE=fork`, the default) or
   exec'd one by one (`exec`); the code here does not depend on which.
 - Heartbeats (its own and its workers') go out as transient telemetry; trading reports go
@@ -22,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from datetime import datetime
 from typing import Any
 
@@ -96,7 +99,8 @@ class WorkerHostService(Service):
         self.capacity = settings.host_capacity
         self.sealer = Sealer(secret_key(settings))
         self.live: dict[str, WorkerProcess] = {}
-        self._lease_renewed: float | None = None  # loop time of the last confirmed heartbeat
+        self._lease_renewed: float | None = None  # loop time a confirmed heartbeat was sent
+        self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
         self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
 
@@ -107,6 +111,7 @@ class WorkerHostService(Service):
     async def setup(self) -> None:
         raise_open_files_limit()
         await self.spawner.start()
+        await self._recover()  # before consuming: a fresh dispatch is not a leftover
         self.handle(
             host_inbox(self.host_id),
             {
@@ -118,7 +123,6 @@ class WorkerHostService(Service):
         )
 
     async def started(self) -> None:
-        await self._recover()
         async with self.store.transaction() as uow:
             uow.emit(
                 HostOnline(
@@ -129,7 +133,7 @@ class WorkerHostService(Service):
                 ),
                 stream=f"host-{self.host_id}",
             )
-        self._lease_renewed = asyncio.get_running_loop().time()
+        self._lease_renewed = time.monotonic()
         self.background(self._heartbeat_loop(), "host-heartbeat")
         self.background(self._lease_loop(), "host-lease")
 
@@ -168,10 +172,9 @@ class WorkerHostService(Service):
             config=event.config.model_dump_json(by_alias=True),
         )
         uow.session.add(intent)
+        epoch = self._epoch
         uow.after_commit.append(
-            lambda: self.background(
-                self._launch(event.worker_id, intent), f"launch-{event.worker_id}"
-            )
+            lambda: self.background(self._launch(intent, epoch), f"launch-{event.worker_id}")
         )
 
     async def on_stop_requested(self, uow: UnitOfWork, env: Envelope, event: StopRequested) -> None:
@@ -236,18 +239,16 @@ class WorkerHostService(Service):
 
     # ------------------------------------------------------------------ worker lifecycle
 
-    async def _launch(self, worker_id: str, row: LocalWorker | None = None) -> None:
-        """Spawn the committed intent `row` (read from the store when not given)."""
-        if row is None:
-            async with self.store.reading() as session:
-                row = await session.get(LocalWorker, worker_id)
-        if row is None or row.pid is not None or worker_id in self.live:
+    async def _launch(self, row: LocalWorker, epoch: int) -> None:
+        """Spawn the committed intent `row`, received in fence epoch `epoch`."""
+        worker_id = row.worker_id
+        if worker_id in self.live:
             return
         try:
             if len(self.live) >= self.capacity:
                 raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
-            if self._lease_expired():
-                raise SpawnError(f"host {self.host_id} is fenced (its lease expired)")
+            if self._lease_expired() or epoch != self._epoch:
+                raise SpawnError(f"host {self.host_id} was fenced since this dispatch")
             credentials = self.sealer.open(row.credentials_sealed)
             env = worker_environment(
                 worker_id=worker_id,
@@ -259,6 +260,7 @@ class WorkerHostService(Service):
                 config_json=row.config,
                 heartbeat_interval=self.settings.heartbeat_interval,
                 state_file=self.workers_dir / f"{worker_id}.state.json",
+                lease_until=self._lease_until(),
             )
             worker = await self.spawner.spawn(
                 SpawnRequest(
@@ -290,6 +292,9 @@ class WorkerHostService(Service):
                 )
             return
         self.live[worker_id] = worker
+        if epoch != self._epoch:  # fenced while it was spawning: it must not run
+            worker.end_reason = "fenced"
+            worker.signal(signal.SIGKILL)
         async with self.store.transaction() as uow:
             current = await uow.session.get(LocalWorker, worker_id)
             if current is not None:
@@ -368,6 +373,8 @@ class WorkerHostService(Service):
                 )
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
+        if code == protocol.EXIT_LEASE_LAPSED:  # it fenced itself: our lease ran out
+            worker.end_reason = "fenced"
         if code is None:  # an orphan of a lost fork-server: gone, but nobody could reap it
             how = "exited (code unknown)"
         elif code >= 0:
@@ -459,17 +466,25 @@ class WorkerHostService(Service):
                     )
 
     async def _heartbeat_loop(self) -> None:
-        """Our heartbeat, published with a confirm: each confirm renews the host's lease."""
-        loop = asyncio.get_running_loop()
+        """Our heartbeat, published with a confirm: each confirm renews the host's lease from
+        the moment the beat was sent. A lease that lapsed in between (a stalled loop, a slow
+        broker) fences first: the monitor may have declared us lost meanwhile."""
         while True:
             beat = HostHeartbeat(host_id=self.host_id, capacity=self.capacity,
                                  workers=tuple(self.live), at=now())
+            sent = time.monotonic()
             try:
                 await asyncio.wait_for(self.bus.send_telemetry(beat),
                                        timeout=self.settings.host_heartbeat_interval)
-                self._lease_renewed = loop.time()
             except Exception as exc:
                 log.debug("host heartbeat not confirmed: %s", exc)
+            else:
+                if self._lease_expired():
+                    self._fence("the lease lapsed before this heartbeat was confirmed")
+                self._lease_renewed = sent
+                lease = protocol.Lease(until=self._lease_until())
+                for worker in list(self.live.values()):
+                    await worker.send(lease)
             await asyncio.sleep(self.settings.host_heartbeat_interval)
 
     async def _send_telemetry(self, message: Any) -> None:
@@ -482,11 +497,10 @@ class WorkerHostService(Service):
         """Fence when the broker has confirmed none of our heartbeats for longer than the lease:
         a dropped connection and a silent network cut alike (the AMQP connection may take far
         longer to notice the latter)."""
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.settings.host_lease / 4, 1.0))
+            await asyncio.sleep(self.settings.lease_check_interval)
             if self._lease_expired() and self.live:
-                silent = loop.time() - (self._lease_renewed or 0.0)
+                silent = time.monotonic() - (self._lease_renewed or 0.0)
                 log.warning("broker unreachable for %.1fs: fencing %d workers", silent,
                             len(self.live))
                 self._fence("broker unreachable past the lease")
@@ -494,9 +508,15 @@ class WorkerHostService(Service):
     def _lease_expired(self) -> bool:
         if self._lease_renewed is None:  # not started yet: nothing to fence
             return False
-        return asyncio.get_running_loop().time() - self._lease_renewed > self.settings.host_lease
+        return time.monotonic() - self._lease_renewed > self.settings.host_lease
+
+    def _lease_until(self) -> float:
+        """When our lease runs out (`time.monotonic()`), as our workers are told; a full lease
+        from now while we are still starting (connected, no heartbeat sent yet)."""
+        return (self._lease_renewed or time.monotonic()) + self.settings.host_lease
 
     def _fence(self, why: str) -> None:
+        self._epoch += 1
         for worker in list(self.live.values()):
             worker.end_reason = "fenced"
             worker.signal(signal.SIGKILL)

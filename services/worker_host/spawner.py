@@ -86,7 +86,7 @@ class WorkerProcess:
     async def wait(self) -> int | None:
         return await self.process.wait()
 
-    async def send(self, line: protocol.Stop) -> None:
+    async def send(self, line: protocol.Stop | protocol.Lease) -> None:
         try:
             self.writer.write(protocol.encode(line))
             await self.writer.drain()
@@ -140,6 +140,7 @@ def worker_environment(
     config_json: str,
     heartbeat_interval: float,
     state_file: Path,
+    lease_until: float | None = None,
 ) -> dict[str, str]:
     """The seed's per-worker environment plus the runtime's own."""
     env = {k: os.environ[k] for k in INHERITED if k in os.environ}
@@ -155,6 +156,8 @@ def worker_environment(
         protocol.ENV_HEARTBEAT_INTERVAL: str(heartbeat_interval),
         protocol.ENV_STATE_FILE: str(state_file),
     }
+    if lease_until is not None:
+        env[protocol.ENV_LEASE_UNTIL] = repr(lease_until)
     return env
 
 

@@ -95,14 +95,6 @@ async def settled(system: System, timeout: float = 60.0) -> dict:
     raise AssertionError(f"system never settled: {stuck}")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="tracked in issue 4: with the CPU starved (2 busy loops beside the drill) a worker "
-    "once ran twice (a restarted worker-host relaunched a dispatch the scheduler had moved). "
-    "Fixed since (restart reports instead of relaunching; no spawn past the lease), but a late "
-    "JobDispatched can still start before the host reads its own HostLost; drop this marker "
-    "once that is closed",
-)
 async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     system = System(tmp_path, hosts=2)

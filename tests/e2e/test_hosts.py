@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from services.cli.client import GatewayClient
+from services.settings import Settings
 from tests.conftest import rabbitmqctl
 from tests.e2e.conftest import System, start_body
 from tests.e2e.test_lifecycle import alive
@@ -189,3 +191,54 @@ async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
     assert guard.doubles == []
     hosts = {h["hostId"]: h for h in (await two_hosts.admin.call("GET", "/admin/hosts"))["hosts"]}
     assert not hosts["host-2"]["lost"]  # rejoined
+
+
+async def test_frozen_host_workers_fence_themselves_before_they_run_elsewhere(
+    two_hosts: System,
+) -> None:
+    """A host that stalls (SIGSTOP: alive, connected, silent) cannot renew its lease: its
+    workers end themselves when it runs out, and the scheduler restarts them on the other host
+    only once the lease has surely run out, so none runs twice."""
+    ids, entries, client = await start_spread(two_hosts, 4)
+    on_host_1 = {w for w, e in entries.items() if e["worker"]["hostId"] == "host-1"}
+    assert on_host_1
+    lease = float(two_hosts.env["RUNNER_HOST_LEASE"])
+    host_1 = two_hosts.supervisor.child("worker-host host-1").process
+    assert host_1 is not None
+
+    async with NeverTwice(set(ids)).running() as guard:
+        host_1.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            pids = [entries[w]["worker"]["pid"] for w in on_host_1]
+            while any(alive(p) for p in pids):
+                assert time.monotonic() - frozen_at < lease + 1.0, "workers outlived the lease"
+                await asyncio.sleep(0.05)
+            for wid in on_host_1:
+                await two_hosts.wait_for_worker(
+                    client,
+                    wid,
+                    lambda e: e["worker"]["status"] == "running"
+                    and e["worker"]["hostId"] == "host-2",
+                    timeout=30,
+                )
+        finally:
+            host_1.send_signal(signal.SIGCONT)
+        await asyncio.sleep(3)  # host-1 wakes: reports the lapsed exits (stale), rejoins
+        for wid in ids:
+            entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
+            assert entry["worker"]["status"] == "running"
+    assert guard.doubles == []
+
+    log = await two_hosts.log()
+    lost_at = next(
+        e.occurred_at for e in log if e.type == "HostLost" and e.payload["host_id"] == "host-1"
+    )
+    fenced_within = Settings(host_lease=lease).host_fenced_within
+    for wid in on_host_1:
+        scheduled = [
+            e for e in log
+            if e.type == "WorkerRestartScheduled" and e.payload["worker_id"] == wid
+            and e.occurred_at >= lost_at
+        ]
+        assert scheduled and scheduled[0].payload["delay"] >= fenced_within

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from events import REGISTRY, FlattenFailed, OrderFilled, PositionChanged, Positi
 from events.values import Position
 from services.worker import protocol
 from services.worker.brokers.paper import PaperBroker
-from services.worker.protocol import Beat, Hello, Report, Stop
+from services.worker.protocol import Beat, Hello, Lease, Report, Stop
 
 REPO = Path(__file__).resolve().parents[2]
 BTC = "BTC-PERPETUAL"
@@ -52,6 +53,7 @@ class Worker:
     job_id: str
     state_file: Path
     log_file: Path
+    process_env: dict[str, str] = field(default_factory=dict)
     received: list[Hello | Beat | Report] = field(default_factory=list)
 
     async def line(self, timeout: float = TIMEOUT) -> Hello | Beat | Report | None:
@@ -89,7 +91,7 @@ class Worker:
         )
         return [line for line in lines if isinstance(line, Report)]
 
-    async def send(self, line: Stop) -> None:
+    async def send(self, line: Stop | Lease) -> None:
         self.writer.write(protocol.encode(line))
         await self.writer.drain()
 
@@ -159,7 +161,7 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             )
         worker_end.close()
         reader, writer = await asyncio.open_unix_connection(sock=host_end)
-        worker = Worker(process, reader, writer, worker_id, job_id, state_file, log_file)
+        worker = Worker(process, reader, writer, worker_id, job_id, state_file, log_file, env)
         workers.append(worker)
         return worker
 
@@ -281,6 +283,27 @@ async def test_host_gone_exits_3_without_touching_positions(spawn: Spawn) -> Non
     assert await worker.exit_code() == protocol.EXIT_HOST_GONE == 3
     assert worker.saved_positions() == before
     assert "host gone" in worker.log()
+
+
+async def test_lease_that_runs_out_exits_4_without_touching_positions(spawn: Spawn) -> None:
+    worker = await spawn(hold(BTC, ETH), RUNNER_LEASE_UNTIL=repr(time.monotonic() + 1.5))
+    await worker.opened(2)
+    before = worker.saved_positions()
+    assert await worker.exit_code(timeout=5) == protocol.EXIT_LEASE_LAPSED == 4
+    assert time.monotonic() >= float(worker.process_env["RUNNER_LEASE_UNTIL"])
+    assert worker.saved_positions() == before
+    assert "lease lapsed" in worker.log()
+
+
+async def test_renewed_lease_keeps_the_worker_running(spawn: Spawn) -> None:
+    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(time.monotonic() + 0.6))
+    await worker.opened(1)
+    for _ in range(6):  # 1.8 s in all: three times the first lease
+        await worker.send(Lease(until=time.monotonic() + 0.6))
+        await asyncio.sleep(0.3)
+    assert worker.process.returncode is None
+    await worker.send(Stop())
+    assert await worker.exit_code() == 0
 
 
 async def test_sigterm_is_a_stop_without_flatten(spawn: Spawn) -> None:
