@@ -174,7 +174,7 @@ def our_spawn(spawner, workdir: Path) -> Spawn:
         draining = asyncio.create_task(drain())  # keep its channel flowing while it idles
 
         async def reap() -> None:
-            await worker.send(protocol.Stop())
+            worker.send(protocol.Stop())
             await worker.wait()
             await draining
             worker.writer.close()

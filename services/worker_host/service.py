@@ -142,7 +142,7 @@ class WorkerHostService(Service):
         reason host_lost so the scheduler moves it to another host; then HostLost for us."""
         for worker in list(self.live.values()):
             worker.end_reason = "drain"
-            await worker.send(protocol.Stop(flatten=False))
+            worker.send(protocol.Stop(flatten=False))
         await self._wait_all_exited(self.settings.stop_grace)
         await self.spawner.close()
         async with self.store.transaction() as uow:
@@ -320,7 +320,7 @@ class WorkerHostService(Service):
 
     async def _stop(self, worker: WorkerProcess, flatten: bool) -> None:
         worker.end_reason = worker.end_reason or "stop"
-        await worker.send(protocol.Stop(flatten=flatten))
+        worker.send(protocol.Stop(flatten=flatten))
         try:
             await asyncio.wait_for(worker.wait(), timeout=self.settings.stop_grace)
         except TimeoutError:
@@ -483,8 +483,8 @@ class WorkerHostService(Service):
                     self._fence("the lease lapsed before this heartbeat was confirmed")
                 self._lease_renewed = sent
                 lease = protocol.Lease(until=self._lease_until())
-                for worker in list(self.live.values()):
-                    await worker.send(lease)
+                for worker in self.live.values():
+                    worker.send(lease)
             await asyncio.sleep(self.settings.host_heartbeat_interval)
 
     async def _send_telemetry(self, message: Any) -> None:

@@ -9,6 +9,7 @@ in bench/spawn.py). `RUNNER_SPAWN_MODE` picks one (default fork).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -86,12 +87,14 @@ class WorkerProcess:
     async def wait(self) -> int | None:
         return await self.process.wait()
 
-    async def send(self, line: protocol.Stop | protocol.Lease) -> None:
-        try:
-            self.writer.write(protocol.encode(line))
-            await self.writer.drain()
-        except (ConnectionError, OSError):
-            pass  # already gone: its exit is reported by the supervisor
+    def send(self, line: protocol.Stop | protocol.Lease) -> None:
+        """Best effort, straight to the socket rather than through the stream's transport: a
+        write to a worker that has just exited fails, and in the transport that failure would
+        also close the reading side, losing the worker's last lines (its final reports) still
+        unread in the socket. Lines are a few dozen bytes; a worker that stops reading until its
+        buffer fills is hung, and the watchdog deals with it."""
+        with contextlib.suppress(OSError):  # already gone: the supervisor reports its exit
+            os.write(self.writer.get_extra_info("socket").fileno(), protocol.encode(line))
 
     def signal(self, sig: int) -> None:
         """`sig` to the worker's process group (it leads its own session)."""

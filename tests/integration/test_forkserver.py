@@ -144,7 +144,7 @@ async def test_spawned_worker_says_hello_and_beats_at_once(spawn: Spawn) -> None
     await next_beat(worker, timeout=PROMPT)  # the first beat does not wait for the interval
     assert time.monotonic() - started < PROMPT
     assert os.getpgid(worker.pid) == worker.pid == os.getsid(worker.pid)  # its own session
-    await worker.send(protocol.Stop())
+    worker.send(protocol.Stop())
     assert await asyncio.wait_for(worker.wait(), 5) == 0
 
 
