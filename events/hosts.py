@@ -13,9 +13,13 @@ class _HostEvent(Event):
 
 
 class HostOnline(_HostEvent):
+    """A worker-host runs and takes work. `incarnation` names this run of it: work dispatched
+    to an earlier run is refused (empty in logs from before it existed)."""
+
     capacity: int
     hostname: str
     pid: int
+    incarnation: str = ""
 
 
 class HostLost(_HostEvent):

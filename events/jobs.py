@@ -52,6 +52,7 @@ class JobDispatched(_JobEvent):
     broker_id: str
     credentials_sealed: str
     config: StrategyConfig
+    host_incarnation: str = ""  # the run of the host it is meant for (HostOnline); "": any
 
 
 class _WorkerEvent(Event):

@@ -264,10 +264,11 @@ def _without(mapping: immutables.Map[str, _V], key: str) -> immutables.Map[str, 
 
 
 def _is_stale(state: Projections, worker_id: str, attempt: int) -> bool:
-    """A failure report about an ended worker or an earlier incarnation than the one running.
+    """A report about an ended worker or an earlier attempt than the latest one.
 
     A host cut off from the broker reports its workers' ends late, after the scheduler has
-    already crashed and restarted them elsewhere.
+    already crashed and restarted them elsewhere; a restarted host may start (and at once fence)
+    an attempt that was moved while it was down.
     """
     worker = state.workers.get(worker_id)
     return worker is not None and (worker.status in _ENDED or attempt < worker.restart_count)
@@ -345,6 +346,8 @@ def _(event: JobDispatched, state: Projections, envelope: Envelope) -> Projectio
 
 @_on.register
 def _(event: WorkerSpawned, state: Projections, envelope: Envelope) -> Projections:
+    if _is_stale(state, event.worker_id, event.attempt):
+        return state
     return _update_worker(
         state,
         event.worker_id,
@@ -400,6 +403,8 @@ def _(event: WorkerRestartScheduled, state: Projections, envelope: Envelope) -> 
 @_on.register
 def _(event: WorkerRestarted, state: Projections, envelope: Envelope) -> Projections:
     """Running again; the reason still tells why it had to restart."""
+    if _is_stale(state, event.worker_id, event.attempt):
+        return state
     return _update_worker(
         state,
         event.worker_id,

@@ -86,6 +86,11 @@ class RpcError(RuntimeError):
     """A request/reply call failed or timed out; the message says why, without internals."""
 
 
+class RawJson(bytes):
+    """An RPC result already encoded as JSON: replied as is, and `Bus.request_raw` hands it
+    on as is (a large status document is never decoded and re-encoded on its way)."""
+
+
 def poison_reason(exc: BaseException) -> str:
     """A short, secret-free description of why a message is poison."""
     if isinstance(exc, ValidationError):
@@ -115,7 +120,7 @@ class Bus:
         )
         self._queues: list[QueueSpec] = []
         self._declared: list[Any] = []  # robust objects are restored only while referenced
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[str, asyncio.Future[tuple[bool, bytes]]] = {}
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
@@ -401,8 +406,9 @@ class Bus:
     # ---------------------------------------------------------------- request / reply
 
     def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
-        """Answer JSON requests on `spec` with `{"ok": true, "result": …}` or
-        `{"ok": false, "error": …}`."""
+        """Answer JSON requests on `spec`: the reply's body is the handler's result as JSON
+        (a `RawJson` result as is) with header `ok` true, or the error message as a JSON string
+        with `ok` false."""
         self._queues.append(spec)
 
         @self.broker.subscriber(
@@ -417,17 +423,20 @@ class Bus:
             raw = msg.raw_message
             if not raw.reply_to:
                 return
+            ok = True
             try:
-                reply = {"ok": True, "result": await handler(orjson.loads(raw.body))}
+                result = await handler(orjson.loads(raw.body))
+                body = result if isinstance(result, RawJson) else _dumps(result)
             except (ValueError, LookupError, PermissionError) as exc:
-                reply = {"ok": False, "error": str(exc)}
+                ok, body = False, _dumps(str(exc))
             except Exception as exc:
                 log.exception("%s: request failed", spec.name)
-                reply = {"ok": False, "error": f"internal error ({type(exc).__name__})"}
+                ok, body = False, _dumps(f"internal error ({type(exc).__name__})")
             channel = self._publish_channel or await self._channel()
             await channel.default_exchange.publish(
                 aio_pika.Message(
-                    _dumps(reply),
+                    body,
+                    headers={"ok": ok},
                     correlation_id=raw.correlation_id,
                     content_type="application/json",
                 ),
@@ -437,9 +446,19 @@ class Bus:
 
     async def request(self, queue: str, body: dict[str, Any], timeout: float | None = None) -> Any:
         """Call a service's RPC queue; returns its result or raises `RpcError` with its error."""
+        raw = await self.request_raw(queue, body, timeout)
+        try:
+            return orjson.loads(memoryview(raw))  # orjson takes no bytes subclass
+        except ValueError:
+            raise RpcError(f"{queue} sent a malformed reply") from None
+
+    async def request_raw(
+        self, queue: str, body: dict[str, Any], timeout: float | None = None
+    ) -> RawJson:
+        """`request`, with the result as the JSON bytes it came in."""
         channel = await self._reply_channel()
         correlation_id = uuid.uuid4().hex
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[bool, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = future
         try:
             await channel.default_exchange.publish(
@@ -453,14 +472,18 @@ class Bus:
                 routing_key=queue,
                 mandatory=False,
             )
-            reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
+            ok, reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
         except TimeoutError:
             raise RpcError(f"{queue} did not answer in time") from None
         finally:
             self._pending.pop(correlation_id, None)
-        if not reply.get("ok"):
-            raise RpcError(reply.get("error", "request failed"))
-        return reply.get("result")
+        if not ok:
+            try:
+                error = orjson.loads(reply)
+            except ValueError:
+                error = None
+            raise RpcError(error if isinstance(error, str) else "request failed")
+        return RawJson(reply)
 
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
@@ -476,10 +499,7 @@ class Bus:
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
         if future is not None and not future.done():
-            try:
-                future.set_result(orjson.loads(message.body))
-            except ValueError:
-                future.set_exception(RpcError("malformed reply"))
+            future.set_result((message.headers.get("ok") is True, message.body))
 
 
 class _BatchConsumer:

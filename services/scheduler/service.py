@@ -113,6 +113,7 @@ class HostRow(SQLModel, table=True):
     host_id: str = Field(primary_key=True, max_length=100)
     capacity: int
     online: bool = True
+    incarnation: str = Field(default="", max_length=100)
 
 
 class CircuitRow(SQLModel, table=True):
@@ -380,7 +381,7 @@ class SchedulerService(Service):
         host = await uow.session.get(HostRow, event.host_id) or HostRow(
             host_id=event.host_id, capacity=event.capacity
         )
-        host.capacity, host.online = event.capacity, True
+        host.capacity, host.online, host.incarnation = event.capacity, True, event.incarnation
         uow.session.add(host)
         self._kick.set()
 
@@ -535,7 +536,7 @@ class SchedulerService(Service):
             )
             if not queued or budget <= 0:
                 return
-            hosts = await self._host_loads(uow)
+            hosts, incarnations = await self._host_loads(uow)
             jobs = (
                 await session.exec(
                     select(JobRow)
@@ -563,13 +564,15 @@ class SchedulerService(Service):
                         broker_id=job.broker_id,
                         credentials_sealed=job.credentials_sealed,
                         config=StrategyConfig.model_validate_json(job.config),
+                        host_incarnation=incarnations[host_id],
                     ),
                     stream=job_stream(job.job_id),
                     correlation_id=job.job_id,
                     user_id=job.user_id,
                 )
 
-    async def _host_loads(self, uow: UnitOfWork) -> list[HostLoad]:
+    async def _host_loads(self, uow: UnitOfWork) -> tuple[list[HostLoad], dict[str, str]]:
+        """Online hosts with their load, and the incarnation (run) of each."""
         hosts = (await uow.session.exec(select(HostRow).where(HostRow.online))).all()  # type: ignore[arg-type]
         loads = dict(
             (
@@ -580,7 +583,10 @@ class SchedulerService(Service):
                 )
             ).all()
         )
-        return [HostLoad(h.host_id, h.capacity, loads.get(h.host_id, 0)) for h in hosts]
+        return (
+            [HostLoad(h.host_id, h.capacity, loads.get(h.host_id, 0)) for h in hosts],
+            {h.host_id: h.incarnation for h in hosts},
+        )
 
 
 async def _job(

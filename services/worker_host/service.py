@@ -6,6 +6,9 @@ Guarantees:
 - Every process end is reported once: WorkerStopped after a requested stop, WorkerCrashed
   otherwise (`exited` with the code or signal, `heartbeat_timeout` after a HeartbeatMissed kill,
   `host_lost` when fenced), the moment the process is gone.
+- Each run of the host is an incarnation (announced in HostOnline): a dispatch meant for an
+  earlier run, still queued when that run ended, is refused and reported (WorkerCrashed,
+  `host_lost`), never started: the scheduler may have placed that attempt elsewhere since.
 - Fencing: cut off from the broker for longer than `host_lease`, or told it was declared lost,
   the host kills its workers, so a rescheduled strategy never runs twice. A fence also voids
   every dispatch received before it: a spawn still in flight is refused, or killed the moment
@@ -25,6 +28,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -101,6 +105,7 @@ class WorkerHostService(Service):
         self.live: dict[str, WorkerProcess] = {}
         self._lease_renewed: float | None = None  # loop time a confirmed heartbeat was sent
         self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
+        self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
         self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
 
@@ -125,12 +130,7 @@ class WorkerHostService(Service):
     async def started(self) -> None:
         async with self.store.transaction() as uow:
             uow.emit(
-                HostOnline(
-                    host_id=self.host_id,
-                    capacity=self.capacity,
-                    hostname=socket.gethostname(),
-                    pid=os.getpid(),
-                ),
+                self._online(),
                 stream=f"host-{self.host_id}",
             )
         self._lease_renewed = time.monotonic()
@@ -153,6 +153,16 @@ class WorkerHostService(Service):
     async def on_dispatched(self, uow: UnitOfWork, env: Envelope, event: JobDispatched) -> None:
         """Commits the intent to run (worker, attempt), then launches it after the commit."""
         if event.host_id != self.host_id:
+            return
+        if event.host_incarnation not in ("", self.incarnation):
+            uow.emit(
+                WorkerCrashed(job_id=event.job_id, worker_id=event.worker_id,
+                              host_id=self.host_id, attempt=event.attempt,
+                              reason=CrashReason.HOST_LOST,
+                              detail=f"dispatched to an earlier run of host {self.host_id}; "
+                                     "not started"),
+                stream=env.stream, user_id=env.user_id, correlation_id=event.job_id,
+            )
             return
         row = await uow.session.get(LocalWorker, event.worker_id)
         if row is not None and row.attempt >= event.attempt:
@@ -228,12 +238,7 @@ class WorkerHostService(Service):
         )
         self._fence("declared lost by the monitor")
         uow.emit(
-            HostOnline(
-                host_id=self.host_id,
-                capacity=self.capacity,
-                hostname=socket.gethostname(),
-                pid=os.getpid(),
-            ),
+            self._online(),
             stream=f"host-{self.host_id}",
         )
 
@@ -504,6 +509,11 @@ class WorkerHostService(Service):
                 log.warning("broker unreachable for %.1fs: fencing %d workers", silent,
                             len(self.live))
                 self._fence("broker unreachable past the lease")
+
+    def _online(self) -> HostOnline:
+        return HostOnline(host_id=self.host_id, capacity=self.capacity,
+                          hostname=socket.gethostname(), pid=os.getpid(),
+                          incarnation=self.incarnation)
 
     def _lease_expired(self) -> bool:
         if self._lease_renewed is None:  # not started yet: nothing to fence

@@ -119,3 +119,25 @@ async def test_always_crashing_strategy_exhausts_restarts_then_its_circuit_opens
                                               for e in ev), timeout=20)
     retried = await client.start(**body)
     assert retried["success"]
+
+
+async def test_dispatch_queued_for_a_host_run_that_died_never_starts(running: System) -> None:
+    """A worker-host killed with a JobDispatched still in its queue: its next run refuses that
+    dispatch (the scheduler may have moved the attempt meanwhile) and the job restarts as its
+    next attempt. Kept last: it restarts the module's only worker-host."""
+    _, client = await running.user()
+    running.supervisor.kill("worker-host host-1", restart=False)
+    wid = (await client.start(**start_body("hold", amount=1)))["workerId"]
+    await running.wait_for_log(lambda ev: pick(ev, wid, "JobDispatched"))
+    await running.supervisor.revive("worker-host host-1")
+
+    entry = await running.wait_for_worker(
+        client, wid, lambda e: e["worker"]["status"] == "running", timeout=30
+    )
+    assert entry["worker"]["restartCount"] >= 1
+    log = await running.log()
+    assert not pick(log, wid, "WorkerSpawned")  # attempt 0 never ran
+    assert any(
+        e.payload["reason"] == "host_lost" and "earlier run" in e.payload["detail"]
+        for e in pick(log, wid, "WorkerCrashed")
+    )

@@ -249,6 +249,18 @@ def test_late_spawn_failure_of_an_earlier_attempt_is_ignored() -> None:
     assert (view.status, view.pid) == (JobStatus.RUNNING, 200)
 
 
+def test_late_start_of_an_earlier_attempt_is_ignored() -> None:
+    # A host restarted while its dispatch was queued starts the moved attempt 1 (and fences it
+    # at once) after attempt 2 already runs elsewhere.
+    view = worker(
+        *running(1), crashed(1), *restarted(1, 1, pid=200), crashed(1, attempt=1),
+        *restarted(1, 2, pid=300, host="h-3"),
+        WorkerRestarted(**ids(1), host_id="h-2", pid=250, attempt=1), crashed(1, attempt=1),
+    )
+    assert (view.status, view.pid, view.host_id, view.restart_count) == (
+        JobStatus.RUNNING, 300, "h-3", 2)
+
+
 def test_crash_report_after_the_worker_stopped_changes_nothing() -> None:
     view = worker(*running(1), WorkerStopped(**ids(1), reason="stopped by user"), crashed(1))
     assert (view.status, view.reason) == (JobStatus.STOPPED, "stopped by user")
