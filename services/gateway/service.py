@@ -14,7 +14,6 @@ import logging
 import uuid
 from typing import Annotated, Any
 
-import orjson
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +41,7 @@ from services.gateway.models import (
     UpgradeRequest,
     failed,
     ok,
+    ok_json,
 )
 from services.gateway.users import Caller, UserDirectory, UserRow
 from services.gateway.waiters import Waiters
@@ -234,12 +234,13 @@ class GatewayService(Service):
         )
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
 
-    async def status(self, caller: Caller, user_id: str | None) -> dict[str, Any]:
+    async def status(self, caller: Caller, user_id: str | None) -> bytes:
+        """The status document as JSON: the monitor's, passed through undecoded."""
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        result = await self.bus.request("monitor.rpc", {"op": "status", "user_id": scope})
-        return ok(**result)
+        raw = await self.bus.request_raw("monitor.rpc", {"op": "status", "user_id": scope})
+        return ok_json(raw)
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
         with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:
@@ -369,10 +370,9 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.get("/runner/status")
     async def status(who: Who, userId: str | None = None) -> Response:
-        # Already JSON-shaped by the monitor: serialise once, skip FastAPI's encoder (costly
-        # with a thousand workers).
-        return Response(orjson.dumps(await gateway.status(who, userId)),
-                        media_type="application/json")
+        # Already JSON from the monitor: no decoding, no FastAPI encoder (costly with a
+        # thousand workers).
+        return Response(await gateway.status(who, userId), media_type="application/json")
 
     @app.post("/entitlements/{user_id}/upgrade")
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from datetime import datetime
 from typing import Any
 
 from events import HeartbeatMissed, HostHeartbeat, HostLost, Message, WorkerHeartbeat
-from projections import Projections
+from projections import Projections, folds
+from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
 from services.monitor.log import EventLog
@@ -50,6 +51,7 @@ class MonitorService(Service):
         self.liveness = Liveness(since=now())
         self.recorder = Recorder(self.log, self._on_recorded)
         self._changed = asyncio.Event()
+        self._entries: dict[str, bytes] = {}  # status entries as JSON, dropped when they change
 
     @property
     def state(self) -> Projections:
@@ -81,12 +83,17 @@ class MonitorService(Service):
         for position, envelope in recorded:
             self.folded.apply(position, envelope)
             self.liveness.observe(envelope, moment)
+            if (worker_id := envelope.payload.get("worker_id")) is not None:
+                self._entries.pop(worker_id, None)
+            elif folds(envelope.type):
+                self._entries.clear()
         self._changed.set()  # wake status queries waiting for what was just recorded
         self._changed = asyncio.Event()
 
     def _on_telemetry(self, message: Message) -> None:
         if isinstance(message, WorkerHeartbeat):
             self.liveness.worker_heartbeat(message, now())
+            self._entries.pop(message.worker_id, None)
         elif isinstance(message, HostHeartbeat):
             self.liveness.host_heartbeat(message, now())
 
@@ -156,7 +163,8 @@ class MonitorService(Service):
             raise ValueError("request must be a JSON object with an 'op'")
         op = body.get("op")
         if op == "status":
-            return views.status(self.state, body.get("user_id"), self.liveness.beats)
+            return RawJson(views.status_json(self.state, body.get("user_id"),
+                                             self.liveness.beats, self._entries))
         if op == "worker":
             return await self._worker(body)
         if op == "log":

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from projections import Projections, TradingStats, WorkerView, queue_stats
 from services.monitor.liveness import Hosts, Liveness, WorkerBeat
 from services.store import as_utc
@@ -67,19 +69,43 @@ def worker_entry(state: Projections, worker: WorkerView,
 def status(state: Projections, user_id: str | None = None,
            beats: Mapping[str, WorkerBeat] = NO_BEATS) -> dict[str, Any]:
     """`{workers, queueStats}` for one user (or everyone when `user_id` is None)."""
-    workers = sorted(
+    return {
+        "workers": [worker_entry(state, w, beats.get(w.worker_id))
+                    for w in _workers_of(state, user_id)],
+        "queueStats": _queue_stats(state, user_id),
+    }
+
+
+def status_json(state: Projections, user_id: str | None, beats: Mapping[str, WorkerBeat],
+                encoded: dict[str, bytes]) -> bytes:
+    """`status` encoded as JSON, reusing the entries in `encoded` (worker id → its entry as
+    JSON) and adding the missing ones to it. The caller drops a worker's entry from `encoded`
+    whenever something it shows changes."""
+    parts = []
+    for worker in _workers_of(state, user_id):
+        entry = encoded.get(worker.worker_id)
+        if entry is None:
+            entry = encoded[worker.worker_id] = orjson.dumps(
+                worker_entry(state, worker, beats.get(worker.worker_id)))
+        parts.append(entry)
+    stats = orjson.dumps(_queue_stats(state, user_id))
+    return b'{"workers":[' + b",".join(parts) + b'],"queueStats":' + stats + b"}"
+
+
+def _workers_of(state: Projections, user_id: str | None) -> list[WorkerView]:
+    return sorted(
         (w for w in state.workers.values() if user_id is None or w.user_id == user_id),
         key=lambda w: (w.created_at, w.worker_id),
     )
+
+
+def _queue_stats(state: Projections, user_id: str | None) -> dict[str, int]:
     stats = queue_stats(state, user_id)
     return {
-        "workers": [worker_entry(state, w, beats.get(w.worker_id)) for w in workers],
-        "queueStats": {
-            "queuedJobs": stats.queued_jobs,
-            "runningWorkers": stats.running_workers,
-            "totalWorkers": stats.total_workers,
-            "failedJobs": stats.failed_jobs,
-        },
+        "queuedJobs": stats.queued_jobs,
+        "runningWorkers": stats.running_workers,
+        "totalWorkers": stats.total_workers,
+        "failedJobs": stats.failed_jobs,
     }
 
 

@@ -26,6 +26,7 @@ from events import (
 )
 from events.routing import EVENTS_EXCHANGE
 from services.bus import Bus, RpcError
+from services.monitor import views
 from services.monitor.service import MonitorService
 from services.settings import Settings
 
@@ -202,6 +203,24 @@ async def test_status_has_the_seed_shape_with_heartbeat_marks(
     page = await bus.request("monitor.rpc", {"op": "log", "after": 9, "limit": 1})
     assert [row["position"] for row in page] == [10]
     assert page[0]["envelope"]["type"] in {"TradeClosed", "PositionChanged"}
+
+    # The status just served is cached per worker; a heartbeat and an event each show at once.
+    later = heartbeat(pnl=-20.0)
+    await bus.send_telemetry(later)
+    await eventually(lambda: monitor.liveness.beats["w1"].at == later.at, what="second beat")
+    beaten = await bus.request("monitor.rpc", {"op": "worker", "worker_id": "w1"})
+    status = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice"})
+    assert next(e for e in status["workers"] if e["worker"]["workerId"] == "w1") == beaten
+    assert beaten["worker"]["lastHeartbeat"] == int(later.at.timestamp() * 1000)
+    await bus.publish(on_job(PositionChanged(job_id="j1", worker_id="w1",
+                                             instrument="BTC-PERPETUAL", side="long", amount=3,
+                                             entry_price=50_100)))
+    await eventually(lambda: monitor.folded.position >= 12, what="position change recorded")
+    again = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice"})
+    entry = next(e for e in again["workers"] if e["worker"]["workerId"] == "w1")
+    assert entry["worker"]["lastHeartbeat"] == int(later.at.timestamp() * 1000)
+    assert [(p["amount"], p["unrealizedPnL"]) for p in entry["positions"]] == [(3.0, -20.0)]
+    assert again == views.status(monitor.state, "alice", monitor.liveness.beats)
 
 
 async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings: Settings) -> None:
