@@ -471,26 +471,41 @@ class WorkerHostService(Service):
                     )
 
     async def _heartbeat_loop(self) -> None:
-        """Our heartbeat, published with a confirm: each confirm renews the host's lease from
-        the moment the beat was sent. A lease that lapsed in between (a stalled loop, a slow
-        broker) fences first: the monitor may have declared us lost meanwhile."""
-        while True:
-            beat = HostHeartbeat(host_id=self.host_id, capacity=self.capacity,
-                                 workers=tuple(self.live), at=now())
-            sent = time.monotonic()
-            try:
-                await asyncio.wait_for(self.bus.send_telemetry(beat),
-                                       timeout=self.settings.host_heartbeat_interval)
-            except Exception as exc:
-                log.debug("host heartbeat not confirmed: %s", exc)
-            else:
-                if self._lease_expired():
-                    self._fence("the lease lapsed before this heartbeat was confirmed")
-                self._lease_renewed = sent
-                lease = protocol.Lease(until=self._lease_until())
-                for worker in self.live.values():
-                    worker.send(lease)
-            await asyncio.sleep(self.settings.host_heartbeat_interval)
+        """Our heartbeat every interval. Beats do not wait for each other's confirms: a slow
+        broker delays lease renewals but does not thin them out."""
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                task = asyncio.create_task(self._beat())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                await asyncio.sleep(self.settings.host_heartbeat_interval)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _beat(self) -> None:
+        """One heartbeat, published with a confirm, which renews our lease from the moment the
+        beat was sent (and our workers' with it). A lease that lapsed before the confirm came
+        fences first: the monitor may have declared us lost meanwhile."""
+        beat = HostHeartbeat(host_id=self.host_id, capacity=self.capacity,
+                             workers=tuple(self.live), at=now())
+        sent = time.monotonic()
+        try:
+            await asyncio.wait_for(self.bus.send_telemetry(beat), timeout=self.settings.host_lease)
+        except Exception as exc:
+            log.warning("host heartbeat not confirmed (%s)", type(exc).__name__)
+            return
+        if (took := time.monotonic() - sent) > 1.0:
+            log.warning("host heartbeat confirmed after %.1fs", took)
+        if self._lease_renewed is not None and sent <= self._lease_renewed:
+            return  # a later beat was confirmed first
+        if self._lease_expired():
+            self._fence("the lease lapsed before this heartbeat was confirmed")
+        self._lease_renewed = sent
+        lease = protocol.Lease(until=self._lease_until())
+        for worker in self.live.values():
+            worker.send(lease)
 
     async def _send_telemetry(self, message: Any) -> None:
         try:
