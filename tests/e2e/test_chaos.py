@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -71,8 +72,12 @@ async def chaos(rng: random.Random, system: System, stop: asyncio.Event) -> list
 
 
 async def settled(system: System, timeout: float = 60.0) -> dict:
-    """Wait until no job is in flight (queued or crashed awaiting restart) and nothing changes."""
-    previous = None
+    """Wait until no job is in flight (queued or crashed awaiting restart), every running worker
+    has beaten within the last second, and nothing changes for longer than it takes the monitor
+    to notice a killed host (so the workers of a host killed at the very end are not taken for
+    running)."""
+    stable_for = float(system.env["RUNNER_HOST_TIMEOUT"]) + 1.0
+    previous, since = None, 0.0
     status: dict = {}
     for _ in range(int(timeout)):
         await asyncio.sleep(1.0)
@@ -80,16 +85,20 @@ async def settled(system: System, timeout: float = 60.0) -> dict:
             status = await system.admin.status()
         except GatewayError:
             continue
-        in_flight = [e for e in status["workers"] if e["worker"]["status"] in ("queued", "crashed")]
+        now_ms = time.time() * 1000
+        in_flight = [e for e in status["workers"] if e["worker"]["status"] in ("queued", "crashed")
+                     or (e["worker"]["status"] == "running"
+                     and now_ms - (e["worker"]["lastHeartbeat"] or 0) > 1000)]
         snapshot = json.dumps(
             [
                 (e["worker"]["workerId"], e["worker"]["status"], e["worker"]["pid"])
                 for e in status["workers"]
             ]
         )
-        if not in_flight and snapshot == previous:
+        if in_flight or snapshot != previous:
+            previous, since = snapshot, time.monotonic()
+        elif time.monotonic() - since >= stable_for:
             return status
-        previous = snapshot
     stuck = [(e["worker"]["workerId"], e["worker"]["status"]) for e in status["workers"]
              if e["worker"]["status"] in ("queued", "crashed")]
     raise AssertionError(f"system never settled: {stuck}")
