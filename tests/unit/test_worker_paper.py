@@ -12,6 +12,7 @@ from services.worker.brokers import BROKERS, PaperBroker, UnknownBroker, open_br
 from services.worker.brokers.base import BrokerError, BrokerFact, ClosedTrade
 from services.worker.brokers.paper import (
     MAKER_FEE,
+    MARKS_SAVE_EVERY,
     TAKER_FEE,
     PaperSettings,
     base_asset,
@@ -216,6 +217,26 @@ async def test_account_survives_a_restart(tmp_path: Path) -> None:
     assert fill.order_id == "paper-4", "order ids continue after a restart"
     assert list(state.parent.iterdir()) == [state], "atomic writes leave no temp files behind"
     assert json.loads(state.read_text())["positions"][BTC]["amount"] == 1
+
+
+async def test_mark_only_ticks_are_written_now_and_then_and_at_close(tmp_path: Path) -> None:
+    state = tmp_path / "worker.json"
+    broker = PaperBroker(seed="t", instruments=[BTC], state_file=state)
+    await broker.market_order(BTC, "buy", 1)  # a fill: written at once
+
+    def saved_ticks() -> int:
+        return json.loads(state.read_text())["ticks"].get(BTC, 0)
+
+    before = saved_ticks()
+    for _ in range(MARKS_SAVE_EVERY - 1):
+        await broker.tick()
+    assert saved_ticks() == before
+    await broker.tick()
+    assert saved_ticks() == before + MARKS_SAVE_EVERY
+    await broker.tick()
+    await broker.close()
+    assert saved_ticks() == before + MARKS_SAVE_EVERY + 1
+    assert PaperBroker(seed="t", state_file=state).account == broker.account
 
 
 def test_unreadable_state_refuses_to_start(tmp_path: Path) -> None:

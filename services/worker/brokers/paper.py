@@ -45,6 +45,10 @@ TAKER_FEE = 0.0005
 MAKER_FEE = 0.0002
 DEFAULT_SPREAD = 0.0002  # full bid/ask spread as a fraction of the mark
 DEFAULT_VOLATILITY = 0.001  # standard deviation of the log return per tick
+# Ticks that only move the marks are written every this many ticks (and at close), not each
+# time: a thousand idle workers rewriting their files every second keep the disk busy for the
+# whole machine. A restart from an older file replays the same deterministic walk.
+MARKS_SAVE_EVERY = 30
 STARTING_PRICES = {"BTC": 50_000.0, "ETH": 3_000.0, "SOL": 150.0}
 OTHER_STARTING_PRICE = 100.0
 
@@ -116,6 +120,7 @@ class PaperBroker(Broker):
         self.state_file = state_file
         self.account = self._load()
         self._walks: dict[str, random.Random] = {}
+        self._unsaved_ticks = 0
         for instrument in instruments:
             self._market(instrument)
         self._save(durable=True)
@@ -225,10 +230,14 @@ class PaperBroker(Broker):
                 filled = True
         if not filled:
             # Only marks moved: losing them to a power cut costs nothing, so skip the fsync.
-            self._save(durable=False)
+            self._unsaved_ticks += 1
+            if self._unsaved_ticks >= MARKS_SAVE_EVERY:
+                self._save(durable=False)
 
     async def close(self) -> None:
-        """Nothing to release: every change is already on disk."""
+        """Write the latest marks; every other change is already on disk."""
+        if self._unsaved_ticks:
+            self._save(durable=False)
 
     def set_mark(self, instrument: str, price: float) -> None:
         """Move the simulated market (tests and demos); resting orders are checked next tick."""
@@ -338,6 +347,7 @@ class PaperBroker(Broker):
             ) from None
 
     def _save(self, *, durable: bool) -> None:
+        self._unsaved_ticks = 0
         if self.state_file is None:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
