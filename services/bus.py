@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Delivery:
 BatchHandler = Callable[[list[Delivery]], Awaitable[Mapping[int, str] | None]]
 
 
+COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
 AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
 
 
@@ -124,7 +126,7 @@ class Bus:
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
-        self._batch_consumers: list[_BatchConsumer] = []
+        self._consumers: list[_BatchConsumer | _TelemetryConsumer] = []
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -140,7 +142,7 @@ class Bus:
             await self._declare_bindings(spec)
         self._publish_channel = await self._channel()
         await self.broker.start()
-        for consumer in self._batch_consumers:
+        for consumer in self._consumers:
             await consumer.start()
         self._started = True
 
@@ -153,7 +155,7 @@ class Bus:
 
     async def stop_consuming(self) -> None:
         """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
-        for consumer in self._batch_consumers:
+        for consumer in self._consumers:
             await consumer.stop(self.broker.config.graceful_timeout or 5.0)
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
@@ -163,7 +165,7 @@ class Bus:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
-        for consumer in self._batch_consumers:
+        for consumer in self._consumers:
             await consumer.stop(self.broker.config.graceful_timeout or 5.0)
         await self.broker.stop()
         self._started = False
@@ -331,32 +333,17 @@ class Bus:
         `handler_attempts` deliveries, dead-lettered with the error, while the rest of its batch
         is acked. `prefetch` [2 × max_batch] lets the next batch arrive while one commits."""
         self._queues.append(spec)
-        self._batch_consumers.append(_BatchConsumer(
+        self._consumers.append(_BatchConsumer(
             self, spec, handler, max_batch=max_batch, max_delay=max_delay,
             prefetch=prefetch or 2 * max_batch))
 
     def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
-        """Consume transient telemetry; undecodable samples are dropped (they carry no history)."""
+        """Consume transient telemetry; undecodable samples are dropped (they carry no history).
+        A plain aio-pika consumer without acks rather than a FastStream subscriber: a thousand
+        workers send two hundred heartbeats a second, and FastStream's per-message machinery
+        cost the monitor about 2 ms each."""
         self._queues.append(spec)
-
-        @self.broker.subscriber(
-            _queue(spec),
-            channel=Channel(prefetch_count=self.settings.prefetch),
-            ack_policy=AckPolicy.ACK,
-            no_reply=True,
-            decoder=_raw_body,
-        )
-        async def consume(_body: bytes) -> None:
-            msg = self._delivery()
-            raw = msg.raw_message
-            try:
-                message = model_for(raw.type or "").model_validate_json(raw.body)
-            except (ValidationError, UnknownMessageType, ValueError) as exc:
-                log.warning("%s: dropped telemetry sample: %s", spec.name, poison_reason(exc))
-                return
-            result = handler(message)
-            if asyncio.iscoroutine(result):
-                await result
+        self._consumers.append(_TelemetryConsumer(self, spec, handler))
 
     def _delivery(self) -> RabbitMessage:
         """The message being handled, from the broker's context. (Not a `RabbitMessage` handler
@@ -408,7 +395,8 @@ class Bus:
     def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
         """Answer JSON requests on `spec`: the reply's body is the handler's result as JSON
         (a `RawJson` result as is) with header `ok` true, or the error message as a JSON string
-        with `ok` false."""
+        with `ok` false. Large replies (a status of a thousand workers, a page of the log) are
+        deflated: the broker hop costs more per byte than compressing does."""
         self._queues.append(spec)
 
         @self.broker.subscriber(
@@ -432,6 +420,9 @@ class Bus:
             except Exception as exc:
                 log.exception("%s: request failed", spec.name)
                 ok, body = False, _dumps(f"internal error ({type(exc).__name__})")
+            encoding = None
+            if len(body) >= COMPRESS_REPLIES_FROM:
+                body, encoding = zlib.compress(body, 1), "deflate"
             channel = self._publish_channel or await self._channel()
             await channel.default_exchange.publish(
                 aio_pika.Message(
@@ -439,6 +430,7 @@ class Bus:
                     headers={"ok": ok},
                     correlation_id=raw.correlation_id,
                     content_type="application/json",
+                    content_encoding=encoding,
                 ),
                 routing_key=raw.reply_to,
                 mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
@@ -499,7 +491,14 @@ class Bus:
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
         if future is not None and not future.done():
-            future.set_result((message.headers.get("ok") is True, message.body))
+            body = message.body
+            if message.content_encoding == "deflate":
+                try:
+                    body = zlib.decompress(body)
+                except zlib.error:
+                    future.set_exception(RpcError("malformed reply"))
+                    return
+            future.set_result((message.headers.get("ok") is True, body))
 
 
 class _BatchConsumer:
@@ -683,3 +682,40 @@ def _queue(spec: QueueSpec) -> RabbitQueue:
         auto_delete=spec.auto_delete,
         arguments=spec.arguments or None,
     )
+
+
+class _TelemetryConsumer:
+    """`Bus.subscribe_telemetry`: decode each sample and hand it over; no acks (a sample lost to
+    a crash is replaced by the next one)."""
+
+    def __init__(self, bus: Bus, spec: QueueSpec, handler: TelemetryHandler) -> None:
+        self.bus, self.spec, self.handler = bus, spec, handler
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
+        self._consumer_tag: str | None = None
+
+    async def start(self) -> None:
+        channel = await self.bus._channel(prefetch=self.bus.settings.prefetch)
+        self._queue = await channel.declare_queue(
+            self.spec.name,
+            durable=self.spec.durable,
+            auto_delete=self.spec.auto_delete,
+            arguments=self.spec.arguments or None,
+        )
+        self.bus._declared.append(self._queue)  # restored after a reconnect while referenced
+        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=True)
+
+    async def stop(self, timeout: float) -> None:
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):  # the channel may be gone already
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
+            self._consumer_tag = None
+
+    async def _on_message(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            message = model_for(raw.type or "").model_validate_json(raw.body)
+        except (ValidationError, UnknownMessageType, ValueError) as exc:
+            log.warning("%s: dropped telemetry sample: %s", self.spec.name, poison_reason(exc))
+            return
+        result = self.handler(message)
+        if asyncio.iscoroutine(result):
+            await result

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
@@ -337,6 +338,9 @@ def create_app(gateway: GatewayService) -> FastAPI:
         description="Start, stop and watch trading-strategy runners.",
     )
     app.state.gateway = gateway
+    # A thousand workers' status is half a megabyte of JSON; gzip (fast level) for clients that
+    # take it.
+    app.add_middleware(GZipMiddleware, minimum_size=32 * 1024, compresslevel=1)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
