@@ -25,7 +25,10 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:  # gone between the two looks
+        return False
 
 
 async def test_start_spawns_a_worker_process_with_the_injected_environment(running: System) -> None:
