@@ -28,8 +28,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, DateTime, String, Text, TypeDecorator, delete, event, text
-from sqlalchemy.engine import Dialect
+from sqlalchemy import (
+    Column,
+    DateTime,
+    String,
+    Text,
+    TypeDecorator,
+    delete,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
@@ -155,6 +165,23 @@ class UnitOfWork:
         # SQLite: the BEGIN IMMEDIATE just issued holds the database's single write lock.
 
 
+def _add_new_columns(conn: Connection, tables: Sequence[Table]) -> None:
+    """Schema upgrades are additive: a nullable column a newer version added to a table that
+    already exists is added to it (`create_all` creates missing tables only)."""
+    inspector = inspect(conn)
+    for table in tables:
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"table {table.name} lacks column {column.name}, which a "
+                                   "newer version requires (not nullable: migrate by hand)")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            log.info("store: added column %s.%s", table.name, column.name)
+
+
 class Store:
     """A service's database (see module doc)."""
 
@@ -170,6 +197,7 @@ class Store:
             await _ensure_database(self.engine)
         async with self.engine.begin() as conn:
             await conn.run_sync(SQLModel.metadata.create_all, tables=list(self.tables))
+            await conn.run_sync(_add_new_columns, self.tables)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -113,7 +113,7 @@ class HostRow(SQLModel, table=True):
     host_id: str = Field(primary_key=True, max_length=100)
     capacity: int
     online: bool = True
-    incarnation: str = Field(default="", max_length=100)
+    incarnation: str | None = Field(default=None, max_length=100)  # None: before incarnations
 
 
 class CircuitRow(SQLModel, table=True):
@@ -585,7 +585,7 @@ class SchedulerService(Service):
         )
         return (
             [HostLoad(h.host_id, h.capacity, loads.get(h.host_id, 0)) for h in hosts],
-            {h.host_id: h.incarnation for h in hosts},
+            {h.host_id: h.incarnation or "" for h in hosts},
         )
 
 

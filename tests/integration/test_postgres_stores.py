@@ -24,6 +24,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
+import sqlalchemy
 from pydantic import ValidationError
 from sqlalchemy import func, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
@@ -41,7 +42,7 @@ from services.bus import Bus
 from services.entitlement.service import EntitlementService, PlanRow, SlotRow
 from services.gateway.users import UserRow
 from services.monitor.log import EventLog, EventLogMissing, event_log
-from services.scheduler.service import CircuitRow, JobRow, SchedulerService
+from services.scheduler.service import CircuitRow, HostRow, JobRow, SchedulerService
 from services.settings import Settings
 from services.store import OutboxRelay, OutboxRow, Processed, Store, TimerRow, UtcDateTime
 from services.topology import ENTITLEMENT_INBOX
@@ -283,6 +284,44 @@ async def test_datetimes_round_trip_as_utc_in_every_services_tables(backend: Bac
             assert {d for _, _, d in types} == {"timestamp with time zone"}
     finally:
         await store.close()
+
+
+async def test_a_nullable_column_added_by_a_newer_version_is_added_to_an_old_table(
+    backend: Backend,
+) -> None:
+    """An older scheduler store (its `hosts` table without `incarnation`) opens with the new
+    code: the column is added, the rows are kept; a new NOT NULL column is refused, named."""
+    url = backend.url("scheduler")
+    old = Store(url)
+    await old.open()
+    async with old.engine.begin() as conn:
+        await conn.execute(text(
+            "CREATE TABLE hosts (host_id VARCHAR(100) PRIMARY KEY, capacity INTEGER NOT NULL, "
+            "online BOOLEAN NOT NULL)"))
+        await conn.execute(text("INSERT INTO hosts VALUES ('h1', 4, true)"))
+    await old.close()
+
+    store = Store(url, (HostRow.__table__,))  # type: ignore[attr-defined]
+    await store.open()
+    try:
+        async with store.transaction() as uow:
+            row = await uow.session.get(HostRow, "h1")
+            assert row is not None and (row.capacity, row.incarnation) == (4, None)
+            row.incarnation = "run-2"
+            uow.session.add(row)
+        async with store.reading() as session:
+            assert (await session.get(HostRow, "h1")).incarnation == "run-2"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+    strict = sqlalchemy.Table(
+        "hosts",
+        sqlalchemy.MetaData(),
+        sqlalchemy.Column("host_id", sqlalchemy.String(100), primary_key=True),
+        sqlalchemy.Column("zone", sqlalchemy.String(10), nullable=False),
+    )
+    with pytest.raises(RuntimeError, match="hosts lacks column zone"):
+        await Store(url, (strict,)).open()
 
 
 async def test_a_missing_postgres_database_is_created_at_first_open(postgres: Backend) -> None:
