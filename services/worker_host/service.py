@@ -103,7 +103,7 @@ class WorkerHostService(Service):
         self.capacity = settings.host_capacity
         self.sealer = Sealer(secret_key(settings))
         self.live: dict[str, WorkerProcess] = {}
-        self._lease_renewed: float | None = None  # loop time a confirmed heartbeat was sent
+        self._lease_renewed: float | None = None  # time.monotonic() the last confirmed beat left
         self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
         self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
