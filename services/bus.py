@@ -339,9 +339,9 @@ class Bus:
 
     def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
         """Consume transient telemetry; undecodable samples are dropped (they carry no history).
-        A plain aio-pika consumer without acks rather than a FastStream subscriber: a thousand
-        workers send two hundred heartbeats a second, and FastStream's per-message machinery
-        cost the monitor about 2 ms each."""
+        A plain aio-pika consumer without acks rather than a FastStream subscriber: samples need
+        no ack, ledger or dependency resolution, and a thousand workers send two hundred a
+        second."""
         self._queues.append(spec)
         self._consumers.append(_TelemetryConsumer(self, spec, handler))
 
@@ -395,8 +395,8 @@ class Bus:
     def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
         """Answer JSON requests on `spec`: the reply's body is the handler's result as JSON
         (a `RawJson` result as is) with header `ok` true, or the error message as a JSON string
-        with `ok` false. Large replies (a status of a thousand workers, a page of the log) are
-        deflated: the broker hop costs more per byte than compressing does."""
+        with `ok` false. Replies from `COMPRESS_REPLIES_FROM` bytes on (a status of a thousand
+        workers, a page of the log) are deflated; `request_raw` inflates them."""
         self._queues.append(spec)
 
         @self.broker.subscriber(
@@ -525,36 +525,24 @@ class _BatchConsumer:
         self._full = asyncio.Event()
         self._batches: asyncio.Queue[list[aio_pika.abc.AbstractIncomingMessage] | None] = (
             asyncio.Queue(maxsize=1))  # one batch filling while one commits
-        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
-        self._consumer_tag: str | None = None
+        self._subscription = _Subscription(bus, spec)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     async def start(self) -> None:
-        channel = await self.bus._channel(prefetch=self.prefetch)
-        queue = await channel.declare_queue(
-            self.spec.name,
-            durable=self.spec.durable,
-            auto_delete=self.spec.auto_delete,
-            arguments=self.spec.arguments or None,
-        )
-        self._queue = queue  # robust objects are restored after a reconnect only while referenced
-        self.bus._declared.append(queue)
         self._stopping = False
         self._tasks = [
             asyncio.create_task(self._collect(), name=f"{self.spec.name}-collect"),
             asyncio.create_task(self._commit(), name=f"{self.spec.name}-commit"),
         ]
-        self._consumer_tag = await queue.consume(self._on_message, no_ack=False)
+        await self._subscription.consume(self._on_message, prefetch=self.prefetch, no_ack=False)
 
     async def stop(self, timeout: float) -> None:
         """Stop receiving, commit and settle what has arrived, then end (graceful)."""
         if not self._tasks:
             return
         self._stopping = True
-        if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):  # the channel may be gone: nothing more arrives
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
+        await self._subscription.cancel(timeout)
         self._arrived.set()
         self._full.set()
         tasks, self._tasks = self._tasks, []
@@ -684,31 +672,48 @@ def _queue(spec: QueueSpec) -> RabbitQueue:
     )
 
 
-class _TelemetryConsumer:
-    """`Bus.subscribe_telemetry`: decode each sample and hand it over; no acks (a sample lost to
-    a crash is replaced by the next one)."""
+class _Subscription:
+    """A consumer on the queue `spec`, on a channel of its own; the robust queue stays referenced
+    by the bus, so the consumer is restored after a reconnect."""
 
-    def __init__(self, bus: Bus, spec: QueueSpec, handler: TelemetryHandler) -> None:
-        self.bus, self.spec, self.handler = bus, spec, handler
+    def __init__(self, bus: Bus, spec: QueueSpec) -> None:
+        self.bus, self.spec = bus, spec
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
         self._consumer_tag: str | None = None
 
-    async def start(self) -> None:
-        channel = await self.bus._channel(prefetch=self.bus.settings.prefetch)
+    async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
+                      no_ack: bool) -> None:
+        channel = await self.bus._channel(prefetch=prefetch)
         self._queue = await channel.declare_queue(
             self.spec.name,
             durable=self.spec.durable,
             auto_delete=self.spec.auto_delete,
             arguments=self.spec.arguments or None,
         )
-        self.bus._declared.append(self._queue)  # restored after a reconnect while referenced
-        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=True)
+        self.bus._declared.append(self._queue)
+        self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
 
-    async def stop(self, timeout: float) -> None:
+    async def cancel(self, timeout: float) -> None:
         if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):  # the channel may be gone already
+            with contextlib.suppress(Exception):  # the channel may be gone: nothing more arrives
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
             self._consumer_tag = None
+
+
+class _TelemetryConsumer:
+    """`Bus.subscribe_telemetry`: decode each sample and hand it over; no acks (a sample lost to
+    a crash is replaced by the next one)."""
+
+    def __init__(self, bus: Bus, spec: QueueSpec, handler: TelemetryHandler) -> None:
+        self.spec, self.handler = spec, handler
+        self._subscription = _Subscription(bus, spec)
+        self._prefetch = bus.settings.prefetch
+
+    async def start(self) -> None:
+        await self._subscription.consume(self._on_message, prefetch=self._prefetch, no_ack=True)
+
+    async def stop(self, timeout: float) -> None:
+        await self._subscription.cancel(timeout)
 
     async def _on_message(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
