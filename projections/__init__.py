@@ -7,6 +7,7 @@ monitor at query time).
 
 from projections.state import (
     EMPTY,
+    ENDED,
     EntitlementView,
     PositionView,
     Projections,
@@ -22,6 +23,7 @@ from projections.state import (
 
 __all__ = [
     "EMPTY",
+    "ENDED",
     "EntitlementView",
     "PositionView",
     "Projections",

@@ -128,9 +128,10 @@ EMPTY = Projections()
 
 _V = TypeVar("_V")
 
-# Late reports never revive a worker that has ended: neither a redelivered dispatch (which would
-# show it queued again) nor a crash report from a host that was cut off.
-_ENDED = frozenset({JobStatus.STOPPED, JobStatus.FAILED})
+# The statuses a worker never leaves. Late reports never revive a worker that has ended: neither a
+# redelivered dispatch (which would show it queued again) nor a crash report from a host that
+# was cut off.
+ENDED = frozenset({JobStatus.STOPPED, JobStatus.FAILED})
 _NO_POSITIONS: immutables.Map[str, PositionView] = immutables.Map()
 _NO_TRADES = TradingStats()
 
@@ -271,7 +272,7 @@ def _is_stale(state: Projections, worker_id: str, attempt: int) -> bool:
     an attempt that was moved while it was down.
     """
     worker = state.workers.get(worker_id)
-    return worker is not None and (worker.status in _ENDED or attempt < worker.restart_count)
+    return worker is not None and (worker.status in ENDED or attempt < worker.restart_count)
 
 
 def _crash_reason(event: WorkerCrashed) -> str:
@@ -330,7 +331,7 @@ def _(event: JobRejected, state: Projections, envelope: Envelope) -> Projections
 @_on.register(JobQueued)
 def _(event: JobAccepted | JobQueued, state: Projections, envelope: Envelope) -> Projections:
     worker = state.workers.get(event.worker_id)
-    if worker is None or worker.status in _ENDED:
+    if worker is None or worker.status in ENDED:
         return state
     return _update_worker(state, event.worker_id, status=JobStatus.QUEUED)
 
@@ -339,7 +340,7 @@ def _(event: JobAccepted | JobQueued, state: Projections, envelope: Envelope) ->
 def _(event: JobDispatched, state: Projections, envelope: Envelope) -> Projections:
     """Placed on a host, not yet running (also the way back from crashed to a restart)."""
     worker = state.workers.get(event.worker_id)
-    if worker is None or worker.status in _ENDED:
+    if worker is None or worker.status in ENDED:
         return state
     return _update_worker(state, event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
 

@@ -34,6 +34,7 @@ from events import (
     UpgradeEntitlement,
     WorkerStopped,
 )
+from projections import ENDED
 from services.bus import PublishFailed, RpcError
 from services.gateway.models import (
     CreateUserRequest,
@@ -60,7 +61,6 @@ REJECT_STATUS = {
     RejectReason.CIRCUIT_OPEN: 429,
     RejectReason.INVALID_REQUEST: 422,
 }
-ENDED = ("stopped", "failed")
 
 
 class ApiError(Exception):

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from events import HeartbeatMissed, HostHeartbeat, HostLost, Message, WorkerHeartbeat
-from projections import Projections, folds
+from projections import ENDED, Projections, folds
 from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 LOG_BATCH = 1000  # envelopes per log transaction
 LOG_LINGER = 0.005  # seconds a batch waits for more after its first envelope
 LOG_PAGE_MAX = 1000
-ENDED = ("stopped", "failed")
 
 
 class MonitorService(Service):
