@@ -8,6 +8,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -273,3 +274,36 @@ def test_worker_process_imports_neither_the_bus_nor_the_database() -> None:
     ).stdout.split()
     heavy = {"aio_pika", "aiormq", "faststream", "sqlalchemy", "sqlmodel", "fastapi"}
     assert heavy.isdisjoint(loaded)
+
+
+class Counting:
+    """A strategy and a broker in one that count their ticks."""
+
+    tick_interval = 0.0
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def tick(self) -> None:
+        self.ticks += 1
+
+    async def on_tick(self) -> None:
+        self.ticks += 1
+
+
+@pytest.mark.parametrize(("left", "ticks"), [(-1.0, 0), (3600.0, None)])
+async def test_no_strategy_tick_once_the_lease_has_lapsed(left: float, ticks: int | None) -> None:
+    """A worker resumed after a long stall must not trade before its lease watcher settles."""
+    runtime = WorkerRuntime(WorkerEnv.parse(environment(
+        RUNNER_LEASE_UNTIL=repr(time.monotonic() + left))))
+    counting = Counting()
+    trading = asyncio.ensure_future(runtime._trade(counting, counting))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    if ticks is None:  # a live lease: it keeps ticking
+        assert not trading.done() and counting.ticks > 0
+        trading.cancel()
+    else:
+        assert trading.done() and counting.ticks == ticks
