@@ -3,16 +3,15 @@
 Publishing: persistent messages, publisher confirms awaited, an unroutable (returned) or nacked
 publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
 
-Consuming: manual ack after the handler returns (handlers commit before returning). A message
-that cannot be decoded (bad JSON, unknown type, invalid payload) is dead-lettered at once with its
-reason; a handler that raises is retried with a short backoff and dead-lettered with the error
-after `handler_attempts` deliveries. Poison never crash-loops a consumer and never vanishes.
-
-Batch consuming (`consume_batches`, for a consumer that commits many messages in one transaction,
-such as the event-log recorder): the same guarantees, with one handler call and one ack per batch.
-It runs on aio-pika directly (FastStream's per-message handler costs more than the whole recording
-of a message), on a channel of its own with one consumer, so one `basic.ack(multiple=True)` for
-the last message of a committed batch acks exactly that batch (module doc of `_BatchConsumer`).
+Consuming (`consume_batches`; every service inbox and the event log): the deliveries that have
+arrived are handed over as one batch, committed by the handler in one transaction (group commit),
+and acked after it returns, with one `basic.ack(multiple=True)` for the batch's last delivery,
+which acks exactly that batch (class doc of `_BatchConsumer`). A message that cannot be decoded
+(bad JSON, unknown type, invalid payload) is dead-lettered at once with its reason; a delivery the
+handler could not commit is retried with a short backoff and dead-lettered with the error after
+`handler_attempts` deliveries, while the rest of its batch is acked. Poison never crash-loops a
+consumer and never vanishes. It runs on aio-pika directly, on a channel of its own with one
+consumer: FastStream's per-message handler stack cost more CPU than recording the message.
 
 Request/reply: direct reply-to over aio-pika, many calls in flight at once (FastStream's
 `broker.request` is serialised by a lock).
@@ -46,7 +45,6 @@ from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Envelope, Message], Awaitable[None]]
 TelemetryHandler = Callable[[Message], Awaitable[None] | None]
 RpcHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -269,60 +267,6 @@ class Bus:
             raise PublishFailed(f"unroutable: no queue bound to {exchange}/{routing_key}")
 
     # ---------------------------------------------------------------- consuming
-
-    def subscribe(self, spec: QueueSpec, handler: Handler, *, prefetch: int | None = None) -> None:
-        """Consume `spec` with `handler(envelope, message)`; ack after it returns (module doc)."""
-        self._queues.append(spec)
-        attempts_allowed = self.settings.handler_attempts
-
-        @self.broker.subscriber(
-            _queue(spec),
-            channel=Channel(prefetch_count=prefetch or self.settings.prefetch),
-            ack_policy=AckPolicy.MANUAL,
-            no_reply=True,
-            decoder=_raw_body,
-        )
-        async def consume(_body: bytes) -> None:
-            msg = self._delivery()
-            raw = msg.raw_message
-            try:
-                envelope = Envelope.from_json(raw.body)
-                message = envelope.message()
-            except (ValidationError, UnknownMessageType, ValueError) as exc:
-                await self._dead_letter(spec, raw, poison_reason(exc))
-                await msg.ack()
-                return
-            try:
-                await handler(envelope, message)
-            except asyncio.CancelledError:
-                await _settle_quietly(msg.nack(requeue=True))
-                raise
-            except Exception as exc:
-                delivery = int((raw.headers or {}).get("x-delivery-count") or 0) + 1
-                if delivery >= attempts_allowed:
-                    log.error(
-                        "%s: %s failed %d times, dead-lettered: %s",
-                        spec.name,
-                        envelope.type,
-                        delivery,
-                        poison_reason(exc),
-                    )
-                    await self._dead_letter(
-                        spec, raw, f"handler failed {delivery} times: {poison_reason(exc)}"
-                    )
-                    await msg.ack()
-                else:
-                    log.warning(
-                        "%s: %s failed (delivery %d), will retry: %s",
-                        spec.name,
-                        envelope.type,
-                        delivery,
-                        poison_reason(exc),
-                    )
-                    await asyncio.sleep(min(0.05 * 2**delivery, 2.0))
-                    await msg.nack(requeue=True)
-                return
-            await msg.ack()
 
     def consume_batches(self, spec: QueueSpec, handler: BatchHandler, *, max_batch: int = 1000,
                         max_delay: float = 0.005, prefetch: int | None = None) -> None:
@@ -569,7 +513,7 @@ class _BatchConsumer:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if len(incoming) < self.max_batch and not self._stopping:
+            if self.max_delay > 0 and len(incoming) < self.max_batch and not self._stopping:
                 self._full.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self.max_delay)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import Envelope, Message
-from services.bus import Bus
+from services.bus import Bus, Delivery, poison_reason
 from services.settings import Settings
 from services.store import OutboxRelay, Store, TimerRow, UnitOfWork, as_utc
 from services.topology import QueueSpec
@@ -59,19 +59,53 @@ class Service:
         spec: QueueSpec,
         handlers: Mapping[type[Message], MessageHandler],
         *,
-        prefetch: int | None = None,
+        batch: int = 100,
     ) -> None:
-        """Consume `spec`, dispatching by message type; other types are acked and ignored."""
+        """Consume `spec`, dispatching by message type; other types are acked and ignored.
 
-        async def on_message(envelope: Envelope, message: Message) -> None:
-            handler = handlers.get(type(message))
-            if handler is None:
-                return
-            async with self.store.processing(envelope, spec.name) as uow:
-                if uow is not None:
-                    await handler(uow, envelope, message)
+        Group commit: the deliveries that have arrived (up to `batch`) are handled in order in
+        one transaction, and acked once it commits. A handler that raises rolls the transaction
+        back; the batch is then handled again one message per transaction, so that only the
+        failing message is retried (and dead-lettered in the end) and the rest commit."""
 
-        self.bus.subscribe(spec, on_message, prefetch=prefetch)
+        async def on_batch(deliveries: list[Delivery]) -> dict[int, str]:
+            mine = [(i, d) for i, d in enumerate(deliveries) if type(d.message) in handlers]
+            if not mine:
+                return {}
+            try:
+                await self._handle_together(spec.name, handlers, mine)
+                return {}
+            except Exception as exc:
+                if len(mine) == 1:
+                    return {mine[0][0]: poison_reason(exc)}
+                log.warning("%s: a batch of %d failed (%s); handling them one by one",
+                            spec.name, len(mine), poison_reason(exc))
+            failed: dict[int, str] = {}
+            for item in mine:
+                try:
+                    await self._handle_together(spec.name, handlers, [item])
+                except Exception as exc:
+                    failed[item[0]] = poison_reason(exc)
+            return failed
+
+        self.bus.consume_batches(spec, on_batch, max_batch=batch, max_delay=0.0)
+
+    async def _handle_together(
+        self,
+        consumer: str,
+        handlers: Mapping[type[Message], MessageHandler],
+        items: list[tuple[int, Delivery]],
+    ) -> None:
+        """Run each delivery's handler, in order, in one transaction (skipping those already
+        processed); raises if any handler does, and then nothing of it is committed."""
+        deliveries = [delivery for _, delivery in items]
+        async with self.store.processing_many(
+            [d.envelope for d in deliveries], consumer
+        ) as (uow, fresh):
+            for position in fresh:
+                envelope, message = deliveries[position].envelope, deliveries[position].message
+                uow.cause = envelope
+                await handlers[type(message)](uow, envelope, message)
 
     def background(self, coro: Awaitable[Any], name: str) -> None:
         self._tasks.append(asyncio.create_task(_logged(coro, name), name=name))

@@ -36,6 +36,7 @@ from sqlalchemy import (
     TypeDecorator,
     delete,
     event,
+    insert,
     inspect,
     text,
 )
@@ -189,6 +190,7 @@ class Store:
         self.url = url
         self.tables = (*BASE_TABLES, *tables)
         self.engine: AsyncEngine = _engine(url)
+        self._reader = self.engine.execution_options(**{READ_ONLY: True})
         self._write_lock = asyncio.Lock()
         self.on_commit: list[Any] = []  # callbacks(uow) run after each commit
 
@@ -223,22 +225,53 @@ class Store:
     ) -> AsyncIterator[UnitOfWork | None]:
         """Like `transaction`, but yields None (and does nothing) if `envelope` was already
         processed by `consumer`; otherwise records it as processed in the same commit."""
-        async with self.transaction(cause=envelope) as uow:
-            seen = await uow.session.get(Processed, (consumer, str(envelope.event_id)))
-            if seen is not None:
-                yield None
-                return
-            uow.session.add(Processed(consumer=consumer, event_id=str(envelope.event_id)))
-            yield uow
+        async with self.processing_many([envelope], consumer) as (uow, fresh):
+            uow.cause = envelope
+            yield uow if fresh else None
+
+    @asynccontextmanager
+    async def processing_many(
+        self, envelopes: Sequence[Envelope], consumer: str
+    ) -> AsyncIterator[tuple[UnitOfWork, list[int]]]:
+        """One transaction for a batch: yields it with the positions of the envelopes `consumer`
+        has not processed yet (a duplicate within the batch counts once), and records those as
+        processed in the same commit. One ledger read and one insert for the whole batch."""
+        ids = [str(envelope.event_id) for envelope in envelopes]
+        async with self.transaction() as uow:
+            seen = set(
+                (
+                    await uow.session.exec(
+                        select(Processed.event_id).where(
+                            Processed.consumer == consumer,
+                            Processed.event_id.in_(set(ids)),  # type: ignore[attr-defined]
+                        )
+                    )
+                ).all()
+            )
+            fresh = []
+            for position, event_id in enumerate(ids):
+                if event_id not in seen:
+                    seen.add(event_id)
+                    fresh.append(position)
+            if fresh:
+                await uow.session.execute(
+                    insert(Processed), [{"consumer": consumer, "event_id": ids[p]} for p in fresh]
+                )
+            yield uow, fresh
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+        """A read-only session. On SQLite its transaction is a plain (deferred) BEGIN: a snapshot
+        that takes no write lock, so reads never queue behind writers or each other."""
+        async with AsyncSession(self._reader, expire_on_commit=False) as session:
             yield session
 
     async def next_timer(self) -> TimerRow | None:
         async with self.reading() as session:
             return (await session.exec(select(TimerRow).order_by(TimerRow.due_at).limit(1))).first()
+
+
+READ_ONLY = "runner_read_only"  # execution option of `Store.reading` sessions
 
 
 def _engine(url: str) -> AsyncEngine:
@@ -258,8 +291,9 @@ def _engine(url: str) -> AsyncEngine:
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _on_begin(conn: Connection) -> None:
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)

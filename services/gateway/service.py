@@ -91,6 +91,7 @@ class GatewayService(Service):
             )
         self.users = UserDirectory(self.store, token)
         self.sealer = Sealer(secret_key(settings))
+        self.strategies = available_strategies()  # plugins installed later: seen at restart
         self.waiters = Waiters()
         self.app = create_app(self)
         self._server: _QuietServer | None = None
@@ -102,7 +103,7 @@ class GatewayService(Service):
             kind="transient",
             auto_delete=True,
         )
-        self.bus.subscribe(waits, self.waiters.deliver)
+        self.bus.consume_batches(waits, self.waiters.deliver, max_batch=100, max_delay=0.0)
 
     async def started(self) -> None:
         config = uvicorn.Config(
@@ -142,7 +143,7 @@ class GatewayService(Service):
                 f"brokerId: unknown broker {body.broker_id!r}; "
                 f"available: {', '.join(sorted(BROKERS))}",
             )
-        strategies = available_strategies()
+        strategies = self.strategies
         if body.config.type not in strategies:
             raise ApiError(
                 422,

@@ -38,14 +38,20 @@ class UserDirectory:
     def __init__(self, store: Store, admin_token: str) -> None:
         self.store = store
         self._admin_hash = hash_token(admin_token)
+        self._known: dict[str, Caller] = {}  # token hash → user: tokens are never revoked
 
     async def identify(self, token: str) -> Caller | None:
         digest = hash_token(token)
         if hmac.compare_digest(digest, self._admin_hash):
             return Caller(user_id=None, admin=True)
+        if (known := self._known.get(digest)) is not None:
+            return known
         async with self.store.reading() as session:
             row = (await session.exec(select(UserRow).where(UserRow.token_hash == digest))).first()
-        return Caller(user_id=row.user_id) if row else None
+        if row is None:
+            return None
+        caller = self._known[digest] = Caller(user_id=row.user_id)
+        return caller
 
     async def create(self, user_id: str, now: datetime) -> str | None:
         """A new user with a fresh token (returned once); None if the user exists."""

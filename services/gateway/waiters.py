@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from events import Envelope, Message
+from services.bus import Delivery
 
 Key = tuple[str, str]  # (message type, job id | worker id | user id)
 
@@ -31,12 +32,14 @@ class Waiters:
                 if not self._watching[key]:
                     del self._watching[key]
 
-    async def deliver(self, envelope: Envelope, message: Message) -> None:
-        ids = {
-            getattr(message, "job_id", None),
-            getattr(message, "worker_id", None),
-            envelope.user_id,
-        }
-        for ident in ids - {None}:
-            for queue in self._watching.get((envelope.type, ident), ()):
-                queue.put_nowait((envelope, message))
+    async def deliver(self, batch: list[Delivery]) -> None:
+        """`Bus.consume_batches` handler: hands each event to whoever waits for it."""
+        for envelope, message in ((d.envelope, d.message) for d in batch):
+            ids = {
+                getattr(message, "job_id", None),
+                getattr(message, "worker_id", None),
+                envelope.user_id,
+            }
+            for ident in ids - {None}:
+                for queue in self._watching.get((envelope.type, ident), ()):
+                    queue.put_nowait((envelope, message))

@@ -416,6 +416,25 @@ async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
         await second.close()
 
 
+
+async def test_reads_do_not_wait_for_a_writer(backend: Backend) -> None:
+    """`Store.reading` takes no write lock: a read answers (with the committed state) while
+    another transaction holds the lock. On SQLite a read used to begin IMMEDIATE and queue."""
+    store = Store(backend.url("gateway"), (UserRow.__table__,))  # type: ignore[attr-defined]
+    await store.open()
+    try:
+        async with store.transaction() as uow:
+            await uow.lock("users")
+            uow.session.add(UserRow(user_id="u1", token_hash="h", created_at=datetime.now(UTC)))
+            await uow.session.flush()
+            async with asyncio.timeout(2):  # the old read waited out busy_timeout (30 s)
+                async with store.reading() as session:
+                    assert (await session.exec(select(UserRow))).all() == []
+        async with store.reading() as session:
+            assert [u.user_id for u in (await session.exec(select(UserRow))).all()] == ["u1"]
+    finally:
+        await store.close()
+
 # ---------------------------------------------------------------------------- on the real broker
 
 
