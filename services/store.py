@@ -21,12 +21,12 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -51,6 +51,8 @@ from events import Envelope, Message
 from services.bus import Bus, PublishFailed
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -192,6 +194,8 @@ class Store:
         self.engine: AsyncEngine = _engine(url)
         self._reader = self.engine.execution_options(**{READ_ONLY: True})
         self._write_lock = asyncio.Lock()
+        self._group: list[tuple[Callable[[UnitOfWork], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self._grouper: asyncio.Task[None] | None = None
         self.on_commit: list[Any] = []  # callbacks(uow) run after each commit
 
     async def open(self) -> None:
@@ -218,6 +222,55 @@ class Store:
             callback(uow)
         for action in uow.after_commit:
             action()
+
+    async def grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        """Run `work(uow)` in a transaction shared with every other `grouped` call waiting at
+        that moment (group commit), and return its result once that transaction has committed.
+        If one work of a group raises, the group is rolled back and each of its works runs
+        again in a transaction of its own, so a failure reaches only its own caller. A work
+        must therefore keep its effects to the unit of work (state, emits, after-commit)."""
+        done = asyncio.get_running_loop().create_future()
+        self._group.append((work, done))
+        if self._grouper is None or self._grouper.done():
+            self._grouper = asyncio.create_task(self._commit_groups(), name="store-group-commit")
+        return await asyncio.shield(done)
+
+    async def _commit_groups(self) -> None:
+        group: list[tuple[Callable[[UnitOfWork], Awaitable[Any]], asyncio.Future[Any]]] = []
+        try:
+            while self._group:
+                group, self._group = self._group, []
+                if len(group) > 1:
+                    try:
+                        async with self.transaction() as uow:
+                            results = [await work(uow) for work, _ in group]
+                    except Exception as exc:
+                        log.warning("a group of %d transactions failed (%r); committing them "
+                                    "one by one", len(group), exc)
+                    else:
+                        for (_, done), result in zip(group, results, strict=True):
+                            if not done.done():
+                                done.set_result(result)
+                        continue
+                for work, done in group:
+                    await self._commit_alone(work, done)
+        finally:  # cancelled (the service stops): nobody may wait forever
+            left, self._group = [*group, *self._group], []
+            for _, done in left:
+                if not done.done():
+                    done.set_exception(RuntimeError("store closed before the commit"))
+
+    async def _commit_alone(self, work: Callable[[UnitOfWork], Awaitable[Any]],
+                            done: asyncio.Future[Any]) -> None:
+        try:
+            async with self.transaction() as uow:
+                result = await work(uow)
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(result)
 
     @asynccontextmanager
     async def processing(

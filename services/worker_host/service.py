@@ -300,7 +300,8 @@ class WorkerHostService(Service):
         if epoch != self._epoch:  # fenced while it was spawning: it must not run
             worker.end_reason = "fenced"
             worker.signal(signal.SIGKILL)
-        async with self.store.transaction() as uow:
+
+        async def record_start(uow: UnitOfWork) -> LocalWorker | None:
             current = await uow.session.get(LocalWorker, worker_id)
             if current is not None:
                 current.pid = worker.pid
@@ -318,9 +319,11 @@ class WorkerHostService(Service):
                 user_id=row.user_id,
                 correlation_id=row.job_id,
             )
-            stop_pending = current is not None and current.stopping
+            return current
+
+        current = await self.store.grouped(record_start)
         self.background(self._supervise(worker), f"supervise-{worker_id}")
-        if stop_pending:
+        if current is not None and current.stopping:
             self.background(self._stop(worker, current.flatten), f"stop-{worker_id}")
 
     async def _stop(self, worker: WorkerProcess, flatten: bool) -> None:
@@ -369,13 +372,16 @@ class WorkerHostService(Service):
                     "worker %s reported an invalid %s (ignored)", worker.worker_id, line.event
                 )
                 return
-            async with self.store.transaction() as uow:
+
+            async def record_report(uow: UnitOfWork) -> None:
                 uow.emit(
                     event,
                     stream=job_stream(worker.job_id),
                     user_id=worker.user_id,
                     correlation_id=worker.job_id,
                 )
+
+            await self.store.grouped(record_report)
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
         if code == protocol.EXIT_LEASE_LAPSED:  # it fenced itself: our lease ran out
@@ -386,7 +392,8 @@ class WorkerHostService(Service):
             how = f"exited with code {code}"
         else:
             how = f"killed by {signal.Signals(-code).name}"
-        async with self.store.transaction() as uow:
+
+        async def record_exit(uow: UnitOfWork) -> None:
             row = await uow.session.get(LocalWorker, worker.worker_id)
             if row is None or row.attempt != worker.attempt:
                 return
@@ -425,6 +432,8 @@ class WorkerHostService(Service):
                 ),
                 **where,
             )
+
+        await self.store.grouped(record_exit)
 
     # ------------------------------------------------------------------ host liveness
 

@@ -435,6 +435,44 @@ async def test_reads_do_not_wait_for_a_writer(backend: Backend) -> None:
     finally:
         await store.close()
 
+
+async def test_grouped_works_share_a_commit_and_a_failure_stays_with_its_caller(
+    backend: Backend,
+) -> None:
+    """`Store.grouped`: works waiting at the same moment commit in one transaction; when one
+    raises, the group is redone one by one, so only that caller fails and the rest commit."""
+    store = Store(backend.url("probe"))
+    await store.open()
+    commits: list[int] = []
+    store.on_commit.append(lambda uow: commits.append(len(uow.emitted)))
+
+    def work(n: int) -> Callable[[Any], Any]:
+        async def emit(uow: Any) -> int:
+            uow.emit(JobQueued(job_id=f"j{n}", worker_id=f"w{n}"), stream=f"job-j{n}")
+            if n == 7:
+                raise ValueError("work 7 fails")
+            return n
+
+        return emit
+
+    try:
+        first = await asyncio.gather(*(store.grouped(work(n)) for n in range(5)))
+        assert first == list(range(5))
+        assert len(commits) < 5, commits  # shared: the first alone, the rest together
+        commits.clear()
+        second = await asyncio.gather(
+            *(store.grouped(work(n)) for n in range(5, 10)), return_exceptions=True
+        )
+        assert [type(r).__name__ if isinstance(r, Exception) else r for r in second] == [
+            5, 6, "ValueError", 8, 9
+        ]
+        async with store.reading() as session:
+            rows = (await session.exec(select(OutboxRow))).all()
+        jobs = sorted(Envelope.model_validate_json(r.envelope).payload["job_id"] for r in rows)
+        assert jobs == sorted(f"j{n}" for n in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+    finally:
+        await store.close()
+
 # ---------------------------------------------------------------------------- on the real broker
 
 

@@ -1,0 +1,100 @@
+"""A service inbox on the real broker (`Service.handle`): the deliveries that have arrived are
+handled in one transaction (group commit); a handler that keeps failing is retried, then
+dead-lettered to `dlq.<service>` with its reason, alone, while the rest of its batch commits once;
+a message delivered twice has one effect."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+import pytest
+
+from events import Envelope, StopRunner
+from services.bus import Bus
+from services.service import Service
+from services.settings import Settings
+from services.store import UnitOfWork
+from services.topology import SCHEDULER_INBOX
+
+pytestmark = pytest.mark.broker
+
+
+class Probe(Service):
+    """Stands in for the scheduler on its inbox: records each StopRunner it commits."""
+
+    name = "scheduler"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.committed: list[str] = []
+        self.transactions = 0
+        self.store.on_commit.append(self._count)
+
+    def _count(self, uow: UnitOfWork) -> None:
+        self.transactions += 1
+
+    async def setup(self) -> None:
+        self.handle(SCHEDULER_INBOX, {StopRunner: self.on_stop})
+
+    async def on_stop(self, uow: UnitOfWork, env: Envelope, cmd: StopRunner) -> None:
+        if cmd.worker_id == "bad":
+            raise ValueError("this one always fails")
+        uow.after_commit.append(lambda: self.committed.append(cmd.worker_id))
+
+
+def stop(worker_id: str) -> Envelope:
+    return Envelope.wrap(
+        StopRunner(worker_id=worker_id, flatten=False, reason="test"), stream=f"job-{worker_id}"
+    )
+
+
+async def eventually(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_batch_commits_together_and_a_failing_message_is_dead_lettered_alone(
+    settings: Settings,
+) -> None:
+    publisher = Bus(settings, "test")
+    await publisher.start()
+    await publisher.declare(SCHEDULER_INBOX)
+    first = [stop(f"w{i}") for i in range(40)]
+    await publisher.publish_many([*first, first[3]])  # w3 delivered twice
+    probe = Probe(settings)
+    await probe.start()
+    bad = stop("bad")
+    try:
+        await eventually(lambda: len(probe.committed) >= 40, 20, "the first 40")
+        # group commit: far fewer transactions than messages; the second w3 is a no-op
+        assert probe.transactions <= 10, probe.transactions
+        good = [stop(f"w{i}") for i in range(40, 80)]
+        await publisher.publish_many([*good[:20], bad, *good[20:]])
+        await eventually(lambda: len(probe.committed) >= 80, 20, "the next 40")
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            dlq = await channel.get_queue("dlq.scheduler")
+            dead = None
+            for _ in range(100):
+                dead = await dlq.get(no_ack=True, fail=False)
+                if dead is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert dead is not None, "the failing message was not dead-lettered"
+            assert await dlq.get(no_ack=True, fail=False) is None  # and nothing else
+        await asyncio.sleep(0.3)
+    finally:
+        await probe.stop()
+        await publisher.close()
+    assert sorted(probe.committed) == sorted(f"w{i}" for i in range(80))  # each once
+    assert dead.message_id == str(bad.event_id)
+    reason = str(dead.headers["x-poison-reason"])
+    assert reason.startswith(f"handler failed {settings.handler_attempts} times")
+    assert "this one always fails" in reason
