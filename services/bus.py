@@ -1,4 +1,5 @@
-"""The one publish path and the one consume path, over FastStream's RabbitBroker.
+"""The one publish path and the one consume path. FastStream's RabbitBroker holds the robust
+connection, declares the topology and publishes; every consumer is a plain aio-pika one.
 
 Publishing: persistent messages, publisher confirms awaited, an unroutable (returned) or nacked
 publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
@@ -13,8 +14,8 @@ handler could not commit is retried with a short backoff and dead-lettered with 
 consumer and never vanishes. It runs on aio-pika directly, on a channel of its own with one
 consumer: FastStream's per-message handler stack cost more CPU than recording the message.
 
-Request/reply: direct reply-to over aio-pika, many calls in flight at once (FastStream's
-`broker.request` is serialised by a lock).
+Request/reply: direct reply-to over aio-pika, many calls in flight at once on both sides
+(FastStream's `broker.request` is serialised by a lock).
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aiormq.abc import DeliveredMessage
-from faststream import AckPolicy
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
-from faststream.rabbit.annotations import RabbitMessage
 from pydantic import ValidationError
 from yarl import URL
 
@@ -155,8 +154,6 @@ class Bus:
         """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
         for consumer in self._consumers:
             await consumer.stop(self.broker.config.graceful_timeout or 5.0)
-        for subscriber in self.broker.subscribers:
-            await subscriber.stop()
 
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish (graceful timeout), disconnect."""
@@ -289,12 +286,6 @@ class Bus:
         self._queues.append(spec)
         self._consumers.append(_TelemetryConsumer(self, spec, handler))
 
-    def _delivery(self) -> RabbitMessage:
-        """The message being handled, from the broker's context. (Not a `RabbitMessage` handler
-        parameter: FastDepends resolves that in a worker thread, one thread hop per message,
-        which cut consumption to a quarter of this.)"""
-        return self.broker.context.get_local("message")
-
     async def _dead_letter(
         self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage, reason: str
     ) -> None:
@@ -342,43 +333,7 @@ class Bus:
         with `ok` false. Replies from `COMPRESS_REPLIES_FROM` bytes on (a status of a thousand
         workers, a page of the log) are deflated; `request_raw` inflates them."""
         self._queues.append(spec)
-
-        @self.broker.subscriber(
-            _queue(spec),
-            channel=Channel(prefetch_count=self.settings.prefetch),
-            ack_policy=AckPolicy.ACK,
-            no_reply=True,
-            decoder=_raw_body,
-        )
-        async def answer(_body: bytes) -> None:
-            msg = self._delivery()
-            raw = msg.raw_message
-            if not raw.reply_to:
-                return
-            ok = True
-            try:
-                result = await handler(orjson.loads(raw.body))
-                body = result if isinstance(result, RawJson) else _dumps(result)
-            except (ValueError, LookupError, PermissionError) as exc:
-                ok, body = False, _dumps(str(exc))
-            except Exception as exc:
-                log.exception("%s: request failed", spec.name)
-                ok, body = False, _dumps(f"internal error ({type(exc).__name__})")
-            encoding = None
-            if len(body) >= COMPRESS_REPLIES_FROM:
-                body, encoding = zlib.compress(body, 1), "deflate"
-            channel = self._publish_channel or await self._channel()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    body,
-                    headers={"ok": ok},
-                    correlation_id=raw.correlation_id,
-                    content_type="application/json",
-                    content_encoding=encoding,
-                ),
-                routing_key=raw.reply_to,
-                mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
-            )
+        self._consumers.append(_RpcServer(self, spec, handler))
 
     async def request(self, queue: str, body: dict[str, Any], timeout: float | None = None) -> Any:
         """Call a service's RPC queue; returns its result or raises `RpcError` with its error."""
@@ -590,11 +545,6 @@ class _BatchConsumer:
             await _settle_quietly(channel.basic_ack(delivery_tag=tag, multiple=True))
 
 
-async def _raw_body(msg: Any) -> bytes:
-    """We decode bodies ourselves (envelope + registry); FastStream must not try JSON first."""
-    return bytes(msg.body)
-
-
 async def _settle_quietly(op: Awaitable[None]) -> None:
     try:
         await op
@@ -668,3 +618,52 @@ class _TelemetryConsumer:
         result = self.handler(message)
         if asyncio.iscoroutine(result):
             await result
+
+
+class _RpcServer:
+    """`Bus.serve`: answers each request as it comes (several at once, up to the prefetch) and
+    acks it once answered; a plain aio-pika consumer, like the others."""
+
+    def __init__(self, bus: Bus, spec: QueueSpec, handler: RpcHandler) -> None:
+        self.bus, self.spec, self.handler = bus, spec, handler
+        self._subscription = _Subscription(bus, spec)
+
+    async def start(self) -> None:
+        await self._subscription.consume(self._answer, prefetch=self.bus.settings.prefetch,
+                                         no_ack=False)
+
+    async def stop(self, timeout: float) -> None:
+        await self._subscription.cancel(timeout)
+
+    async def _answer(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            if raw.reply_to:
+                await self._reply(raw)
+        finally:
+            await _settle_quietly(raw.ack())
+
+    async def _reply(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
+        ok = True
+        try:
+            result = await self.handler(orjson.loads(raw.body))
+            body = result if isinstance(result, RawJson) else _dumps(result)
+        except (ValueError, LookupError, PermissionError) as exc:
+            ok, body = False, _dumps(str(exc))
+        except Exception as exc:
+            log.exception("%s: request failed", self.spec.name)
+            ok, body = False, _dumps(f"internal error ({type(exc).__name__})")
+        encoding = None
+        if len(body) >= COMPRESS_REPLIES_FROM:
+            body, encoding = zlib.compress(body, 1), "deflate"
+        channel = self.bus._publish_channel or await self.bus._channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                headers={"ok": ok},
+                correlation_id=raw.correlation_id,
+                content_type="application/json",
+                content_encoding=encoding,
+            ),
+            routing_key=raw.reply_to or "",
+            mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
+        )

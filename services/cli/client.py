@@ -52,10 +52,12 @@ class GatewayClient:
             "POST", "/runner/stop", json={"workerId": worker_id, "flattenPositions": flatten}
         )
 
-    async def status(self, user_id: str | None = None) -> dict[str, Any]:
-        return await self.call(
-            "GET", "/runner/status", params={"userId": user_id} if user_id else None
-        )
+    async def status(self, user_id: str | None = None, *, offset: int = 0,
+                     limit: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"userId": user_id} if user_id else {}
+        if limit is not None:
+            params |= {"offset": offset, "limit": limit}
+        return await self.call("GET", "/runner/status", params=params or None)
 
     async def add_user(self, user_id: str) -> str:
         return (await self.call("POST", "/admin/users", json={"userId": user_id}))["token"]

@@ -15,7 +15,7 @@ import uuid
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -61,6 +61,9 @@ REJECT_STATUS = {
     RejectReason.CIRCUIT_OPEN: 429,
     RejectReason.INVALID_REQUEST: 422,
 }
+
+
+STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
 
 class ApiError(Exception):
@@ -236,12 +239,16 @@ class GatewayService(Service):
         )
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
 
-    async def status(self, caller: Caller, user_id: str | None) -> bytes:
-        """The status document as JSON: the monitor's, passed through undecoded."""
+    async def status(self, caller: Caller, user_id: str | None, offset: int = 0,
+                     limit: int | None = None) -> bytes:
+        """The status document as JSON: the monitor's, passed through undecoded. Every worker
+        in scope, or with `limit` one page of them (`page: {offset, limit, total}`)."""
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        raw = await self.bus.request_raw("monitor.rpc", {"op": "status", "user_id": scope})
+        raw = await self.bus.request_raw(
+            "monitor.rpc", {"op": "status", "user_id": scope, "offset": offset, "limit": limit}
+        )
         return ok_json(raw)
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
@@ -374,10 +381,17 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return await gateway.stop_runner(who, body)
 
     @app.get("/runner/status")
-    async def status(who: Who, userId: str | None = None) -> Response:
+    async def status(
+        who: Who,
+        userId: str | None = None,
+        offset: Annotated[int, Query(ge=0, description="first worker of the page")] = 0,
+        limit: Annotated[int | None, Query(ge=1, le=STATUS_PAGE_MAX,
+                                           description="page size; all workers if absent")] = None,
+    ) -> Response:
         # Already JSON from the monitor: no decoding, no FastAPI encoder (costly with a
         # thousand workers).
-        return Response(await gateway.status(who, userId), media_type="application/json")
+        return Response(await gateway.status(who, userId, offset, limit),
+                        media_type="application/json")
 
     @app.post("/entitlements/{user_id}/upgrade")
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:

@@ -162,8 +162,13 @@ class MonitorService(Service):
             raise ValueError("request must be a JSON object with an 'op'")
         op = body.get("op")
         if op == "status":
+            offset, limit = body.get("offset") or 0, body.get("limit")
+            if not isinstance(offset, int) or offset < 0 or not (
+                limit is None or (isinstance(limit, int) and limit > 0)
+            ):
+                raise ValueError("'offset' must be an integer ≥ 0 and 'limit' one ≥ 1")
             return RawJson(views.status_json(self.state, body.get("user_id"),
-                                             self.liveness.beats, self._entries))
+                                             self.liveness.beats, self._entries, offset, limit))
         if op == "worker":
             return await self._worker(body)
         if op == "log":

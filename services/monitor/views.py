@@ -77,19 +77,24 @@ def status(state: Projections, user_id: str | None = None,
 
 
 def status_json(state: Projections, user_id: str | None, beats: Mapping[str, WorkerBeat],
-                encoded: dict[str, bytes]) -> bytes:
+                encoded: dict[str, bytes], offset: int = 0, limit: int | None = None) -> bytes:
     """`status` encoded as JSON, reusing the entries in `encoded` (worker id → its entry as
     JSON) and adding the missing ones to it. The caller drops a worker's entry from `encoded`
-    whenever something it shows changes."""
+    whenever something it shows changes. With a `limit`, only that many workers from `offset`
+    on (in the order of their creation), and `page: {offset, limit, total}` says where it is."""
+    workers = _workers_of(state, user_id)
+    shown = workers if limit is None else workers[offset:offset + limit]
     parts = []
-    for worker in _workers_of(state, user_id):
+    for worker in shown:
         entry = encoded.get(worker.worker_id)
         if entry is None:
             entry = encoded[worker.worker_id] = orjson.dumps(
                 worker_entry(state, worker, beats.get(worker.worker_id)))
         parts.append(entry)
     stats = orjson.dumps(_queue_stats(state, user_id))
-    return b'{"workers":[' + b",".join(parts) + b'],"queueStats":' + stats + b"}"
+    page = b"" if limit is None else b',"page":' + orjson.dumps(
+        {"offset": offset, "limit": limit, "total": len(workers)})
+    return b'{"workers":[' + b",".join(parts) + b'],"queueStats":' + stats + page + b"}"
 
 
 def _workers_of(state: Projections, user_id: str | None) -> list[WorkerView]:

@@ -168,6 +168,26 @@ async def test_users_see_and_stop_only_their_own_workers(running: System) -> Non
     assert (await alice_client.stop(wid))["success"]
 
 
+async def test_status_comes_in_pages_when_asked(running: System) -> None:
+    user, client = await running.user(tier="basic")
+    started = [(await client.start(**start_body()))["workerId"] for _ in range(3)]
+    whole = await client.status()
+    assert "page" not in whole  # without a limit: every worker, the seed's document
+    assert [e["worker"]["workerId"] for e in whole["workers"]] == started  # oldest first
+    first = await client.status(limit=2)
+    rest = await client.status(offset=2, limit=2)
+    assert first["page"] == {"offset": 0, "limit": 2, "total": 3}
+    assert rest["page"] == {"offset": 2, "limit": 2, "total": 3}
+    assert [e["worker"]["workerId"] for e in first["workers"] + rest["workers"]] == started
+    assert first["queueStats"] == whole["queueStats"]  # the figures are for the whole scope
+    admin_page = await running.admin.status(user, limit=1)
+    assert [e["worker"]["workerId"] for e in admin_page["workers"]] == started[:1]
+    for params in ({"limit": 0}, {"limit": 1001}, {"offset": -1, "limit": 5}, {"limit": "x"}):
+        with pytest.raises(GatewayError) as error:
+            await client.call("GET", "/runner/status", params=params)
+        assert error.value.status == 422, params
+
+
 async def test_bad_requests_are_clear_errors_never_500(running: System) -> None:
     _, client = await running.user()
     cases = [
