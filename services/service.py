@@ -60,20 +60,22 @@ class Service:
         handlers: Mapping[type[Message], MessageHandler],
         *,
         batch: int = 100,
+        then: Callable[[UnitOfWork], Awaitable[None]] | None = None,
     ) -> None:
         """Consume `spec`, dispatching by message type; other types are acked and ignored.
 
         Group commit: the deliveries that have arrived (up to `batch`) are handled in order in
-        one transaction, and acked once it commits. A handler that raises rolls the transaction
-        back; the batch is then handled again one message per transaction, so that only the
-        failing message is retried (and dead-lettered in the end) and the rest commit."""
+        one transaction, and acked once it commits; `then(uow)`, if given, runs last in that
+        transaction. A handler that raises rolls the transaction back; the batch is then handled
+        again one message per transaction, so that only the failing message is retried (and
+        dead-lettered in the end) and the rest commit."""
 
         async def on_batch(deliveries: list[Delivery]) -> dict[int, str]:
             mine = [(i, d) for i, d in enumerate(deliveries) if type(d.message) in handlers]
             if not mine:
                 return {}
             try:
-                await self._handle_together(spec.name, handlers, mine)
+                await self._handle_together(spec.name, handlers, mine, then)
                 return {}
             except Exception as exc:
                 if len(mine) == 1:
@@ -83,7 +85,7 @@ class Service:
             failed: dict[int, str] = {}
             for item in mine:
                 try:
-                    await self._handle_together(spec.name, handlers, [item])
+                    await self._handle_together(spec.name, handlers, [item], then)
                 except Exception as exc:
                     failed[item[0]] = poison_reason(exc)
             return failed
@@ -95,9 +97,10 @@ class Service:
         consumer: str,
         handlers: Mapping[type[Message], MessageHandler],
         items: list[tuple[int, Delivery]],
+        then: Callable[[UnitOfWork], Awaitable[None]] | None,
     ) -> None:
         """Run each delivery's handler, in order, in one transaction (skipping those already
-        processed); raises if any handler does, and then nothing of it is committed."""
+        processed), then `then`; raises if any of them does, and then nothing is committed."""
         deliveries = [delivery for _, delivery in items]
         async with self.store.processing_many(
             [d.envelope for d in deliveries], consumer
@@ -106,6 +109,9 @@ class Service:
                 envelope, message = deliveries[position].envelope, deliveries[position].message
                 uow.cause = envelope
                 await handlers[type(message)](uow, envelope, message)
+            if fresh and then is not None:
+                uow.cause = None
+                await then(uow)
 
     def background(self, coro: Awaitable[Any], name: str) -> None:
         self._tasks.append(asyncio.create_task(_logged(coro, name), name=name))

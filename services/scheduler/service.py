@@ -150,7 +150,6 @@ class SchedulerService(Service):
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
         self._kick = asyncio.Event()
-        self.store.on_commit.append(lambda uow: self._kick.set() if uow.emitted else None)
 
     async def setup(self) -> None:
         self.handle(
@@ -171,6 +170,7 @@ class SchedulerService(Service):
                 EntitlementDowngraded: self.on_limit_changed,
                 EntitlementExpired: self.on_limit_changed,
             },
+            then=self.place,
         )
         self.timer_handlers["restart"] = self.on_restart_due
         self.timer_handlers["circuit"] = self.on_circuit_cooled
@@ -373,7 +373,7 @@ class SchedulerService(Service):
             return
         job.state, job.attempt = State.QUEUED, job.attempt + 1
         uow.session.add(job)
-        self._kick.set()
+        await self.place(uow)
 
     # ------------------------------------------------------------------ hosts & limits
 
@@ -501,75 +501,81 @@ class SchedulerService(Service):
             await self.dispatch()
 
     async def dispatch(self) -> None:
-        """Place queued jobs on hosts within the spawn throttle and the system ceiling."""
+        """A placement round of its own (timers, hosts coming back, the periodic check)."""
         async with self.store.transaction() as uow:
-            session = uow.session
-            counts = dict(
-                (
-                    await session.exec(
-                        select(JobRow.state, func.count()).group_by(JobRow.state)  # type: ignore[arg-type]
-                    )
-                ).all()
-            )
-            active = sum(counts.get(s, 0) for s in ON_HOST)
-            queued = counts.get(State.QUEUED, 0)
-            ceiling = self.settings.max_system_workers
-            paused = await session.get(FlagRow, "paused") or FlagRow(name="paused")
-            if queued and active >= ceiling and not paused.value:
-                paused.value = True
-                session.add(paused)
-                uow.emit(
-                    QueuePaused(
-                        reason="system worker ceiling reached", running=active, ceiling=ceiling
-                    ),
-                    stream="queue",
-                )
-            elif paused.value and active < ceiling:
-                paused.value = False
-                session.add(paused)
-                uow.emit(QueueResumed(running=active, ceiling=ceiling), stream="queue")
-            budget = dispatch_budget(
-                active=active,
-                in_flight=counts.get(State.DISPATCHED, 0),
-                concurrency=self.settings.spawn_concurrency,
-                ceiling=ceiling,
-            )
-            if not queued or budget <= 0:
-                return
-            hosts, incarnations = await self._host_loads(uow)
-            jobs = (
+            await self.place(uow)
+
+    async def place(self, uow: UnitOfWork) -> None:
+        """Place queued jobs on hosts within the spawn throttle and the system ceiling; pause or
+        resume the queue at the ceiling. Runs at the end of every inbox batch, in its
+        transaction, so a job accepted is dispatched in the same commit that queues it."""
+        session = uow.session
+        counts = dict(
+            (
                 await session.exec(
-                    select(JobRow)
-                    .where(JobRow.state == State.QUEUED)
-                    .order_by(JobRow.seq)
-                    .limit(budget)
+                    select(JobRow.state, func.count()).group_by(JobRow.state)  # type: ignore[arg-type]
                 )
             ).all()
-            for job in jobs:
-                host_id = place(hosts)
-                if host_id is None:
-                    return
-                hosts = [
-                    HostLoad(h.host_id, h.capacity, h.load + (h.host_id == host_id)) for h in hosts
-                ]
-                job.state, job.host_id = State.DISPATCHED, host_id
-                session.add(job)
-                uow.emit(
-                    JobDispatched(
-                        job_id=job.job_id,
-                        worker_id=job.worker_id,
-                        host_id=host_id,
-                        attempt=job.attempt,
-                        strategy_id=job.strategy_id,
-                        broker_id=job.broker_id,
-                        credentials_sealed=job.credentials_sealed,
-                        config=StrategyConfig.model_validate_json(job.config),
-                        host_incarnation=incarnations[host_id],
-                    ),
-                    stream=job_stream(job.job_id),
-                    correlation_id=job.job_id,
-                    user_id=job.user_id,
-                )
+        )
+        active = sum(counts.get(s, 0) for s in ON_HOST)
+        queued = counts.get(State.QUEUED, 0)
+        ceiling = self.settings.max_system_workers
+        paused = await session.get(FlagRow, "paused") or FlagRow(name="paused")
+        if queued and active >= ceiling and not paused.value:
+            paused.value = True
+            session.add(paused)
+            uow.emit(
+                QueuePaused(
+                    reason="system worker ceiling reached", running=active, ceiling=ceiling
+                ),
+                stream="queue",
+            )
+        elif paused.value and active < ceiling:
+            paused.value = False
+            session.add(paused)
+            uow.emit(QueueResumed(running=active, ceiling=ceiling), stream="queue")
+        budget = dispatch_budget(
+            active=active,
+            in_flight=counts.get(State.DISPATCHED, 0),
+            concurrency=self.settings.spawn_concurrency,
+            ceiling=ceiling,
+        )
+        if not queued or budget <= 0:
+            return
+        hosts, incarnations = await self._host_loads(uow)
+        jobs = (
+            await session.exec(
+                select(JobRow)
+                .where(JobRow.state == State.QUEUED)
+                .order_by(JobRow.seq)
+                .limit(budget)
+            )
+        ).all()
+        for job in jobs:
+            host_id = place(hosts)
+            if host_id is None:
+                return
+            hosts = [
+                HostLoad(h.host_id, h.capacity, h.load + (h.host_id == host_id)) for h in hosts
+            ]
+            job.state, job.host_id = State.DISPATCHED, host_id
+            session.add(job)
+            uow.emit(
+                JobDispatched(
+                    job_id=job.job_id,
+                    worker_id=job.worker_id,
+                    host_id=host_id,
+                    attempt=job.attempt,
+                    strategy_id=job.strategy_id,
+                    broker_id=job.broker_id,
+                    credentials_sealed=job.credentials_sealed,
+                    config=StrategyConfig.model_validate_json(job.config),
+                    host_incarnation=incarnations[host_id],
+                ),
+                stream=job_stream(job.job_id),
+                correlation_id=job.job_id,
+                user_id=job.user_id,
+            )
 
     async def _host_loads(self, uow: UnitOfWork) -> tuple[list[HostLoad], dict[str, str]]:
         """Online hosts with their load, and the incarnation (run) of each."""
