@@ -20,14 +20,17 @@ import contextlib
 import hashlib
 import json
 import logging
+import sqlite3
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiosqlite
 from sqlalchemy import (
     Column,
     DateTime,
@@ -327,12 +330,68 @@ class Store:
 READ_ONLY = "runner_read_only"  # execution option of `Store.reading` sessions
 
 
+BUSY_TIMEOUT = 30.0  # seconds a statement may wait for another writer's lock before failing
+
+
+class _RunNow:
+    """Stands in for the queue to aiosqlite's thread (which SQLAlchemy's dialect also uses
+    directly): what is put in runs at once, and its future gets the outcome."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any] | None, Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            result = function()
+        except BaseException as exc:
+            if future is not None:
+                future.set_exception(exc)
+        else:
+            if future is not None:
+                future.set_result(result)
+
+
+class _InlineSqlite(aiosqlite.Connection):
+    """aiosqlite's connection with every call run at once on the event loop, not handed to a
+    thread of its own. These statements take microseconds; the hand-over costs two cross-thread
+    wake-ups per statement (in an A/B probe, 300 starts twice each way, the services used 61 ms
+    of CPU per start this way and 73 ms with the thread). A statement refused because another connection holds the write lock
+    (`SQLITE_BUSY`: it did nothing) is retried after an `asyncio.sleep`, so the loop never blocks
+    waiting for a lock, not even for one held by another store in this process."""
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection]) -> None:
+        super().__init__(connector, iter_chunk_size=64)
+        self._tx = _RunNow()  # type: ignore[assignment]
+
+    def __await__(self) -> Generator[Any, None, aiosqlite.Connection]:
+        return self._connect().__await__()  # no thread to start
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._connection is None:
+            raise ValueError("Connection closed")
+        deadline, pause = time.monotonic() + BUSY_TIMEOUT, 0.001
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or (
+                    time.monotonic() > deadline
+                ):
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+def _inline_sqlite(database: str) -> Callable[[], _InlineSqlite]:
+    """An `async_creator` for SQLAlchemy's aiosqlite dialect (it awaits what it returns). Busy
+    time-out 0: a busy statement is retried by `_InlineSqlite`, never waited for in sqlite3."""
+    return lambda: _InlineSqlite(lambda: sqlite3.connect(database, timeout=0))
+
+
 def _engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, async_creator=_inline_sqlite(path or ":memory:"))
 
         @event.listens_for(engine.sync_engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -340,7 +399,6 @@ def _engine(url: str) -> AsyncEngine:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
