@@ -351,11 +351,13 @@ class _RunNow:
 
 class _InlineSqlite(aiosqlite.Connection):
     """aiosqlite's connection with every call run at once on the event loop, not handed to a
-    thread of its own. These statements take microseconds; the hand-over costs two cross-thread
-    wake-ups per statement (in an A/B probe, 300 starts twice each way, the services used 61 ms
-    of CPU per start this way and 73 ms with the thread). A statement refused because another connection holds the write lock
-    (`SQLITE_BUSY`: it did nothing) is retried after an `asyncio.sleep`, so the loop never blocks
-    waiting for a lock, not even for one held by another store in this process."""
+    thread of its own. A service's statements take microseconds; the hand-over costs two
+    cross-thread wake-ups per statement (in an A/B probe, 300 starts twice each way, the
+    services used 61 ms of CPU per start this way and 73 ms with the thread). A statement
+    refused because another connection holds the write lock (`SQLITE_BUSY`: it did nothing) is
+    retried after an `asyncio.sleep`, so the loop never blocks waiting for a lock, not even for
+    one held by another store in this process. Long reads (replay, audit) use aiosqlite's thread
+    (`EventLog.at(..., must_exist=True)`), which fetches while the caller folds."""
 
     def __init__(self, connector: Callable[[], sqlite3.Connection]) -> None:
         super().__init__(connector, iter_chunk_size=64)

@@ -63,8 +63,13 @@ class MonitorService(Service):
     async def setup(self) -> None:
         await self.log.open()
         self.liveness = Liveness(since=now())
-        self.folded = await replay(self.log, each=lambda _, e: self.liveness.observe(e, None),
-                                   each_types=Liveness.OBSERVED)
+        # through a reader of its own: its driver fetches the next page while this one folds
+        reader = EventLog.at(self.store.url, must_exist=True)
+        try:
+            self.folded = await replay(reader, each=lambda _, e: self.liveness.observe(e, None),
+                                       each_types=Liveness.OBSERVED)
+        finally:
+            await reader.close()
         self.liveness.since = now()  # silence is judged from when we start watching again
         log.info("monitor: replayed %d events", self.folded.position)
         self.bus.consume_batches(MONITOR_LOG, self.recorder.record, max_batch=LOG_BATCH,

@@ -310,13 +310,16 @@ class SchedulerService(Service):
             return
         if getattr(event, "reason", None) != CrashReason.HOST_LOST:
             await self._record_strategy_failure(uow, job, now())
-        await self._restart_or_give_up(uow, job, env.stream)
+        await self._restart_or_give_up(uow, job, env.stream, crashed_at=env.occurred_at)
 
     async def _restart_or_give_up(
-        self, uow: UnitOfWork, job: JobRow, stream: str, not_before: float = 0.0
+        self, uow: UnitOfWork, job: JobRow, stream: str, not_before: float = 0.0,
+        crashed_at: datetime | None = None,
     ) -> None:
         """Apply the restart policy to a crashed job: WorkerRestartScheduled (after the backoff,
-        and no sooner than `not_before` seconds) or RestartsExhausted."""
+        and no sooner than `not_before` seconds from now) or RestartsExhausted. The backoff
+        counts from `crashed_at` (when the host saw the process end), not from when the news
+        arrived here; a host clock off from ours moves it by at most the backoff itself."""
         at = now()
         ran_for = (at - as_utc(job.started_at)).total_seconds() if job.started_at else None
         decision = after_crash(
@@ -344,6 +347,8 @@ class SchedulerService(Service):
             return
         delay = max(decision.delay, not_before)
         due = at + timedelta(seconds=delay)
+        if crashed_at is not None:
+            due = min(due, max(at, crashed_at + timedelta(seconds=delay)))
         job.state, job.streak, job.host_id = State.CRASHED, decision.streak, None
         uow.session.add(job)
         await uow.set_timer(f"restart:{job.job_id}", "restart", due, job_id=job.job_id)

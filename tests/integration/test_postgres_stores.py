@@ -31,11 +31,13 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlmodel import select
 
 from events import (
+    CrashReason,
     Envelope,
     JobQueued,
     StartRunner,
     StrategyConfig,
     UpgradeEntitlement,
+    WorkerCrashed,
 )
 from events.routing import EVENTS_EXCHANGE
 from services.bus import Bus
@@ -727,3 +729,41 @@ async def test_event_log_reader_refuses_a_missing_database(backend: Backend) -> 
         assert await conn.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
     finally:
         await conn.close()
+
+
+async def test_restart_backoff_counts_from_the_crash_within_one_backoff_of_now(
+    tmp_path: Path,
+) -> None:
+    """The scheduler's restart timer is due `backoff` after the host saw the process end (the
+    crash's `occurred_at`), not after the news arrived; a crash time far off (another host's
+    clock) moves it by at most one backoff: never before now, never later than now + backoff."""
+    settings = Settings(data_dir=tmp_path / "var", restart_backoff=1.0, restart_backoff_max=1.0)
+    scheduler = SchedulerService(settings)
+    await scheduler.store.open()
+
+    async def crash_at(worker: str, crashed: datetime) -> datetime:
+        job = f"job-{worker}"
+        async with scheduler.store.transaction() as uow:
+            uow.session.add(JobRow(job_id=job, worker_id=worker, user_id=worker, strategy_id="s",
+                                   broker_id="paper", credentials_sealed="x", config="{}",
+                                   state="running", host_id="h", started_at=crashed))
+        crash = Envelope.wrap(
+            WorkerCrashed(job_id=job, worker_id=worker, host_id="h", reason=CrashReason.EXITED),
+            stream=f"job-{job}", user_id=worker, occurred_at=crashed,
+        )
+        async with scheduler.store.processing(crash, "scheduler.inbox") as uow:
+            assert uow is not None
+            await scheduler.on_worker_crashed(uow, crash, crash.message())
+            scheduled = [e for e in uow.emitted if e.type == "WorkerRestartScheduled"]
+        return datetime.fromisoformat(scheduled[0].payload["due_at"])
+
+    try:
+        recent = datetime.now(UTC) - timedelta(seconds=0.3)
+        assert await crash_at("w1", recent) == recent + timedelta(seconds=1)
+        before = datetime.now(UTC)
+        long_ago = await crash_at("w2", before - timedelta(hours=1))  # a clock far behind
+        assert before <= long_ago <= datetime.now(UTC)
+        ahead = await crash_at("w3", before + timedelta(hours=1))  # a clock far ahead
+        assert ahead <= datetime.now(UTC) + timedelta(seconds=1)
+    finally:
+        await scheduler.store.close()
