@@ -10,16 +10,15 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from events import Envelope, JobQueued
 from services.bus import Bus, Delivery
 from services.settings import Settings
 from services.topology import MONITOR_LOG
+from tests.integration.broker_helpers import eventually, the_only_dead_letter
 
 pytestmark = pytest.mark.broker
 
@@ -39,14 +38,6 @@ def queue_counts(vhost: str, name: str) -> tuple[int, int]:
         if parts and parts[0] == name:
             return int(parts[1]), int(parts[2])
     raise LookupError(name)
-
-
-async def eventually(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Ledger:
@@ -164,18 +155,7 @@ async def test_a_refused_message_is_retried_then_dead_lettered_alone(settings: S
     await consumer.start()
     try:
         await eventually(lambda: len(ledger.committed) == 30, 15, "the good messages")
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            dlq = await channel.get_queue("dlq.monitor")
-            dead = None
-            for _ in range(100):
-                dead = await dlq.get(no_ack=True, fail=False)
-                if dead is not None:
-                    break
-                await asyncio.sleep(0.1)
-            assert dead is not None, "the refused message was not dead-lettered"
-            assert await dlq.get(no_ack=True, fail=False) is None  # and nothing else
+        dead = await the_only_dead_letter(settings.amqp_url, "dlq.monitor")
     finally:
         await consumer.close()
         await publisher.close()

@@ -6,10 +6,7 @@ a message delivered twice has one effect."""
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
 
-import aio_pika
 import pytest
 
 from events import Envelope, StopRunner
@@ -18,6 +15,7 @@ from services.service import Service
 from services.settings import Settings
 from services.store import UnitOfWork
 from services.topology import SCHEDULER_INBOX
+from tests.integration.broker_helpers import eventually, the_only_dead_letter
 
 pytestmark = pytest.mark.broker
 
@@ -51,14 +49,6 @@ def stop(worker_id: str) -> Envelope:
     )
 
 
-async def eventually(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_a_batch_commits_together_and_a_failing_message_is_dead_lettered_alone(
     settings: Settings,
 ) -> None:
@@ -77,18 +67,7 @@ async def test_a_batch_commits_together_and_a_failing_message_is_dead_lettered_a
         good = [stop(f"w{i}") for i in range(40, 80)]
         await publisher.publish_many([*good[:20], bad, *good[20:]])
         await eventually(lambda: len(probe.committed) >= 80, 20, "the next 40")
-        connection = await aio_pika.connect(settings.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            dlq = await channel.get_queue("dlq.scheduler")
-            dead = None
-            for _ in range(100):
-                dead = await dlq.get(no_ack=True, fail=False)
-                if dead is not None:
-                    break
-                await asyncio.sleep(0.1)
-            assert dead is not None, "the failing message was not dead-lettered"
-            assert await dlq.get(no_ack=True, fail=False) is None  # and nothing else
+        dead = await the_only_dead_letter(settings.amqp_url, "dlq.scheduler")
         await asyncio.sleep(0.3)
     finally:
         await probe.stop()
