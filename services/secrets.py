@@ -21,15 +21,23 @@ class SealError(ValueError):
 
 
 def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
-    """Read a secret file, or create it with mode 0600. Returns (value, created)."""
+    """Read a secret file, or create it with mode 0600. Returns (value, created). Services that
+    start together race to create it: the value is written to a file of our own first and then
+    linked into place, so the file appears complete or not at all, and the first link wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return path.read_text().strip(), False
     value = make()
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(value + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        return path.read_text().strip(), False
+    finally:
+        draft.unlink()
     return value, True
 
 
