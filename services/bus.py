@@ -123,7 +123,7 @@ class Bus:
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
-        self._consumers: list[_BatchConsumer | _TelemetryConsumer] = []
+        self._consumers: list[_BatchConsumer | _TelemetryConsumer | _RpcServer] = []
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -279,10 +279,8 @@ class Bus:
             prefetch=prefetch or 2 * max_batch))
 
     def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
-        """Consume transient telemetry; undecodable samples are dropped (they carry no history).
-        A plain aio-pika consumer without acks rather than a FastStream subscriber: samples need
-        no ack, ledger or dependency resolution, and a thousand workers send two hundred a
-        second."""
+        """Consume transient telemetry without acks; undecodable samples are dropped (they carry
+        no history, and the next sample replaces a lost one)."""
         self._queues.append(spec)
         self._consumers.append(_TelemetryConsumer(self, spec, handler))
 

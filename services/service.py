@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[UnitOfWork, Envelope, Any], Awaitable[None]]
 TimerHandler = Callable[[UnitOfWork, str, dict[str, Any]], Awaitable[None]]
 
+INBOX_BATCH = 100  # deliveries handled in one transaction at most
+
 
 def now() -> datetime:
     return datetime.now(UTC)
@@ -59,49 +61,47 @@ class Service:
         spec: QueueSpec,
         handlers: Mapping[type[Message], MessageHandler],
         *,
-        batch: int = 100,
         then: Callable[[UnitOfWork], Awaitable[None]] | None = None,
     ) -> None:
         """Consume `spec`, dispatching by message type; other types are acked and ignored.
 
-        Group commit: the deliveries that have arrived (up to `batch`) are handled in order in
-        one transaction, and acked once it commits; `then(uow)`, if given, runs last in that
-        transaction. A handler that raises rolls the transaction back; the batch is then handled
-        again one message per transaction, so that only the failing message is retried (and
-        dead-lettered in the end) and the rest commit."""
+        Group commit: the deliveries that have arrived (up to `INBOX_BATCH`) are handled in
+        order in one transaction, and acked once it commits; `then(uow)`, if given, runs last in
+        that transaction. A handler that raises rolls the transaction back; the batch is then
+        handled again one message per transaction, so that only the failing message is retried
+        (and dead-lettered in the end) and the rest commit."""
 
         async def on_batch(deliveries: list[Delivery]) -> dict[int, str]:
-            mine = [(i, d) for i, d in enumerate(deliveries) if type(d.message) in handlers]
+            mine = {i: d for i, d in enumerate(deliveries) if type(d.message) in handlers}
             if not mine:
                 return {}
             try:
-                await self._handle_together(spec.name, handlers, mine, then)
+                await self._handle_together(spec.name, handlers, list(mine.values()), then)
                 return {}
             except Exception as exc:
                 if len(mine) == 1:
-                    return {mine[0][0]: poison_reason(exc)}
+                    return dict.fromkeys(mine, poison_reason(exc))
                 log.warning("%s: a batch of %d failed (%s); handling them one by one",
                             spec.name, len(mine), poison_reason(exc))
             failed: dict[int, str] = {}
-            for item in mine:
+            for index, delivery in mine.items():
                 try:
-                    await self._handle_together(spec.name, handlers, [item], then)
+                    await self._handle_together(spec.name, handlers, [delivery], then)
                 except Exception as exc:
-                    failed[item[0]] = poison_reason(exc)
+                    failed[index] = poison_reason(exc)
             return failed
 
-        self.bus.consume_batches(spec, on_batch, max_batch=batch, max_delay=0.0)
+        self.bus.consume_batches(spec, on_batch, max_batch=INBOX_BATCH, max_delay=0.0)
 
     async def _handle_together(
         self,
         consumer: str,
         handlers: Mapping[type[Message], MessageHandler],
-        items: list[tuple[int, Delivery]],
+        deliveries: list[Delivery],
         then: Callable[[UnitOfWork], Awaitable[None]] | None,
     ) -> None:
         """Run each delivery's handler, in order, in one transaction (skipping those already
         processed), then `then`; raises if any of them does, and then nothing is committed."""
-        deliveries = [delivery for _, delivery in items]
         async with self.store.processing_many(
             [d.envelope for d in deliveries], consumer
         ) as (uow, fresh):

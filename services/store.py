@@ -276,16 +276,6 @@ class Store:
                 done.set_result(result)
 
     @asynccontextmanager
-    async def processing(
-        self, envelope: Envelope, consumer: str
-    ) -> AsyncIterator[UnitOfWork | None]:
-        """Like `transaction`, but yields None (and does nothing) if `envelope` was already
-        processed by `consumer`; otherwise records it as processed in the same commit."""
-        async with self.processing_many([envelope], consumer) as (uow, fresh):
-            uow.cause = envelope
-            yield uow if fresh else None
-
-    @asynccontextmanager
     async def processing_many(
         self, envelopes: Sequence[Envelope], consumer: str
     ) -> AsyncIterator[tuple[UnitOfWork, list[int]]]:

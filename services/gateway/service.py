@@ -146,12 +146,11 @@ class GatewayService(Service):
                 f"brokerId: unknown broker {body.broker_id!r}; "
                 f"available: {', '.join(sorted(BROKERS))}",
             )
-        strategies = self.strategies
-        if body.config.type not in strategies:
+        if body.config.type not in self.strategies:
             raise ApiError(
                 422,
                 f"config.type: unknown strategy type {body.config.type!r}; "
-                f"available: {', '.join(sorted(strategies))}",
+                f"available: {', '.join(sorted(self.strategies))}",
             )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
         command = StartRunner(

@@ -17,7 +17,6 @@ host) are ignored, so no job ever gets two live workers from the scheduler.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from datetime import datetime, timedelta
 from typing import Any
@@ -149,7 +148,6 @@ class SchedulerService(Service):
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
-        self._kick = asyncio.Event()
 
     async def setup(self) -> None:
         self.handle(
@@ -170,7 +168,7 @@ class SchedulerService(Service):
                 EntitlementDowngraded: self.on_limit_changed,
                 EntitlementExpired: self.on_limit_changed,
             },
-            then=self.place,
+            then=self.place_queued,
         )
         self.timer_handlers["restart"] = self.on_restart_due
         self.timer_handlers["circuit"] = self.on_circuit_cooled
@@ -378,7 +376,7 @@ class SchedulerService(Service):
             return
         job.state, job.attempt = State.QUEUED, job.attempt + 1
         uow.session.add(job)
-        await self.place(uow)
+        await self.place_queued(uow)
 
     # ------------------------------------------------------------------ hosts & limits
 
@@ -388,7 +386,6 @@ class SchedulerService(Service):
         )
         host.capacity, host.online, host.incarnation = event.capacity, True, event.incarnation
         uow.session.add(host)
-        self._kick.set()
 
     async def on_host_lost(self, uow: UnitOfWork, env: Envelope, event: HostLost) -> None:
         """The host's workers are crashed (`host_lost`) and go through the restart policy, but
@@ -499,18 +496,14 @@ class SchedulerService(Service):
     # ------------------------------------------------------------------ dispatcher
 
     async def _dispatch_loop(self) -> None:
+        """A placement round of its own every second: a safety net, since every batch and every
+        due restart places queued jobs in its own transaction."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=1.0)
-            self._kick.clear()
-            await self.dispatch()
+            await asyncio.sleep(1.0)
+            async with self.store.transaction() as uow:
+                await self.place_queued(uow)
 
-    async def dispatch(self) -> None:
-        """A placement round of its own (timers, hosts coming back, the periodic check)."""
-        async with self.store.transaction() as uow:
-            await self.place(uow)
-
-    async def place(self, uow: UnitOfWork) -> None:
+    async def place_queued(self, uow: UnitOfWork) -> None:
         """Place queued jobs on hosts within the spawn throttle and the system ceiling; pause or
         resume the queue at the ceiling. Runs at the end of every inbox batch, in its
         transaction, so a job accepted is dispatched in the same commit that queues it."""

@@ -27,6 +27,7 @@ from services.bus import Bus, PublishFailed
 from services.monitor.log import EventLog
 from services.settings import Settings
 from services.topology import MONITOR_LOG
+from tests.integration.broker_helpers import eventually
 
 pytestmark = pytest.mark.broker
 
@@ -77,14 +78,6 @@ def rows(settings: Settings) -> list[tuple[int, str, str]]:
                                 "ORDER BY position").fetchall()
         except sqlite3.OperationalError:  # table not created yet
             return []
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def monitor_ready(bus: Bus, proc: subprocess.Popen, timeout: float = 15) -> None:
@@ -151,7 +144,7 @@ async def test_backlog_and_republished_duplicates_are_recorded_once(
     await publish_all(bus, published, chunk=1000)
     with monitor_process(settings, tmp_path / "monitor.log") as start:
         await monitor_ready(bus, start())
-        await wait_for(lambda: len(rows(settings)) >= N, 30, f"{N} rows")
+        await eventually(lambda: len(rows(settings)) >= N, 30, f"{N} rows")
         await publish_all(bus, published[:500] + published[-500:])
         deadline = time.monotonic() + 10
         while await queue_depth(settings, MONITOR_LOG.name) and time.monotonic() < deadline:
@@ -176,7 +169,7 @@ async def test_sigkill_mid_batch_then_restart_records_every_event_once(
         first = start()
         await monitor_ready(bus, first)
         publishing = asyncio.create_task(publish_all(bus, published, chunk=100))
-        await wait_for(lambda: len(rows(settings)) >= 700, 30, "the first rows")
+        await eventually(lambda: len(rows(settings)) >= 700, 30, "the first rows")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         killed_at = len(rows(settings))
@@ -186,7 +179,7 @@ async def test_sigkill_mid_batch_then_restart_records_every_event_once(
         second = start()
         await monitor_ready(bus, second)
         await publish_all(bus, published[200:700])  # the same envelopes again: recorded once
-        await wait_for(lambda: len(rows(settings)) >= N, 30, f"{N} rows after the restart")
+        await eventually(lambda: len(rows(settings)) >= N, 30, f"{N} rows after the restart")
         deadline = time.monotonic() + 10
         while await queue_depth(settings, MONITOR_LOG.name) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -211,7 +204,7 @@ async def test_poison_is_dead_lettered_with_a_reason_and_good_messages_around_it
             await exchange.publish(aio_pika.Message(unknown.to_json(), message_id="unknown"),
                                    routing_key="job.NoSuchEvent")
         await publish_all(bus, after)
-        await wait_for(lambda: len(rows(settings)) >= 40, 15, "the good messages")
+        await eventually(lambda: len(rows(settings)) >= 40, 15, "the good messages")
 
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
@@ -240,13 +233,13 @@ async def test_events_after_a_dropped_connection_are_still_recorded(
         monitor = start()
         await monitor_ready(bus, monitor)
         await publish_all(bus, before)
-        await wait_for(lambda: len(rows(settings)) >= 50, 15, "rows before the drop")
+        await eventually(lambda: len(rows(settings)) >= 50, 15, "rows before the drop")
 
         subprocess.run(
             ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: connection drop"],
             check=True, capture_output=True, timeout=60)
         await asyncio.sleep(0.5)
         await publish_all(bus, after)
-        await wait_for(lambda: len(rows(settings)) >= 100, 20, "rows after the drop")
+        await eventually(lambda: len(rows(settings)) >= 100, 20, "rows after the drop")
         await monitor_ready(bus, monitor)  # and the status RPC is served again
     assert_exactly_once(settings, before + after)

@@ -355,8 +355,10 @@ async def test_the_same_envelope_processed_twice_has_one_effect(
     envelope = start_runner("alice")
 
     async def deliver(service: EntitlementService) -> bool:
-        async with service.store.processing(envelope, ENTITLEMENT_INBOX.name) as uow:
-            if uow is None:
+        async with service.store.processing_many([envelope], ENTITLEMENT_INBOX.name) as (
+            uow, fresh
+        ):
+            if not fresh:
                 return False
             await service.on_start_runner(uow, envelope, envelope.message())
             return True
@@ -545,8 +547,10 @@ async def test_expiry_timer_fires_after_the_service_restarts(
         UpgradeEntitlement(tier="pro", days=1.5 / 86_400), stream="user-bob", user_id="bob"
     )
     try:
-        async with first.store.processing(upgrade, ENTITLEMENT_INBOX.name) as uow:
-            assert uow is not None
+        async with first.store.processing_many([upgrade], ENTITLEMENT_INBOX.name) as (
+            uow, fresh
+        ):
+            assert fresh == [0]
             await first.on_upgrade(uow, upgrade, upgrade.message())
         await eventually(lambda: sink.of("EntitlementUpgraded"), what="EntitlementUpgraded")
     finally:
@@ -751,8 +755,8 @@ async def test_restart_backoff_counts_from_the_crash_within_one_backoff_of_now(
             WorkerCrashed(job_id=job, worker_id=worker, host_id="h", reason=CrashReason.EXITED),
             stream=f"job-{job}", user_id=worker, occurred_at=crashed,
         )
-        async with scheduler.store.processing(crash, "scheduler.inbox") as uow:
-            assert uow is not None
+        async with scheduler.store.processing_many([crash], "scheduler.inbox") as (uow, fresh):
+            assert fresh == [0]
             await scheduler.on_worker_crashed(uow, crash, crash.message())
             scheduled = [e for e in uow.emitted if e.type == "WorkerRestartScheduled"]
         return datetime.fromisoformat(scheduled[0].payload["due_at"])
