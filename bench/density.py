@@ -24,16 +24,14 @@ import json
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aio_pika
 from rich.console import Console
 
-from bench.report import Figure, at_least, at_most, table
+from bench.report import Figure, at_least, at_most, scratch_with_services_log, table
 from bench.spawn import MiB, uss
 from events.routing import TELEMETRY_EXCHANGE
 from services.bus import Bus
@@ -145,8 +143,8 @@ async def run(quick: bool) -> list[Figure]:
         "RUNNER_HEARTBEAT_INTERVAL": str(HEARTBEAT),
     }
     console = Console(stderr=True)
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w") as log:
-        local = LocalSystem(Path(tmp) / "var", env=env, log=log, quiet=True)
+    with scratch_with_services_log() as (tmp, log):
+        local = LocalSystem(tmp / "var", env=env, log=log, quiet=True)
         await local.start()
         beats = Heartbeats()
         connection = await beats.listen(local.amqp_url)

@@ -14,14 +14,12 @@ import asyncio
 import os
 import signal
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from rich.console import Console
 
-from bench.report import Figure, at_most, percentile, table
+from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
 from bench.supervisord import restart_latencies
 from services.cli.local import LocalSystem
 
@@ -36,8 +34,8 @@ async def measure(
         "RUNNER_CIRCUIT_FAILURES": "1000000",
         "RUNNER_SPAWN_CONCURRENCY": "4",
     }
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w") as log:
-        local = LocalSystem(Path(tmp) / "var", env=env, log=log)
+    with scratch_with_services_log() as (tmp, log):
+        local = LocalSystem(tmp / "var", env=env, log=log)
         await local.start()
         try:
             _, client = await local.user(tier="enterprise")

@@ -7,10 +7,17 @@ on this machine, today.
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from rich.table import Table
+
+LOG_TAIL = 40  # lines of the services' log shown when a benchmark fails
 
 
 @dataclass(frozen=True)
@@ -76,3 +83,20 @@ def table(figures: list[Figure], title: str) -> Table:
             met,
         )
     return out
+
+
+@contextmanager
+def scratch_with_services_log() -> Iterator[tuple[Path, IO[str]]]:
+    """A scratch directory and a log file in it for the services a benchmark runs. If the
+    benchmark fails, the log's last warnings and errors go to stderr before it is deleted, so a
+    failure (in CI too) shows what the services said."""
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w+") as log:
+        try:
+            yield Path(tmp), log
+        except BaseException:
+            log.flush()
+            log.seek(0)
+            said = [line for line in log if " INFO " not in line and " DEBUG " not in line]
+            print(f"the services' last warnings and errors ({len(said)} in all):", file=sys.stderr)
+            sys.stderr.writelines(said[-LOG_TAIL:])
+            raise

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from rich.console import Console
 
-from bench.report import Figure, at_most, percentile, table
+from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
 from services.cli.client import GatewayClient
 from services.cli.local import LocalSystem
 
@@ -33,8 +31,8 @@ async def run(quick: bool) -> list[Figure]:
         "RUNNER_SPAWN_CONCURRENCY": "16",
         "RUNNER_HEARTBEAT_INTERVAL": "5",
     }
-    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "services.log", "w") as log:
-        local = LocalSystem(Path(tmp) / "var", env=env, log=log)
+    with scratch_with_services_log() as (tmp, log):
+        local = LocalSystem(tmp / "var", env=env, log=log)
         await local.start()
         try:
             clients: list[GatewayClient] = []

@@ -72,6 +72,12 @@ class ApiError(Exception):
         self.status, self.error, self.extra = status, error, extra
 
 
+# How long an idle HTTP connection stays open. Longer than clients keep idle connections for
+# reuse (httpx: 5 s, uvicorn's own default too): with equal times a client could send a request
+# just as the server closed the connection, and get a bare `ReadError` (seen once in CI).
+HTTP_KEEP_ALIVE = 75.0
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service shell owns SIGINT/SIGTERM."""
 
@@ -115,6 +121,7 @@ class GatewayService(Service):
             port=self.settings.http_port,
             log_level="warning",
             lifespan="off",
+            timeout_keep_alive=HTTP_KEEP_ALIVE,
         )
         self._server = _QuietServer(config)
         self.background(self._server.serve(), "http")

@@ -188,6 +188,28 @@ async def test_status_comes_in_pages_when_asked(running: System) -> None:
         assert error.value.status == 422, params
 
 
+async def test_an_idle_connection_stays_open_longer_than_clients_keep_it(running: System) -> None:
+    """A client may reuse a connection it has kept idle for 5 s (httpx's default); the gateway
+    must not close it at that moment, or the request is lost in a bare `ReadError`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    request = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+    async def answer() -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return head.split(b"\r\n")[0] + b" " + await reader.readexactly(length)
+
+    try:
+        writer.write(request)
+        assert (await answer()).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(httpx.Limits().keepalive_expiry + 0.5)
+        writer.write(request)
+        assert (await answer()).startswith(b"HTTP/1.1 200")  # not closed under the client
+    finally:
+        writer.close()
+
+
 async def test_bad_requests_are_clear_errors_never_500(running: System) -> None:
     _, client = await running.user()
     cases = [
