@@ -266,16 +266,17 @@ class Bus:
     # ---------------------------------------------------------------- consuming
 
     def consume_batches(self, spec: QueueSpec, handler: BatchHandler, *, max_batch: int = 1000,
-                        max_delay: float = 0.005, prefetch: int | None = None) -> None:
-        """Consume `spec` in batches: `handler(deliveries)` gets up to `max_batch` decoded
-        messages (waiting at most `max_delay` s after the first for more) and commits them; they
-        are acked once it returns. Poison is dead-lettered with its reason as by `subscribe`; a
-        delivery the handler reports failed (or all of them, if it raises) is retried and, after
+                        linger: float = 0.0, prefetch: int | None = None) -> None:
+        """Consume `spec` in batches: `handler(deliveries)` gets the decoded messages that have
+        arrived (up to `max_batch`; what came while the previous batch committed, and, with a
+        `linger`, what comes that much longer while the consumer is behind) and commits them;
+        they are acked once it returns. Poison is dead-lettered with its reason; a delivery
+        the handler reports failed (or all of them, if it raises) is retried and, after
         `handler_attempts` deliveries, dead-lettered with the error, while the rest of its batch
         is acked. `prefetch` [2 × max_batch] lets the next batch arrive while one commits."""
         self._queues.append(spec)
         self._consumers.append(_BatchConsumer(
-            self, spec, handler, max_batch=max_batch, max_delay=max_delay,
+            self, spec, handler, max_batch=max_batch, linger=linger,
             prefetch=prefetch or 2 * max_batch))
 
     def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None:
@@ -399,8 +400,13 @@ class Bus:
 
 
 class _BatchConsumer:
-    """`Bus.consume_batches`: a collector task cuts deliveries into batches, a committer task runs
-    the handler on one batch at a time, in delivery order, and settles it.
+    """`Bus.consume_batches`: one task takes every delivery that has arrived (up to
+    `max_batch`), runs the handler on them in delivery order, settles them, and takes the next.
+    So a batch holds what arrived while the previous one committed: a lone message at idle is
+    handled at once, and under load batches grow by themselves (natural batching). With a
+    `linger`, a consumer that is behind (messages were waiting when it finished a batch) also
+    waits that long for a batch to fill: fewer, larger commits when throughput matters, and no
+    delay at all when it does not.
 
     Why one multiple-ack is exact: the channel is ours alone (FastStream's channel manager keys
     channels by `Channel` instance) and carries this one consumer, so its delivery tags number
@@ -414,41 +420,35 @@ class _BatchConsumer:
     """
 
     def __init__(self, bus: Bus, spec: QueueSpec, handler: BatchHandler, *, max_batch: int,
-                 max_delay: float, prefetch: int) -> None:
+                 linger: float, prefetch: int) -> None:
         self.bus, self.spec, self.handler = bus, spec, handler
-        self.max_batch, self.max_delay, self.prefetch = max_batch, max_delay, prefetch
+        self.max_batch, self.linger, self.prefetch = max_batch, linger, prefetch
         self._incoming: deque[aio_pika.abc.AbstractIncomingMessage] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
-        self._batches: asyncio.Queue[list[aio_pika.abc.AbstractIncomingMessage] | None] = (
-            asyncio.Queue(maxsize=1))  # one batch filling while one commits
         self._subscription = _Subscription(bus, spec)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         self._stopping = False
-        self._tasks = [
-            asyncio.create_task(self._collect(), name=f"{self.spec.name}-collect"),
-            asyncio.create_task(self._commit(), name=f"{self.spec.name}-commit"),
-        ]
+        self._task = asyncio.create_task(self._run(), name=f"{self.spec.name}-batches")
         await self._subscription.consume(self._on_message, prefetch=self.prefetch, no_ack=False)
 
     async def stop(self, timeout: float) -> None:
         """Stop receiving, commit and settle what has arrived, then end (graceful)."""
-        if not self._tasks:
+        if self._task is None:
             return
         self._stopping = True
         await self._subscription.cancel(timeout)
         self._arrived.set()
         self._full.set()
-        tasks, self._tasks = self._tasks, []
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        for task in pending:  # unsettled deliveries are redelivered once the channel closes
+        task, self._task = self._task, None
+        _, pending = await asyncio.wait({task}, timeout=timeout)
+        if pending:  # unsettled deliveries are redelivered once the channel closes
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._incoming.append(message)
@@ -456,31 +456,28 @@ class _BatchConsumer:
         if len(self._incoming) >= self.max_batch:
             self._full.set()
 
-    async def _collect(self) -> None:
-        incoming = self._incoming
+    async def _run(self) -> None:
+        incoming, behind = self._incoming, False
         while True:
             if not incoming:
                 if self._stopping:
-                    await self._batches.put(None)
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if self.max_delay > 0 and len(incoming) < self.max_batch and not self._stopping:
+            if behind and self.linger > 0 and len(incoming) < self.max_batch and (
+                    not self._stopping):
                 self._full.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self.max_delay)
+                    await asyncio.wait_for(self._full.wait(), self.linger)
             batch = [incoming.popleft() for _ in range(min(len(incoming), self.max_batch))]
-            await self._batches.put(batch)
-
-    async def _commit(self) -> None:
-        while (batch := await self._batches.get()) is not None:
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:  # unsettled: redelivered when the channel closes
                 log.exception("%s: settling a batch of %d failed", self.spec.name, len(batch))
+            behind = bool(incoming)
 
     async def _process(self, raws: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
         deliveries: list[Delivery] = []

@@ -91,7 +91,7 @@ class Service:
                     failed[index] = poison_reason(exc)
             return failed
 
-        self.bus.consume_batches(spec, on_batch, max_batch=INBOX_BATCH, max_delay=0.0)
+        self.bus.consume_batches(spec, on_batch, max_batch=INBOX_BATCH)
 
     async def _handle_together(
         self,

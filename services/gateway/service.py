@@ -112,7 +112,7 @@ class GatewayService(Service):
             kind="transient",
             auto_delete=True,
         )
-        self.bus.consume_batches(waits, self.waiters.deliver, max_batch=100, max_delay=0.0)
+        self.bus.consume_batches(waits, self.waiters.deliver, max_batch=100)
 
     async def started(self) -> None:
         config = uvicorn.Config(

@@ -36,7 +36,7 @@ from services.topology import MONITOR_LOG, MONITOR_TELEMETRY, rpc_queue
 log = logging.getLogger(__name__)
 
 LOG_BATCH = 1000  # envelopes per log transaction
-LOG_LINGER = 0.005  # seconds a batch waits for more after its first envelope
+LOG_LINGER = 0.005  # seconds a batch may wait to fill while the recorder is behind
 LOG_PAGE_MAX = 1000
 
 
@@ -73,7 +73,7 @@ class MonitorService(Service):
         self.liveness.since = now()  # silence is judged from when we start watching again
         log.info("monitor: replayed %d events", self.folded.position)
         self.bus.consume_batches(MONITOR_LOG, self.recorder.record, max_batch=LOG_BATCH,
-                                 max_delay=LOG_LINGER)
+                                 linger=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
         self.bus.serve(rpc_queue("monitor"), self._on_request)
 

@@ -239,6 +239,18 @@ async def test_mark_only_ticks_are_written_now_and_then_and_at_close(tmp_path: P
     assert PaperBroker(seed="t", state_file=state).account == broker.account
 
 
+async def test_opening_writes_nothing_until_something_changes(tmp_path: Path) -> None:
+    """Nothing (and no fsync) before the worker's hello: starting marks are reproducible."""
+    state = tmp_path / "worker.json"
+    broker = PaperBroker(seed="t", instruments=[BTC], state_file=state)
+    assert not state.exists()
+    await broker.close()  # the starting marks are written at close, like mark-only ticks
+    assert PaperBroker(seed="t", state_file=state).account == broker.account
+    again = PaperBroker(seed="t", instruments=[BTC], state_file=state)
+    await again.close()
+    assert again.account == broker.account
+
+
 def test_unreadable_state_refuses_to_start(tmp_path: Path) -> None:
     state = tmp_path / "worker.json"
     state.write_text("{not json")

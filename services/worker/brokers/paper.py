@@ -121,9 +121,14 @@ class PaperBroker(Broker):
         self.account = self._load()
         self._walks: dict[str, random.Random] = {}
         self._unsaved_ticks = 0
+        known = len(self.account.marks)
         for instrument in instruments:
             self._market(instrument)
-        self._save(durable=True)
+        if len(self.account.marks) != known:
+            # A new instrument's starting mark is reproducible (its walk starts at tick 0), so
+            # it is written with the next change, not at once: no write, no fsync, before the
+            # worker's hello.
+            self._unsaved_ticks += 1
 
     @classmethod
     def open(
