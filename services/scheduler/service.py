@@ -79,6 +79,9 @@ class State:
 
 
 ON_HOST = (State.DISPATCHED, State.RUNNING, State.STOPPING)
+# The states a placement round counts; through the state index, so a round costs the live jobs
+# only, never the ended ones that pile up over a deployment's life.
+COUNTED = (State.QUEUED, *ON_HOST)
 HOLDS_SLOT = (
     State.REQUESTED,
     State.QUEUED,
@@ -511,7 +514,9 @@ class SchedulerService(Service):
         counts = dict(
             (
                 await session.exec(
-                    select(JobRow.state, func.count()).group_by(JobRow.state)  # type: ignore[arg-type]
+                    select(JobRow.state, func.count())  # type: ignore[arg-type]
+                    .where(JobRow.state.in_(COUNTED))  # type: ignore[attr-defined]
+                    .group_by(JobRow.state)
                 )
             ).all()
         )
