@@ -264,6 +264,26 @@ class HostLease:
             await asyncio.sleep(left)
 
 
+@dataclass
+class MarketClock:
+    """The market's steps for a strategy that does not act on ticks (`acts_on_ticks` False).
+    Instead of waking every `interval` to move a market nobody is watching, the worker takes the
+    steps due since it started in one go whenever the market is looked at (each heartbeat's
+    marks, a flatten). The seeded walk gives the same marks as stepping one by one, and an idle
+    worker sleeps from one heartbeat to the next."""
+
+    broker: Broker
+    interval: float
+    origin: float = field(default_factory=time.monotonic)
+    taken: int = 0
+
+    async def catch_up(self) -> None:
+        due = int((time.monotonic() - self.origin) / self.interval)
+        while self.taken < due:
+            self.taken += 1
+            await self.broker.tick()
+
+
 class WorkerRuntime:
     """Runs one worker until a stop, a lost host or a crash; `run()` returns the exit code."""
 
@@ -330,7 +350,8 @@ class WorkerRuntime:
         )
 
         # The first beat goes out before the strategy starts: it tells the host "alive" at once.
-        beating = asyncio.create_task(self._beat(broker, channel), name="heartbeat")
+        market = None if strategy.acts_on_ticks else MarketClock(broker, strategy.tick_interval)
+        beating = asyncio.create_task(self._beat(broker, channel, market), name="heartbeat")
         trading = asyncio.create_task(self._trade(strategy, broker), name="strategy")
         leasing = asyncio.create_task(self.lease.watch(settle), name="lease")
 
@@ -353,6 +374,11 @@ class WorkerRuntime:
                 log.warning("the host's lease lapsed: exiting without touching positions")
                 return EXIT_LEASE_LAPSED
             if result.flatten:
+                if market is not None:  # close at today's prices, not the start's
+                    try:
+                        await market.catch_up()
+                    except Exception:
+                        log.warning("could not move the market before flattening", exc_info=True)
                 event = await flatten(broker, job_id=env.job_id, worker_id=env.worker_id)
                 if isinstance(event, FlattenFailed):
                     # Adapter error text is free-form: it must not carry the credentials out.
@@ -371,6 +397,8 @@ class WorkerRuntime:
 
     async def _trade(self, strategy: Strategy, broker: Broker) -> None:
         await strategy.start()
+        if not strategy.acts_on_ticks:
+            return  # its market moves by `MarketClock` when looked at
         while True:
             await asyncio.sleep(strategy.tick_interval)
             if self.lease.lapsed():  # e.g. resumed after a long stall: the watcher settles
@@ -378,7 +406,7 @@ class WorkerRuntime:
             await broker.tick()
             await strategy.on_tick()
 
-    async def _beat(self, broker: Broker, channel: Channel) -> None:
+    async def _beat(self, broker: Broker, channel: Channel, market: MarketClock | None) -> None:
         """A Beat at once (the host learns it is alive without waiting an interval), then every
         interval on a fixed cadence (a late one does not shift the next)."""
         loop = asyncio.get_running_loop()
@@ -390,6 +418,8 @@ class WorkerRuntime:
                 await asyncio.sleep(delay)
             due = max(due + interval, loop.time())
             try:
+                if market is not None:
+                    await market.catch_up()
                 marks = tuple(
                     [
                         mark_position(p, await broker.mark(p.instrument))

@@ -16,7 +16,7 @@ import pytest
 
 from events import REGISTRY
 from events.jobs import FlattenFailed, PositionsFlattened
-from events.values import Fill, Position
+from events.values import Fill, Position, StrategyConfig
 from services.worker import protocol
 from services.worker.brokers import BROKERS
 from services.worker.brokers.base import BrokerError, BrokerFact, ClosedTrade, Credentials
@@ -26,6 +26,7 @@ from services.worker.runtime import (
     EXIT_BAD_CONFIG,
     EXIT_OK,
     BadEnvironment,
+    MarketClock,
     WorkerEnv,
     WorkerRuntime,
     redactor,
@@ -33,6 +34,7 @@ from services.worker.runtime import (
     run_worker,
     trading_event,
 )
+from services.worker.strategies.hold import Hold
 
 BTC = "BTC-PERPETUAL"
 ETH = "ETH-USD"
@@ -280,6 +282,7 @@ class Counting:
     """A strategy and a broker in one that count their ticks."""
 
     tick_interval = 0.0
+    acts_on_ticks = True
 
     def __init__(self) -> None:
         self.ticks = 0
@@ -307,3 +310,30 @@ async def test_no_strategy_tick_once_the_lease_has_lapsed(left: float, ticks: in
         trading.cancel()
     else:
         assert trading.done() and counting.ticks == ticks
+
+
+async def test_a_strategy_that_ignores_ticks_is_not_woken_for_them() -> None:
+    """Hold trades once: after its start, nothing runs until the market is looked at."""
+    runtime = WorkerRuntime(WorkerEnv.parse(environment()))
+    broker = PaperBroker(seed="t", instruments=[BTC])
+    hold = Hold(StrategyConfig(name="h", type="hold", instruments=[BTC]), broker)
+    await asyncio.wait_for(runtime._trade(hold, broker), 1)  # returns: no tick loop
+    assert [p.instrument for p in await broker.positions()] == [BTC]
+    assert broker.account.ticks[BTC] == 0
+
+
+async def test_the_market_clock_takes_the_steps_due_and_gives_the_same_marks() -> None:
+    broker = PaperBroker(seed="t", instruments=[BTC])
+    twin = PaperBroker(seed="t", instruments=[BTC])
+    clock = MarketClock(broker, interval=0.01)
+    await clock.catch_up()
+    assert broker.account.ticks[BTC] == 0
+    await asyncio.sleep(0.055)
+    await clock.catch_up()
+    steps = broker.account.ticks[BTC]
+    assert steps >= 5
+    for _ in range(steps):
+        await twin.tick()
+    assert await broker.mark(BTC) == await twin.mark(BTC)
+    await clock.catch_up()  # nothing more is due yet: no step taken twice
+    assert broker.account.ticks[BTC] in (steps, steps + 1)

@@ -40,11 +40,14 @@ class Strategy:
     """One strategy trading one account.
 
     The runtime calls `start()` once, then every `tick_interval` seconds advances the broker's
-    market data and calls `on_tick()`. A stop cancels it at any `await`; an exception ends the
-    worker with exit code 1.
+    market data and calls `on_tick()`. A strategy that does nothing on ticks sets
+    `acts_on_ticks` False: the runtime then does not wake for them, and moves the market by as
+    many steps as are due whenever it looks at it (`MarketClock`). A stop cancels it at any
+    `await`; an exception ends the worker with exit code 1.
     """
 
     tick_interval: float = 1.0
+    acts_on_ticks: bool = True
 
     def __init__(self, config: StrategyConfig, broker: Broker) -> None:
         self.config = config
