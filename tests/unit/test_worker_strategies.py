@@ -350,3 +350,11 @@ def test_entry_point_that_is_not_a_strategy_is_refused(monkeypatch: pytest.Monke
     with pytest.raises(UnknownStrategy, match="not name a Strategy"):
         load_strategy("rogue")
     assert issubclass(Hold, Strategy)
+
+
+def test_only_strategies_with_an_on_tick_of_their_own_are_woken_for_ticks() -> None:
+    """Hold trades once; Chaos (a Hold) and Scalping act on every tick."""
+    broker = paper()
+    assert not Hold(config(), broker).acts_on_ticks
+    assert Chaos(config("chaos"), broker).acts_on_ticks
+    assert Scalping(config("scalping"), broker).acts_on_ticks

@@ -40,14 +40,18 @@ class Strategy:
     """One strategy trading one account.
 
     The runtime calls `start()` once, then every `tick_interval` seconds advances the broker's
-    market data and calls `on_tick()`. A strategy that does nothing on ticks sets
-    `acts_on_ticks` False: the runtime then does not wake for them, and moves the market by as
-    many steps as are due whenever it looks at it (`MarketClock`). A stop cancels it at any
-    `await`; an exception ends the worker with exit code 1.
+    market data and calls `on_tick()`. For a strategy without an `on_tick` of its own the
+    runtime does not wake for ticks: it moves the market by as many steps as are due whenever it
+    looks at it (`MarketClock`). A stop cancels it at any `await`; an exception ends the worker
+    with exit code 1.
     """
 
     tick_interval: float = 1.0
-    acts_on_ticks: bool = True
+
+    @property
+    def acts_on_ticks(self) -> bool:
+        """Whether this strategy has an `on_tick` of its own (else ticks need not wake it)."""
+        return type(self).on_tick is not Strategy.on_tick
 
     def __init__(self, config: StrategyConfig, broker: Broker) -> None:
         self.config = config

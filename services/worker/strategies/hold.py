@@ -28,7 +28,6 @@ class Hold(Strategy):
     """
 
     parameters_model: type[HoldParameters] = HoldParameters
-    acts_on_ticks = False  # it trades once, at start
 
     def __init__(self, config: StrategyConfig, broker: Broker) -> None:
         super().__init__(config, broker)
