@@ -40,7 +40,7 @@ from events.jobs import (
     WorkerSpawnFailed,
     WorkerStopped,
 )
-from events.telemetry import HostHeartbeat, WorkerHeartbeat
+from events.telemetry import HostHeartbeat, WorkerHeartbeat, WorkerHeartbeats
 from events.trading import OrderFilled, PositionChanged, TradeClosed
 from events.values import (
     CrashReason,

@@ -21,7 +21,14 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from events import HeartbeatMissed, HostHeartbeat, HostLost, Message, WorkerHeartbeat
+from events import (
+    HeartbeatMissed,
+    HostHeartbeat,
+    HostLost,
+    Message,
+    WorkerHeartbeat,
+    WorkerHeartbeats,
+)
 from projections import ENDED, Projections, folds
 from services.bus import RawJson
 from services.monitor import views
@@ -95,7 +102,12 @@ class MonitorService(Service):
         self._changed = asyncio.Event()
 
     def _on_telemetry(self, message: Message) -> None:
-        if isinstance(message, WorkerHeartbeat):
+        if isinstance(message, WorkerHeartbeats):
+            moment = now()
+            for beat in message.beats:
+                self.liveness.worker_heartbeat(beat, moment)
+                self._entries.pop(beat.worker_id, None)
+        elif isinstance(message, WorkerHeartbeat):  # one by one (hosts before batching, tests)
             self.liveness.worker_heartbeat(message, now())
             self._entries.pop(message.worker_id, None)
         elif isinstance(message, HostHeartbeat):

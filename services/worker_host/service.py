@@ -15,8 +15,8 @@ Guarantees:
   it returns.
 - Workers are forked from a pre-imported fork-server (`RUNNER_SPAWN_MODE=fork`, the default) or
   exec'd one by one (`exec`); the code here does not depend on which.
-- Heartbeats (its own and its workers') go out as transient telemetry; trading reports go
-  through the outbox, so none is lost.
+- Heartbeats (its own and its workers') go out as transient telemetry, its workers' in batches
+  (`BeatRelay`); trading reports go through the outbox, so none is lost.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from services.service import Service, now
 from services.store import UnitOfWork, UtcDateTime
 from services.topology import host_inbox
 from services.worker import protocol
+from services.worker_host.beats import BeatRelay
 from services.worker_host.spawner import (
     SpawnError,
     SpawnRequest,
@@ -68,6 +69,8 @@ from services.worker_host.spawner import (
 )
 
 log = logging.getLogger(__name__)
+
+BEAT_RELAY_WINDOW = 0.1  # seconds a worker's heartbeat may wait to be relayed with others
 
 
 class LocalWorker(SQLModel, table=True):
@@ -103,6 +106,7 @@ class WorkerHostService(Service):
         self.capacity = settings.host_capacity
         self.sealer = Sealer(secret_key(settings))
         self.live: dict[str, WorkerProcess] = {}
+        self.beats = BeatRelay(self.host_id, self._send_telemetry, BEAT_RELAY_WINDOW)
         self._lease_renewed: float | None = None  # time.monotonic() the last confirmed beat left
         self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
         self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
@@ -135,6 +139,7 @@ class WorkerHostService(Service):
             )
         self._lease_renewed = time.monotonic()
         self.background(self._heartbeat_loop(), "host-heartbeat")
+        self.background(self.beats.run(), "worker-heartbeats")
         self.background(self._lease_loop(), "host-lease")
 
     async def drain(self) -> None:
@@ -353,7 +358,7 @@ class WorkerHostService(Service):
             log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
             return
         if isinstance(line, protocol.Beat):
-            await self._send_telemetry(
+            self.beats.add(
                 WorkerHeartbeat(
                     job_id=worker.job_id,
                     worker_id=worker.worker_id,
@@ -361,8 +366,10 @@ class WorkerHostService(Service):
                     pid=worker.pid,
                     at=line.at,
                     positions=line.positions,
-                )
+                ),
+                first=not worker.beating,
             )
+            worker.beating = True
         elif isinstance(line, protocol.Report):
             payload = line.payload | {"job_id": worker.job_id, "worker_id": worker.worker_id}
             try:

@@ -76,6 +76,7 @@ class WorkerProcess:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+    beating: bool = False  # a heartbeat of it has been relayed
     end_reason: str | None = (
         None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain"
     )

@@ -53,6 +53,7 @@ from events import (
     UpgradeEntitlement,
     WorkerCrashed,
     WorkerHeartbeat,
+    WorkerHeartbeats,
     WorkerRestarted,
     WorkerRestartScheduled,
     WorkerSpawned,
@@ -186,6 +187,10 @@ EXAMPLES: dict[str, Message] = {
                     unrealized_pnl=50.0,
                 ),
             ),
+        ),
+        WorkerHeartbeats(
+            host_id="h-1",
+            beats=(WorkerHeartbeat(**WORKER, host_id="h-1", pid=4242, at=AT),),
         ),
         HostHeartbeat(host_id="h-1", capacity=8, workers=("w-1", "w-2"), at=AT),
     )
