@@ -119,7 +119,7 @@ class Bus:
         )
         self._queues: list[QueueSpec] = []
         self._declared: list[Any] = []  # robust objects are restored only while referenced
-        self._pending: dict[str, asyncio.Future[tuple[bool, bytes]]] = {}
+        self._pending: dict[str, asyncio.Future[aio_pika.abc.AbstractIncomingMessage]] = {}
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
@@ -346,9 +346,19 @@ class Bus:
         self, queue: str, body: dict[str, Any], timeout: float | None = None
     ) -> RawJson:
         """`request`, with the result as the JSON bytes it came in."""
+        reply, encoding = await self.request_encoded(queue, body, timeout)
+        return RawJson(_inflated(reply, encoding))
+
+    async def request_encoded(
+        self, queue: str, body: dict[str, Any], timeout: float | None = None
+    ) -> tuple[bytes, str | None]:
+        """`request_raw`, with the result as it travelled: its JSON bytes, deflated (encoding
+        "deflate") from `COMPRESS_REPLIES_FROM` bytes on, else as they are (None); for callers
+        that pass a large reply on as it is (the gateway, to an HTTP client accepting it)."""
         channel = await self._reply_channel()
         correlation_id = uuid.uuid4().hex
-        future: asyncio.Future[tuple[bool, bytes]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
+            asyncio.get_running_loop().create_future())
         self._pending[correlation_id] = future
         try:
             await channel.default_exchange.publish(
@@ -362,18 +372,21 @@ class Bus:
                 routing_key=queue,
                 mandatory=False,
             )
-            ok, reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
+            reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
         except TimeoutError:
             raise RpcError(f"{queue} did not answer in time") from None
         finally:
             self._pending.pop(correlation_id, None)
-        if not ok:
+        encoding = reply.content_encoding or None
+        if encoding not in (None, "deflate"):
+            raise RpcError(f"{queue} sent a reply in an unknown encoding {encoding!r}")
+        if reply.headers.get("ok") is not True:
             try:
-                error = orjson.loads(reply)
+                error = orjson.loads(_inflated(reply.body, encoding))
             except ValueError:
                 error = None
             raise RpcError(error if isinstance(error, str) else "request failed")
-        return RawJson(reply)
+        return reply.body, encoding
 
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
@@ -389,14 +402,16 @@ class Bus:
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         future = self._pending.get(message.correlation_id or "")
         if future is not None and not future.done():
-            body = message.body
-            if message.content_encoding == "deflate":
-                try:
-                    body = zlib.decompress(body)
-                except zlib.error:
-                    future.set_exception(RpcError("malformed reply"))
-                    return
-            future.set_result((message.headers.get("ok") is True, body))
+            future.set_result(message)
+
+
+def _inflated(body: bytes, encoding: str | None) -> bytes:
+    if encoding is None:
+        return body
+    try:
+        return zlib.decompress(body)
+    except zlib.error:
+        raise RpcError("malformed reply (bad deflate data)") from None
 
 
 class _BatchConsumer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import orjson
 from rich.table import Table
 
 from services.settings import Settings
@@ -37,7 +38,7 @@ class GatewayClient:
         except httpx.HTTPError as exc:
             raise GatewayError(0, f"gateway unreachable at {self.http.base_url}: {exc}") from None
         try:
-            body = response.json()
+            body = orjson.loads(response.content)  # a thousand workers' status: 3x json's speed
         except ValueError:
             raise GatewayError(response.status_code, f"HTTP {response.status_code}") from None
         if response.status_code >= 400 or body.get("success") is False:

@@ -71,12 +71,18 @@ def ok(**fields: Any) -> dict[str, Any]:
     return {"success": True, **fields}
 
 
-def ok_json(result: bytes) -> bytes:
-    """`ok(**result)` for a result already encoded as a JSON object."""
-    body = result.strip()
-    if not body.startswith(b"{") or not body.endswith(b"}"):
-        raise ValueError("the result is not a JSON object")
-    return b'{"success":true' + (b"," + body[1:] if body != b"{}" else b"}")
+def accepts_encoding(accept_encoding: str, coding: str) -> bool:
+    """Whether an `Accept-Encoding` header admits `coding` (named, or `*`, with q > 0)."""
+    for item in accept_encoding.split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() not in (coding, "*"):
+            continue
+        q = params.strip().lower()
+        try:
+            return not q.startswith("q=") or float(q[2:]) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def failed(error: str, **fields: Any) -> dict[str, Any]:

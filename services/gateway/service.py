@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import zlib
 from typing import Annotated, Any
 
 import uvicorn
@@ -41,9 +42,9 @@ from services.gateway.models import (
     StartRequest,
     StopRequest,
     UpgradeRequest,
+    accepts_encoding,
     failed,
     ok,
-    ok_json,
 )
 from services.gateway.users import Caller, UserDirectory, UserRow
 from services.gateway.waiters import Waiters
@@ -246,16 +247,21 @@ class GatewayService(Service):
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
 
     async def status(self, caller: Caller, user_id: str | None, offset: int = 0,
-                     limit: int | None = None) -> bytes:
-        """The status document as JSON: the monitor's, passed through undecoded. Every worker
-        in scope, or with `limit` one page of them (`page: {offset, limit, total}`)."""
+                     limit: int | None = None, *,
+                     deflate_ok: bool = False) -> tuple[bytes, str | None]:
+        """The status document as JSON, and its content encoding: the monitor's answer, passed
+        through as it came. Every worker in scope, or with `limit` one page of them
+        (`page: {offset, limit, total}`). A large one comes deflated from the monitor and goes
+        on so (no inflating, no re-compressing here) when the client takes `deflate`."""
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        raw = await self.bus.request_raw(
+        body, encoding = await self.bus.request_encoded(
             "monitor.rpc", {"op": "status", "user_id": scope, "offset": offset, "limit": limit}
         )
-        return ok_json(raw)
+        if encoding is not None and not deflate_ok:
+            body, encoding = zlib.decompress(body), None
+        return body, encoding
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
         with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:
@@ -388,16 +394,19 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.get("/runner/status")
     async def status(
+        request: Request,
         who: Who,
         userId: str | None = None,
         offset: Annotated[int, Query(ge=0, description="first worker of the page")] = 0,
         limit: Annotated[int | None, Query(ge=1, le=STATUS_PAGE_MAX,
                                            description="page size; all workers if absent")] = None,
     ) -> Response:
-        # Already JSON from the monitor: no decoding, no FastAPI encoder (costly with a
-        # thousand workers).
-        return Response(await gateway.status(who, userId, offset, limit),
-                        media_type="application/json")
+        # Already JSON from the monitor, perhaps deflated: no decoding, no FastAPI encoder, no
+        # gzip (with a thousand workers, each cost more than the rest of the call).
+        deflate_ok = accepts_encoding(request.headers.get("accept-encoding", ""), "deflate")
+        body, encoding = await gateway.status(who, userId, offset, limit, deflate_ok=deflate_ok)
+        headers = {"Vary": "Accept-Encoding"} | ({"Content-Encoding": encoding} if encoding else {})
+        return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/entitlements/{user_id}/upgrade")
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:

@@ -78,8 +78,9 @@ def status(state: Projections, user_id: str | None = None,
 
 def status_json(state: Projections, user_id: str | None, beats: Mapping[str, WorkerBeat],
                 encoded: dict[str, bytes], offset: int = 0, limit: int | None = None) -> bytes:
-    """`status` encoded as JSON, reusing the entries in `encoded` (worker id → its entry as
-    JSON) and adding the missing ones to it. The caller drops a worker's entry from `encoded`
+    """`status` encoded as JSON as the HTTP API answers it (`{"success": true, ...}`), so the
+    gateway passes it on untouched. It reuses the entries in `encoded` (worker id → its entry
+    as JSON) and adds the missing ones to it; the caller drops a worker's entry from `encoded`
     whenever something it shows changes. With a `limit`, only that many workers from `offset`
     on (in the order of their creation), and `page: {offset, limit, total}` says where it is."""
     workers = _workers_of(state, user_id)
@@ -94,7 +95,8 @@ def status_json(state: Projections, user_id: str | None, beats: Mapping[str, Wor
     stats = orjson.dumps(_queue_stats(state, user_id))
     page = b"" if limit is None else b',"page":' + orjson.dumps(
         {"offset": offset, "limit": limit, "total": len(workers)})
-    return b'{"workers":[' + b",".join(parts) + b'],"queueStats":' + stats + page + b"}"
+    return (b'{"success":true,"workers":[' + b",".join(parts) + b'],"queueStats":' + stats
+            + page + b"}")
 
 
 def _workers_of(state: Projections, user_id: str | None) -> list[WorkerView]:

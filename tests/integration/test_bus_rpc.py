@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import orjson
@@ -37,6 +38,11 @@ async def test_replies_small_large_raw_and_failed(settings: Settings) -> None:
         assert await client.request("test.rpc", {"op": "big"}) == {"workers": big}
         raw = await client.request_raw("test.rpc", {"op": "raw"})
         assert isinstance(raw, RawJson) and orjson.loads(bytes(raw)) == {"workers": big}
+        # as it travelled, for callers that pass it on: deflated when large, else plain
+        body, encoding = await client.request_encoded("test.rpc", {"op": "raw"})
+        assert encoding == "deflate" and zlib.decompress(body) == bytes(raw)
+        assert await client.request_encoded("test.rpc", {"op": "echo"}) == (
+            b'{"echo":{"op":"echo"}}', None)
         with pytest.raises(RpcError, match="unknown worker 'w-x'"):
             await client.request("test.rpc", {"op": "lookup"})
         with pytest.raises(RpcError, match=r"internal error \(RuntimeError\)"):

@@ -22,6 +22,7 @@ from events import (
     StrategyConfig,
     TradeClosed,
     WorkerHeartbeat,
+    WorkerHeartbeats,
     WorkerSpawned,
 )
 from events.routing import EVENTS_EXCHANGE
@@ -220,7 +221,16 @@ async def test_status_has_the_seed_shape_with_heartbeat_marks(
     entry = next(e for e in again["workers"] if e["worker"]["workerId"] == "w1")
     assert entry["worker"]["lastHeartbeat"] == int(later.at.timestamp() * 1000)
     assert [(p["amount"], p["unrealizedPnL"]) for p in entry["positions"]] == [(3.0, -20.0)]
-    assert again == views.status(monitor.state, "alice", monitor.liveness.beats)
+    assert again == {"success": True} | views.status(monitor.state, "alice", monitor.liveness.beats)
+
+    # A host's batch of its workers' beats counts as each of them.
+    batch = WorkerHeartbeats(host_id="h1", beats=(heartbeat(-30.0), heartbeat(7.0, "w2")))
+    await bus.send_telemetry(batch)
+    await eventually(lambda: monitor.liveness.beats["w1"].at == batch.beats[0].at,
+                     what="the batch seen")
+    status = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice"})
+    shown = {e["worker"]["workerId"]: e["worker"]["lastHeartbeat"] for e in status["workers"]}
+    assert shown == {b.worker_id: int(b.at.timestamp() * 1000) for b in batch.beats}
 
 
 async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings: Settings) -> None:
