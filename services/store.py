@@ -244,11 +244,16 @@ class Store:
         If one work of a group raises, the group is rolled back and each of its works runs
         again in a transaction of its own, so a failure reaches only its own caller. A work
         must therefore keep its effects to the unit of work (state, emits, after-commit)."""
-        done = asyncio.get_running_loop().create_future()
+        return await self.queue_grouped(work)
+
+    def queue_grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> Awaitable[T]:
+        """`grouped`, queued at once and awaited later: works commit in the order they were
+        queued, so whatever is queued after this one commits with it or after it."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._group.append((work, done))
         if self._grouper is None or self._grouper.done():
             self._grouper = asyncio.create_task(self._commit_groups(), name="store-group-commit")
-        return await asyncio.shield(done)
+        return asyncio.shield(done)
 
     async def _commit_groups(self) -> None:
         group: list[tuple[Callable[[UnitOfWork], Awaitable[Any]], asyncio.Future[Any]]] = []

@@ -326,8 +326,11 @@ class WorkerHostService(Service):
             )
             return current
 
-        current = await self.store.grouped(record_start)
+        # Its lines (its first heartbeat) are relayed while the start commits; its reports and
+        # its exit, queued later, commit with the start or after it.
+        recording = self.store.queue_grouped(record_start)
         self.background(self._supervise(worker), f"supervise-{worker_id}")
+        current = await recording
         if current is not None and current.stopping:
             self.background(self._stop(worker, current.flatten), f"stop-{worker_id}")
 

@@ -171,6 +171,8 @@ async def test_users_see_and_stop_only_their_own_workers(running: System) -> Non
 async def test_status_comes_in_pages_when_asked(running: System) -> None:
     user, client = await running.user(tier="basic")
     started = [(await client.start(**start_body()))["workerId"] for _ in range(3)]
+    for wid in started:  # settled, so that the calls below see the same queue figures
+        await running.wait_for_worker(client, wid, lambda e: e["worker"]["status"] == "running")
     whole = await client.status()
     assert "page" not in whole  # without a limit: every worker, the seed's document
     assert [e["worker"]["workerId"] for e in whole["workers"]] == started  # oldest first

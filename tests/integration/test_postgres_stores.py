@@ -474,6 +474,17 @@ async def test_grouped_works_share_a_commit_and_a_failure_stays_with_its_caller(
             rows = (await session.exec(select(OutboxRow))).all()
         jobs = sorted(Envelope.model_validate_json(r.envelope).payload["job_id"] for r in rows)
         assert jobs == sorted(f"j{n}" for n in (0, 1, 2, 3, 4, 5, 6, 8, 9))
+
+        # Queued now, awaited later: a work queued after it (a worker's exit after its start)
+        # never commits before it, even when it is awaited first.
+        commits.clear()
+        start = store.queue_grouped(work(10))
+        assert await store.grouped(work(11)) == 11
+        assert await start == 10
+        async with store.reading() as session:
+            rows = (await session.exec(select(OutboxRow).order_by(OutboxRow.id))).all()
+        jobs = [Envelope.model_validate_json(r.envelope).payload["job_id"] for r in rows]
+        assert jobs[-2:] == ["j10", "j11"]
     finally:
         await store.close()
 
