@@ -12,7 +12,7 @@ from services.worker_host.beats import BeatRelay
 
 pytestmark = pytest.mark.asyncio
 
-WINDOW = 0.2
+WINDOW = 0.5
 
 
 def beat(n: int) -> WorkerHeartbeat:
@@ -36,11 +36,8 @@ async def test_beats_within_a_window_go_as_one_message() -> None:
         began = asyncio.get_running_loop().time()
         for n in range(5):
             relay.add(beat(n))
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(WINDOW / 2)
-        assert sent == []  # still within the window
-        await asyncio.sleep(WINDOW)
-        [(at, message)] = sent
+        await asyncio.sleep(WINDOW * 1.5)
+        [(at, message)] = sent  # one message, once the window was over
         assert [b.worker_id for b in message.beats] == ["w0", "w1", "w2", "w3", "w4"]
         assert message.host_id == "h" and at - began >= WINDOW
     finally:
