@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import uuid
-import zlib
 from typing import Annotated, Any
 
 import uvicorn
@@ -256,12 +255,10 @@ class GatewayService(Service):
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        body, encoding = await self.bus.request_encoded(
-            "monitor.rpc", {"op": "status", "user_id": scope, "offset": offset, "limit": limit}
-        )
-        if encoding is not None and not deflate_ok:
-            body, encoding = zlib.decompress(body), None
-        return body, encoding
+        query = {"op": "status", "user_id": scope, "offset": offset, "limit": limit}
+        if deflate_ok:
+            return await self.bus.request_encoded("monitor.rpc", query)
+        return await self.bus.request_raw("monitor.rpc", query), None
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
         with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:

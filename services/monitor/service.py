@@ -102,14 +102,12 @@ class MonitorService(Service):
         self._changed = asyncio.Event()
 
     def _on_telemetry(self, message: Message) -> None:
-        if isinstance(message, WorkerHeartbeats):
+        if isinstance(message, WorkerHeartbeats | WorkerHeartbeat):  # single: an older host
             moment = now()
-            for beat in message.beats:
+            beats = message.beats if isinstance(message, WorkerHeartbeats) else (message,)
+            for beat in beats:
                 self.liveness.worker_heartbeat(beat, moment)
                 self._entries.pop(beat.worker_id, None)
-        elif isinstance(message, WorkerHeartbeat):  # one by one (hosts before batching, tests)
-            self.liveness.worker_heartbeat(message, now())
-            self._entries.pop(message.worker_id, None)
         elif isinstance(message, HostHeartbeat):
             self.liveness.host_heartbeat(message, now())
 

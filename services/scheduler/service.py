@@ -149,9 +149,6 @@ class SchedulerService(Service):
     name = "scheduler"
     tables = tuple(t.__table__ for t in (JobRow, HostRow, CircuitRow, LimitRow, FlagRow))  # type: ignore[attr-defined]
 
-    def __init__(self, settings: Any) -> None:
-        super().__init__(settings)
-
     async def setup(self) -> None:
         self.handle(
             SCHEDULER_INBOX,
