@@ -79,8 +79,17 @@ def state(pid: int) -> str:
 
 
 def sockets_of(pid: int) -> list[str]:
-    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
-    return [link for link in links if link.startswith("socket:")]
+    """The sockets `pid` holds open. A file it closes while we look (a worker writing its
+    paper account) is skipped: it is no socket."""
+    sockets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if link.startswith("socket:"):
+            sockets.append(link)
+    return sockets
 
 
 @pytest.fixture(params=["fork", "exec"])
