@@ -9,7 +9,8 @@ on `runner.telemetry` sees every worker heartbeat the host relays (`WorkerHeartb
 (b) request → first heartbeat: one start at a time; from sending the HTTP request to the first
     heartbeat of that worker on the bus, p50 (target ≤ 50 ms).
 (c) density: D idle workers on the host; unique memory (USS) per worker (≤ 8 MiB), every worker's
-    last heartbeat younger than 2 × the interval, and `GET /runner/status` p99 over 50 calls
+    last heartbeat younger than 2 × the interval, the idle system's CPU (% of one core, by
+    process on stderr; the broker shown, not counted), and `GET /runner/status` p99 over 50 calls
     (≤ 50 ms; until the answer is wholly received, not parsed) three ways: the admin's whole
     status (every worker), one page of it (`limit`), and a user's own; beside them the whole
     status straight from the monitor over the bus.
@@ -27,7 +28,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aio_pika
@@ -164,20 +165,14 @@ async def run(quick: bool) -> list[Figure]:
             # (a) a burst of starts
             console.print(f"(a) starting {burst} workers at once")
             pids = processes(local)
-            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before = cpu_by_process(pids, [])
             requested = time.perf_counter()
             burst_ids = await start_many(clients, 0, burst)
             answered = time.perf_counter() - requested
             await beats.all_beating(burst_ids, timeout=60 + burst / 10)
-            cpu_ms = {
-                name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / burst
-                for name, pid in pids.items()
-            }
-            pids_of = {
-                e["worker"]["workerId"]: e["worker"]["pid"]
-                for e in (await local.admin.status())["workers"]
-            }
-            cpu_ms["workers"] = sum(cpu_seconds(pids_of[w]) for w in burst_ids) * 1000 / burst
+            cpu_after = cpu_by_process(pids, (await worker_pids(local.admin)).values())
+            cpu_ms = {name: (cpu_after[name] - cpu_before[name]) * 1000 / burst
+                      for name in cpu_after}
             events = [e for e in await local.log() if e.payload.get("worker_id") in burst_ids]
             dispatched = min(e.occurred_at for e in events if e.type == "JobDispatched")
             spawned = max(e.occurred_at for e in events if e.type == "WorkerSpawned")
@@ -198,18 +193,25 @@ async def run(quick: bool) -> list[Figure]:
             console.print(f"(c) {rest} more workers, to {density}")
             rest_ids = await start_many(clients, burst + singles, rest)
             await beats.all_beating(rest_ids, timeout=60 + rest / 10)
-            await asyncio.sleep(2 * HEARTBEAT + 1)
+            await asyncio.sleep(HEARTBEAT)  # the last spawns settle
+            idle_pids, idle_started = (await worker_pids(local.admin)).values(), time.monotonic()
+            idle_before = cpu_by_process(pids, idle_pids)
+            await asyncio.sleep(HEARTBEAT + 1)
+            idle_after = cpu_by_process(pids, idle_pids)
+            idle_pct = {name: (idle_after[name] - idle_before[name]) * 100
+                        / (time.monotonic() - idle_started) for name in idle_after}
             looked = time.monotonic()
             ages = [looked - at for at in beats.last.values()]
             late = sum(age > 2 * HEARTBEAT for age in ages)
             missed = sum(e.type == "HeartbeatMissed" for e in await local.log())
-            status_ms, whole = await answers(local.admin)
+            status_ms = await timed(lambda: answer(local.admin))
+            whole = await answer(local.admin)
             parsing = time.perf_counter()
             status = orjson.loads(whole)
             parse_ms = (time.perf_counter() - parsing) * 1000
             rpc_ms = await monitor_status_ms(local.amqp_url)
-            page_ms, _ = await answers(local.admin, limit=STATUS_PAGE)
-            own_ms, _ = await answers(clients[0])  # a user's own: PER_USER workers
+            page_ms = await timed(lambda: answer(local.admin, limit=STATUS_PAGE))
+            own_ms = await timed(lambda: answer(clients[0]))  # a user's own: PER_USER workers
             running = [e["worker"] for e in status["workers"] if e["worker"]["status"] == "running"]
             memory = [uss(w["pid"]) / MiB for w in running]
         finally:
@@ -222,6 +224,10 @@ async def run(quick: bool) -> list[Figure]:
     system_cpu = sum(v for k, v in cpu_ms.items() if k != SHARED_BROKER)
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu_ms.items(), key=lambda i: -i[1]))
     console.print(f"CPU ms per worker started: {breakdown}")
+    idle_cpu = sum(v for k, v in idle_pct.items() if k != SHARED_BROKER)
+    idle_breakdown = ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(idle_pct.items(), key=lambda i: -i[1]))
+    console.print(f"idle CPU, % of one core: {idle_breakdown}")
     spawn_side = sum(v for k, v in cpu_ms.items() if k.startswith(("worker", "fork-server")))
     p99_status = percentile(status_ms, 99)
     per_worker = statistics.mean(memory)
@@ -276,6 +282,13 @@ async def run(quick: bool) -> list[Figure]:
             note=f"{late} late, {missed} HeartbeatMissed",
         ),
         Figure(
+            f"CPU of the idle system, {len(idle_pids)} workers, all our processes",
+            idle_cpu,
+            "% of a core",
+            higher_is_better=False,
+            note="by process on stderr",
+        ),
+        Figure(
             f"GET /runner/status (admin, {len(status['workers'])} workers), p99",
             p99_status,
             "ms",
@@ -312,35 +325,42 @@ async def run(quick: bool) -> list[Figure]:
     ]
 
 
-async def answers(client: GatewayClient, **params: Any) -> tuple[list[float], bytes]:
-    """Milliseconds until each of `STATUS_CALLS` status answers is wholly here (inflated, not
-    parsed: what a client makes of it is its own cost), and the last answer's body. This
-    process's garbage collector waits meanwhile: its heap holds the whole benchmark's state
-    (every heartbeat seen, the event log read back), and a full collection of it inside a call
-    would be timed as the system's answer."""
-    times, body = [], b""
+def cpu_by_process(pids: dict[str, int], workers: Iterable[int]) -> dict[str, float]:
+    """CPU seconds used so far by each of the system's processes, and by `workers` together."""
+    used = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return used | {"workers": sum(cpu_seconds(pid) for pid in workers)}
+
+
+async def worker_pids(client: GatewayClient) -> dict[str, int]:
+    """Each running worker's process, by worker id."""
+    return {e["worker"]["workerId"]: e["worker"]["pid"]
+            for e in (await client.status())["workers"] if e["worker"]["pid"]}
+
+
+async def answer(client: GatewayClient, **params: Any) -> bytes:
+    """One status answer, wholly received: inflated, not parsed (what a client makes of it is
+    its own cost)."""
+    response = await client.http.get("/runner/status", params=params or None)
+    if response.status_code != 200:
+        raise RuntimeError(f"status answered {response.status_code}: {response.text[:200]}")
+    return response.content
+
+
+async def timed(call: Callable[[], Awaitable[Any]]) -> list[float]:
+    """Milliseconds of each of `STATUS_CALLS` calls, one after another. This process's garbage
+    collector waits meanwhile: its heap holds the whole benchmark's state (every heartbeat seen,
+    the event log read back), and a full collection of it inside a call would be timed as the
+    system's answer."""
+    times = []
     gc.collect()
     gc.disable()
     try:
         for _ in range(STATUS_CALLS):
             started = time.perf_counter()
-            response = await client.http.get("/runner/status", params=params or None)
-            body = response.content
+            await call()
             times.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 200:
-                raise RuntimeError(f"status answered {response.status_code}: {body[:200]!r}")
     finally:
         gc.enable()
-    return times, body
-
-
-async def timed(call: Callable[[], Awaitable[Any]]) -> list[float]:
-    """Milliseconds of each of `STATUS_CALLS` calls, one after another."""
-    times = []
-    for _ in range(STATUS_CALLS):
-        started = time.perf_counter()
-        await call()
-        times.append((time.perf_counter() - started) * 1000)
     return times
 
 
