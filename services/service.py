@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,21 +62,24 @@ class Service:
         handlers: Mapping[type[Message], MessageHandler],
         *,
         then: Callable[[UnitOfWork], Awaitable[None]] | None = None,
+        then_skip: Collection[type[Message]] = (),
     ) -> None:
         """Consume `spec`, dispatching by message type; other types are acked and ignored.
 
         Group commit: the deliveries that have arrived (up to `INBOX_BATCH`) are handled in
         order in one transaction, and acked once it commits; `then(uow)`, if given, runs last in
-        that transaction. A handler that raises rolls the transaction back; the batch is then
-        handled again one message per transaction, so that only the failing message is retried
-        (and dead-lettered in the end) and the rest commit."""
+        that transaction, unless every message handled is of a type in `then_skip` (types whose
+        handlers cannot change what `then` does). A handler that raises rolls the transaction
+        back; the batch is then handled again one message per transaction, so that only the
+        failing message is retried (and dead-lettered in the end) and the rest commit."""
 
         async def on_batch(deliveries: list[Delivery]) -> dict[int, str]:
             mine = {i: d for i, d in enumerate(deliveries) if type(d.message) in handlers}
             if not mine:
                 return {}
             try:
-                await self._handle_together(spec.name, handlers, list(mine.values()), then)
+                await self._handle_together(spec.name, handlers, list(mine.values()), then,
+                                            then_skip)
                 return {}
             except Exception as exc:
                 if len(mine) == 1:
@@ -86,7 +89,7 @@ class Service:
             failed: dict[int, str] = {}
             for index, delivery in mine.items():
                 try:
-                    await self._handle_together(spec.name, handlers, [delivery], then)
+                    await self._handle_together(spec.name, handlers, [delivery], then, then_skip)
                 except Exception as exc:
                     failed[index] = poison_reason(exc)
             return failed
@@ -99,6 +102,7 @@ class Service:
         handlers: Mapping[type[Message], MessageHandler],
         deliveries: list[Delivery],
         then: Callable[[UnitOfWork], Awaitable[None]] | None,
+        then_skip: Collection[type[Message]] = (),
     ) -> None:
         """Run each delivery's handler, in order, in one transaction (skipping those already
         processed), then `then`; raises if any of them does, and then nothing is committed."""
@@ -109,7 +113,8 @@ class Service:
                 envelope, message = deliveries[position].envelope, deliveries[position].message
                 uow.cause = envelope
                 await handlers[type(message)](uow, envelope, message)
-            if fresh and then is not None:
+            if then is not None and any(
+                    type(deliveries[position].message) not in then_skip for position in fresh):
                 uow.cause = None
                 await then(uow)
 

@@ -169,6 +169,7 @@ class SchedulerService(Service):
                 EntitlementExpired: self.on_limit_changed,
             },
             then=self.place_queued,
+            then_skip={JobRequested},  # a requested job waits for its decision: nothing to place
         )
         self.timer_handlers["restart"] = self.on_restart_due
         self.timer_handlers["circuit"] = self.on_circuit_cooled

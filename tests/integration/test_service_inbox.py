@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from events import Envelope, StopRunner
+from events import Envelope, JobQueued, StopRunner
 from services.bus import Bus
 from services.service import Service
 from services.settings import Settings
@@ -77,3 +77,33 @@ async def test_a_batch_commits_together_and_a_failing_message_is_dead_lettered_a
     reason = str(dead.headers["x-poison-reason"])
     assert reason.startswith(f"handler failed {settings.handler_attempts} times")
     assert "this one always fails" in reason
+
+
+async def test_then_runs_after_a_batch_unless_all_its_messages_skip_it(settings: Settings) -> None:
+    """`then` (the scheduler's placement round) runs at the end of a batch's transaction, but
+    not for a batch of only `then_skip` types (a JobRequested alone can place nothing)."""
+    from services.bus import Delivery
+
+    rounds: list[int] = []
+
+    async def then(uow: UnitOfWork) -> None:
+        rounds.append(len(uow.emitted))
+
+    async def handler(uow: UnitOfWork, env: Envelope, message: object) -> None:
+        uow.emit(message, stream=env.stream)  # type: ignore[arg-type]
+
+    probe = Probe(settings)
+    await probe.store.open()
+    handlers = {StopRunner: handler, JobQueued: handler}
+    try:
+        def delivery(envelope: Envelope) -> Delivery:
+            return Delivery(envelope, envelope.message())
+
+        queued = Envelope.wrap(JobQueued(job_id="j", worker_id="w"), stream="job-j")
+        for batch in ([stop("a")], [stop("b"), stop("c")], [stop("d"), queued], [stop("a")]):
+            await probe._handle_together("inbox", handlers, [delivery(e) for e in batch], then,
+                                         then_skip={StopRunner})
+    finally:
+        await probe.store.close()
+    # the mixed batch ran it once, after both of its handlers; a duplicate is no new work
+    assert rounds == [2]
