@@ -1,7 +1,7 @@
 """The read model: workers, positions, trading stats and entitlements, folded from the log.
 
-`apply` is pure (no I/O, no clock, no ids made up here): everything it records comes from the
-envelope, so the monitor's live state and any replay of the log are equal by construction.
+`fold` is pure (no I/O, no clock, no ids made up here): everything it records comes from the
+envelopes, so the monitor's live state and any replay of the log are equal by construction.
 Updates are copy-on-write on `immutables.Map`, so an old state stays valid after a new one is
 built from it (replay to a point in time keeps every intermediate state cheaply).
 
@@ -10,9 +10,9 @@ load events, and types this build does not know) only counts in `events_applied`
 worker the state has never seen are ignored the same way, never raised.
 
 Speed (replay folds a million events in seconds): handlers are found by type name in a table
-built once from the `singledispatch` registry, and new states are built by `_next`, which writes
-the slots directly and counts the event in the same step (a frozen dataclass's `__init__` and
-`dataclasses.replace` cost more than the fold itself).
+built once from the `singledispatch` registry, and they change a `Draft` in place, which a batch
+of events freezes into one new state (building a whole new state per event cost more than the
+events' own changes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import singledispatch
-from typing import Any, TypeVar
+from typing import Any
 
 import immutables
 
@@ -126,8 +126,6 @@ class Projections:
 
 EMPTY = Projections()
 
-_V = TypeVar("_V")
-
 # The statuses a worker never leaves. Late reports never revive a worker that has ended: neither a
 # redelivered dispatch (which would show it queued again) nor a crash report from a host that
 # was cut off.
@@ -136,55 +134,67 @@ _NO_POSITIONS: immutables.Map[str, PositionView] = immutables.Map()
 _NO_TRADES = TradingStats()
 
 
+class Draft:
+    """A state being folded: its maps are `immutables` mutations, changed in place, and `finish`
+    freezes them into a new `Projections`. The state it started from never changes (a mutation
+    copies the nodes it touches, once), so every earlier state stays valid.
+
+    Handlers change a draft instead of building a whole new state per event: a batch of events
+    (a replay page, a committed batch) builds one new state, not one per event."""
+
+    __slots__ = ("entitlements", "positions", "rejected_jobs", "stats", "worker_by_job",
+                 "workers")
+
+    def __init__(self, state: Projections) -> None:
+        self.workers = state.workers.mutate()
+        self.positions = state.positions.mutate()
+        self.stats = state.stats.mutate()
+        self.entitlements = state.entitlements.mutate()
+        self.worker_by_job = state.worker_by_job.mutate()
+        self.rejected_jobs = state.rejected_jobs
+
+    def finish(self, events_applied: int) -> Projections:
+        return Projections(self.workers.finish(), self.positions.finish(), self.stats.finish(),
+                           self.entitlements.finish(), self.rejected_jobs, events_applied,
+                           self.worker_by_job.finish())
+
+    def update_worker(self, worker_id: str, **changes: object) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self.workers[worker_id] = replace(worker, **changes)
+
+
+Handler = Callable[[Any, Draft, Envelope], None]
+
+
 def apply(state: Projections, envelope: Envelope) -> Projections:
     """Fold one logged envelope into the state; counts every envelope, parses only folded types."""
-    handler = _HANDLERS.get(envelope.type)
-    if handler is None:
-        return counted(state)
-    after = handler(envelope.message(), state, envelope)
-    # A handler that changes nothing returns `state` itself; one that changes it built the new
-    # state with `_next`, which has counted the event already.
-    return counted(state) if after is state else after
+    return fold((envelope,), state)
 
 
 def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projections:
+    """`state` after `envelopes`, in order: each counted, those of folded types parsed and
+    handled. Raises what a handler raises (`state` itself is unchanged then)."""
+    draft = Draft(state)
+    handlers = _HANDLERS
+    events = 0
     for envelope in envelopes:
-        state = apply(state, envelope)
-    return state
+        events += 1
+        handler = handlers.get(envelope.type)
+        if handler is not None:
+            handler(envelope.message(), draft, envelope)
+    return draft.finish(state.events_applied + events)
 
 
-# Frozen slots dataclasses built without their `__init__` (which goes through `object.__setattr__`
-# once per field): the slots are written directly, for about half the cost. None of these classes
-# has a `__post_init__` or a default computed at init.
+# The hot events' values (positions, trade stats) are built without their `__init__` (which goes
+# through `object.__setattr__` once per field of a frozen dataclass): the slots are written
+# directly, for about half the cost. Neither class has a `__post_init__` or a computed default.
 _new = object.__new__
-_S = {name: Projections.__dict__[name].__set__ for name in (
-    "workers", "positions", "stats", "entitlements", "rejected_jobs", "events_applied",
-    "worker_by_job")}
-_set_workers, _set_positions, _set_stats, _set_entitlements = (
-    _S["workers"], _S["positions"], _S["stats"], _S["entitlements"])
-_set_rejected, _set_applied, _set_by_job = (
-    _S["rejected_jobs"], _S["events_applied"], _S["worker_by_job"])
 _set_instrument, _set_side, _set_amount, _set_entry = (
     PositionView.__dict__[name].__set__ for name in ("instrument", "side", "amount", "entry_price"))
 _set_total, _set_won, _set_lost, _set_pnl = (
     TradingStats.__dict__[name].__set__
     for name in ("total_trades", "winning_trades", "losing_trades", "total_pnl"))
-
-
-def _make_state(workers: immutables.Map[str, WorkerView],
-                positions: immutables.Map[str, immutables.Map[str, PositionView]],
-                stats: immutables.Map[str, TradingStats],
-                entitlements: immutables.Map[str, EntitlementView], rejected_jobs: int,
-                events_applied: int, worker_by_job: immutables.Map[str, str]) -> Projections:
-    state = _new(Projections)
-    _set_workers(state, workers)
-    _set_positions(state, positions)
-    _set_stats(state, stats)
-    _set_entitlements(state, entitlements)
-    _set_rejected(state, rejected_jobs)
-    _set_applied(state, events_applied)
-    _set_by_job(state, worker_by_job)
-    return state
 
 
 def _make_position(instrument: str, side: str, amount: float, entry_price: float) -> PositionView:
@@ -208,31 +218,7 @@ def _make_stats(total: int, won: int, lost: int, pnl: float) -> TradingStats:
 def counted(s: Projections, events: int = 1) -> Projections:
     """`s` after `events` more envelopes of types `folds` says are not parsed: that is all
     `apply` does with them (so a replay need not decode them at all)."""
-    return _make_state(s.workers, s.positions, s.stats, s.entitlements, s.rejected_jobs,
-                       s.events_applied + events, s.worker_by_job)
-
-
-def _next(
-    s: Projections,
-    *,
-    workers: immutables.Map[str, WorkerView] | None = None,
-    positions: immutables.Map[str, immutables.Map[str, PositionView]] | None = None,
-    stats: immutables.Map[str, TradingStats] | None = None,
-    entitlements: immutables.Map[str, EntitlementView] | None = None,
-    rejected_jobs: int | None = None,
-    worker_by_job: immutables.Map[str, str] | None = None,
-) -> Projections:
-    """`s` with the given parts replaced and this event counted (what every changing handler
-    returns)."""
-    return _make_state(
-        s.workers if workers is None else workers,
-        s.positions if positions is None else positions,
-        s.stats if stats is None else stats,
-        s.entitlements if entitlements is None else entitlements,
-        s.rejected_jobs if rejected_jobs is None else rejected_jobs,
-        s.events_applied + 1,
-        s.worker_by_job if worker_by_job is None else worker_by_job,
-    )
+    return replace(s, events_applied=s.events_applied + events)
 
 
 def queue_stats(state: Projections, user_id: str | None = None) -> QueueStats:
@@ -253,25 +239,14 @@ def queue_stats(state: Projections, user_id: str | None = None) -> QueueStats:
     )
 
 
-def _update_worker(state: Projections, worker_id: str, **changes: object) -> Projections:
-    worker = state.workers.get(worker_id)
-    if worker is None:
-        return state
-    return _next(state, workers=state.workers.set(worker_id, replace(worker, **changes)))
-
-
-def _without(mapping: immutables.Map[str, _V], key: str) -> immutables.Map[str, _V]:
-    return mapping.delete(key) if key in mapping else mapping
-
-
-def _is_stale(state: Projections, worker_id: str, attempt: int) -> bool:
+def _is_stale(draft: Draft, worker_id: str, attempt: int) -> bool:
     """A report about an ended worker or an earlier attempt than the latest one.
 
     A host cut off from the broker reports its workers' ends late, after the scheduler has
     already crashed and restarted them elsewhere; a restarted host may start (and at once fence)
     an attempt that was moved while it was down.
     """
-    worker = state.workers.get(worker_id)
+    worker = draft.workers.get(worker_id)
     return worker is not None and (worker.status in ENDED or attempt < worker.restart_count)
 
 
@@ -284,17 +259,16 @@ def _crash_reason(event: WorkerCrashed) -> str:
 
 
 @singledispatch
-def _on(message: Message, state: Projections, envelope: Envelope) -> Projections:
+def _on(message: Message, draft: Draft, envelope: Envelope) -> None:
     """Most messages do not move the read model."""
-    return state
 
 
 @_on.register
-def _(event: JobRequested, state: Projections, envelope: Envelope) -> Projections:
+def _(event: JobRequested, draft: Draft, envelope: Envelope) -> None:
     """A new worker view, queued; a repeated request for a known worker changes nothing."""
-    if event.worker_id in state.workers:
-        return state
-    worker = WorkerView(
+    if event.worker_id in draft.workers:
+        return
+    draft.workers[event.worker_id] = WorkerView(
         worker_id=event.worker_id,
         job_id=event.job_id,
         user_id=envelope.user_id or "",
@@ -304,124 +278,97 @@ def _(event: JobRequested, state: Projections, envelope: Envelope) -> Projection
         created_at=envelope.occurred_at,
         flatten_on_stop=event.flatten_on_stop,
     )
-    return _next(
-        state,
-        workers=state.workers.set(event.worker_id, worker),
-        worker_by_job=state.worker_by_job.set(event.job_id, event.worker_id),
-    )
+    draft.worker_by_job[event.job_id] = event.worker_id
 
 
 @_on.register
-def _(event: JobRejected, state: Projections, envelope: Envelope) -> Projections:
+def _(event: JobRejected, draft: Draft, envelope: Envelope) -> None:
     """A rejected job never ran: its worker view goes, the rejection is counted."""
-    worker_id = state.worker_by_job.get(event.job_id)
-    if worker_id is None:
-        return _next(state, rejected_jobs=state.rejected_jobs + 1)
-    return _next(
-        state,
-        workers=_without(state.workers, worker_id),
-        positions=_without(state.positions, worker_id),
-        stats=_without(state.stats, worker_id),
-        worker_by_job=state.worker_by_job.delete(event.job_id),
-        rejected_jobs=state.rejected_jobs + 1,
-    )
+    draft.rejected_jobs += 1
+    worker_id = draft.worker_by_job.pop(event.job_id, None)
+    if worker_id is not None:
+        for views in (draft.workers, draft.positions, draft.stats):
+            views.pop(worker_id, None)
 
 
 @_on.register(JobAccepted)
 @_on.register(JobQueued)
-def _(event: JobAccepted | JobQueued, state: Projections, envelope: Envelope) -> Projections:
-    worker = state.workers.get(event.worker_id)
-    if worker is None or worker.status in ENDED:
-        return state
-    return _update_worker(state, event.worker_id, status=JobStatus.QUEUED)
+def _(event: JobAccepted | JobQueued, draft: Draft, envelope: Envelope) -> None:
+    worker = draft.workers.get(event.worker_id)
+    if worker is not None and worker.status not in ENDED:
+        draft.update_worker(event.worker_id, status=JobStatus.QUEUED)
 
 
 @_on.register
-def _(event: JobDispatched, state: Projections, envelope: Envelope) -> Projections:
+def _(event: JobDispatched, draft: Draft, envelope: Envelope) -> None:
     """Placed on a host, not yet running (also the way back from crashed to a restart)."""
-    worker = state.workers.get(event.worker_id)
-    if worker is None or worker.status in ENDED:
-        return state
-    return _update_worker(state, event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
+    worker = draft.workers.get(event.worker_id)
+    if worker is not None and worker.status not in ENDED:
+        draft.update_worker(event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
 
 
 @_on.register
-def _(event: WorkerSpawned, state: Projections, envelope: Envelope) -> Projections:
-    if _is_stale(state, event.worker_id, event.attempt):
-        return state
-    return _update_worker(
-        state,
-        event.worker_id,
-        status=JobStatus.RUNNING,
-        pid=event.pid,
-        host_id=event.host_id,
-        started_at=envelope.occurred_at,
-        restart_count=event.attempt,
-        reason=None,
-    )
+def _(event: WorkerSpawned, draft: Draft, envelope: Envelope) -> None:
+    if not _is_stale(draft, event.worker_id, event.attempt):
+        draft.update_worker(
+            event.worker_id,
+            status=JobStatus.RUNNING,
+            pid=event.pid,
+            host_id=event.host_id,
+            started_at=envelope.occurred_at,
+            restart_count=event.attempt,
+            reason=None,
+        )
 
 
 @_on.register
-def _(event: WorkerSpawnFailed, state: Projections, envelope: Envelope) -> Projections:
-    if _is_stale(state, event.worker_id, event.attempt):
-        return state
-    return _update_worker(
-        state,
-        event.worker_id,
-        status=JobStatus.CRASHED,
-        pid=None,
-        reason=f"spawn failed: {event.error}",
-    )
+def _(event: WorkerSpawnFailed, draft: Draft, envelope: Envelope) -> None:
+    if not _is_stale(draft, event.worker_id, event.attempt):
+        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None,
+                            reason=f"spawn failed: {event.error}")
 
 
 @_on.register
-def _(event: HeartbeatMissed, state: Projections, envelope: Envelope) -> Projections:
+def _(event: HeartbeatMissed, draft: Draft, envelope: Envelope) -> None:
     """Only a note: the WorkerCrashed that follows changes the status."""
-    return _update_worker(state, event.worker_id, reason=f"no heartbeat for {event.silent_for:g}s")
+    draft.update_worker(event.worker_id, reason=f"no heartbeat for {event.silent_for:g}s")
 
 
 @_on.register
-def _(event: WorkerCrashed, state: Projections, envelope: Envelope) -> Projections:
-    if _is_stale(state, event.worker_id, event.attempt):
-        return state
-    return _update_worker(
-        state, event.worker_id, status=JobStatus.CRASHED, pid=None, reason=_crash_reason(event)
-    )
+def _(event: WorkerCrashed, draft: Draft, envelope: Envelope) -> None:
+    if not _is_stale(draft, event.worker_id, event.attempt):
+        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None,
+                            reason=_crash_reason(event))
 
 
 @_on.register
-def _(event: WorkerRestartScheduled, state: Projections, envelope: Envelope) -> Projections:
+def _(event: WorkerRestartScheduled, draft: Draft, envelope: Envelope) -> None:
     """Still crashed until it runs again; the reason keeps the crash cause and names the attempt."""
-    worker = state.workers.get(event.worker_id)
-    if worker is None:
-        return state
-    note = f"restart {event.attempt} scheduled in {event.delay:g}s"
-    return _update_worker(
-        state, event.worker_id, reason=f"{worker.reason} ({note})" if worker.reason else note
-    )
+    worker = draft.workers.get(event.worker_id)
+    if worker is not None:
+        note = f"restart {event.attempt} scheduled in {event.delay:g}s"
+        draft.update_worker(event.worker_id,
+                            reason=f"{worker.reason} ({note})" if worker.reason else note)
 
 
 @_on.register
-def _(event: WorkerRestarted, state: Projections, envelope: Envelope) -> Projections:
+def _(event: WorkerRestarted, draft: Draft, envelope: Envelope) -> None:
     """Running again; the reason still tells why it had to restart."""
-    if _is_stale(state, event.worker_id, event.attempt):
-        return state
-    return _update_worker(
-        state,
-        event.worker_id,
-        status=JobStatus.RUNNING,
-        pid=event.pid,
-        host_id=event.host_id,
-        started_at=envelope.occurred_at,
-        restart_count=event.attempt,
-    )
+    if not _is_stale(draft, event.worker_id, event.attempt):
+        draft.update_worker(
+            event.worker_id,
+            status=JobStatus.RUNNING,
+            pid=event.pid,
+            host_id=event.host_id,
+            started_at=envelope.occurred_at,
+            restart_count=event.attempt,
+        )
 
 
 @_on.register
-def _(event: RestartsExhausted, state: Projections, envelope: Envelope) -> Projections:
+def _(event: RestartsExhausted, draft: Draft, envelope: Envelope) -> None:
     reason = f"restarts exhausted after {event.attempts} attempts"
-    return _update_worker(
-        state,
+    draft.update_worker(
         event.worker_id,
         status=JobStatus.FAILED,
         pid=None,
@@ -431,89 +378,76 @@ def _(event: RestartsExhausted, state: Projections, envelope: Envelope) -> Proje
 
 
 @_on.register
-def _(event: StopRequested, state: Projections, envelope: Envelope) -> Projections:
-    return _update_worker(state, event.worker_id, stop_requested=True)
+def _(event: StopRequested, draft: Draft, envelope: Envelope) -> None:
+    draft.update_worker(event.worker_id, stop_requested=True)
 
 
 @_on.register
-def _(event: WorkerStopped, state: Projections, envelope: Envelope) -> Projections:
-    return _update_worker(
-        state,
-        event.worker_id,
-        status=JobStatus.STOPPED,
-        pid=None,
-        ended_at=envelope.occurred_at,
-        reason=event.reason,
-    )
+def _(event: WorkerStopped, draft: Draft, envelope: Envelope) -> None:
+    draft.update_worker(event.worker_id, status=JobStatus.STOPPED, pid=None,
+                        ended_at=envelope.occurred_at, reason=event.reason)
 
 
 @_on.register
-def _(event: PositionChanged, state: Projections, envelope: Envelope) -> Projections:
+def _(event: PositionChanged, draft: Draft, envelope: Envelope) -> None:
     """The position on one instrument is now this; flat removes it."""
-    if event.worker_id not in state.workers:
-        return state
-    held = state.positions.get(event.worker_id, _NO_POSITIONS)
+    worker_id = event.worker_id
+    if worker_id not in draft.workers:
+        return
+    held = draft.positions.get(worker_id, _NO_POSITIONS)
     if event.amount == 0:
         if event.instrument not in held:
-            return state
+            return
         held = held.delete(event.instrument)
     else:
         held = held.set(
             event.instrument,
             _make_position(event.instrument, event.side, event.amount, event.entry_price),
         )
-    positions = (
-        state.positions.set(event.worker_id, held)
-        if held
-        else _without(state.positions, event.worker_id)
-    )
-    return _next(state, positions=positions)
+    if held:
+        draft.positions[worker_id] = held
+    else:
+        draft.positions.pop(worker_id, None)
 
 
 @_on.register
-def _(event: PositionsFlattened, state: Projections, envelope: Envelope) -> Projections:
+def _(event: PositionsFlattened, draft: Draft, envelope: Envelope) -> None:
     """Everything was closed at market, whatever PositionChanged events arrived before."""
-    if event.worker_id not in state.positions:
-        return state
-    return _next(state, positions=state.positions.delete(event.worker_id))
+    draft.positions.pop(event.worker_id, None)
 
 
 @_on.register
-def _(event: TradeClosed, state: Projections, envelope: Envelope) -> Projections:
-    if event.worker_id not in state.workers:
-        return state
-    stats = state.stats.get(event.worker_id, _NO_TRADES)
+def _(event: TradeClosed, draft: Draft, envelope: Envelope) -> None:
+    worker_id = event.worker_id
+    if worker_id not in draft.workers:
+        return
+    stats = draft.stats.get(worker_id, _NO_TRADES)
     pnl = event.realized_pnl
-    stats = _make_stats(
+    draft.stats[worker_id] = _make_stats(
         stats.total_trades + 1,
         stats.winning_trades + (pnl > 0),
         stats.losing_trades + (pnl < 0),
         stats.total_pnl + pnl,
     )
-    return _next(state, stats=state.stats.set(event.worker_id, stats))
 
 
 @_on.register
-def _(event: EntitlementUpgraded, state: Projections, envelope: Envelope) -> Projections:
-    user_id = envelope.user_id
-    if user_id is None:
-        return state
-    view = EntitlementView(user_id, event.tier, event.max_workers, event.expires_at)
-    return _next(state, entitlements=state.entitlements.set(user_id, view))
+def _(event: EntitlementUpgraded, draft: Draft, envelope: Envelope) -> None:
+    if envelope.user_id is not None:
+        draft.entitlements[envelope.user_id] = EntitlementView(
+            envelope.user_id, event.tier, event.max_workers, event.expires_at)
 
 
 @_on.register
-def _(event: EntitlementDowngraded, state: Projections, envelope: Envelope) -> Projections:
+def _(event: EntitlementDowngraded, draft: Draft, envelope: Envelope) -> None:
     """The lower tier has no end date (EntitlementExpired alone changes nothing: this follows)."""
-    user_id = envelope.user_id
-    if user_id is None:
-        return state
-    view = EntitlementView(user_id, event.to_tier, event.max_workers, None)
-    return _next(state, entitlements=state.entitlements.set(user_id, view))
+    if envelope.user_id is not None:
+        draft.entitlements[envelope.user_id] = EntitlementView(
+            envelope.user_id, event.to_tier, event.max_workers, None)
 
 
-# Computed once every handler is registered: the handler of each type name `apply` parses at all.
-_HANDLERS: dict[str, Callable[[Any, Projections, Envelope], Projections]] = {
+# Computed once every handler is registered: the handler of each type name `fold` parses at all.
+_HANDLERS: dict[str, Handler] = {
     t.type_name(): _on.dispatch(t)
     for t in list(_on.registry)
     if t is not object and issubclass(t, Message)
@@ -521,5 +455,5 @@ _HANDLERS: dict[str, Callable[[Any, Projections, Envelope], Projections]] = {
 
 
 def folds(type_name: str) -> bool:
-    """Whether `apply` parses envelopes of this type; for all others it is `counted`."""
+    """Whether `fold` parses envelopes of this type; for all others it is `counted`."""
     return type_name in _HANDLERS

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         default=5, description="deliveries before a failing message is dead-lettered"
     )
     prefetch: int = 200
+    snapshot_every: int = Field(
+        default=100_000, ge=0,
+        description="recorded events between the monitor's snapshots of its folded state (a "
+        "restart folds only the log after the latest); 0: no snapshots, a restart replays all",
+    )
 
     @field_validator("database_url")
     @classmethod

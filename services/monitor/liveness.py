@@ -56,6 +56,18 @@ def apply_host(hosts: Hosts, envelope: Envelope) -> Hosts:
     return hosts
 
 
+SILENCE_TYPES = frozenset({"HeartbeatMissed", "WorkerSpawned", "WorkerRestarted"})
+
+
+def silenced(workers: set[str], envelope: Envelope) -> None:
+    """Fold the workers reported silent in the log: a HeartbeatMissed reports one, its next
+    start (WorkerSpawned, WorkerRestarted) ends that silence episode."""
+    if envelope.type == "HeartbeatMissed":
+        workers.add(envelope.payload["worker_id"])
+    elif envelope.type in SILENCE_TYPES:
+        workers.discard(envelope.payload["worker_id"])
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerBeat:
     """A worker's last heartbeat: its own timestamp, when we got it, its position marks."""
@@ -85,23 +97,16 @@ class Liveness:
     def host_heartbeat(self, beat: HostHeartbeat, now: datetime) -> None:
         self.host_seen[beat.host_id] = now
 
-    # the only envelopes `observe` reads
-    OBSERVED = frozenset({"WorkerSpawned", "WorkerRestarted", "HeartbeatMissed", "HostOnline",
-                          "HostLost"})
-
-    def observe(self, envelope: Envelope, now: datetime | None) -> None:
-        """A recorded event; `now` is None while replaying history (no sign of life today)."""
+    def observe(self, envelope: Envelope, now: datetime) -> None:
+        """A recorded event, recorded `now` (a start is a sign of life). A restart does not
+        observe the log again: it starts from the replay's silenced workers and lost hosts."""
         kind, payload = envelope.type, envelope.payload
+        silenced(self.reported_workers, envelope)
         if kind in ("WorkerSpawned", "WorkerRestarted"):
-            self.reported_workers.discard(payload["worker_id"])
-            if now is not None:
-                self.worker_seen[payload["worker_id"]] = now
-        elif kind == "HeartbeatMissed":
-            self.reported_workers.add(payload["worker_id"])
+            self.worker_seen[payload["worker_id"]] = now
         elif kind == "HostOnline":
             self.reported_hosts.discard(payload["host_id"])
-            if now is not None:
-                self.host_seen[payload["host_id"]] = now
+            self.host_seen[payload["host_id"]] = now
         elif kind == "HostLost":
             self.reported_hosts.add(payload["host_id"])
 

@@ -1,12 +1,13 @@
 """Fold recorded envelopes into the projections and host membership: live and in replay alike.
 
-The monitor folds each committed batch with `Folded.apply`; a restart or `runner replay` folds
-the log with the same method, so a replay reproduces the live state exactly.
+The monitor folds each committed batch with `Folded.fold`; a restart or `runner replay` folds
+the log, a page at a time, with the same method, so a replay reproduces the live state exactly.
 
 A replay decodes only what someone reads: an envelope of a type that neither the projections
 (`projections.folds`), host membership nor the caller's `each` looks at is only counted
-(`projections.counted`, which is what `apply` does with it), straight from the log's type
-column. Most of a busy log is such (fills, commands), and decoding is most of a replay's cost.
+(`projections.counted`, which is all `fold` does with it), and the log does not even send its
+body (`EventLog.pages(types=...)`). Most of a busy log is such (fills, commands), and reading
+and decoding are most of a replay's cost.
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from events import Envelope
+from events import REGISTRY, Envelope
 from events.envelope import LoggedEnvelope
-from projections import EMPTY, Projections, apply, counted, folds
-from services.monitor.liveness import HOST_TYPES, NO_HOSTS, Hosts, apply_host
+from projections import EMPTY, Projections, apply, counted, fold, folds
+from services.monitor.liveness import (
+    HOST_TYPES,
+    NO_HOSTS,
+    SILENCE_TYPES,
+    Hosts,
+    apply_host,
+    silenced,
+)
 from services.monitor.log import EventLog
 
 log = logging.getLogger(__name__)
@@ -29,71 +37,84 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Folded:
-    """The state after the log up to `position`."""
+    """The state after the log up to `position`: the projections, host membership and the
+    workers the log reports silent (`liveness.silenced`)."""
 
     state: Projections = EMPTY
     hosts: Hosts = NO_HOSTS
     position: int = 0
+    silenced: set[str] = field(default_factory=set)
     _failed_types: set[str] = field(default_factory=set, repr=False)
 
-    def apply(self, position: int, envelope: Envelope | LoggedEnvelope) -> None:
-        """Fold one recorded envelope. A projection that raises skips that envelope (logged once
-        per type): the log stays the truth and a fixed projection rebuilds from it."""
+    def fold(self, envelopes: Sequence[Envelope | LoggedEnvelope], position: int,
+             skipped: int = 0) -> None:
+        """Fold recorded `envelopes`, in log order, and `skipped` more envelopes of types only
+        counted (`reads` is False for them); the last of all is at `position`.
+
+        One new state for the whole batch. A projection that raises skips only that envelope
+        (logged once per type): the batch is folded again one envelope at a time. The log stays
+        the truth and a fixed projection rebuilds from it."""
         try:
-            self.state = apply(self.state, envelope)
+            state = fold(envelopes, self.state)
         except Exception:
-            if envelope.type not in self._failed_types:
-                self._failed_types.add(envelope.type)
-                log.exception("projection failed on %s at position %d (skipped; logged once per "
-                              "type)", envelope.type, position)
-        if envelope.type in HOST_TYPES:
-            self.hosts = apply_host(self.hosts, envelope)
+            state = self._fold_one_by_one(envelopes, position)
+        self.state = counted(state, skipped) if skipped else state
+        for envelope in envelopes:
+            if envelope.type in HOST_TYPES:
+                self.hosts = apply_host(self.hosts, envelope)
+            elif envelope.type in SILENCE_TYPES:
+                silenced(self.silenced, envelope)
         self.position = position
 
-    def count(self, position: int, events: int = 1) -> None:
-        """Fold `events` recorded envelopes, up to `position`, of types only counted (`reads` is
-        False for them)."""
-        self.state = counted(self.state, events)
-        self.position = position
+    def _fold_one_by_one(self, envelopes: Sequence[Envelope | LoggedEnvelope],
+                         position: int) -> Projections:
+        state = self.state
+        for envelope in envelopes:
+            try:
+                state = apply(state, envelope)
+            except Exception:
+                if envelope.type not in self._failed_types:
+                    self._failed_types.add(envelope.type)
+                    log.exception("projection failed on %s in the batch up to position %d "
+                                  "(skipped; logged once per type)", envelope.type, position)
+        return state
 
     @staticmethod
     def reads(type_name: str) -> bool:
-        """Whether `apply` looks into envelopes of this type (else `count` does the same)."""
-        return folds(type_name) or type_name in HOST_TYPES
+        """Whether `fold` looks into envelopes of this type (else counting them is the same)."""
+        return folds(type_name) or type_name in HOST_TYPES or type_name in SILENCE_TYPES
 
 
 async def replay(event_log: EventLog, *, until_position: int | None = None,
                  until_time: datetime | None = None,
                  each: Callable[[int, Envelope], None] | None = None,
-                 each_types: Collection[str] | None = None) -> Folded:
-    """Fold the log from the start (optionally only up to a position or a moment); `each` is
-    called with every envelope after it is folded, or only those of `each_types` when given."""
-    folded = Folded()
-    wanted = None if each is None else each_types
-    decoded: dict[str, bool] = {}  # by type: does anyone read envelopes of it?
+                 each_types: Collection[str] | None = None,
+                 start: Folded | None = None) -> Folded:
+    """Fold the log from the start, or onto `start` from its position on (a snapshot),
+    optionally only up to a position or a moment; `each` is called with every envelope, or
+    only those of `each_types` when given, in log order, after the page it is in is folded."""
+    folded = start or Folded()
+    # the types `each` sees (None: every type); the log sends no body for any other type
+    wanted = frozenset() if each is None else None if each_types is None else frozenset(each_types)
+    read = frozenset(name for name in REGISTRY if Folded.reads(name))
     with _no_cycle_collection():
-        async for rows in event_log.pages(until_position=until_position, until_time=until_time):
-            skipped = 0
+        async for rows in event_log.pages(folded.position, until_position, until_time,
+                                          types=None if wanted is None else read | wanted):
+            envelopes: list[Envelope | LoggedEnvelope] = []
+            seen: list[tuple[int, Envelope]] = []
             for position, type_name, body in rows:
-                decode = decoded.get(type_name)
-                if decode is None:
-                    decode = decoded[type_name] = (
-                        Folded.reads(type_name)
-                        or (each is not None and (wanted is None or type_name in wanted)))
-                if not decode:
-                    skipped += 1
-                    continue
-                if skipped:
-                    folded.count(position - 1, skipped)
-                    skipped = 0
-                if each is not None and (wanted is None or type_name in wanted):
+                if body is None:
+                    continue  # only counted
+                if wanted is None or type_name in wanted:
                     envelope = Envelope.from_json(body)
-                    folded.apply(position, envelope)
+                    seen.append((position, envelope))
+                    envelopes.append(envelope)
+                elif type_name in read:  # only folded: the light decode gives the same state
+                    envelopes.append(LoggedEnvelope.from_json(body))
+            folded.fold(envelopes, rows[-1][0], skipped=len(rows) - len(envelopes))
+            if each is not None:
+                for position, envelope in seen:
                     each(position, envelope)
-                else:  # only folded: the light decode gives the same state, twice as fast
-                    folded.apply(position, LoggedEnvelope.from_json(body))
-            if skipped:
-                folded.count(rows[-1][0], skipped)
     return folded
 
 

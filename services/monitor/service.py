@@ -36,6 +36,7 @@ from services.monitor.liveness import Hosts, Liveness
 from services.monitor.log import EventLog
 from services.monitor.recorder import Recorded, Recorder
 from services.monitor.replay import Folded, replay
+from services.monitor.snapshot import Snapshots
 from services.service import Service, now
 from services.settings import Settings
 from services.topology import MONITOR_LOG, MONITOR_TELEMETRY, rpc_queue
@@ -56,6 +57,9 @@ class MonitorService(Service):
         self.folded = Folded()
         self.liveness = Liveness(since=now())
         self.recorder = Recorder(self.log, self._on_recorded)
+        self.snapshots = Snapshots(self.store.engine, self.log)
+        self._snapshot_at = 0  # the position of the latest snapshot
+        self._snapshotting: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._entries: dict[str, bytes] = {}  # status entries as JSON, dropped when they change
 
@@ -69,16 +73,20 @@ class MonitorService(Service):
 
     async def setup(self) -> None:
         await self.log.open()
-        self.liveness = Liveness(since=now())
+        await self.snapshots.open()
+        snapshot = await self.snapshots.latest() if self.settings.snapshot_every else None
+        self._snapshot_at = snapshot.position if snapshot else 0
         # through a reader of its own: its driver fetches the next page while this one folds
         reader = EventLog.at(self.store.url, must_exist=True)
         try:
-            self.folded = await replay(reader, each=lambda _, e: self.liveness.observe(e, None),
-                                       each_types=Liveness.OBSERVED)
+            self.folded = await replay(reader, start=snapshot)
         finally:
             await reader.close()
-        self.liveness.since = now()  # silence is judged from when we start watching again
-        log.info("monitor: replayed %d events", self.folded.position)
+        # silence is judged from when we start watching again; reports in the log count as made
+        self.liveness = Liveness(since=now(), reported_workers=set(self.folded.silenced),
+                                 reported_hosts={h.host_id for h in self.hosts.values() if h.lost})
+        log.info("monitor: replayed %d events%s", self.folded.position - self._snapshot_at,
+                 f" after the snapshot at {self._snapshot_at}" if snapshot else "")
         self.bus.consume_batches(MONITOR_LOG, self.recorder.record, max_batch=LOG_BATCH,
                                  linger=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
@@ -86,13 +94,46 @@ class MonitorService(Service):
 
     async def started(self) -> None:
         self.background(self._watch(), "monitor-watchdog")
+        self._snapshot_when_due()  # a long replay at start is not folded twice
+
+    async def drain(self) -> None:
+        """A last snapshot (consumers have stopped), so the next start folds only what comes
+        after it."""
+        if self._snapshotting is not None:
+            await asyncio.wait({self._snapshotting})
+        if self.settings.snapshot_every and self.folded.position > self._snapshot_at:
+            await self._snapshot()
+
+    def _snapshot_when_due(self) -> None:
+        every = self.settings.snapshot_every
+        if (every and self.folded.position - self._snapshot_at >= every
+                and (self._snapshotting is None or self._snapshotting.done())):
+            self._snapshotting = asyncio.create_task(self._snapshot(), name="monitor-snapshot")
+
+    async def _snapshot(self) -> None:
+        """Save the folded state as it is now (the state and host maps are immutable; the set
+        of silenced workers is copied), off the event loop but for the database write."""
+        folded = self.folded
+        now_folded = Folded(state=folded.state, hosts=folded.hosts, position=folded.position,
+                            silenced=set(folded.silenced))
+        self._snapshot_at = now_folded.position  # a failure is not retried before the next
+        try:
+            size = await self.snapshots.save(now_folded)
+        except Exception:
+            log.exception("snapshot at %d failed (a restart replays from the one before)",
+                          now_folded.position)
+            return
+        log.info("snapshot at %d (%d KiB)", now_folded.position, size // 1024)
 
     # ------------------------------------------------------------------ inputs
 
     def _on_recorded(self, recorded: Recorded) -> None:
+        if not recorded:
+            return
+        self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0])
+        self._snapshot_when_due()
         moment = now()
-        for position, envelope in recorded:
-            self.folded.apply(position, envelope)
+        for _, envelope in recorded:
             self.liveness.observe(envelope, moment)
             if (worker_id := envelope.payload.get("worker_id")) is not None:
                 self._entries.pop(worker_id, None)

@@ -242,13 +242,17 @@ async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings:
         await bus.publish_many([*worker_started(), *worker_started("j2", "w2", "h2")])
         await eventually(lambda: first.folded.position >= 8, what="events recorded")
         await first.stop()
-        again = MonitorService(settings)
-        await again.start()
-        try:
-            assert again.state == first.state
-            assert again.folded.position == first.folded.position == 8
-            assert again.state.workers["w2"].host_id == "h2"
-        finally:
-            await again.stop()
+        # it stopped with a snapshot: the next start folds nothing before it; with snapshots
+        # off, a start replays the whole log, to the same state
+        for snapshots, started_at in ((settings.snapshot_every, 8), (0, 0)):
+            again = MonitorService(settings.model_copy(update={"snapshot_every": snapshots}))
+            await again.start()
+            try:
+                assert again._snapshot_at == started_at
+                assert again.state == first.state
+                assert again.folded.position == first.folded.position == 8
+                assert again.state.workers["w2"].host_id == "h2"
+            finally:
+                await again.stop()
     finally:
         await bus.close()

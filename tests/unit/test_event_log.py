@@ -137,3 +137,47 @@ async def test_replay_skipping_unread_types_equals_folding_every_envelope(
     everything = await replay(event_log, until_position=1234, each=lambda _, e: seen.append(e.type))
     assert everything.state == fold(envelopes[:1234])
     assert len(seen) == 1234 + sum(e.type in ("WorkerSpawned", "HostOnline") for e in envelopes)
+
+
+async def test_pages_send_no_body_for_types_not_asked_for(event_log: EventLog) -> None:
+    hosts = [Envelope.wrap(HostOnline(host_id=f"h-{n}", capacity=1, hostname="box", pid=n), stream="host",
+                           occurred_at=T0) for n in range(2)]
+    await event_log.append([hosts[0], queued(1), hosts[1], queued(2)])
+    expected = [(1, "HostOnline", True), (2, "JobQueued", False), (3, "HostOnline", True),
+                (4, "JobQueued", False)]
+    # the stdlib fast path, and SQLAlchemy's (which a time bound takes)
+    for bound in ({}, {"until_time": T0 + timedelta(days=1)}):
+        pages = [page async for page in event_log.pages(types={"HostOnline"}, batch=3, **bound)]
+        assert [len(page) for page in pages] == [3, 1]
+        rows = [row for page in pages for row in page]
+        assert [(p, t, body is not None) for p, t, body in rows] == expected
+        assert Envelope.from_json(rows[2][2]) == hosts[1]
+
+
+def test_a_projection_that_fails_skips_only_its_envelope(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A batch whose fold raises is folded one envelope at a time: the failing envelope is left
+    out (not counted either, as before batches), the rest of the batch still counts."""
+    from bench.replay import history
+    from projections import fold, state
+    from services.monitor.replay import Folded
+
+    envelopes = [e for e in history(400) if e.type != "HostOnline"]
+    closed = [n for n, e in enumerate(envelopes) if e.type == "TradeClosed"]
+    bad = envelopes[closed[3]]
+    handler, everything = state._HANDLERS["TradeClosed"], fold(envelopes)
+
+    def fails_on_bad(event, draft, envelope):  # type: ignore[no-untyped-def]
+        if envelope is bad:
+            raise ValueError("a projection bug")
+        handler(event, draft, envelope)
+
+    monkeypatch.setitem(state._HANDLERS, "TradeClosed", fails_on_bad)
+    folded = Folded()
+    folded.fold(envelopes[:200], 200)
+    folded.fold(envelopes[200:], len(envelopes), skipped=5)
+
+    without_bad = [e for e in envelopes if e is not bad]
+    assert folded.state == state.counted(fold(without_bad), 5)
+    assert folded.position == len(envelopes)
+    assert folded.state.stats != everything.stats  # the bad trade would have counted
