@@ -725,6 +725,35 @@ async def test_event_log_append_verify_read(backend: Backend) -> None:
         await store.close()
 
 
+async def test_a_monitor_start_from_a_snapshot_and_the_tail(backend: Backend) -> None:
+    """The monitor's start on each backend: a snapshot saved and found again, the log's tail
+    read without the bodies the fold does not look at (SQLAlchemy's path on PostgreSQL), and
+    the two folded together equal to folding every envelope."""
+    from bench.replay import history
+    from projections import fold
+    from services.monitor.replay import replay
+    from services.monitor.snapshot import Snapshots
+
+    store = Store(backend.url("monitor"))
+    await store.open()
+    log = EventLog(store.engine)
+    await log.open()
+    snapshots = Snapshots(store.engine, log)
+    await snapshots.open()
+    try:
+        envelopes = history(1500)
+        await log.append(envelopes[:1000])
+        await snapshots.save(await replay(log))
+        await log.append(envelopes[1000:])
+        start = await snapshots.latest()
+        assert start is not None and start.position == 1000
+        resumed = await replay(log, start=start)
+        assert resumed.position == 1500
+        assert resumed.state == fold(envelopes)
+    finally:
+        await store.close()
+
+
 async def test_event_log_reader_refuses_a_missing_database(backend: Backend) -> None:
     """`runner replay` / `audit verify` must not create an empty log where there is none."""
     url = backend.url("nomonitor")
