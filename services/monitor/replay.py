@@ -109,7 +109,7 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
                     envelope = Envelope.from_json(body)
                     seen.append((position, envelope))
                     envelopes.append(envelope)
-                elif type_name in read:  # only folded: the light decode gives the same state
+                else:  # only folded: the light decode gives the same state
                     envelopes.append(LoggedEnvelope.from_json(body))
             folded.fold(envelopes, rows[-1][0], skipped=len(rows) - len(envelopes))
             if each is not None:

@@ -177,5 +177,8 @@ class Snapshots:
                 log.warning("snapshot at %d does not match the log there (restored or replaced "
                             "log?); not used", position)
             else:
-                return decode(body)
+                try:
+                    return decode(body)
+                except Exception:
+                    log.exception("snapshot at %d does not decode; not used", position)
         return None

@@ -140,8 +140,8 @@ async def test_replay_skipping_unread_types_equals_folding_every_envelope(
 
 
 async def test_pages_send_no_body_for_types_not_asked_for(event_log: EventLog) -> None:
-    hosts = [Envelope.wrap(HostOnline(host_id=f"h-{n}", capacity=1, hostname="box", pid=n), stream="host",
-                           occurred_at=T0) for n in range(2)]
+    hosts = [Envelope.wrap(HostOnline(host_id=f"h-{n}", capacity=1, hostname="box", pid=n),
+                           stream="host", occurred_at=T0) for n in range(2)]
     await event_log.append([hosts[0], queued(1), hosts[1], queued(2)])
     expected = [(1, "HostOnline", True), (2, "JobQueued", False), (3, "HostOnline", True),
                 (4, "JobQueued", False)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
+from sqlalchemy import select, update
 
 from bench.replay import history
 from events import Envelope, HeartbeatMissed, HostLost
@@ -75,7 +76,7 @@ async def test_the_snapshot_and_the_tail_fold_to_the_full_replay(logged) -> None
     assert same(resumed, await replay(event_log))
     assert same(resumed, folded_at_once(envelopes))
     async with event_log.engine.connect() as conn:
-        kept = (await conn.execute(snapshot.select(snapshot.snapshots.c.position))).scalars()
+        kept = (await conn.execute(select(snapshot.snapshots.c.position))).scalars()
         assert sorted(kept) == [800, 1200]
 
 
@@ -90,8 +91,16 @@ async def test_a_snapshot_of_another_fold_or_another_log_is_not_used(
     monkeypatch.undo()
     assert (await snapshots.latest()).position == 300  # type: ignore[union-attr]
 
+    # a snapshot that does not decode is passed over, for the one before it
+    await event_log.append(envelopes[300:400])
+    await snapshots.save(await replay(event_log))
+    async with event_log.engine.begin() as conn:
+        await conn.execute(update(snapshot.snapshots)
+                           .where(snapshot.snapshots.c.position == 400).values(body=b"garbage"))
+    assert (await snapshots.latest()).position == 300  # type: ignore[union-attr]
+
     # the log is replaced by another one (restored from elsewhere) that has a row 300 too
     async with event_log.engine.begin() as conn:
         await conn.exec_driver_sql("DELETE FROM event_log")
-    await event_log.append(envelopes[300:])
+    await event_log.append(envelopes[400:])
     assert await snapshots.latest() is None
