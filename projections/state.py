@@ -307,8 +307,10 @@ def _(event: JobDispatched, draft: Draft, envelope: Envelope) -> None:
         draft.update_worker(event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
 
 
-@_on.register
-def _(event: WorkerSpawned, draft: Draft, envelope: Envelope) -> None:
+@_on.register(WorkerSpawned)
+@_on.register(WorkerRestarted)
+def _(event: WorkerSpawned | WorkerRestarted, draft: Draft, envelope: Envelope) -> None:
+    """Running; after a restart the reason still tells why it had to restart."""
     if not _is_stale(draft, event.worker_id, event.attempt):
         draft.update_worker(
             event.worker_id,
@@ -317,7 +319,7 @@ def _(event: WorkerSpawned, draft: Draft, envelope: Envelope) -> None:
             host_id=event.host_id,
             started_at=envelope.occurred_at,
             restart_count=event.attempt,
-            reason=None,
+            **({"reason": None} if isinstance(event, WorkerSpawned) else {}),
         )
 
 
@@ -349,20 +351,6 @@ def _(event: WorkerRestartScheduled, draft: Draft, envelope: Envelope) -> None:
         note = f"restart {event.attempt} scheduled in {event.delay:g}s"
         draft.update_worker(event.worker_id,
                             reason=f"{worker.reason} ({note})" if worker.reason else note)
-
-
-@_on.register
-def _(event: WorkerRestarted, draft: Draft, envelope: Envelope) -> None:
-    """Running again; the reason still tells why it had to restart."""
-    if not _is_stale(draft, event.worker_id, event.attempt):
-        draft.update_worker(
-            event.worker_id,
-            status=JobStatus.RUNNING,
-            pid=event.pid,
-            host_id=event.host_id,
-            started_at=envelope.occurred_at,
-            restart_count=event.attempt,
-        )
 
 
 @_on.register
