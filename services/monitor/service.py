@@ -3,12 +3,14 @@ status queries.
 
 Storage: the log lives in the monitor's own database, the same file as its Store (outbox,
 processed ids), on the Store's engine. On SQLite every write transaction there is
-`BEGIN IMMEDIATE` under a 30 s busy timeout, so the recorder's batch commits and the Store's
-rare watchdog emits serialise on the file's single write lock without further coordination.
+`BEGIN IMMEDIATE` under a 30 s busy timeout, so the recorder's batch commits, the Store's
+rare watchdog emits and the snapshots serialise on the file's single write lock without further
+coordination.
 
 Guarantees: every command and event is recorded once, in one global order, before it is acked
 (see `recorder`); the live state is the fold of exactly the recorded envelopes, and a restart
-rebuilds it by replaying the log before consuming again. HeartbeatMissed and HostLost go out
+rebuilds it before consuming again: from the latest usable snapshot and the log after it (see
+`snapshot`), or from the whole log. HeartbeatMissed and HostLost go out
 through the Store's outbox, once per silence episode (see `liveness`).
 """
 
