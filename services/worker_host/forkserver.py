@@ -3,21 +3,27 @@
 `python -m services.worker_host.forkserver FD` — FD is its end of a SOCK_SEQPACKET socket to
 the worker-host. It imports the worker runtime, the strategies and the paper broker once, and
 holds no secrets (its environment is the host's INHERITED variables only) and no connection.
+It keeps `SPARES` children forked and warmed up ahead, each in its own session, holding only
+its end of a socketpair to the server; a request is handed to the oldest spare (the env and
+the two fds, the same way), or forked at once when none is ready.
 
 Wire (one JSON object per packet):
 - host → server: `{"id": n, "env": {...}}` with two fds attached (SCM_RIGHTS): the worker's end
   of its control socketpair and its log file.
-- server → host: `{"id": n, "pid": p}` once forked (or `{"id": n, "error": "..."}`), and
-  `{"exited": p, "code": c}` when it reaps a child (`c` negative for a signal, like asyncio).
-  A child's pid always reaches the host before its exit.
+- server → host: `{"id": n, "pid": p}` once a child runs it (or `{"id": n, "error": "..."}`),
+  and `{"exited": p, "code": c}` when it reaps a worker (`c` negative for a signal, like
+  asyncio). A worker's pid always reaches the host before its exit; a spare that dies before
+  it is given a worker is never reported.
 
 The server is a plain synchronous loop (no threads, no event loop), so a fork copies nothing
 half-done; the child starts its own asyncio loop in `run_worker`. The server exits when the host
-closes the socket; its children live on until their control channels close.
+closes the socket; its workers live on until their control channels close, and its spares,
+finding their socketpair closed, exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -26,11 +32,15 @@ import signal
 import socket
 import sys
 import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import NoReturn
 
 from services.worker.protocol import ENV_CONTROL_FD
 
 REQUEST_MAX = 1 << 20  # bytes: a worker's environment is a few KiB
 FDS_PER_REQUEST = 2
+SPARES = 2  # children forked and warmed up ahead, each waiting to become the next worker
 
 
 def encode(message: dict) -> bytes:
@@ -45,14 +55,38 @@ def preload() -> None:
 
     for name in BUILTIN_STRATEGIES:
         load_strategy(name)
+    warm_up()  # what asyncio imports and sets up on first use is shared too
     # Objects made so far are shared with every child: keep the collector from touching (and so
     # copying) their pages.
     gc.collect()
     gc.freeze()
 
 
+def warm_up() -> None:
+    """What a worker does first, done once ahead: an event loop with a unix-socket connection
+    and a signal handler. In a spare this copies (on write) the pages a worker's start touches
+    before any worker is due."""
+
+    async def start_like_a_worker() -> None:
+        ours, theirs = socket.socketpair()
+        _, writer = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
+        loop.remove_signal_handler(signal.SIGTERM)
+        writer.close()
+        theirs.close()
+
+    asyncio.run(start_like_a_worker())
+
+
 class ForkServer:
-    def __init__(self, host: socket.socket) -> None:
+    """Serves its host's requests; keeps `spares` children forked and warmed up ahead, each
+    waiting to become the next worker. A fork costs its child a few milliseconds before it runs
+    a line (copying pages on write, mostly); a spare has paid that already (a probe of a minimal
+    worker: 1.1 ms from request to hello, against 5.2 ms forking on request). A request that
+    finds no spare ready forks at once; spares are replaced while no request waits."""
+
+    def __init__(self, host: socket.socket, spares: int = SPARES) -> None:
         self.host = host
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
@@ -62,16 +96,25 @@ class ForkServer:
         signal.set_wakeup_fd(self.wake_w)
         self.selector.register(self.host, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.spares_wanted = spares
+        self.spares: deque[tuple[int, socket.socket]] = deque()  # (pid, our end), oldest first
+        self.spare_pids: set[int] = set()  # spares not (yet) a worker: their exits are not told
+        self.spares_lost = 0  # spares that died waiting, in a row
 
     def serve(self) -> None:
-        """Until the host hangs up: fork on request, report every reaped child."""
+        """Until the host hangs up: start a worker on request, report every reaped worker, and
+        top the spares up whenever nothing waits."""
         while True:
-            for key, _ in self.selector.select():
+            short = len(self.spares) < self.spares_wanted
+            events = self.selector.select(0 if short else None)
+            for key, _ in events:
                 if key.fileobj is self.host:
                     if not self.on_request():
                         return
                 else:
                     self.reap()
+            if short and not events:
+                self.add_spare()
 
     def on_request(self) -> bool:
         message, fds, _, _ = socket.recv_fds(self.host, REQUEST_MAX, FDS_PER_REQUEST)
@@ -83,7 +126,7 @@ class ForkServer:
             if len(fds) != FDS_PER_REQUEST:
                 raise ValueError(f"expected {FDS_PER_REQUEST} fds, got {len(fds)}")
             control_fd, log_fd = fds
-            pid = self.fork(request["env"], control_fd, log_fd)
+            pid = self.start(request["env"], control_fd, log_fd)
             reply = {"id": request["id"], "pid": pid}
         except Exception as exc:  # a bad request must not take the server down
             reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
@@ -93,15 +136,62 @@ class ForkServer:
         self.host.sendall(encode(reply))
         return True
 
+    def start(self, env: dict[str, str], control_fd: int, log_fd: int) -> int:
+        """The pid of a worker for `env`: the oldest spare becomes it, or a child forked now."""
+        while self.spares:
+            pid, channel = self.spares.popleft()
+            try:
+                socket.send_fds(channel, [encode(env)], [control_fd, log_fd])
+            except OSError:  # it died waiting (reaped, untold, in the loop): the next one
+                continue
+            finally:
+                channel.close()
+            self.spare_pids.discard(pid)
+            self.spares_lost = 0
+            return pid
+        return self.fork(env, control_fd, log_fd)
+
     def fork(self, env: dict[str, str], control_fd: int, log_fd: int) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            self.become_worker(env, control_fd, log_fd)  # never returns
+            self.child(lambda: (env, control_fd, log_fd))  # never returns
         return pid
 
-    def become_worker(self, env: dict[str, str], control_fd: int, log_fd: int) -> None:
+    def add_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # no spares then; every request forks
+            print(f"fork-server: no spares ({exc})", file=sys.stderr, flush=True)
+            self.spares_wanted = 0
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            ours.close()
+            self.child(lambda: self.wait_for_work(theirs))  # never returns
+        theirs.close()
+        self.spares.append((pid, ours))
+        self.spare_pids.add(pid)
+
+    @staticmethod
+    def wait_for_work(channel: socket.socket) -> tuple[dict[str, str], int, int] | None:
+        """A spare: warm up, then wait for a worker's env and fds (None: the server is gone)."""
+        warm_up()
+        message, fds, _, _ = socket.recv_fds(channel, REQUEST_MAX, FDS_PER_REQUEST)
+        channel.close()
+        if not message or len(fds) != FDS_PER_REQUEST:
+            return None
+        control_fd, log_fd = fds
+        return json.loads(message), control_fd, log_fd
+
+    def child(self, work: Callable[[], tuple[dict[str, str], int, int] | None]) -> NoReturn:
+        """A forked child: leave the server (its session, signals and fds), then run as the
+        worker `work()` names, if any, and exit with its code."""
         code = 1
         try:
             os.setsid()
@@ -110,19 +200,12 @@ class ForkServer:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             self.selector.close()
             self.host.close()
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            # Only stdio and the control channel stay open: never the server's socket or pipe,
-            # never another worker's channel.
-            os.closerange(3, control_fd)
-            os.closerange(control_fd + 1, os.sysconf("SC_OPEN_MAX"))
-            os.set_inheritable(control_fd, False)
-            env = env | {ENV_CONTROL_FD: str(control_fd)}
-            os.environ.clear()
-            os.environ.update(env)
-            from services.worker.runtime import run_worker
-
-            code = run_worker(env)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            for _, channel in self.spares:
+                channel.close()
+            assignment = work()
+            code = 0 if assignment is None else self.become_worker(*assignment)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -131,6 +214,22 @@ class ForkServer:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+
+    @staticmethod
+    def become_worker(env: dict[str, str], control_fd: int, log_fd: int) -> int:
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # Only stdio and the control channel stay open: never the server's socket or pipe,
+        # never another worker's channel.
+        os.closerange(3, control_fd)
+        os.closerange(control_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        os.set_inheritable(control_fd, False)
+        env = env | {ENV_CONTROL_FD: str(control_fd)}
+        os.environ.clear()
+        os.environ.update(env)
+        from services.worker.runtime import run_worker
+
+        return run_worker(env)
 
     def reap(self) -> None:
         try:
@@ -145,7 +244,23 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            if pid in self.spare_pids:  # never a worker: nothing to tell the host
+                self.spare_pids.discard(pid)
+                self.drop_spare(pid)
+                continue
             self.host.sendall(encode({"exited": pid, "code": os.waitstatus_to_exitcode(status)}))
+
+    def drop_spare(self, pid: int) -> None:
+        """A spare died waiting; after a few in a row, stop keeping spares (each would only
+        fail the same way) and fork on request."""
+        for spare in [s for s in self.spares if s[0] == pid]:
+            self.spares.remove(spare)
+            spare[1].close()
+        self.spares_lost += 1
+        if self.spares_lost >= 3 and self.spares_wanted:
+            print("fork-server: spares keep dying; forking on request only", file=sys.stderr,
+                  flush=True)
+            self.spares_wanted = 0
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from services.worker import protocol
 from services.worker_host.fork_spawner import ForkSpawner
+from services.worker_host.forkserver import SPARES
 from services.worker_host.spawner import (
     ExecSpawner,
     SpawnError,
@@ -76,6 +77,11 @@ def alive(pid: int) -> bool:
 def state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return {int(child) for child in children.read().split()}
 
 
 def sockets_of(pid: int) -> list[str]:
@@ -201,7 +207,20 @@ async def test_fork_server_and_children_hold_only_their_own_sockets(
     fork_spawner: ForkSpawner, fork_spawn: Spawn
 ) -> None:
     workers = [await fork_spawn() for _ in range(3)]
-    assert len(sockets_of(fork_spawner.server.pid)) == 1  # its host, no worker's channel
+    server = fork_spawner.server.pid
+    for worker in workers:  # the server holds no end of a worker's channel
+        assert not set(sockets_of(server)) & set(sockets_of(worker.pid))
+    # The server: its host, and one channel to each spare (a child that is no worker). A spare,
+    # once warmed up: its own channel, nothing of the server's or of a worker's.
+    for _ in range(100):
+        spares = children_of(server) - {worker.pid for worker in workers}
+        if len(spares) == SPARES and len(sockets_of(server)) == 1 + SPARES and all(
+                len(sockets_of(spare)) == 1 for spare in spares):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"server {sockets_of(server)}; spares {[sockets_of(s) for s in spares]}")
+    assert all(os.getsid(spare) == spare for spare in spares)
     for worker in workers:
         # The control channel plus the two of asyncio's self-pipe: never the server's socket.
         assert len(sockets_of(worker.pid)) == 3, sockets_of(worker.pid)
@@ -350,6 +369,54 @@ def test_forked_child_gets_exactly_the_injected_environment_and_only_its_fds(
         assert len(others) == 1  # the directory listdir itself opened: nothing inherited
         assert seen["sid"]
         ours.close()
+    finally:
+        host.close()
+        server.wait(timeout=5)
+
+
+def test_a_spare_becomes_a_worker_and_a_spare_that_dies_is_never_reported(
+    tmp_path: Path,
+) -> None:
+    """With its spares warmed up, one is killed: the host hears nothing of it. The next two
+    workers (the other spare, then one forked or a new spare) each get exactly their own
+    environment and fds, and the host hears of exactly their pids and exits, in order."""
+    host, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = subprocess.Popen(
+        [sys.executable, "-c", PROBE, str(server_end.fileno())],
+        pass_fds=(server_end.fileno(),),
+        env={"PATH": os.environ["PATH"]},
+    )
+    server_end.close()
+    try:
+        deadline = time.monotonic() + 10
+        while not (len(children_of(server.pid)) == SPARES and all(
+                len(sockets_of(spare)) == 1 for spare in children_of(server.pid))):
+            assert time.monotonic() < deadline, "no spares warmed up"
+            time.sleep(0.05)
+        spares = children_of(server.pid)
+        killed = min(spares)
+        os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)  # reaped by the server: it must tell the host nothing
+        host.settimeout(10)
+        for number in (1, 2):
+            env = {"USER_ID": f"user-{number}", "API_KEY": API_KEY, "PATH": "/bin"}
+            ours, theirs = socket.socketpair()
+            log = tmp_path / f"probe-{number}.log"
+            with open(log, "wb") as out:
+                socket.send_fds(host, [json.dumps({"id": number, "env": env}).encode()],
+                                [theirs.fileno(), out.fileno()])
+            theirs.close()
+            reply = json.loads(host.recv(1 << 16))
+            assert reply["id"] == number and reply["pid"] != killed
+            if number == 1:
+                assert reply["pid"] in spares  # the spare left
+            assert json.loads(host.recv(1 << 16)) == {"exited": reply["pid"], "code": 7}
+            seen = json.loads(log.read_text())
+            control = seen["env"]["RUNNER_CONTROL_FD"]
+            assert seen["environ"] == seen["env"] == env | {"RUNNER_CONTROL_FD": control}
+            assert len(set(seen["fds"]) - {"0", "1", "2", control}) == 1  # listdir's own
+            assert seen["sid"]
+            ours.close()
     finally:
         host.close()
         server.wait(timeout=5)
