@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -162,6 +163,7 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        _freeze_startup_heap()
         try:
             await stop.wait()
         finally:
@@ -195,6 +197,15 @@ class Service:
                 log.error("no handler for timer kind %r (dropped %s)", current.kind, key)
                 return
             await handler(uow, key, json.loads(current.data))
+
+
+def _freeze_startup_heap() -> None:
+    """Keep what the imports and the start made (about 100,000 objects, living as long as the
+    process) out of the cyclic collector's sight: a full collection then walks only what came
+    after. On the benchmark VM a full collection of the gateway's startup heap took 57 ms, so
+    the odd request that met one took that much longer."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _logged(coro: Awaitable[Any], name: str) -> Any:
