@@ -339,10 +339,8 @@ ForkServer(socket.socket(fileno=int(sys.argv[1]))).serve()
 """
 
 
-def test_forked_child_gets_exactly_the_injected_environment_and_only_its_fds(
-    tmp_path: Path,
-) -> None:
-    """The fork-server's child, with `run_worker` swapped for a probe that reports what it got."""
+def probe_server() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """A fork-server running PROBE, and the host's end of its socket."""
     host, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = subprocess.Popen(
         [sys.executable, "-c", PROBE, str(server_end.fileno())],
@@ -350,6 +348,14 @@ def test_forked_child_gets_exactly_the_injected_environment_and_only_its_fds(
         env={"PATH": os.environ["PATH"]},
     )
     server_end.close()
+    return host, server
+
+
+def test_forked_child_gets_exactly_the_injected_environment_and_only_its_fds(
+    tmp_path: Path,
+) -> None:
+    """The fork-server's child, with `run_worker` swapped for a probe that reports what it got."""
+    host, server = probe_server()
     try:
         env = {"USER_ID": "user-1", "API_KEY": API_KEY, "API_SECRET": API_SECRET, "PATH": "/bin"}
         ours, theirs = socket.socketpair()
@@ -380,13 +386,7 @@ def test_a_spare_becomes_a_worker_and_a_spare_that_dies_is_never_reported(
     """With its spares warmed up, one is killed: the host hears nothing of it. The next two
     workers (the other spare, then one forked or a new spare) each get exactly their own
     environment and fds, and the host hears of exactly their pids and exits, in order."""
-    host, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server = subprocess.Popen(
-        [sys.executable, "-c", PROBE, str(server_end.fileno())],
-        pass_fds=(server_end.fileno(),),
-        env={"PATH": os.environ["PATH"]},
-    )
-    server_end.close()
+    host, server = probe_server()
     try:
         deadline = time.monotonic() + 10
         while not (len(children_of(server.pid)) == SPARES and all(
