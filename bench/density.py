@@ -35,7 +35,14 @@ import aio_pika
 import orjson
 from rich.console import Console
 
-from bench.report import Figure, at_least, at_most, scratch_with_services_log, table
+from bench.report import (
+    Figure,
+    at_least,
+    at_most,
+    percentile,
+    scratch_with_services_log,
+    table,
+)
 from bench.spawn import MiB, uss
 from events.routing import TELEMETRY_EXCHANGE
 from services.bus import Bus
@@ -79,11 +86,6 @@ def processes(local: LocalSystem) -> dict[str, int]:
     if broker.stdout.strip():
         pids[SHARED_BROKER] = int(broker.stdout.split()[0])
     return pids
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Heartbeats:
