@@ -85,6 +85,10 @@ class RpcError(RuntimeError):
     """A request/reply call failed or timed out; the message says why, without internals."""
 
 
+class RpcTimeout(RpcError):
+    """No answer came in time (the service may still act on the request)."""
+
+
 class RawJson(bytes):
     """An RPC result already encoded as JSON: replied as is, and `Bus.request_raw` hands it
     on as is (a large status document is never decoded and re-encoded on its way)."""
@@ -374,7 +378,7 @@ class Bus:
             )
             reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
         except TimeoutError:
-            raise RpcError(f"{queue} did not answer in time") from None
+            raise RpcTimeout(f"{queue} did not answer in time") from None
         finally:
             self._pending.pop(correlation_id, None)
         encoding = reply.content_encoding or None

@@ -151,6 +151,11 @@ class UnitOfWork:
         self.emitted.append(envelope)
         return envelope
 
+    def forward(self, envelope: Envelope) -> None:
+        """Queue an envelope as it is (a command taken over RPC, so that it reaches the log like
+        one sent on the bus) for publishing once this transaction commits."""
+        self.emitted.append(envelope)
+
     async def _write_outbox(self) -> None:
         """The outbox rows of what was emitted, at the end of the transaction: one Core insert
         (an ORM object per row cost more than the rest of a typical handler), ids in emit
@@ -299,28 +304,36 @@ class Store:
         """One transaction for a batch: yields it with the positions of the envelopes `consumer`
         has not processed yet (a duplicate within the batch counts once), and records those as
         processed in the same commit. One ledger read and one insert for the whole batch."""
-        ids = [str(envelope.event_id) for envelope in envelopes]
         async with self.transaction() as uow:
-            seen = set(
-                (
-                    await uow.session.exec(
-                        select(Processed.event_id).where(
-                            Processed.consumer == consumer,
-                            Processed.event_id.in_(set(ids)),  # type: ignore[attr-defined]
-                        )
-                    )
-                ).all()
-            )
-            fresh = []
-            for position, event_id in enumerate(ids):
-                if event_id not in seen:
-                    seen.add(event_id)
-                    fresh.append(position)
-            if fresh:
-                await uow.session.execute(
-                    insert(Processed), [{"consumer": consumer, "event_id": ids[p]} for p in fresh]
-                )
+            fresh = await self.claim(uow, envelopes, consumer)
             yield uow, fresh
+
+    @staticmethod
+    async def claim(uow: UnitOfWork, envelopes: Sequence[Envelope], consumer: str) -> list[int]:
+        """The positions of the envelopes `consumer` has not processed yet (a duplicate within
+        them counts once), recorded as processed in `uow`'s transaction: one ledger read and
+        one insert."""
+        ids = [str(envelope.event_id) for envelope in envelopes]
+        seen = set(
+            (
+                await uow.session.exec(
+                    select(Processed.event_id).where(
+                        Processed.consumer == consumer,
+                        Processed.event_id.in_(set(ids)),  # type: ignore[attr-defined]
+                    )
+                )
+            ).all()
+        )
+        fresh = []
+        for position, event_id in enumerate(ids):
+            if event_id not in seen:
+                seen.add(event_id)
+                fresh.append(position)
+        if fresh:
+            await uow.session.execute(
+                insert(Processed), [{"consumer": consumer, "event_id": ids[p]} for p in fresh]
+            )
+        return fresh
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:

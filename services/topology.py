@@ -174,9 +174,7 @@ def host_inbox(host_id: str) -> QueueSpec:
 
 
 # Events a gateway waits on to answer an HTTP request.
-GATEWAY_WAITS = _bind(
-    JobAccepted, JobRejected, WorkerStopped, PositionsFlattened, FlattenFailed, EntitlementUpgraded
-)
+GATEWAY_WAITS = _bind(WorkerStopped, PositionsFlattened, FlattenFailed, EntitlementUpgraded)
 
 SERVICES = ("gateway", "entitlement", "scheduler", "worker-host", "monitor")
 

@@ -1,9 +1,11 @@
 """Gateway service: the HTTP contract of DESIGN.md §6 over the bus.
 
-Guarantees: a start answers once the entitlement decision is made (JobAccepted / JobRejected);
-a stop answers once the worker has stopped (with the flatten count); status comes from the
-monitor's projections. Credentials are sealed before anything leaves the request handler and
-never appear in a response, a log line or an error. Errors are `{success: false, error}`.
+Guarantees: a start answers once the entitlement decision has committed (JobAccepted /
+JobRejected, asked of the entitlement service over RPC); a stop answers once the worker has
+stopped (with the flatten count); status comes from the monitor's projections, and shows every
+start and stop this gateway has answered (read-your-writes). Credentials are sealed before
+anything leaves the request handler and never appear in a response, a log line or an error.
+Errors are `{success: false, error}`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from events import (
     WorkerStopped,
 )
 from projections import ENDED
-from services.bus import PublishFailed, RpcError
+from services.bus import PublishFailed, RpcError, RpcTimeout
 from services.gateway.models import (
     CreateUserRequest,
     StartRequest,
@@ -46,7 +48,7 @@ from services.gateway.models import (
     ok,
 )
 from services.gateway.users import Caller, UserDirectory, UserRow
-from services.gateway.waiters import Waiters
+from services.gateway.waiters import Unseen, Waiters
 from services.secrets import Sealer, admin_token, secret_key
 from services.service import Service, now
 from services.topology import GATEWAY_WAITS, QueueSpec
@@ -63,6 +65,7 @@ REJECT_STATUS = {
 }
 
 
+READ_YOUR_WRITES_WAIT = 2.0  # seconds the monitor may take to show a start answered here
 STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
 
@@ -102,6 +105,7 @@ class GatewayService(Service):
         self.sealer = Sealer(secret_key(settings))
         self.strategies = available_strategies()  # plugins installed later: seen at restart
         self.waiters = Waiters()
+        self.unseen = Unseen()
         self.app = create_app(self)
         self._server: _QuietServer | None = None
 
@@ -169,15 +173,16 @@ class GatewayService(Service):
             config=body.config,
             flatten_on_stop=body.flatten_on_stop,
         )
-        with self.waiters.watch(("JobAccepted", job_id), ("JobRejected", job_id)) as answers:
-            await self.bus.publish(
-                Envelope.wrap(
-                    command, stream=f"job-{job_id}", user_id=user_id, correlation_id=job_id
-                )
-            )
-            _, decision = await self._next(
-                answers, f"job {job_id} was submitted but no entitlement decision came in time"
-            )
+        envelope = Envelope.wrap(command, stream=f"job-{job_id}", user_id=user_id,
+                                 correlation_id=job_id)
+        try:
+            decision = Envelope.from_json(await self.bus.request_raw(
+                "entitlement.rpc", {"op": "start", "envelope": envelope.model_dump(mode="json")}
+            )).message()
+        except RpcTimeout:
+            raise ApiError(
+                504, f"job {job_id} was submitted but no entitlement decision came in time"
+            ) from None
         if isinstance(decision, JobRejected):
             status = REJECT_STATUS.get(decision.reason, 400)
             return status, failed(
@@ -187,7 +192,7 @@ class GatewayService(Service):
                 retryAt=decision.retry_at.isoformat() if decision.retry_at else None,
             )
         assert isinstance(decision, JobAccepted)
-        await self._until_monitor_shows(worker_id, "known")  # so status shows it next
+        self.unseen.add(worker_id, user_id)  # the next status call waits until it shows
         return 200, ok(
             jobId=job_id,
             workerId=worker_id,
@@ -255,10 +260,16 @@ class GatewayService(Service):
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        query = {"op": "status", "user_id": scope, "offset": offset, "limit": limit}
+        query: dict[str, Any] = {"op": "status", "user_id": scope, "offset": offset,
+                                 "limit": limit}
+        if awaited := self.unseen.of(scope):
+            query |= {"known": awaited, "wait": READ_YOUR_WRITES_WAIT}
         if deflate_ok:
-            return await self.bus.request_encoded("monitor.rpc", query)
-        return await self.bus.request_raw("monitor.rpc", query), None
+            answer = await self.bus.request_encoded("monitor.rpc", query)
+        else:
+            answer = await self.bus.request_raw("monitor.rpc", query), None
+        self.unseen.seen(awaited)
+        return answer
 
     async def upgrade(self, user_id: str, body: UpgradeRequest) -> dict[str, Any]:
         with self.waiters.watch(("EntitlementUpgraded", user_id)) as answers:
@@ -285,12 +296,14 @@ class GatewayService(Service):
 
     async def _owned_worker(self, caller: Caller, worker_id: str) -> dict[str, Any]:
         """The worker's status entry, if the caller may act on it; the monitor may lag a fresh
-        start by a moment, so an unknown worker is looked up again briefly."""
+        start by a moment, so it waits for one started here, and an unknown worker is looked up
+        again briefly (one started through another gateway)."""
+        wait = READ_YOUR_WRITES_WAIT if worker_id in self.unseen else 0.0
         for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
             await asyncio.sleep(delay)
             try:
                 entry = await self.bus.request(
-                    "monitor.rpc", {"op": "worker", "worker_id": worker_id}
+                    "monitor.rpc", {"op": "worker", "worker_id": worker_id, "wait": wait}
                 )
             except RpcError as exc:
                 if "unknown worker" not in str(exc):

@@ -1,11 +1,13 @@
-"""Waiting for the events that answer a request (JobAccepted for a start, WorkerStopped for a
-stop, …), from this gateway's own transient queue."""
+"""Waiting for the events that answer a request (WorkerStopped for a stop, …), from this
+gateway's own transient queue; and the workers whose start was answered before the monitor
+showed them."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from events import Envelope, Message
@@ -43,3 +45,40 @@ class Waiters:
             for ident in ids - {None}:
                 for queue in self._watching.get((envelope.type, ident), ()):
                     queue.put_nowait((envelope, message))
+
+
+class Unseen:
+    """Workers whose start this gateway has answered, which the monitor may not show yet.
+
+    A start is answered once it is decided, before the monitor has recorded it; a status call
+    that could show one of these asks the monitor to wait (bounded) until it does, so a client
+    reads its own writes without the start's answer waiting for them. An entry is forgotten once
+    a status call has waited for it, or `keep` seconds after its start."""
+
+    def __init__(self, keep: float = 5.0) -> None:
+        self.keep = keep
+        self._workers: dict[str, tuple[str, float]] = {}  # id → (user id, forgotten at), by age
+
+    def __contains__(self, worker_id: str) -> bool:
+        return worker_id in self._workers
+
+    def add(self, worker_id: str, user_id: str) -> None:
+        moment = time.monotonic()
+        self._forget_old(moment)
+        self._workers[worker_id] = (user_id, moment + self.keep)
+
+    def of(self, user_id: str | None) -> list[str]:
+        """Those a status of `user_id`'s workers (None: everyone's) would show."""
+        self._forget_old(time.monotonic())
+        return [w for w, (owner, _) in self._workers.items() if user_id in (None, owner)]
+
+    def seen(self, worker_ids: Iterable[str]) -> None:
+        for worker_id in worker_ids:
+            self._workers.pop(worker_id, None)
+
+    def _forget_old(self, moment: float) -> None:
+        while self._workers:
+            oldest = next(iter(self._workers))
+            if self._workers[oldest][1] > moment:
+                return
+            del self._workers[oldest]

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -198,20 +199,25 @@ class MonitorService(Service):
         if not isinstance(worker_id, str):
             raise ValueError("'worker_id' must be a string")
         until = body.get("until", "known")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max(float(body.get("wait") or 0), 0.0), 5.0)
-        while True:
-            changed = self._changed
+
+        def settled() -> bool:
             worker = self.state.workers.get(worker_id)
-            settled = worker is not None and (until != "ended" or worker.status in ENDED)
-            remaining = deadline - loop.time()
-            if settled or remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=remaining)
+            return worker is not None and (until != "ended" or worker.status in ENDED)
+
+        await self._until(settled, body.get("wait"))
+        worker = self.state.workers.get(worker_id)
         if worker is None:
             raise LookupError(f"unknown worker {worker_id!r}")
         return views.worker_entry(self.state, worker, self.liveness.beats.get(worker_id))
+
+    async def _until(self, settled: Callable[[], bool], wait: Any) -> None:
+        """Return once `settled()` holds for what is recorded, or `wait` seconds (≤ 5) on."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(float(wait or 0), 0.0), 5.0)
+        while not settled() and (remaining := deadline - loop.time()) > 0:
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=remaining)
 
     async def _on_request(self, body: Any) -> Any:
         """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
@@ -225,6 +231,11 @@ class MonitorService(Service):
                 limit is None or (isinstance(limit, int) and limit > 0)
             ):
                 raise ValueError("'offset' must be an integer ≥ 0 and 'limit' one ≥ 1")
+            known = body.get("known") or []
+            if not isinstance(known, list):
+                raise ValueError("'known' must be a list of worker ids")
+            await self._until(lambda: all(w in self.state.workers for w in known),
+                              body.get("wait"))
             return RawJson(views.status_json(self.state, body.get("user_id"),
                                              self.liveness.beats, self._entries, offset, limit))
         if op == "worker":

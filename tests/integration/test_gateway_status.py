@@ -1,5 +1,7 @@
-"""The gateway passes a large status on as the monitor sent it: deflated to a client that takes
-`deflate` (nothing inflated or re-compressed on the way), plain or gzipped to one that does not."""
+"""The gateway's status against stand-ins for the monitor and the entitlement service: a large
+status passes on as the monitor sent it, deflated to a client that takes `deflate` (nothing
+inflated or re-compressed on the way), plain or gzipped to one that does not; a status right
+after a start reads that start."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from events import Envelope, JobAccepted
 from services.bus import COMPRESS_REPLIES_FROM, Bus, RawJson
 from services.cli.local import free_port
 from services.gateway.service import GatewayService
@@ -57,3 +60,50 @@ async def test_a_large_status_passes_through_deflated_or_plain(settings: Setting
     finally:
         await gateway.stop()
         await fake_monitor.close()
+
+
+async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worker(
+        settings: Settings) -> None:
+    """A start is answered once the entitlement service has decided it, before the monitor
+    shows the worker; the next status call that could show it (not another user's) asks the
+    monitor to wait until it does, and the one after that no longer waits."""
+    async def entitlement(body: dict[str, Any]) -> Any:
+        assert body["op"] == "start"
+        command = Envelope.model_validate(body["envelope"])
+        started = command.message()
+        accepted = JobAccepted(job_id=started.job_id, worker_id=started.worker_id, tier="pro",
+                               max_workers=10, in_use=0)
+        return RawJson(Envelope.wrap(accepted, stream=command.stream, causation=command)
+                       .to_json())
+
+    queries: list[dict[str, Any]] = []
+
+    async def monitor(body: dict[str, Any]) -> Any:
+        queries.append(body)
+        return {"success": True, "workers": [], "queueStats": {}}
+
+    fakes = Bus(settings, "fakes")
+    fakes.serve(rpc_queue("entitlement"), entitlement)
+    fakes.serve(rpc_queue("monitor"), monitor)
+    await fakes.start()
+    port = free_port()
+    gateway = GatewayService(settings.model_copy(update={"http_port": port,
+                                                         "admin_token": TOKEN}))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            started = await http.post("/runner/start", json={
+                "userId": "alice", "strategyId": "s1", "brokerId": "paper",
+                "credentials": {"apiKey": "k", "apiSecret": "s"},
+                "config": {"name": "BTC", "type": "hold"}})
+            assert started.status_code == 200, started.text
+            worker_id = started.json()["workerId"]
+            assert not queries, "the start waited for the monitor"
+            for params in ({"userId": "bob"}, {"userId": "alice"}, {}):
+                assert (await http.get("/runner/status", params=params)).status_code == 200
+    finally:
+        await gateway.stop()
+        await fakes.close()
+    assert [(q["user_id"], q.get("known"), q.get("wait")) for q in queries] == [
+        ("bob", None, None), ("alice", [worker_id], 2.0), (None, None, None)]

@@ -233,6 +233,28 @@ async def test_status_has_the_seed_shape_with_heartbeat_marks(
     assert shown == {b.worker_id: int(b.at.timestamp() * 1000) for b in batch.beats}
 
 
+async def test_status_waits_for_the_workers_it_is_told_are_known(
+        monitor: MonitorService, bus: Bus) -> None:
+    """Read-your-writes for the gateway: a status asked with `known` worker ids answers once
+    the log shows them; one that never comes is waited for no longer than `wait`."""
+    asked = time.monotonic()
+    status = asyncio.create_task(bus.request(
+        "monitor.rpc", {"op": "status", "user_id": "alice", "known": ["w1"], "wait": 3.0}))
+    await asyncio.sleep(0.3)
+    assert not status.done(), "answered before the worker was recorded"
+    await bus.publish_many(worker_started())
+    assert [e["worker"]["workerId"] for e in (await status)["workers"]] == ["w1"]
+    assert time.monotonic() - asked < 2.0
+
+    asked = time.monotonic()
+    late = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice",
+                                             "known": ["w1", "never"], "wait": 0.5})
+    assert 0.5 <= time.monotonic() - asked < 2.0
+    assert [e["worker"]["workerId"] for e in late["workers"]] == ["w1"]
+    with pytest.raises(RpcError, match="'known' must be a list"):
+        await bus.request("monitor.rpc", {"op": "status", "known": "w1"})
+
+
 async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings: Settings) -> None:
     first = MonitorService(settings)
     await first.start()

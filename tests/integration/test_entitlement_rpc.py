@@ -1,0 +1,132 @@
+"""The entitlement service's `start` RPC on the real broker and SQLite: it answers with the
+decision once that has committed; the command and its decision reach the bus (and so the log)
+in order; a command is decided once, whether it comes twice over RPC or back through the inbox;
+concurrent starts share the limit exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from events import Envelope, JobAccepted, JobRejected, StartRunner, StrategyConfig
+from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
+from services.bus import Bus, RpcError
+from services.entitlement.service import EntitlementService
+from services.settings import Settings
+from tests.integration.broker_helpers import eventually
+
+pytestmark = pytest.mark.broker
+
+
+def start_command(user: str = "alice", strategy: str = "s1") -> Envelope:
+    job = f"job-{uuid.uuid4().hex[:12]}"
+    command = StartRunner(job_id=job, worker_id=f"worker-{job[4:]}", strategy_id=strategy,
+                          broker_id="paper", credentials_sealed="sealed",
+                          config=StrategyConfig(name="BTC", type="hold"))
+    return Envelope.wrap(command, stream=f"job-{job}", user_id=user, correlation_id=job)
+
+
+async def decide(bus: Bus, command: Envelope) -> Envelope:
+    reply = await bus.request_raw("entitlement.rpc",
+                                  {"op": "start", "envelope": command.model_dump(mode="json")})
+    return Envelope.from_json(reply)
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[EntitlementService]:
+    entitlement = EntitlementService(settings)
+    await entitlement.start()
+    yield entitlement
+    await entitlement.stop()
+
+
+@pytest.fixture
+async def bus(settings: Settings, service: EntitlementService) -> AsyncIterator[Bus]:
+    client = Bus(settings, "test")
+    await client.start()
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def on_the_bus(settings: Settings, service: EntitlementService
+                     ) -> AsyncIterator[list[Envelope]]:
+    """Every command and event published, in the order the broker took them."""
+    seen: list[Envelope] = []
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    for exchange in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):
+        await queue.bind(exchange, routing_key="#")
+
+    async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        seen.append(Envelope.from_json(message.body))
+
+    await queue.consume(collect, no_ack=True)
+    yield seen
+    await connection.close()
+
+
+async def test_the_answer_is_the_committed_decision_and_the_command_is_logged_before_it(
+        service: EntitlementService, bus: Bus, on_the_bus: list[Envelope]) -> None:
+    command = start_command()
+    decision = await decide(bus, command)
+    assert decision.type == "JobAccepted"
+    assert decision.correlation_id == command.correlation_id
+    assert decision.causation_id == command.event_id
+    # committed before the answer: the slot is already counted
+    check = await bus.request("entitlement.rpc", {"op": "check", "user_id": "alice"})
+    assert check["currentWorkers"] == 1 and check["isEntitled"] is False
+
+    await eventually(lambda: len(on_the_bus) >= 3, 10, "the command and its events")
+    await asyncio.sleep(0.5)  # the command comes back through the inbox: nothing more follows
+    assert [e.type for e in on_the_bus] == ["StartRunner", "JobRequested", "JobAccepted"]
+    assert on_the_bus[0].event_id == command.event_id
+    assert on_the_bus[2].event_id == decision.event_id
+
+
+async def test_a_command_is_decided_once(service: EntitlementService, bus: Bus,
+                                         on_the_bus: list[Envelope]) -> None:
+    """Over RPC twice, then on the bus (the CLI's way), which the inbox takes: one decision. A
+    rejected command holds no slot, so only the ledger can tell that it was decided."""
+    assert (await decide(bus, start_command())).type == "JobAccepted"
+    command = start_command()
+    assert (await decide(bus, command)).type == "JobRejected"  # over the free tier's one
+    with pytest.raises(RpcError, match="decided before"):
+        await decide(bus, command)
+    publisher = Bus(service.settings, "test-publisher")
+    await publisher.start()
+    try:
+        await publisher.publish(command)
+        await asyncio.sleep(0.5)
+    finally:
+        await publisher.close()
+    about = [e.type for e in on_the_bus if e.correlation_id == command.correlation_id]
+    assert about == ["StartRunner", "JobRequested", "JobRejected", "StartRunner"]
+
+
+async def test_concurrent_starts_against_a_limit_of_one_accept_exactly_one(
+        service: EntitlementService, bus: Bus) -> None:
+    decisions = await asyncio.gather(*(decide(bus, start_command()) for _ in range(12)))
+    messages = [d.message() for d in decisions]
+    assert sum(isinstance(m, JobAccepted) for m in messages) == 1
+    rejected = [m for m in messages if isinstance(m, JobRejected)]
+    assert len(rejected) == 11
+    assert {m.reason.value for m in rejected} == {"worker_limit"}
+
+
+async def test_a_malformed_request_is_refused_with_a_reason(bus: Bus) -> None:
+    with pytest.raises(RpcError, match="must be a StartRunner envelope"):
+        await bus.request("entitlement.rpc", {"op": "start"})
+    with pytest.raises(RpcError, match="must be a StartRunner envelope"):
+        await bus.request("entitlement.rpc", {"op": "start", "envelope": {"type": "StartRunner"}})
+    other = Envelope.wrap(JobRejected(job_id="j", reason="worker_limit", detail="x"), stream="s")
+    with pytest.raises(RpcError, match="not JobRejected"):
+        await bus.request("entitlement.rpc",
+                          {"op": "start", "envelope": other.model_dump(mode="json")})
+    with pytest.raises(RpcError, match="unknown op"):
+        await bus.request("entitlement.rpc", {"op": "launch"})
