@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -158,6 +159,8 @@ class Service:
 
     async def run(self) -> None:
         """Run until SIGINT/SIGTERM, then shut down gracefully."""
+        if self.settings.nice:
+            os.nice(self.settings.nice)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         default=5, description="deliveries before a failing message is dead-lettered"
     )
     prefetch: int = 200
+    nice: int = Field(
+        default=0, ge=0, le=19,
+        description="added to the process's niceness at start, and inherited by the workers "
+        "it spawns: a lower CPU priority for a service off the request path that shares its "
+        "machine with the gateway and the entitlement service (`runner up` gives the monitor, "
+        "the scheduler and the worker-hosts 5)",
+    )
     snapshot_every: int = Field(
         default=100_000, ge=0,
         description="recorded events between the monitor's snapshots of its folded state (a "

@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from services import loop
 from services.settings import Settings
 
 app = typer.Typer(
@@ -65,7 +66,7 @@ def service(
     configure_logging(prefix=f"[{name}] ")
     settings = Settings()
     try:
-        asyncio.run(cls(settings).run())
+        loop.run(cls(settings).run())
     except KeyboardInterrupt:
         pass
     except OSError as exc:

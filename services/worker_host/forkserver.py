@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NoReturn
 
+from services import loop
 from services.worker.protocol import ENV_CONTROL_FD
 
 REQUEST_MAX = 1 << 20  # bytes: a worker's environment is a few KiB
@@ -76,7 +77,7 @@ def warm_up() -> None:
         writer.close()
         theirs.close()
 
-    asyncio.run(start_like_a_worker())
+    loop.run(start_like_a_worker())
 
 
 class ForkServer:

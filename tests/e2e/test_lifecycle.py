@@ -51,6 +51,12 @@ async def test_start_spawns_a_worker_process_with_the_injected_environment(runni
     env = environ_of(worker["pid"])
     assert "RUNNER_SECRET_KEY" not in env and "RUNNER_ADMIN_TOKEN" not in env
     assert body["credentials"]["apiSecret"] not in env.values()
+    # Off the request path, a lower CPU priority: the worker-host's, which its workers inherit.
+    niceness = {child.label: os.getpriority(os.PRIO_PROCESS, child.process.pid)
+                for child in running.supervisor.children}
+    assert niceness == {"monitor": 5, "entitlement": 0, "scheduler": 5,
+                        "worker-host host-1": 5, "gateway": 0}
+    assert os.getpriority(os.PRIO_PROCESS, worker["pid"]) == 5
     [log] = running.data_dir.glob(f"worker-host-*/{started['workerId']}.log")
     assert (
         f"worker={started['workerId']} services.worker: started: strategy {body['strategyId']} "
