@@ -151,11 +151,6 @@ class UnitOfWork:
         self.emitted.append(envelope)
         return envelope
 
-    def forward(self, envelope: Envelope) -> None:
-        """Queue an envelope as it is (a command taken over RPC, so that it reaches the log like
-        one sent on the bus) for publishing once this transaction commits."""
-        self.emitted.append(envelope)
-
     async def _write_outbox(self) -> None:
         """The outbox rows of what was emitted, at the end of the transaction: one Core insert
         (an ORM object per row cost more than the rest of a typical handler), ids in emit

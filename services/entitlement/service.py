@@ -259,9 +259,11 @@ class EntitlementService(Service):
     async def _start(self, request: dict[str, Any]) -> RawJson:
         """RPC `start` {envelope: a StartRunner's}: decides it as `on_start_runner` does and
         answers, once that has committed, with the decision's envelope (JobAccepted or
-        JobRejected). The command goes to the log through the outbox, ahead of its decision,
-        and is marked processed for the inbox, which will see it there and skip it. Concurrent
-        requests share a transaction (group commit). A command decided before is an error."""
+        JobRejected). The command itself never travels on the bus: its JobRequested, in the
+        same commit, records it (every field, and its id as the causation). It is marked
+        processed in the inbox's ledger, so the same command sent on the bus is skipped.
+        Concurrent requests share a transaction (group commit). A command decided before is an
+        error."""
         try:
             envelope = Envelope.model_validate(request["envelope"])
             command = envelope.message()
@@ -273,7 +275,6 @@ class EntitlementService(Service):
         async def decide(uow: UnitOfWork) -> Envelope:
             if not await self.store.claim(uow, [envelope], ENTITLEMENT_INBOX.name):
                 raise LookupError(f"job {command.job_id} was decided before")
-            uow.forward(envelope)
             uow.cause = envelope
             await self.on_start_runner(uow, envelope, command)
             return next(e for e in reversed(uow.emitted)

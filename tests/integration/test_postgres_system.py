@@ -55,7 +55,7 @@ async def test_runner_lifecycle_with_every_store_on_postgres(
                 )
             )
             types = [e.type for e in log if e.correlation_id == started["jobId"]]
-            for expected in ("StartRunner", "JobRequested", "JobAccepted", "JobQueued",
+            for expected in ("JobRequested", "JobAccepted", "JobQueued",
                              "JobDispatched", "WorkerSpawned", "StopRunner", "StopRequested",
                              "PositionsFlattened", "WorkerStopped"):  # fmt: skip
                 assert expected in types, (expected, types)
