@@ -296,9 +296,7 @@ class Store:
     async def processing_many(
         self, envelopes: Sequence[Envelope], consumer: str
     ) -> AsyncIterator[tuple[UnitOfWork, list[int]]]:
-        """One transaction for a batch: yields it with the positions of the envelopes `consumer`
-        has not processed yet (a duplicate within the batch counts once), and records those as
-        processed in the same commit. One ledger read and one insert for the whole batch."""
+        """One transaction for a batch, yielded with the positions `claim` found fresh in it."""
         async with self.transaction() as uow:
             fresh = await self.claim(uow, envelopes, consumer)
             yield uow, fresh

@@ -298,8 +298,9 @@ class GatewayService(Service):
         """The worker's status entry, if the caller may act on it; the monitor may lag a fresh
         start by a moment, so it waits for one started here, and an unknown worker is looked up
         again briefly (one started through another gateway)."""
-        wait = READ_YOUR_WRITES_WAIT if worker_id in self.unseen else 0.0
-        for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
+        started_here = worker_id in self.unseen
+        wait = READ_YOUR_WRITES_WAIT if started_here else 0.0
+        for delay in (0.0,) if started_here else (0.0, 0.1, 0.3, 0.6, 1.0):
             await asyncio.sleep(delay)
             try:
                 entry = await self.bus.request(
