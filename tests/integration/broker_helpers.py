@@ -1,14 +1,18 @@
-"""Helpers for tests on the real broker: wait for a condition; take the one dead letter."""
+"""Helpers for tests on the real broker: wait for a condition; take the one dead letter; collect
+what is published."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
 import pytest
+
+from events import Envelope
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -34,3 +38,25 @@ async def the_only_dead_letter(amqp_url: str, dlq: str) -> aio_pika.abc.Abstract
         assert dead is not None, f"nothing was dead-lettered to {dlq}"
         assert await queue.get(no_ack=True, fail=False) is None, f"more than one in {dlq}"
     return dead
+
+
+@contextlib.asynccontextmanager
+async def collecting(amqp_url: str, *bindings: tuple[str, str]
+                     ) -> AsyncIterator[list[Envelope]]:
+    """Every envelope published to the `(exchange, routing key)` bindings while inside, in the
+    order the broker took them (an exclusive queue of the test's own)."""
+    seen: list[Envelope] = []
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        for exchange, key in bindings:
+            await queue.bind(exchange, routing_key=key)
+
+        async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            seen.append(Envelope.from_json(message.body))
+
+        await queue.consume(collect, no_ack=True)
+        yield seen
+    finally:
+        await connection.close()

@@ -9,7 +9,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 
 from events import Envelope, JobAccepted, JobRejected, StartRunner, StrategyConfig
@@ -17,7 +16,7 @@ from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import Bus, RpcError
 from services.entitlement.service import EntitlementService
 from services.settings import Settings
-from tests.integration.broker_helpers import eventually
+from tests.integration.broker_helpers import collecting, eventually
 
 pytestmark = pytest.mark.broker
 
@@ -56,19 +55,9 @@ async def bus(settings: Settings, service: EntitlementService) -> AsyncIterator[
 async def on_the_bus(settings: Settings, service: EntitlementService
                      ) -> AsyncIterator[list[Envelope]]:
     """Every command and event published, in the order the broker took them."""
-    seen: list[Envelope] = []
-    connection = await aio_pika.connect(settings.amqp_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    for exchange in (COMMANDS_EXCHANGE, EVENTS_EXCHANGE):
-        await queue.bind(exchange, routing_key="#")
-
-    async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        seen.append(Envelope.from_json(message.body))
-
-    await queue.consume(collect, no_ack=True)
-    yield seen
-    await connection.close()
+    async with collecting(settings.amqp_url, (COMMANDS_EXCHANGE, "#"),
+                          (EVENTS_EXCHANGE, "#")) as seen:
+        yield seen
 
 
 async def test_the_answer_is_the_committed_decision_and_its_request_is_published_before_it(

@@ -5,7 +5,9 @@ after a start reads that start."""
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,7 +15,7 @@ import orjson
 import pytest
 
 from events import Envelope, JobAccepted
-from services.bus import COMPRESS_REPLIES_FROM, Bus, RawJson
+from services.bus import COMPRESS_REPLIES_FROM, Bus, RawJson, RpcHandler
 from services.cli.local import free_port
 from services.gateway.service import GatewayService
 from services.settings import Settings
@@ -22,6 +24,28 @@ from services.topology import rpc_queue
 pytestmark = pytest.mark.broker
 
 TOKEN = "status-test-admin-token"
+
+
+@contextlib.asynccontextmanager
+async def gateway_against(settings: Settings, **fakes: RpcHandler
+                          ) -> AsyncIterator[httpx.AsyncClient]:
+    """A real gateway whose services are `fakes` (RPC handlers by service name); yields an
+    admin's HTTP client to it."""
+    bus = Bus(settings, "fakes")
+    for service, handler in fakes.items():
+        bus.serve(rpc_queue(service), handler)
+    await bus.start()
+    port = free_port()
+    gateway = GatewayService(settings.model_copy(update={"http_port": port,
+                                                         "admin_token": TOKEN}))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            yield http
+    finally:
+        await gateway.stop()
+        await bus.close()
 
 
 async def test_a_large_status_passes_through_deflated_or_plain(settings: Settings) -> None:
@@ -35,31 +59,19 @@ async def test_a_large_status_passes_through_deflated_or_plain(settings: Setting
         assert body["op"] == "status"
         return RawJson(sent)
 
-    fake_monitor = Bus(settings, "monitor")
-    fake_monitor.serve(rpc_queue("monitor"), monitor)
-    await fake_monitor.start()
-    port = free_port()
-    gateway = GatewayService(settings.model_copy(update={"http_port": port,
-                                                         "admin_token": TOKEN}))
-    await gateway.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            answers = {}
-            for accept in ("deflate", "gzip, deflate, br", "identity", "gzip"):
-                response = await http.get("/runner/status", headers={"Accept-Encoding": accept})
-                assert response.status_code == 200, response.text
-                assert response.json() == document
-                answers[accept] = response.headers.get("content-encoding")
-            assert answers == {"deflate": "deflate", "gzip, deflate, br": "deflate",
-                               "identity": None, "gzip": "gzip"}
-            async with http.stream("GET", "/runner/status",
-                                   headers={"Accept-Encoding": "deflate"}) as response:
-                wire = b"".join([chunk async for chunk in response.aiter_raw()])
-            assert wire == zlib.compress(sent, 1)  # the monitor's own bytes
-    finally:
-        await gateway.stop()
-        await fake_monitor.close()
+    async with gateway_against(settings, monitor=monitor) as http:
+        answers = {}
+        for accept in ("deflate", "gzip, deflate, br", "identity", "gzip"):
+            response = await http.get("/runner/status", headers={"Accept-Encoding": accept})
+            assert response.status_code == 200, response.text
+            assert response.json() == document
+            answers[accept] = response.headers.get("content-encoding")
+        assert answers == {"deflate": "deflate", "gzip, deflate, br": "deflate",
+                           "identity": None, "gzip": "gzip"}
+        async with http.stream("GET", "/runner/status",
+                               headers={"Accept-Encoding": "deflate"}) as response:
+            wire = b"".join([chunk async for chunk in response.aiter_raw()])
+        assert wire == zlib.compress(sent, 1)  # the monitor's own bytes
 
 
 async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worker(
@@ -82,28 +94,15 @@ async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worke
         queries.append(body)
         return {"success": True, "workers": [], "queueStats": {}}
 
-    fakes = Bus(settings, "fakes")
-    fakes.serve(rpc_queue("entitlement"), entitlement)
-    fakes.serve(rpc_queue("monitor"), monitor)
-    await fakes.start()
-    port = free_port()
-    gateway = GatewayService(settings.model_copy(update={"http_port": port,
-                                                         "admin_token": TOKEN}))
-    await gateway.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            started = await http.post("/runner/start", json={
-                "userId": "alice", "strategyId": "s1", "brokerId": "paper",
-                "credentials": {"apiKey": "k", "apiSecret": "s"},
-                "config": {"name": "BTC", "type": "hold"}})
-            assert started.status_code == 200, started.text
-            worker_id = started.json()["workerId"]
-            assert not queries, "the start waited for the monitor"
-            for params in ({"userId": "bob"}, {"userId": "alice"}, {}):
-                assert (await http.get("/runner/status", params=params)).status_code == 200
-    finally:
-        await gateway.stop()
-        await fakes.close()
+    async with gateway_against(settings, entitlement=entitlement, monitor=monitor) as http:
+        started = await http.post("/runner/start", json={
+            "userId": "alice", "strategyId": "s1", "brokerId": "paper",
+            "credentials": {"apiKey": "k", "apiSecret": "s"},
+            "config": {"name": "BTC", "type": "hold"}})
+        assert started.status_code == 200, started.text
+        worker_id = started.json()["workerId"]
+        assert not queries, "the start waited for the monitor"
+        for params in ({"userId": "bob"}, {"userId": "alice"}, {}):
+            assert (await http.get("/runner/status", params=params)).status_code == 200
     assert [(q["user_id"], q.get("known"), q.get("wait")) for q in queries] == [
         ("bob", None, None), ("alice", [worker_id], 2.0), (None, None, None)]

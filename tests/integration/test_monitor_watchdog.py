@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
-import aio_pika
 import pytest
 
 from events import (
@@ -30,6 +29,7 @@ from services.bus import Bus, RpcError
 from services.monitor import views
 from services.monitor.service import MonitorService
 from services.settings import Settings
+from tests.integration.broker_helpers import collecting
 
 pytestmark = pytest.mark.broker
 
@@ -92,19 +92,9 @@ async def bus(settings: Settings, monitor: MonitorService) -> AsyncIterator[Bus]
 @pytest.fixture
 async def reports(settings: Settings, monitor: MonitorService) -> AsyncIterator[list[Envelope]]:
     """Every HeartbeatMissed and HostLost that reaches the bus."""
-    seen: list[Envelope] = []
-    connection = await aio_pika.connect(settings.amqp_url)
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    for key in ("worker.HeartbeatMissed", "host.HostLost"):
-        await queue.bind(EVENTS_EXCHANGE, routing_key=key)
-
-    async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        seen.append(Envelope.from_json(message.body))
-
-    await queue.consume(collect, no_ack=True)
-    yield seen
-    await connection.close()
+    async with collecting(settings.amqp_url, (EVENTS_EXCHANGE, "worker.HeartbeatMissed"),
+                          (EVENTS_EXCHANGE, "host.HostLost")) as seen:
+        yield seen
 
 
 async def beat_for(bus: Bus, seconds: float, interval: float, make: Callable[[], object]) -> float:
