@@ -154,8 +154,8 @@ def system(supervisor: Supervisor, hosts: int = 1) -> None:
     """Add the five services (with `hosts` worker-hosts) to `supervisor`. Those off the request
     path (monitor, scheduler, worker-hosts and so their workers) run at a lower CPU priority
     (`RUNNER_NICE`, 5 unless set), so that on a shared machine a start is answered first and
-    carried out in the time left: at 50 starts/s, in `bench.start_path` A/B runs, 21–23 against
-    53–69 ms p50."""
+    carried out in the time left. At 50 starts/s the POST's p50 was 21–38 ms against 31–96 ms at
+    nice 0, four runs each; a burst of starts got about 10 % slower (bench/RESULTS.md)."""
     background = supervisor.base_env.get("RUNNER_NICE") or str(BACKGROUND_NICE)
     supervisor.add("monitor", RUNNER_NICE=background)
     supervisor.add("entitlement")
