@@ -1,5 +1,5 @@
 """Helpers for tests on the real broker: wait for a condition; take the one dead letter; collect
-what is published."""
+what is published; a gateway against stand-in services."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 
 from events import Envelope
+from services.bus import Bus, RpcHandler
+from services.cli.local import free_port
+from services.gateway.service import GatewayService
+from services.settings import Settings
+from services.topology import rpc_queue
+
+TOKEN = "test-admin-token"
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> None:
@@ -60,3 +68,25 @@ async def collecting(amqp_url: str, *bindings: tuple[str, str]
         yield seen
     finally:
         await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_against(settings: Settings, **fakes: RpcHandler
+                          ) -> AsyncIterator[httpx.AsyncClient]:
+    """A real gateway whose services are `fakes` (RPC handlers by service name); yields an
+    admin's HTTP client to it."""
+    bus = Bus(settings, "fakes")
+    for service, handler in fakes.items():
+        bus.serve(rpc_queue(service), handler)
+    await bus.start()
+    port = free_port()
+    gateway = GatewayService(settings.model_copy(update={"http_port": port,
+                                                         "admin_token": TOKEN}))
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            yield http
+    finally:
+        await gateway.stop()
+        await bus.close()

@@ -1,13 +1,15 @@
 """The entitlement service's `start` RPC on the real broker and SQLite: it answers with the
 decision once that has committed; the request (JobRequested) and its decision reach the bus (and
 so the log) in order; a command is decided once, whether it comes twice over RPC or also on the
-bus; concurrent starts share the limit exactly."""
+bus; concurrent starts share the limit exactly; a start waits for the service only as long as its
+caller does."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import Bus, RpcError
 from services.entitlement.service import EntitlementService
 from services.settings import Settings
-from tests.integration.broker_helpers import collecting, eventually
+from tests.integration.broker_helpers import collecting, eventually, gateway_against
 
 pytestmark = pytest.mark.broker
 
@@ -120,3 +122,41 @@ async def test_a_malformed_request_is_refused_with_a_reason(bus: Bus) -> None:
                           {"op": "start", "envelope": other.model_dump(mode="json")})
     with pytest.raises(RpcError, match="unknown op"):
         await bus.request("entitlement.rpc", {"op": "launch"})
+
+
+async def test_a_start_waits_for_a_late_entitlement_service_and_one_refused_never_starts(
+        settings: Settings) -> None:
+    """A start is decided only while its caller waits. With the entitlement service down for
+    less than the request timeout, the start is answered once it is back. Down for longer, the
+    start gets a 504 and its request expires unread, so the job never starts behind the
+    client's back (as a command left in a durable queue would have)."""
+    async def monitor(body: dict[str, Any]) -> Any:
+        return {"success": True, "workers": [], "queueStats": {}}
+
+    waiting = settings.model_copy(update={"request_timeout": 3.0})
+    body = {"strategyId": "s1", "brokerId": "paper",
+            "credentials": {"apiKey": "k", "apiSecret": "s"},
+            "config": {"name": "BTC", "type": "hold"}}
+    async with gateway_against(waiting, monitor=monitor) as http:
+        pending = asyncio.create_task(http.post("/runner/start", json=body | {"userId": "alice"}))
+        await asyncio.sleep(0.5)
+        late = EntitlementService(waiting)
+        await late.start()
+        try:
+            answered = await pending
+        finally:
+            await late.stop()
+        assert answered.status_code == 200, answered.text
+
+        refused = await http.post("/runner/start", json=body | {"userId": "bob"})
+        assert refused.status_code == 504, refused.text
+        assert "no entitlement decision came in time" in refused.json()["error"]
+        back = EntitlementService(waiting)
+        await back.start()
+        try:
+            await asyncio.sleep(0.5)
+            bob = await back.answer({"op": "check", "user_id": "bob"})
+            alice = await back.answer({"op": "check", "user_id": "alice"})
+        finally:
+            await back.stop()
+    assert (bob["currentWorkers"], alice["currentWorkers"]) == (0, 1)

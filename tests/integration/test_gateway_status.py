@@ -5,48 +5,18 @@ after a start reads that start."""
 
 from __future__ import annotations
 
-import contextlib
 import zlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
 from events import Envelope, JobAccepted
-from services.bus import COMPRESS_REPLIES_FROM, Bus, RawJson, RpcHandler
-from services.cli.local import free_port
-from services.gateway.service import GatewayService
+from services.bus import COMPRESS_REPLIES_FROM, RawJson
 from services.settings import Settings
-from services.topology import rpc_queue
+from tests.integration.broker_helpers import gateway_against
 
 pytestmark = pytest.mark.broker
-
-TOKEN = "status-test-admin-token"
-
-
-@contextlib.asynccontextmanager
-async def gateway_against(settings: Settings, **fakes: RpcHandler
-                          ) -> AsyncIterator[httpx.AsyncClient]:
-    """A real gateway whose services are `fakes` (RPC handlers by service name); yields an
-    admin's HTTP client to it."""
-    bus = Bus(settings, "fakes")
-    for service, handler in fakes.items():
-        bus.serve(rpc_queue(service), handler)
-    await bus.start()
-    port = free_port()
-    gateway = GatewayService(settings.model_copy(update={"http_port": port,
-                                                         "admin_token": TOKEN}))
-    await gateway.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            yield http
-    finally:
-        await gateway.stop()
-        await bus.close()
-
 
 async def test_a_large_status_passes_through_deflated_or_plain(settings: Settings) -> None:
     document = {"success": True, "queueStats": {"queuedJobs": 0},
