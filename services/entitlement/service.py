@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Field, SQLModel, select
 
 from events import (
@@ -74,6 +74,23 @@ class SlotRow(SQLModel, table=True):
 
 DECISIONS = (JobAccepted.type_name(), JobRejected.type_name())
 
+SLOTS, PLANS, CIRCUITS = SlotRow.__table__, PlanRow.__table__, CircuitRow.__table__  # type: ignore[attr-defined]
+# Everything a start's decision reads, in one statement (an ORM lookup each cost more than the
+# rest of the decision): whether the job holds a slot already, its strategy's open circuit,
+# the user's plan and the slots the user holds.
+START_FACTS = select(
+    select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
+    .scalar_subquery().label("taken"),
+    select(CIRCUITS.c.open_until).where(CIRCUITS.c.key == bindparam("circuit"))
+    .scalar_subquery().label("circuit_until"),
+    select(PLANS.c.tier).where(PLANS.c.user_id == bindparam("user"))
+    .scalar_subquery().label("tier"),
+    select(PLANS.c.expires_at).where(PLANS.c.user_id == bindparam("user"))
+    .scalar_subquery().label("expires_at"),
+    select(func.count()).select_from(SLOTS).where(SLOTS.c.user_id == bindparam("user"))
+    .scalar_subquery().label("in_use"),
+)
+
 
 def circuit_key(user_id: str, strategy_id: str) -> str:
     return f"{user_id}|{strategy_id}"
@@ -110,7 +127,11 @@ class EntitlementService(Service):
         circuit_open) per job."""
         user_id = env.user_id or ""
         await uow.lock(f"quota:{user_id}")
-        if (await uow.session.exec(select(SlotRow).where(SlotRow.job_id == cmd.job_id))).first():
+        connection = await uow.session.connection()
+        facts = (await connection.execute(
+            START_FACTS, {"job": cmd.job_id, "user": user_id,
+                          "circuit": circuit_key(user_id, cmd.strategy_id)})).one()
+        if facts.taken is not None:
             return  # accepted before (the same start sent twice)
         where = dict(stream=env.stream, correlation_id=cmd.job_id)
         uow.emit(
@@ -125,9 +146,8 @@ class EntitlementService(Service):
             ),
             **where,
         )
-        circuit = await uow.session.get(CircuitRow, circuit_key(user_id, cmd.strategy_id))
-        if circuit is not None and as_utc(circuit.open_until) > now():
-            retry_at = as_utc(circuit.open_until)
+        if facts.circuit_until is not None and as_utc(facts.circuit_until) > now():
+            retry_at = as_utc(facts.circuit_until)
             uow.emit(
                 JobRejected(
                     job_id=cmd.job_id,
@@ -139,16 +159,13 @@ class EntitlementService(Service):
                 **where,
             )
             return
-        decision = decide(await _plan(uow, user_id), await _in_use(uow.session, user_id), now())
+        plan = Plan() if facts.tier is None else Plan(
+            facts.tier, as_utc(facts.expires_at) if facts.expires_at else None)
+        decision = decide(plan, facts.in_use, now())
         if isinstance(decision, Accept):
-            uow.session.add(
-                SlotRow(
-                    job_id=cmd.job_id,
-                    user_id=user_id,
-                    worker_id=cmd.worker_id,
-                    flatten_on_stop=cmd.flatten_on_stop,
-                )
-            )
+            await connection.execute(SLOTS.insert().values(
+                job_id=cmd.job_id, user_id=user_id, worker_id=cmd.worker_id,
+                flatten_on_stop=cmd.flatten_on_stop))
             uow.emit(
                 JobAccepted(
                     job_id=cmd.job_id,
@@ -309,13 +326,6 @@ class EntitlementService(Service):
             "currentWorkers": in_use,
             "expiresAt": plan.expires_at.isoformat() if plan.expires_at and tier != FREE else None,
         }
-
-
-async def _plan(uow: UnitOfWork, user_id: str) -> Plan:
-    row = await uow.session.get(PlanRow, user_id)
-    if row is None:
-        return Plan()
-    return Plan(row.tier, as_utc(row.expires_at) if row.expires_at else None)
 
 
 async def _in_use(session: Any, user_id: str) -> int:

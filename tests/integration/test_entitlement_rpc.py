@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +17,12 @@ import pytest
 from events import Envelope, JobAccepted, JobRejected, StartRunner, StrategyConfig
 from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import Bus, RpcError
-from services.entitlement.service import EntitlementService
+from services.entitlement.service import (
+    CircuitRow,
+    EntitlementService,
+    PlanRow,
+    circuit_key,
+)
 from services.settings import Settings
 from tests.integration.broker_helpers import collecting, eventually, gateway_against
 
@@ -160,3 +166,26 @@ async def test_a_start_waits_for_a_late_entitlement_service_and_one_refused_neve
         finally:
             await back.stop()
     assert (bob["currentWorkers"], alice["currentWorkers"]) == (0, 1)
+
+
+async def test_the_decision_reads_the_plan_its_expiry_and_the_open_circuits(
+        service: EntitlementService, bus: Bus) -> None:
+    moment = datetime.now(UTC)
+    open_until = moment + timedelta(minutes=5)
+    async with service.store.transaction() as uow:
+        uow.session.add(PlanRow(user_id="carol", tier="basic",
+                                expires_at=moment + timedelta(days=1)))
+        uow.session.add(PlanRow(user_id="dave", tier="pro",
+                                expires_at=moment - timedelta(seconds=1)))  # lapsed: free
+        uow.session.add(CircuitRow(key=circuit_key("carol", "flaky"), open_until=open_until))
+
+    flaky = (await decide(bus, start_command("carol", strategy="flaky"))).message()
+    assert isinstance(flaky, JobRejected) and flaky.reason.value == "circuit_open"
+    assert flaky.retry_at == open_until
+    carol = [(await decide(bus, start_command("carol"))).message() for _ in range(4)]
+    assert [(m.in_use, m.max_workers, m.tier) for m in carol[:3]] == [
+        (1, 3, "basic"), (2, 3, "basic"), (3, 3, "basic")]  # counting the one just taken
+    assert isinstance(carol[3], JobRejected) and carol[3].reason.value == "worker_limit"
+    dave = [(await decide(bus, start_command("dave"))).message() for _ in range(2)]
+    assert isinstance(dave[0], JobAccepted) and (dave[0].tier, dave[0].max_workers) == ("free", 1)
+    assert isinstance(dave[1], JobRejected)
