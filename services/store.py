@@ -37,6 +37,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    bindparam,
     delete,
     event,
     insert,
@@ -107,6 +108,14 @@ class TimerRow(SQLModel, table=True):
 
 
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+PROCESSED: Table = Processed.__table__  # type: ignore[attr-defined]
+# The ledger's two statements, built once and run as Core (through the ORM they cost about as
+# much as a typical handler): which of some event ids a consumer has processed; record some.
+PROCESSED_AMONG = select(PROCESSED.c.event_id).where(
+    PROCESSED.c.consumer == bindparam("consumer"),
+    PROCESSED.c.event_id.in_(bindparam("ids", expanding=True)),
+)
+RECORD_PROCESSED = insert(PROCESSED)
 
 BASE_TABLES: tuple[Table, ...] = tuple(
     t.__table__
@@ -307,25 +316,17 @@ class Store:
         them counts once), recorded as processed in `uow`'s transaction: one ledger read and
         one insert."""
         ids = [str(envelope.event_id) for envelope in envelopes]
-        seen = set(
-            (
-                await uow.session.exec(
-                    select(Processed.event_id).where(
-                        Processed.consumer == consumer,
-                        Processed.event_id.in_(set(ids)),  # type: ignore[attr-defined]
-                    )
-                )
-            ).all()
-        )
+        connection = await uow.session.connection()
+        seen = set((await connection.execute(
+            PROCESSED_AMONG, {"consumer": consumer, "ids": list(set(ids))})).scalars())
         fresh = []
         for position, event_id in enumerate(ids):
             if event_id not in seen:
                 seen.add(event_id)
                 fresh.append(position)
         if fresh:
-            await uow.session.execute(
-                insert(Processed), [{"consumer": consumer, "event_id": ids[p]} for p in fresh]
-            )
+            await connection.execute(
+                RECORD_PROCESSED, [{"consumer": consumer, "event_id": ids[p]} for p in fresh])
         return fresh
 
     @asynccontextmanager
