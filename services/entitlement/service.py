@@ -127,6 +127,7 @@ class EntitlementService(Service):
         circuit_open) per job."""
         user_id = env.user_id or ""
         await uow.lock(f"quota:{user_id}")
+        await uow.session.flush()  # a slot freed earlier in this transaction is counted free
         connection = await uow.session.connection()
         facts = (await connection.execute(
             START_FACTS, {"job": cmd.job_id, "user": user_id,
@@ -289,7 +290,7 @@ class EntitlementService(Service):
         if not isinstance(command, StartRunner):
             raise ValueError(f"'envelope' must be a StartRunner envelope, not {envelope.type}")
 
-        async def decide(uow: UnitOfWork) -> Envelope:
+        async def take_decision(uow: UnitOfWork) -> Envelope:
             if not await self.store.claim(uow, [envelope], ENTITLEMENT_INBOX.name):
                 raise LookupError(f"job {command.job_id} was decided before")
             uow.cause = envelope
@@ -297,7 +298,7 @@ class EntitlementService(Service):
             return next(e for e in reversed(uow.emitted)
                         if e.type in DECISIONS and e.correlation_id == command.job_id)
 
-        return RawJson((await self.store.grouped(decide)).to_json())
+        return RawJson((await self.store.grouped(take_decision)).to_json())
 
     # ------------------------------------------------------------------ queries
 

@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from events import Envelope, JobAccepted, JobRejected, StartRunner, StrategyConfig
+from events import (
+    Envelope,
+    JobAccepted,
+    JobRejected,
+    StartRunner,
+    StrategyConfig,
+    WorkerStopped,
+)
 from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import Bus, RpcError
 from services.entitlement.service import (
@@ -189,3 +196,27 @@ async def test_the_decision_reads_the_plan_its_expiry_and_the_open_circuits(
     dave = [(await decide(bus, start_command("dave"))).message() for _ in range(2)]
     assert isinstance(dave[0], JobAccepted) and (dave[0].tier, dave[0].max_workers) == ("free", 1)
     assert isinstance(dave[1], JobRejected)
+
+
+async def test_a_slot_freed_earlier_in_the_same_transaction_counts_as_free(
+        settings: Settings) -> None:
+    """An inbox batch can hold a job's end and, after it, a start by the same user at their
+    limit: the start must see the slot freed (the decision reads with a statement of its own,
+    after what the batch has changed so far is flushed)."""
+    service = EntitlementService(settings)
+    await service.store.open()
+    try:
+        first = start_command()
+        async with service.store.transaction() as uow:
+            await service.on_start_runner(uow, first, first.message())
+        ended = first.message()
+        stopped = Envelope.wrap(WorkerStopped(job_id=ended.job_id, worker_id=ended.worker_id,
+                                              reason="stopped by user"), stream=first.stream)
+        second = start_command()
+        async with service.store.transaction() as uow:
+            await service.on_job_ended(uow, stopped, stopped.message())
+            await service.on_start_runner(uow, second, second.message())
+            decided = [e.type for e in uow.emitted]
+    finally:
+        await service.store.close()
+    assert decided == ["JobRequested", "JobAccepted"]
