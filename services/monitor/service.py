@@ -221,7 +221,9 @@ class MonitorService(Service):
 
     async def _on_request(self, body: Any) -> Any:
         """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
-        except `log`, which pages the log)."""
+        except `log`, which pages the log). A `status` with `known` worker ids and a `wait`
+        answers once the log shows them all, or when the wait is over (read-your-writes for
+        the gateway, which answered their starts)."""
         if not isinstance(body, dict):
             raise ValueError("request must be a JSON object with an 'op'")
         op = body.get("op")
@@ -232,7 +234,7 @@ class MonitorService(Service):
             ):
                 raise ValueError("'offset' must be an integer ≥ 0 and 'limit' one ≥ 1")
             known = body.get("known") or []
-            if not isinstance(known, list):
+            if not isinstance(known, list) or not all(isinstance(w, str) for w in known):
                 raise ValueError("'known' must be a list of worker ids")
             await self._until(lambda: all(w in self.state.workers for w in known),
                               body.get("wait"))

@@ -241,8 +241,9 @@ async def test_status_waits_for_the_workers_it_is_told_are_known(
                                              "known": ["w1", "never"], "wait": 0.5})
     assert 0.5 <= time.monotonic() - asked < 2.0
     assert [e["worker"]["workerId"] for e in late["workers"]] == ["w1"]
-    with pytest.raises(RpcError, match="'known' must be a list"):
-        await bus.request("monitor.rpc", {"op": "status", "known": "w1"})
+    for bad in ("w1", [{"w": 1}]):
+        with pytest.raises(RpcError, match="'known' must be a list"):
+            await bus.request("monitor.rpc", {"op": "status", "known": bad})
 
 
 async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings: Settings) -> None:
