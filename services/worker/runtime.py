@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import uvloop
 from pydantic import ValidationError
 
 from events.base import Event
 from events.jobs import FlattenFailed
 from events.trading import OrderFilled, PositionChanged, TradeClosed
 from events.values import Fill, Position, PositionMark, StrategyConfig
-from services import loop
 from services.worker import protocol
 from services.worker.brokers import open_broker
 from services.worker.brokers.base import (
@@ -479,7 +479,7 @@ def run_worker(env: Mapping[str, str]) -> int:
         log.error("bad worker environment: %s", exc)
         return EXIT_BAD_CONFIG
     try:
-        return loop.run(WorkerRuntime(parsed).run())
+        return uvloop.run(WorkerRuntime(parsed).run())
     except Exception:
         log.exception("worker runtime failed")
         return EXIT_CRASHED

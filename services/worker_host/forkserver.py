@@ -36,7 +36,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import NoReturn
 
-from services import loop
+import uvloop
+
 from services.worker.protocol import ENV_CONTROL_FD
 
 REQUEST_MAX = 1 << 20  # bytes: a worker's environment is a few KiB
@@ -77,7 +78,7 @@ def warm_up() -> None:
         writer.close()
         theirs.close()
 
-    loop.run(start_like_a_worker())
+    uvloop.run(start_like_a_worker())  # the workers' loop (see services/cli/main.py)
 
 
 class ForkServer:
