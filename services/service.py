@@ -26,7 +26,7 @@ from services.topology import QueueSpec
 
 log = logging.getLogger(__name__)
 
-MessageHandler = Callable[[UnitOfWork, Envelope, Any], Awaitable[None]]
+MessageHandler = Callable[[UnitOfWork, Envelope, Any], Awaitable[Any]]  # the result is ignored
 TimerHandler = Callable[[UnitOfWork, str, dict[str, Any]], Awaitable[None]]
 
 INBOX_BATCH = 100  # deliveries handled in one transaction at most

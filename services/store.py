@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -160,12 +160,18 @@ class UnitOfWork:
         self.emitted.append(envelope)
         return envelope
 
+    async def connection(self) -> AsyncConnection:
+        """The transaction's connection for Core statements, with the session's pending ORM
+        changes flushed first, so that a Core read sees what this transaction has changed."""
+        await self.session.flush()
+        return await self.session.connection()
+
     async def _write_outbox(self) -> None:
         """The outbox rows of what was emitted, at the end of the transaction: one Core insert
         (an ORM object per row cost more than the rest of a typical handler), ids in emit
         order."""
         if self.emitted:
-            connection = await self.session.connection()
+            connection = await self.connection()
             result = await connection.execute(
                 insert(OUTBOX).returning(OUTBOX.c.id, sort_by_parameter_order=True),
                 [{"envelope": envelope.model_dump_json()} for envelope in self.emitted],
@@ -316,7 +322,7 @@ class Store:
         them counts once), recorded as processed in `uow`'s transaction: one ledger read and
         one insert."""
         ids = [str(envelope.event_id) for envelope in envelopes]
-        connection = await uow.session.connection()
+        connection = await uow.connection()
         seen = set((await connection.execute(
             PROCESSED_AMONG, {"consumer": consumer, "ids": list(set(ids))})).scalars())
         fresh = []

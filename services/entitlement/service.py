@@ -72,8 +72,6 @@ class SlotRow(SQLModel, table=True):
     flatten_on_stop: bool = True
 
 
-DECISIONS = (JobAccepted.type_name(), JobRejected.type_name())
-
 SLOTS, PLANS, CIRCUITS = SlotRow.__table__, PlanRow.__table__, CircuitRow.__table__  # type: ignore[attr-defined]
 # Everything a start's decision reads, in one statement (an ORM lookup each cost more than the
 # rest of the decision): whether the job holds a slot already, its strategy's open circuit,
@@ -121,19 +119,19 @@ class EntitlementService(Service):
 
     # ------------------------------------------------------------------ handlers
 
-    async def on_start_runner(self, uow: UnitOfWork, env: Envelope, cmd: StartRunner) -> None:
+    async def on_start_runner(self, uow: UnitOfWork, env: Envelope,
+                              cmd: StartRunner) -> Envelope | None:
         """Records the request (JobRequested) and decides it in the same transaction: exactly one
         JobAccepted (taking a slot) or JobRejected (worker_limit, entitlement_expired,
-        circuit_open) per job."""
+        circuit_open) per job. Returns the decision, or None for a job accepted before."""
         user_id = env.user_id or ""
         await uow.lock(f"quota:{user_id}")
-        await uow.session.flush()  # a slot freed earlier in this transaction is counted free
-        connection = await uow.session.connection()
+        connection = await uow.connection()  # sees a slot freed earlier in this transaction
         facts = (await connection.execute(
             START_FACTS, {"job": cmd.job_id, "user": user_id,
                           "circuit": circuit_key(user_id, cmd.strategy_id)})).one()
         if facts.taken is not None:
-            return  # accepted before (the same start sent twice)
+            return None  # accepted before (the same start sent twice)
         where = dict(stream=env.stream, correlation_id=cmd.job_id)
         uow.emit(
             JobRequested(
@@ -149,7 +147,7 @@ class EntitlementService(Service):
         )
         if facts.circuit_until is not None and as_utc(facts.circuit_until) > now():
             retry_at = as_utc(facts.circuit_until)
-            uow.emit(
+            return uow.emit(
                 JobRejected(
                     job_id=cmd.job_id,
                     reason=RejectReason.CIRCUIT_OPEN,
@@ -159,7 +157,6 @@ class EntitlementService(Service):
                 ),
                 **where,
             )
-            return
         plan = Plan() if facts.tier is None else Plan(
             facts.tier, as_utc(facts.expires_at) if facts.expires_at else None)
         decision = decide(plan, facts.in_use, now())
@@ -167,7 +164,7 @@ class EntitlementService(Service):
             await connection.execute(SLOTS.insert().values(
                 job_id=cmd.job_id, user_id=user_id, worker_id=cmd.worker_id,
                 flatten_on_stop=cmd.flatten_on_stop))
-            uow.emit(
+            return uow.emit(
                 JobAccepted(
                     job_id=cmd.job_id,
                     worker_id=cmd.worker_id,
@@ -177,11 +174,10 @@ class EntitlementService(Service):
                 ),
                 **where,
             )
-        else:
-            uow.emit(
-                JobRejected(job_id=cmd.job_id, reason=decision.reason, detail=decision.detail),
-                **where,
-            )
+        return uow.emit(
+            JobRejected(job_id=cmd.job_id, reason=decision.reason, detail=decision.detail),
+            **where,
+        )
 
     async def on_circuit(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """Remembers which strategies' circuits are open (the scheduler counts the failures)."""
@@ -294,9 +290,10 @@ class EntitlementService(Service):
             if not await self.store.claim(uow, [envelope], ENTITLEMENT_INBOX.name):
                 raise LookupError(f"job {command.job_id} was decided before")
             uow.cause = envelope
-            await self.on_start_runner(uow, envelope, command)
-            return next(e for e in reversed(uow.emitted)
-                        if e.type in DECISIONS and e.correlation_id == command.job_id)
+            decision = await self.on_start_runner(uow, envelope, command)
+            if decision is None:
+                raise LookupError(f"job {command.job_id} was accepted before")
+            return decision
 
         return RawJson((await self.store.grouped(take_decision)).to_json())
 

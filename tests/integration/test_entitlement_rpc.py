@@ -97,8 +97,14 @@ async def test_the_answer_is_the_committed_decision_and_its_request_is_published
 async def test_a_command_is_decided_once(service: EntitlementService, bus: Bus,
                                          on_the_bus: list[Envelope]) -> None:
     """Over RPC twice, then on the bus (the CLI's way), which the inbox takes: one decision. A
-    rejected command holds no slot, so only the ledger can tell that it was decided."""
-    assert (await decide(bus, start_command())).type == "JobAccepted"
+    rejected command holds no slot, so only the ledger can tell that it was decided. The same
+    job sent again in a new envelope finds its slot taken."""
+    accepted = start_command()
+    assert (await decide(bus, accepted)).type == "JobAccepted"
+    again = Envelope.wrap(accepted.message(), stream=accepted.stream, user_id="alice",
+                          correlation_id=accepted.correlation_id)
+    with pytest.raises(RpcError, match="accepted before"):
+        await decide(bus, again)
     command = start_command()
     assert (await decide(bus, command)).type == "JobRejected"  # over the free tier's one
     with pytest.raises(RpcError, match="decided before"):

@@ -18,6 +18,7 @@ from tests.integration.broker_helpers import gateway_against
 
 pytestmark = pytest.mark.broker
 
+
 async def test_a_large_status_passes_through_deflated_or_plain(settings: Settings) -> None:
     document = {"success": True, "queueStats": {"queuedJobs": 0},
                 "workers": [{"worker": {"workerId": f"w-{n}", "status": "running"}}
