@@ -21,7 +21,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, Text, func
+from sqlalchemy import Column, Text, bindparam, func, insert, update
 from sqlmodel import Field, SQLModel, select
 
 from events import (
@@ -79,9 +79,6 @@ class State:
 
 
 ON_HOST = (State.DISPATCHED, State.RUNNING, State.STOPPING)
-# The states a placement round counts; through the state index, so a round costs the live jobs
-# only, never the ended ones that pile up over a deployment's life.
-COUNTED = (State.QUEUED, *ON_HOST)
 HOLDS_SLOT = (
     State.REQUESTED,
     State.QUEUED,
@@ -137,6 +134,52 @@ class FlagRow(SQLModel, table=True):
     value: bool = False
 
 
+JOBS = JobRow.__table__  # type: ignore[attr-defined]
+HOSTS = HostRow.__table__  # type: ignore[attr-defined]
+
+
+def _count_in(*states: str) -> Any:
+    return (select(func.count()).select_from(JOBS).where(JOBS.c.state.in_(states))
+            .scalar_subquery())
+
+
+# The start path's statements, built once and run as Core (each replaces an ORM read, a flush
+# and an update: most of the scheduler's CPU per start went to the ORM). Every ORM read of a
+# job refreshes it (`_job`), so it sees what these changed in the same transaction.
+JOB_EXISTS = select(JOBS.c.seq).where(JOBS.c.job_id == bindparam("job_id"))
+INSERT_JOB = insert(JOBS)
+QUEUE_JOB = (update(JOBS)
+             .where(JOBS.c.job_id == bindparam("accepted_job"), JOBS.c.state == State.REQUESTED)
+             .values(state=State.QUEUED).returning(JOBS.c.worker_id, JOBS.c.user_id))
+JOB_RUNS = (update(JOBS)
+            .where(JOBS.c.worker_id == bindparam("running_worker"),
+                   JOBS.c.attempt == bindparam("running_attempt"),
+                   JOBS.c.state == State.DISPATCHED)
+            .values(state=State.RUNNING, host_id=bindparam("on_host"),
+                    started_at=bindparam("at")))
+# A placement round's read: the live jobs that bound it (counted through the state index, so a
+# round costs the live jobs only, never the ended ones that pile up over a deployment's life),
+# and whether the queue is paused.
+PLACEMENT_FACTS = select(
+    _count_in(State.QUEUED).label("queued"),
+    _count_in(State.DISPATCHED).label("in_flight"),
+    _count_in(*ON_HOST).label("active"),
+    select(FlagRow.__table__.c.value).where(FlagRow.__table__.c.name == "paused")  # type: ignore[attr-defined]
+    .scalar_subquery().label("paused"),
+)
+NEXT_QUEUED = (select(JOBS).where(JOBS.c.state == State.QUEUED).order_by(JOBS.c.seq)
+               .limit(bindparam("budget")))
+HOST_LOADS = (
+    select(HOSTS.c.host_id, HOSTS.c.capacity, HOSTS.c.incarnation,
+           select(func.count()).select_from(JOBS)
+           .where(JOBS.c.host_id == HOSTS.c.host_id, JOBS.c.state.in_(ON_HOST))
+           .scalar_subquery())
+    .where(HOSTS.c.online)
+)
+DISPATCH_JOB = (update(JOBS).where(JOBS.c.seq == bindparam("job_seq"))
+                .values(state=State.DISPATCHED, host_id=bindparam("to_host")))
+
+
 def job_stream(job_id: str) -> str:
     return f"job-{job_id}"
 
@@ -181,21 +224,22 @@ class SchedulerService(Service):
 
     async def on_job_requested(self, uow: UnitOfWork, env: Envelope, event: JobRequested) -> None:
         """Records the job (awaiting its entitlement decision)."""
-        if await _job(uow, job_id=event.job_id) is not None:
+        connection = await uow.connection()
+        if (await connection.execute(JOB_EXISTS, {"job_id": event.job_id})).first():
             return
-        uow.session.add(
-            JobRow(
-                job_id=event.job_id,
-                worker_id=event.worker_id,
-                user_id=env.user_id or "",
-                strategy_id=event.strategy_id,
-                broker_id=event.broker_id,
-                credentials_sealed=event.credentials_sealed,
-                config=event.config.model_dump_json(),
-                flatten_on_stop=event.flatten_on_stop,
-                state=State.REQUESTED,
-            )
-        )
+        await connection.execute(INSERT_JOB, {
+            "job_id": event.job_id,
+            "worker_id": event.worker_id,
+            "user_id": env.user_id or "",
+            "strategy_id": event.strategy_id,
+            "broker_id": event.broker_id,
+            "credentials_sealed": event.credentials_sealed,
+            "config": event.config.model_dump_json(),
+            "flatten_on_stop": event.flatten_on_stop,
+            "state": State.REQUESTED,
+            "attempt": 0,
+            "streak": 0,
+        })
 
     async def on_stop_runner(self, uow: UnitOfWork, env: Envelope, cmd: StopRunner) -> None:
         """Stops the worker wherever it is in its life; a no-op for ended jobs."""
@@ -260,17 +304,17 @@ class SchedulerService(Service):
     # ------------------------------------------------------------------ job events
 
     async def on_job_accepted(self, uow: UnitOfWork, env: Envelope, event: JobAccepted) -> None:
-        job = await _job(uow, job_id=event.job_id)
-        if job is None:
-            raise LookupError(f"{event.job_id} accepted before it was requested here; retrying")
-        if job.state != State.REQUESTED:
-            return
-        job.state = State.QUEUED
-        uow.session.add(job)
+        connection = await uow.connection()
+        queued = (await connection.execute(QUEUE_JOB, {"accepted_job": event.job_id})).first()
+        if queued is None:
+            if not (await connection.execute(JOB_EXISTS, {"job_id": event.job_id})).first():
+                raise LookupError(f"{event.job_id} accepted before it was requested here; "
+                                  "retrying")
+            return  # decided before, or stopped while it waited for the decision
         uow.emit(
-            JobQueued(job_id=job.job_id, worker_id=job.worker_id),
+            JobQueued(job_id=event.job_id, worker_id=queued.worker_id),
             stream=env.stream,
-            user_id=job.user_id,
+            user_id=queued.user_id,
         )
 
     async def on_job_rejected(self, uow: UnitOfWork, env: Envelope, event: JobRejected) -> None:
@@ -281,11 +325,9 @@ class SchedulerService(Service):
 
     async def on_worker_running(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """WorkerSpawned / WorkerRestarted for the current attempt: the job runs."""
-        job = await _job(uow, worker_id=event.worker_id)
-        if job is None or event.attempt != job.attempt or job.state != State.DISPATCHED:
-            return
-        job.state, job.host_id, job.started_at = State.RUNNING, event.host_id, env.occurred_at
-        uow.session.add(job)
+        await (await uow.connection()).execute(JOB_RUNS, {
+            "running_worker": event.worker_id, "running_attempt": event.attempt,
+            "on_host": event.host_id, "at": env.occurred_at})
 
     async def on_worker_crashed(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """WorkerCrashed / WorkerSpawnFailed of the current attempt: restart or give up."""
@@ -400,6 +442,7 @@ class SchedulerService(Service):
         jobs = (
             await uow.session.exec(
                 select(JobRow).where(JobRow.host_id == event.host_id, JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
+                .execution_options(populate_existing=True)
             )
         ).all()
         fence_wait = self.settings.host_fenced_within if event.silent_for > 0 else 0.0
@@ -508,59 +551,41 @@ class SchedulerService(Service):
         """Place queued jobs on hosts within the spawn throttle and the system ceiling; pause or
         resume the queue at the ceiling. Runs at the end of every inbox batch, in its
         transaction, so a job accepted is dispatched in the same commit that queues it."""
-        session = uow.session
-        counts = dict(
-            (
-                await session.exec(
-                    select(JobRow.state, func.count())  # type: ignore[arg-type]
-                    .where(JobRow.state.in_(COUNTED))  # type: ignore[attr-defined]
-                    .group_by(JobRow.state)
-                )
-            ).all()
-        )
-        active = sum(counts.get(s, 0) for s in ON_HOST)
-        queued = counts.get(State.QUEUED, 0)
+        connection = await uow.connection()
+        facts = (await connection.execute(PLACEMENT_FACTS)).one()
         ceiling = self.settings.max_system_workers
-        paused = await session.get(FlagRow, "paused") or FlagRow(name="paused")
-        if queued and active >= ceiling and not paused.value:
-            paused.value = True
-            session.add(paused)
+        if facts.queued and facts.active >= ceiling and not facts.paused:
+            await self._set_paused(uow, True)
             uow.emit(
                 QueuePaused(
-                    reason="system worker ceiling reached", running=active, ceiling=ceiling
+                    reason="system worker ceiling reached", running=facts.active,
+                    ceiling=ceiling
                 ),
                 stream="queue",
             )
-        elif paused.value and active < ceiling:
-            paused.value = False
-            session.add(paused)
-            uow.emit(QueueResumed(running=active, ceiling=ceiling), stream="queue")
+        elif facts.paused and facts.active < ceiling:
+            await self._set_paused(uow, False)
+            uow.emit(QueueResumed(running=facts.active, ceiling=ceiling), stream="queue")
         budget = dispatch_budget(
-            active=active,
-            in_flight=counts.get(State.DISPATCHED, 0),
+            active=facts.active,
+            in_flight=facts.in_flight,
             concurrency=self.settings.spawn_concurrency,
             ceiling=ceiling,
         )
-        if not queued or budget <= 0:
+        if not facts.queued or budget <= 0:
             return
-        hosts, incarnations = await self._host_loads(uow)
-        jobs = (
-            await session.exec(
-                select(JobRow)
-                .where(JobRow.state == State.QUEUED)
-                .order_by(JobRow.seq)
-                .limit(budget)
-            )
-        ).all()
-        for job in jobs:
+        online = (await connection.execute(HOST_LOADS)).all()
+        hosts = [HostLoad(h.host_id, h.capacity, h[3]) for h in online]
+        incarnations = {h.host_id: h.incarnation or "" for h in online}
+        dispatched = []
+        for job in (await connection.execute(NEXT_QUEUED, {"budget": budget})).all():
             host_id = place(hosts)
             if host_id is None:
-                return
+                break
             hosts = [
                 HostLoad(h.host_id, h.capacity, h.load + (h.host_id == host_id)) for h in hosts
             ]
-            job.state, job.host_id = State.DISPATCHED, host_id
-            session.add(job)
+            dispatched.append({"job_seq": job.seq, "to_host": host_id})
             uow.emit(
                 JobDispatched(
                     job_id=job.job_id,
@@ -577,27 +602,22 @@ class SchedulerService(Service):
                 correlation_id=job.job_id,
                 user_id=job.user_id,
             )
+        if dispatched:
+            await connection.execute(DISPATCH_JOB, dispatched)
 
-    async def _host_loads(self, uow: UnitOfWork) -> tuple[list[HostLoad], dict[str, str]]:
-        """Online hosts with their load, and the incarnation (run) of each."""
-        hosts = (await uow.session.exec(select(HostRow).where(HostRow.online))).all()  # type: ignore[arg-type]
-        loads = dict(
-            (
-                await uow.session.exec(
-                    select(JobRow.host_id, func.count())
-                    .where(JobRow.state.in_(ON_HOST))  # type: ignore[attr-defined]
-                    .group_by(JobRow.host_id)
-                )
-            ).all()
-        )
-        return (
-            [HostLoad(h.host_id, h.capacity, loads.get(h.host_id, 0)) for h in hosts],
-            {h.host_id: h.incarnation or "" for h in hosts},
-        )
+    @staticmethod
+    async def _set_paused(uow: UnitOfWork, value: bool) -> None:
+        flag = await uow.session.get(FlagRow, "paused") or FlagRow(name="paused")
+        flag.value = value
+        uow.session.add(flag)
 
 
 async def _job(
     uow: UnitOfWork, *, job_id: str | None = None, worker_id: str | None = None
 ) -> JobRow | None:
+    """The job as an ORM row, read afresh: the start path's Core statements (`QUEUE_JOB`,
+    `JOB_RUNS`, `DISPATCH_JOB`) may have changed it in this transaction since it was loaded."""
     column = JobRow.job_id if job_id is not None else JobRow.worker_id
-    return (await uow.session.exec(select(JobRow).where(column == (job_id or worker_id)))).first()
+    query = (select(JobRow).where(column == (job_id or worker_id))
+             .execution_options(populate_existing=True))
+    return (await uow.session.exec(query)).first()
