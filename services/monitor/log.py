@@ -35,7 +35,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
-    case,
     func,
     inspect,
     select,
@@ -62,7 +61,11 @@ metadata = MetaData()
 event_log = Table(
     "event_log",
     metadata,
-    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    # On SQLite an INTEGER primary key is the rowid: the table itself is ordered by position,
+    # so a page of the log is one range of the table (no separate position index to look up
+    # first, nor to keep up on append). Logs made before this keep that index, and work as well.
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=False),
     Column("event_id", String(36), nullable=False, unique=True),
     Column("type", String(100), nullable=False),
     Column("version", Integer, nullable=False),
@@ -125,19 +128,36 @@ def chain_hash(prev_hash: str, envelope_json: str) -> str:
     return hashlib.sha256((prev_hash + canonical_json(envelope_json)).encode()).hexdigest()
 
 
-def _sqlite_rows(path: str, after: int, limit: int, until: int | None,
-                 types: Collection[str] | None) -> list[tuple[int, str, str | None]]:
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of the log: its rows (position, type, envelope JSON) in order, only those of the
+    types asked for, and how many rows of other types lie among them (`skipped`), up to `last`,
+    the position the page ends at."""
+
+    rows: list[tuple[int, str, str]]
+    skipped: int
+    last: int
+
+
+def _sqlite_page(path: str, after: int, limit: int, until: int | None,
+                 types: Collection[str] | None) -> Page:
     """A page of the log read with the stdlib driver, read-only (WAL: a consistent snapshot
-    while the monitor writes), twice as fast per row as going through SQLAlchemy."""
-    body, parameters = "envelope", [after, until if until is not None else 2**63 - 1, limit]
-    if types is not None:
-        body = f"CASE WHEN type IN ({','.join('?' * len(types))}) THEN envelope END"
-        parameters[:0] = types
+    while the monitor writes), twice as fast per row as going through SQLAlchemy. Rows of the
+    other types are only counted (`+type`: the scan stays in position order, off the type
+    index)."""
+    bound = [after, until if until is not None else 2**63 - 1]
+    only = "" if types is None else f" AND +type IN ({','.join('?' * len(types))})"
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        return conn.execute(
-            f"SELECT position, type, {body} FROM event_log WHERE position > ? AND position <= ?"
-            " ORDER BY position LIMIT ?", parameters,
+        rows = conn.execute(
+            "SELECT position, type, envelope FROM event_log WHERE position > ? AND position <= ?"
+            f"{only} ORDER BY position LIMIT ?", [*bound, *(types or ()), limit],
         ).fetchall()
+        if len(rows) == limit:
+            bound[1] = rows[-1][0]
+        count, last = conn.execute(
+            "SELECT count(*), max(position) FROM event_log WHERE position > ? AND position <= ?",
+            bound).fetchone()
+    return Page(rows, count - len(rows), last or after)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -283,54 +303,61 @@ class EventLog:
                    until_position: int | None = None,
                    until_time: datetime | None = None) -> list[tuple[int, str]]:
         """Up to `limit` rows after `after_position` as (position, envelope JSON), in order."""
-        rows = await self._rows(after_position, limit, until_position, until_time, None)
-        return [(position, body) for position, _, body in rows]
+        page = await self._page(after_position, limit, until_position, until_time, None)
+        return [(position, body) for position, _, body in page.rows]
 
-    async def _rows(self, after_position: int, limit: int, until_position: int | None,
-                    until_time: datetime | None, types: Collection[str] | None
-                    ) -> list[tuple[int, str, str | None]]:
+    async def _page(self, after_position: int, limit: int, until_position: int | None,
+                    until_time: datetime | None, types: Collection[str] | None) -> Page:
         """Keyset paging: each page is its own short read, so a long replay never holds the
         database (on SQLite every transaction of a shared engine takes the write lock)."""
-        body = (event_log.c.envelope if types is None
-                else case((event_log.c.type.in_(types), event_log.c.envelope), else_=None))
-        query = (
-            select(event_log.c.position, event_log.c.type, body)
-            .where(event_log.c.position > after_position)
-            .order_by(event_log.c.position)
-            .limit(limit)
-        )
-        if until_position is not None:
-            query = query.where(event_log.c.position <= until_position)
-        if until_time is not None:
-            query = query.where(event_log.c.occurred_at <= _utc(until_time))
-        elif self._sqlite_file is not None:  # the bulk of a replay: skip SQLAlchemy's row layer
+        if until_time is None and self._sqlite_file is not None:
+            # the bulk of a replay: skip SQLAlchemy's row layer
             return await asyncio.to_thread(
-                _sqlite_rows, self._sqlite_file, after_position, limit, until_position, types)
+                _sqlite_page, self._sqlite_file, after_position, limit, until_position, types)
+        bounds = [event_log.c.position > after_position]
+        if until_position is not None:
+            bounds.append(event_log.c.position <= until_position)
+        if until_time is not None:
+            bounds.append(event_log.c.occurred_at <= _utc(until_time))
+        query = (select(event_log.c.position, event_log.c.type, event_log.c.envelope)
+                 .where(*bounds).order_by(event_log.c.position).limit(limit))
+        if types is not None:
+            query = query.where(event_log.c.type.in_(types))
         async with self.engine.connect() as conn:
-            return [tuple(row) for row in await conn.execute(query)]
+            rows: list[tuple[int, str, str]] = [tuple(row) for row in await conn.execute(query)]  # type: ignore[misc]
+            if len(rows) == limit:
+                bounds.append(event_log.c.position <= rows[-1][0])
+            count, last = (await conn.execute(
+                select(func.count(), func.max(event_log.c.position)).where(*bounds))).one()
+        return Page(rows, count - len(rows), last or after_position)
 
     async def pages(self, after_position: int = 0, until_position: int | None = None,
                     until_time: datetime | None = None, batch: int = 5000,
-                    types: Collection[str] | None = None
-                    ) -> AsyncIterator[list[tuple[int, str, str | None]]]:
-        """The log after `after_position` in order, as pages of (position, type, envelope JSON).
-        With `types`, the envelope of a row of any other type is None (not even read).
+                    types: Collection[str] | None = None) -> AsyncIterator[Page]:
+        """The log after `after_position` in order, in pages of up to `batch` rows. With
+        `types`, the rows of other types are only counted (`Page.skipped`), not even read.
 
-        The next page is read while the caller works on this one: the database driver's thread
-        fetches (SQLite releases the GIL while it steps) as the caller decodes and folds."""
-        def fetch(after: int) -> asyncio.Future[list[tuple[int, str, str | None]]]:
+        The pages end at the head the log has when they start (or `until_position`), so what
+        they count stays put while rows are appended. The next page is read while the caller
+        works on this one: the database driver's thread fetches (SQLite releases the GIL while
+        it steps) as the caller decodes and folds."""
+        head = (await self.head()).position
+        until_position = head if until_position is None else min(until_position, head)
+
+        def fetch(after: int) -> asyncio.Future[Page]:
             return asyncio.ensure_future(
-                self._rows(after, batch, until_position, until_time, types))
+                self._page(after, batch, until_position, until_time, types))
 
         ahead = fetch(after_position)
         try:
             while True:
-                rows = await ahead
-                if len(rows) == batch:
-                    ahead = fetch(rows[-1][0])
-                if rows:
-                    yield rows
-                if len(rows) < batch:
+                page = await ahead
+                full = len(page.rows) == batch
+                if full:
+                    ahead = fetch(page.last)
+                if page.rows or page.skipped:
+                    yield page
+                if not full:
                     return
         finally:
             if not ahead.done():
@@ -345,8 +372,8 @@ class EventLog:
         a time. `until_time` keeps the events that had occurred by then (the clocks of different
         services may disagree slightly, so this filters rather than stopping at the first later
         one)."""
-        async for rows in self.pages(after_position, until_position, until_time, batch):
-            for position, _, body in rows:
+        async for page in self.pages(after_position, until_position, until_time, batch):
+            for position, _, body in page.rows:
                 yield position, Envelope.from_json(body)
 
     async def verify(self, until_position: int | None = None,

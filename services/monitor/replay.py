@@ -5,9 +5,9 @@ the log, a page at a time, with the same method, so a replay reproduces the live
 
 A replay decodes only what someone reads: an envelope of a type that neither the projections
 (`projections.folds`), host membership nor the caller's `each` looks at is only counted
-(`projections.counted`, which is all `fold` does with it), and the log does not even send its
-body (`EventLog.pages(types=...)`). Most of a busy log is such (fills, commands), and reading
-and decoding are most of a replay's cost.
+(`projections.counted`, which is all `fold` does with it), and the log does not even send it,
+only counts it (`EventLog.pages(types=...)`). Most of a busy log is such (fills, commands),
+and reading and decoding are most of a replay's cost.
 """
 
 from __future__ import annotations
@@ -98,20 +98,18 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
     wanted = frozenset() if each is None else None if each_types is None else frozenset(each_types)
     read = frozenset(name for name in REGISTRY if Folded.reads(name))
     with _no_cycle_collection():
-        async for rows in event_log.pages(folded.position, until_position, until_time,
+        async for page in event_log.pages(folded.position, until_position, until_time,
                                           types=None if wanted is None else read | wanted):
             envelopes: list[Envelope | LoggedEnvelope] = []
             seen: list[tuple[int, Envelope]] = []
-            for position, type_name, body in rows:
-                if body is None:
-                    continue  # only counted
+            for position, type_name, body in page.rows:
                 if wanted is None or type_name in wanted:
                     envelope = Envelope.from_json(body)
                     seen.append((position, envelope))
                     envelopes.append(envelope)
                 else:  # only folded: the light decode gives the same state
                     envelopes.append(LoggedEnvelope.from_json(body))
-            folded.fold(envelopes, rows[-1][0], skipped=len(rows) - len(envelopes))
+            folded.fold(envelopes, page.last, skipped=page.skipped)
             if each is not None:
                 for position, envelope in seen:
                     each(position, envelope)

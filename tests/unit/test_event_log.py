@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from events import Envelope, HostOnline, JobQueued, WorkerHeartbeat
-from services.monitor.log import GENESIS, EventLog, EventLogMissing, chain_hash
+from services.monitor.log import GENESIS, EventLog, EventLogMissing, Head, chain_hash
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -139,19 +139,34 @@ async def test_replay_skipping_unread_types_equals_folding_every_envelope(
     assert len(seen) == 1234 + sum(e.type in ("WorkerSpawned", "HostOnline") for e in envelopes)
 
 
-async def test_pages_send_no_body_for_types_not_asked_for(event_log: EventLog) -> None:
+async def test_pages_read_only_the_types_asked_for_and_count_the_rest(event_log: EventLog
+                                                                      ) -> None:
     hosts = [Envelope.wrap(HostOnline(host_id=f"h-{n}", capacity=1, hostname="box", pid=n),
                            stream="host", occurred_at=T0) for n in range(2)]
-    await event_log.append([hosts[0], queued(1), hosts[1], queued(2)])
-    expected = [(1, "HostOnline", True), (2, "JobQueued", False), (3, "HostOnline", True),
-                (4, "JobQueued", False)]
+    await event_log.append([hosts[0], queued(1), hosts[1], queued(2), queued(3)])
     # the stdlib fast path, and SQLAlchemy's (which a time bound takes)
     for bound in ({}, {"until_time": T0 + timedelta(days=1)}):
-        pages = [page async for page in event_log.pages(types={"HostOnline"}, batch=3, **bound)]
-        assert [len(page) for page in pages] == [3, 1]
-        rows = [row for page in pages for row in page]
-        assert [(p, t, body is not None) for p, t, body in rows] == expected
-        assert Envelope.from_json(rows[2][2]) == hosts[1]
+        pages = [(page.rows, page.skipped, page.last) async for page
+                 in event_log.pages(types={"HostOnline"}, batch=1, **bound)]
+        assert [([(p, t) for p, t, _ in rows], skipped, last) for rows, skipped, last in pages] == [
+            ([(1, "HostOnline")], 0, 1), ([(3, "HostOnline")], 1, 3), ([], 2, 5)]
+        assert Envelope.from_json(pages[1][0][0][2]) == hosts[1]
+
+
+async def test_pages_end_at_the_head_the_log_had_when_they_started(
+        event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    await event_log.append([queued(n) for n in range(1, 4)])
+    head = event_log.head
+
+    async def head_then_more_recorded() -> Head:
+        seen = await head()
+        await event_log.append([queued(n) for n in range(4, 6)])
+        return seen
+
+    monkeypatch.setattr(event_log, "head", head_then_more_recorded)
+    pages = [(page.rows, page.skipped, page.last)
+             async for page in event_log.pages(types={"HostOnline"}, batch=1)]
+    assert pages == [([], 3, 3)]
 
 
 def test_a_projection_that_fails_skips_only_its_envelope(monkeypatch: pytest.MonkeyPatch
