@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,6 +160,22 @@ def _sqlite_page(path: str, after: int, limit: int, until: int | None,
     return Page(rows, count - len(rows), last or after)
 
 
+def partition_pages(path: str, until: int, part: int, parts: int, types: Collection[str],
+                    batch: int = 5000) -> Iterator[list[tuple[int, str]]]:
+    """One of `parts` disjoint partitions of a SQLite log up to position `until`, its rows of
+    `types` only, as pages of (position, envelope JSON) in order. A row's partition is set by
+    the last character of its stream, so a stream (a job, a user, a host) lies in one
+    partition whole, in order."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        cursor = conn.execute(
+            f"SELECT position, envelope FROM event_log WHERE position <= ?"
+            f" AND +type IN ({','.join('?' * len(types))})"
+            " AND unicode(substr(stream, -1)) % ? = ? ORDER BY position",
+            [until, *types, parts, part])
+        while rows := cursor.fetchmany(batch):
+            yield rows
+
+
 def _utc(moment: datetime) -> datetime:
     """Stored as UTC; SQLite drops the offset, so normalise before writing or comparing."""
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -294,10 +310,18 @@ class EventLog:
                 select(event_log.c.hash).where(event_log.c.position == position))
             return result.scalar_one_or_none()
 
-    async def count(self) -> int:
+    async def count(self, until_position: int | None = None) -> int:
+        """The rows in the log (up to `until_position`)."""
+        query = select(func.count()).select_from(event_log)
+        if until_position is not None:
+            query = query.where(event_log.c.position <= until_position)
         async with self.engine.connect() as conn:
-            result = await conn.execute(select(func.count()).select_from(event_log))
-            return int(result.scalar_one())
+            return int((await conn.execute(query)).scalar_one())
+
+    @property
+    def sqlite_file(self) -> str | None:
+        """The log's file when it is a SQLite file (which other processes can read too)."""
+        return self._sqlite_file
 
     async def page(self, after_position: int = 0, limit: int = 1000,
                    until_position: int | None = None,

@@ -12,12 +12,17 @@ and reading and decoding are most of a replay's cost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import os
+import pickle
+import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from events import REGISTRY, Envelope
 from events.envelope import LoggedEnvelope
@@ -30,7 +35,7 @@ from services.monitor.liveness import (
     apply_host,
     silenced,
 )
-from services.monitor.log import EventLog
+from services.monitor.log import EventLog, partition_pages
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,23 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
                  start: Folded | None = None) -> Folded:
     """Fold the log from the start, or onto `start` from its position on (a snapshot),
     optionally only up to a position or a moment; `each` is called with every envelope, or
-    only those of `each_types` when given, in log order, after the page it is in is folded."""
+    only those of `each_types` when given, in log order, after the page it is in is folded.
+
+    A long SQLite log folded from the start with no `each` is folded in partitions, one
+    process per core (`replay_partitioned`)."""
+    path = event_log.sqlite_file
+    if (start is None and each is None and until_time is None and path is not None
+            and PARTITIONS > 1):
+        head = (await event_log.head()).position
+        until = head if until_position is None else min(until_position, head)
+        if until >= PARTITION_FROM:
+            try:
+                folded, read_rows = await replay_partitioned(path, until)
+            except PartitionFailed as exc:
+                log.warning("%s; folding the log in one process", exc)
+            else:  # the rows of types not folded were not even read
+                return replace(folded, state=counted(
+                    folded.state, await event_log.count(until) - read_rows))
     folded = start or Folded()
     # the types `each` sees (None: every type); the log sends no body for any other type
     wanted = frozenset() if each is None else None if each_types is None else frozenset(each_types)
@@ -114,6 +135,74 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
                 for position, envelope in seen:
                     each(position, envelope)
     return folded
+
+
+# Folding in partitions: a stream (a job's, a user's, a host's) is folded whole, in order, by
+# one process, and the projections are keyed by what a stream is about (worker and job, user,
+# host), so the partitions' states are disjoint and their union is the state. The merge checks
+# that they are disjoint, and a log that breaks it is folded in one process instead.
+PARTITIONS = min(os.cpu_count() or 1, 4)
+PARTITION_FROM = 200_000  # events; below this, starting the processes costs more than it saves
+
+
+class PartitionFailed(RuntimeError):
+    """A partitioned fold could not be used (a process failed, or the states overlap)."""
+
+
+async def replay_partitioned(path: str, until: int) -> tuple[Folded, int]:
+    """The SQLite log at `path` up to position `until` folded in `PARTITIONS` processes (this
+    one and `python -m services.monitor.partition` ones), only its rows of the types folded
+    read (and counted), and how many rows that was."""
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.monitor.partition", path, str(until), str(part),
+            str(PARTITIONS), stdout=asyncio.subprocess.PIPE)
+        for part in range(1, PARTITIONS)
+    ]
+    parts = [await asyncio.to_thread(fold_partition, path, until, 0, PARTITIONS)]
+    for child in children:
+        out, _ = await child.communicate()
+        if child.returncode != 0:
+            raise PartitionFailed(f"a partition's process exited with {child.returncode}")
+        parts.append(pickle.loads(out))
+    folded = _disjoint_union([p for p, _ in parts], until)
+    if folded is None:
+        raise PartitionFailed("the log's streams do not partition its projections' keys")
+    return folded, sum(n for _, n in parts)
+
+
+def fold_partition(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:
+    """One partition of the log folded (`partition_pages`), and the rows it read."""
+    folded, read_rows = Folded(), 0
+    types = [name for name in REGISTRY if Folded.reads(name)]
+    with _no_cycle_collection():
+        for rows in partition_pages(path, until, part, parts, types):
+            folded.fold([LoggedEnvelope.from_json(body) for _, body in rows], rows[-1][0])
+            read_rows += len(rows)
+    return folded, read_rows
+
+
+def _disjoint_union(parts: Sequence[Folded], position: int) -> Folded | None:
+    """The partitions' states as one, at `position`; None if any two share a key."""
+    def union(maps: Sequence[Any]) -> Any:
+        merged = maps[0].mutate()
+        for other in maps[1:]:
+            merged.update(other)
+        result = merged.finish()
+        return result if len(result) == sum(map(len, maps)) else None
+
+    states = [p.state for p in parts]
+    keyed = {name: union([getattr(s, name) for s in states]) for name in
+             ("workers", "positions", "stats", "entitlements", "worker_by_job")}
+    hosts = union([p.hosts for p in parts])
+    silenced = set().union(*(p.silenced for p in parts))
+    if hosts is None or None in keyed.values() or len(silenced) != sum(
+            len(p.silenced) for p in parts):
+        return None
+    state = Projections(**keyed, rejected_jobs=sum(s.rejected_jobs for s in states),
+                        events_applied=sum(s.events_applied for s in states))
+    return Folded(state, hosts, position, silenced,
+                  set().union(*(p._failed_types for p in parts)))
 
 
 @contextlib.contextmanager

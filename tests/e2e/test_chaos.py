@@ -164,6 +164,19 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         assert accepted <= set(final)
         assert {final[w] for w in accepted} <= {"running", "stopped", "failed"}
 
+        # Every event is on the stream of what the projections key it by (its job, its user, its
+        # host): a long replay folds streams apart, in partitions.
+        job_of = {e.payload["worker_id"]: e.payload["job_id"] for e in log
+                  if e.type == "JobRequested"}
+        for e in log:
+            if "worker_id" in e.payload:
+                job = e.payload.get("job_id") or job_of[e.payload["worker_id"]]
+                assert e.stream == f"job-{job}", e
+            elif e.type.startswith("Entitlement"):
+                assert e.stream == f"user-{e.user_id}", e
+            elif e.type in ("HostOnline", "HostLost"):
+                assert e.stream == f"host-{e.payload['host_id']}", e
+
         # Live projections equal a replay of the log; the chain is intact.
         replayed = system.replay()
         assert replayed["queueStats"] == live["queueStats"]

@@ -1,0 +1,102 @@
+"""A long SQLite log is folded in partitions, each in a process of its own
+(`replay_partitioned`): the result is the one-process fold's, exactly; a log whose streams do not
+keep the projections' keys apart, or a partition process that fails, is folded in one process."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bench.replay import history
+from events import Envelope, JobRequested, StrategyConfig
+from services.monitor import replay as replay_module
+from services.monitor.log import EventLog
+from services.monitor.replay import Folded, replay
+
+
+@pytest.fixture
+async def event_log(tmp_path: Path) -> AsyncIterator[EventLog]:
+    log = EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    await log.open()
+    yield log
+    await log.close()
+
+
+@pytest.fixture
+def partitioned(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Partitions from the first event on; the lengths of the logs folded in partitions."""
+    folded_in_partitions: list[int] = []
+    real = replay_module.replay_partitioned
+
+    async def counting(path: str, until: int) -> tuple[Folded, int]:
+        result = await real(path, until)
+        folded_in_partitions.append(until)
+        return result
+
+    monkeypatch.setattr(replay_module, "PARTITION_FROM", 1)
+    monkeypatch.setattr(replay_module, "replay_partitioned", counting)
+    return folded_in_partitions
+
+
+async def in_one_process(event_log: EventLog, monkeypatch: pytest.MonkeyPatch,
+                         **bounds: int) -> Folded:
+    with monkeypatch.context() as patch:
+        patch.setattr(replay_module, "PARTITIONS", 1)
+        return await replay(event_log, **bounds)
+
+
+@pytest.mark.parametrize("partitions", [2, 3])
+async def test_a_log_folded_in_partitions_is_the_log_folded_in_one_process(
+    event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
+    partitions: int,
+) -> None:
+    monkeypatch.setattr(replay_module, "PARTITIONS", partitions)
+    await event_log.append(history(20_000))
+
+    for bounds in ({}, {"until_position": 12_345}):
+        folded = await replay(event_log, **bounds)
+        assert folded == await in_one_process(event_log, monkeypatch, **bounds)
+        assert folded.state.events_applied == bounds.get("until_position", 20_000)
+    assert partitioned == [20_000, 12_345]
+    assert len(folded.state.workers) > 100 and folded.state.positions and folded.hosts
+
+
+def requested(worker: str, stream: str) -> Envelope:
+    request = JobRequested(job_id=f"job-of-{stream}", worker_id=worker, strategy_id="s",
+                           broker_id="paper", credentials_sealed="sealed",
+                           config=StrategyConfig(name="x", type="hold", parameters={}))
+    return Envelope.wrap(request, stream=stream, user_id="u-1")
+
+
+async def test_a_worker_on_two_streams_is_folded_in_one_process(
+    event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(replay_module, "PARTITIONS", 2)
+    # the streams end in 'a' and 'b': two partitions, and each would show the worker
+    await event_log.append([requested("w-1", "job-a"), requested("w-1", "job-b")])
+
+    with caplog.at_level(logging.WARNING):
+        folded = await replay(event_log)
+    assert folded == await in_one_process(event_log, monkeypatch)
+    assert folded.state.workers["w-1"].job_id == "job-of-job-a"
+    assert "do not partition its projections' keys" in caplog.text
+    assert partitioned == []
+
+
+async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
+    event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(replay_module, "PARTITIONS", 2)
+    await event_log.append(history(2_000))
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+
+    with caplog.at_level(logging.WARNING):
+        folded = await replay(event_log)
+    assert folded == await in_one_process(event_log, monkeypatch)
+    assert "a partition's process exited with 1" in caplog.text
