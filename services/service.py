@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import Envelope, Message
+from events.envelope import as_utc
 from services.bus import Bus, Delivery, poison_reason
 from services.settings import Settings
-from services.store import OutboxRelay, Store, TimerRow, UnitOfWork, as_utc
+from services.store import OutboxRelay, Store, TimerRow, UnitOfWork
 from services.topology import QueueSpec
 
 log = logging.getLogger(__name__)

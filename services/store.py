@@ -123,11 +123,6 @@ BASE_TABLES: tuple[Table, ...] = tuple(
 )
 
 
-def as_utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back naive; every time in this system is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 @dataclass
 class UnitOfWork:
     """One transaction: the session for state, and the messages it will emit on commit."""

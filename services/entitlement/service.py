@@ -39,10 +39,11 @@ from events import (
     UpgradeEntitlement,
     WorkerStopped,
 )
+from events.envelope import as_utc
 from services.bus import RawJson
 from services.entitlement.rules import FREE, TIER_LIMITS, Accept, Plan, decide, excess
 from services.service import Service, now
-from services.store import UnitOfWork, UtcDateTime, as_utc
+from services.store import UnitOfWork, UtcDateTime
 from services.topology import ENTITLEMENT_INBOX, rpc_queue
 
 

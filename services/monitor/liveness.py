@@ -19,8 +19,8 @@ from datetime import datetime
 import immutables
 
 from events import Envelope, HostHeartbeat, JobStatus, PositionMark, WorkerHeartbeat
+from events.envelope import as_utc
 from projections import WorkerView
-from services.store import as_utc
 
 
 @dataclass(frozen=True, slots=True)

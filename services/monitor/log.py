@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,22 +158,6 @@ def _sqlite_page(path: str, after: int, limit: int, until: int | None,
             "SELECT count(*), max(position) FROM event_log WHERE position > ? AND position <= ?",
             bound).fetchone()
     return Page(rows, count - len(rows), last or after)
-
-
-def partition_pages(path: str, until: int, part: int, parts: int, types: Collection[str],
-                    batch: int = 5000) -> Iterator[list[tuple[int, str]]]:
-    """One of `parts` disjoint partitions of a SQLite log up to position `until`, its rows of
-    `types` only, as pages of (position, envelope JSON) in order. A row's partition is set by
-    the last character of its stream, so a stream (a job, a user, a host) lies in one
-    partition whole, in order."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        cursor = conn.execute(
-            f"SELECT position, envelope FROM event_log WHERE position <= ?"
-            f" AND +type IN ({','.join('?' * len(types))})"
-            " AND unicode(substr(stream, -1)) % ? = ? ORDER BY position",
-            [until, *types, parts, part])
-        while rows := cursor.fetchmany(batch):
-            yield rows
 
 
 def _utc(moment: datetime) -> datetime:

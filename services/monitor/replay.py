@@ -18,11 +18,12 @@ import gc
 import logging
 import os
 import pickle
+import sqlite3
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from events import REGISTRY, Envelope
 from events.envelope import LoggedEnvelope
@@ -35,7 +36,9 @@ from services.monitor.liveness import (
     apply_host,
     silenced,
 )
-from services.monitor.log import EventLog, partition_pages
+
+if TYPE_CHECKING:  # not imported at run time: a partition's process needs none of it
+    from services.monitor.log import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,22 @@ async def replay_partitioned(path: str, until: int) -> tuple[Folded, int]:
     if folded is None:
         raise PartitionFailed("the log's streams do not partition its projections' keys")
     return folded, sum(n for _, n in parts)
+
+
+def partition_pages(path: str, until: int, part: int, parts: int, types: Collection[str],
+                    batch: int = 5000) -> Iterator[list[tuple[int, str]]]:
+    """One of `parts` disjoint partitions of a SQLite log up to position `until`, its rows of
+    `types` only, as pages of (position, envelope JSON) in order. A row's partition is set by
+    the last character of its stream, so a stream (a job, a user, a host) lies in one
+    partition whole, in order."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        cursor = conn.execute(
+            f"SELECT position, envelope FROM event_log WHERE position <= ?"
+            f" AND +type IN ({','.join('?' * len(types))})"
+            " AND unicode(substr(stream, -1)) % ? = ? ORDER BY position",
+            [until, *types, parts, part])
+        while rows := cursor.fetchmany(batch):
+            yield rows
 
 
 def fold_partition(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 
+from events.envelope import as_utc
 from projections import Projections, TradingStats, WorkerView, queue_stats
 from services.monitor.liveness import Hosts, Liveness, WorkerBeat
-from services.store import as_utc
 
 NO_BEATS: Mapping[str, WorkerBeat] = {}
 

@@ -53,6 +53,7 @@ from events import (
     WorkerSpawnFailed,
     WorkerStopped,
 )
+from events.envelope import as_utc
 from services.scheduler.policy import (
     GiveUp,
     HostLoad,
@@ -62,7 +63,7 @@ from services.scheduler.policy import (
     record_failure,
 )
 from services.service import Service, now
-from services.store import UnitOfWork, UtcDateTime, as_utc
+from services.store import UnitOfWork, UtcDateTime
 from services.topology import SCHEDULER_INBOX
 
 
