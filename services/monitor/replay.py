@@ -162,12 +162,18 @@ async def replay_partitioned(path: str, until: int) -> tuple[Folded, int]:
             str(PARTITIONS), stdout=asyncio.subprocess.PIPE)
         for part in range(1, PARTITIONS)
     ]
-    parts = [await asyncio.to_thread(fold_partition, path, until, 0, PARTITIONS)]
-    for child in children:
-        out, _ = await child.communicate()
-        if child.returncode != 0:
-            raise PartitionFailed(f"a partition's process exited with {child.returncode}")
-        parts.append(pickle.loads(out))
+    try:
+        parts = [await asyncio.to_thread(fold_partition, path, until, 0, PARTITIONS)]
+        for child in children:
+            out, _ = await child.communicate()
+            if child.returncode != 0:
+                raise PartitionFailed(f"a partition's process exited with {child.returncode}")
+            parts.append(pickle.loads(out))
+    finally:  # none outlives the replay, whatever ended it
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
     folded = _disjoint_union([p for p, _ in parts], until)
     if folded is None:
         raise PartitionFailed("the log's streams do not partition its projections' keys")
@@ -178,13 +184,13 @@ def partition_pages(path: str, until: int, part: int, parts: int, types: Collect
                     batch: int = 5000) -> Iterator[list[tuple[int, str]]]:
     """One of `parts` disjoint partitions of a SQLite log up to position `until`, its rows of
     `types` only, as pages of (position, envelope JSON) in order. A row's partition is set by
-    the last character of its stream, so a stream (a job, a user, a host) lies in one
-    partition whole, in order."""
+    the last character of its stream (an empty stream's is the first partition), so a stream
+    (a job, a user, a host) lies in one partition whole, in order."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         cursor = conn.execute(
             f"SELECT position, envelope FROM event_log WHERE position <= ?"
             f" AND +type IN ({','.join('?' * len(types))})"
-            " AND unicode(substr(stream, -1)) % ? = ? ORDER BY position",
+            " AND coalesce(unicode(substr(stream, -1)), 0) % ? = ? ORDER BY position",
             [until, *types, parts, part])
         while rows := cursor.fetchmany(batch):
             yield rows

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from bench.replay import history
-from events import Envelope, JobRequested, StrategyConfig
+from events import EntitlementUpgraded, Envelope, JobRequested, StrategyConfig
 from services.monitor import replay as replay_module
 from services.monitor.log import EventLog
 from services.monitor.replay import Folded, replay
@@ -56,13 +57,18 @@ async def test_a_log_folded_in_partitions_is_the_log_folded_in_one_process(
 ) -> None:
     monkeypatch.setattr(replay_module, "PARTITIONS", partitions)
     await event_log.append(history(20_000))
+    plan = EntitlementUpgraded(tier="basic", max_workers=3,
+                               expires_at=datetime(2030, 1, 1, tzinfo=UTC))
+    await event_log.append([Envelope.wrap(plan, stream="", user_id="u-1")])  # an empty stream
 
     for bounds in ({}, {"until_position": 12_345}):
         folded = await replay(event_log, **bounds)
         assert folded == await in_one_process(event_log, monkeypatch, **bounds)
-        assert folded.state.events_applied == bounds.get("until_position", 20_000)
-    assert partitioned == [20_000, 12_345]
-    assert len(folded.state.workers) > 100 and folded.state.positions and folded.hosts
+        assert folded.state.events_applied == bounds.get("until_position", 20_001)
+    assert partitioned == [20_001, 12_345]
+    everything = await replay(event_log)
+    assert len(everything.state.workers) > 100 and everything.state.positions
+    assert everything.hosts and everything.state.entitlements["u-1"].tier == "basic"
 
 
 def requested(worker: str, stream: str) -> Envelope:
