@@ -74,14 +74,9 @@ class SlotRow(SQLModel, table=True):
 
 
 SLOTS, PLANS, CIRCUITS = SlotRow.__table__, PlanRow.__table__, CircuitRow.__table__  # type: ignore[attr-defined]
-# Everything a start's decision reads, in one statement (an ORM lookup each cost more than the
-# rest of the decision): whether the job holds a slot already, its strategy's open circuit,
-# the user's plan and the slots the user holds.
-START_FACTS = select(
-    select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
-    .scalar_subquery().label("taken"),
-    select(CIRCUITS.c.open_until).where(CIRCUITS.c.key == bindparam("circuit"))
-    .scalar_subquery().label("circuit_until"),
+# A user's plan and the slots they hold, in one read: what a start's decision and the `check`
+# query both go by (an ORM lookup each cost more than the rest of the decision).
+PLAN_FACTS = (
     select(PLANS.c.tier).where(PLANS.c.user_id == bindparam("user"))
     .scalar_subquery().label("tier"),
     select(PLANS.c.expires_at).where(PLANS.c.user_id == bindparam("user"))
@@ -89,6 +84,23 @@ START_FACTS = select(
     select(func.count()).select_from(SLOTS).where(SLOTS.c.user_id == bindparam("user"))
     .scalar_subquery().label("in_use"),
 )
+USER_FACTS = select(*PLAN_FACTS)
+# Everything a start's decision reads, in one statement: whether the job holds a slot already,
+# its strategy's open circuit, and the user's facts.
+START_FACTS = select(
+    select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
+    .scalar_subquery().label("taken"),
+    select(CIRCUITS.c.open_until).where(CIRCUITS.c.key == bindparam("circuit"))
+    .scalar_subquery().label("circuit_until"),
+    *PLAN_FACTS,
+)
+
+
+def plan_of(facts: Any) -> Plan:
+    """The plan in a row of `USER_FACTS` or `START_FACTS` (the free plan for a user without one)."""
+    if facts.tier is None:
+        return Plan()
+    return Plan(facts.tier, as_utc(facts.expires_at) if facts.expires_at else None)
 
 
 def circuit_key(user_id: str, strategy_id: str) -> str:
@@ -158,9 +170,7 @@ class EntitlementService(Service):
                 ),
                 **where,
             )
-        plan = Plan() if facts.tier is None else Plan(
-            facts.tier, as_utc(facts.expires_at) if facts.expires_at else None)
-        decision = decide(plan, facts.in_use, now())
+        decision = decide(plan_of(facts), facts.in_use, now())
         if isinstance(decision, Accept):
             await connection.execute(SLOTS.insert().values(
                 job_id=cmd.job_id, user_id=user_id, worker_id=cmd.worker_id,
@@ -308,13 +318,8 @@ class EntitlementService(Service):
             raise ValueError(f"unknown op {op!r} (expected start or check)")
         user_id = str(request["user_id"])
         async with self.store.reading() as session:
-            row = await session.get(PlanRow, user_id)
-            in_use = await _in_use(session, user_id)
-        plan = (
-            Plan(row.tier, as_utc(row.expires_at) if row and row.expires_at else None)
-            if row
-            else Plan()
-        )
+            facts = (await session.execute(USER_FACTS, {"user": user_id})).one()
+        plan, in_use = plan_of(facts), facts.in_use
         tier = plan.effective_tier(now())
         limit = TIER_LIMITS[tier]
         return {
@@ -325,11 +330,3 @@ class EntitlementService(Service):
             "currentWorkers": in_use,
             "expiresAt": plan.expires_at.isoformat() if plan.expires_at and tier != FREE else None,
         }
-
-
-async def _in_use(session: Any, user_id: str) -> int:
-    return (
-        await session.exec(
-            select(func.count()).select_from(SlotRow).where(SlotRow.user_id == user_id)
-        )
-    ).one()
