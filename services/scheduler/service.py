@@ -228,19 +228,18 @@ class SchedulerService(Service):
         connection = await uow.connection()
         if (await connection.execute(JOB_EXISTS, {"job_id": event.job_id})).first():
             return
-        await connection.execute(INSERT_JOB, {
-            "job_id": event.job_id,
-            "worker_id": event.worker_id,
-            "user_id": env.user_id or "",
-            "strategy_id": event.strategy_id,
-            "broker_id": event.broker_id,
-            "credentials_sealed": event.credentials_sealed,
-            "config": event.config.model_dump_json(),
-            "flatten_on_stop": event.flatten_on_stop,
-            "state": State.REQUESTED,
-            "attempt": 0,
-            "streak": 0,
-        })
+        job = JobRow(
+            job_id=event.job_id,
+            worker_id=event.worker_id,
+            user_id=env.user_id or "",
+            strategy_id=event.strategy_id,
+            broker_id=event.broker_id,
+            credentials_sealed=event.credentials_sealed,
+            config=event.config.model_dump_json(),
+            flatten_on_stop=event.flatten_on_stop,
+            state=State.REQUESTED,
+        )
+        await connection.execute(INSERT_JOB, job.model_dump(exclude={"seq"}))  # its defaults
 
     async def on_stop_runner(self, uow: UnitOfWork, env: Envelope, cmd: StopRunner) -> None:
         """Stops the worker wherever it is in its life; a no-op for ended jobs."""

@@ -24,7 +24,7 @@ from events import (
     WorkerSpawned,
 )
 from services.bus import Delivery
-from services.scheduler.service import JobRow, SchedulerService, State
+from services.scheduler.service import QUEUE_JOB, JobRow, SchedulerService, State, _job
 from services.settings import Settings
 from services.store import OUTBOX
 
@@ -148,3 +148,16 @@ async def test_placement_keeps_to_the_spawn_throttle_and_places_more_as_workers_
     assert dispatched == ["j-0", "j-1", "j-2"]
     assert [(await job(service, n)).state for n in range(4)] == [
         State.RUNNING, State.DISPATCHED, State.DISPATCHED, State.QUEUED]
+
+
+async def test_an_orm_read_of_a_job_sees_what_a_core_statement_changed_in_its_transaction(
+    scheduler: tuple[SchedulerService, Batch],
+) -> None:
+    service, inbox = scheduler
+    await inbox([delivery(JobRequested(**ids(1), **SPEC))])
+    async with service.store.transaction() as uow:
+        loaded = await _job(uow, job_id="j-1")
+        assert loaded is not None and loaded.state == State.REQUESTED
+        await (await uow.connection()).execute(QUEUE_JOB, {"accepted_job": "j-1"})
+        again = await _job(uow, job_id="j-1")
+        assert again is not None and again.state == State.QUEUED
