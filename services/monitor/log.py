@@ -171,8 +171,9 @@ class EventLog:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         url = engine.url
-        self._sqlite_file = (url.database if url.get_backend_name() == "sqlite"
-                             and url.database not in (None, "", ":memory:") else None)
+        # the log's file when it is a SQLite file (which other processes can read too)
+        self.sqlite_file = (url.database if url.get_backend_name() == "sqlite"
+                            and url.database not in (None, "", ":memory:") else None)
         self._append_lock = asyncio.Lock()
         self._owns_engine = False
 
@@ -302,11 +303,6 @@ class EventLog:
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
-    @property
-    def sqlite_file(self) -> str | None:
-        """The log's file when it is a SQLite file (which other processes can read too)."""
-        return self._sqlite_file
-
     async def page(self, after_position: int = 0, limit: int = 1000,
                    until_position: int | None = None,
                    until_time: datetime | None = None) -> list[tuple[int, str]]:
@@ -318,10 +314,10 @@ class EventLog:
                     until_time: datetime | None, types: Collection[str] | None) -> Page:
         """Keyset paging: each page is its own short read, so a long replay never holds the
         database (on SQLite every transaction of a shared engine takes the write lock)."""
-        if until_time is None and self._sqlite_file is not None:
+        if until_time is None and self.sqlite_file is not None:
             # the bulk of a replay: skip SQLAlchemy's row layer
             return await asyncio.to_thread(
-                _sqlite_page, self._sqlite_file, after_position, limit, until_position, types)
+                _sqlite_page, self.sqlite_file, after_position, limit, until_position, types)
         bounds = [event_log.c.position > after_position]
         if until_position is not None:
             bounds.append(event_log.c.position <= until_position)

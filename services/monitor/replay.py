@@ -93,6 +93,10 @@ class Folded:
         return folds(type_name) or type_name in HOST_TYPES or type_name in SILENCE_TYPES
 
 
+# The types `Folded.fold` reads; a replay reads no other row (unless its `each` asks for it).
+READ = frozenset(name for name in REGISTRY if Folded.reads(name))
+
+
 async def replay(event_log: EventLog, *, until_position: int | None = None,
                  until_time: datetime | None = None,
                  each: Callable[[int, Envelope], None] | None = None,
@@ -120,10 +124,9 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
     folded = start or Folded()
     # the types `each` sees (None: every type); the log sends no body for any other type
     wanted = frozenset() if each is None else None if each_types is None else frozenset(each_types)
-    read = frozenset(name for name in REGISTRY if Folded.reads(name))
     with _no_cycle_collection():
         async for page in event_log.pages(folded.position, until_position, until_time,
-                                          types=None if wanted is None else read | wanted):
+                                          types=None if wanted is None else READ | wanted):
             envelopes: list[Envelope | LoggedEnvelope] = []
             seen: list[tuple[int, Envelope]] = []
             for position, type_name, body in page.rows:
@@ -199,9 +202,8 @@ def partition_pages(path: str, until: int, part: int, parts: int, types: Collect
 def fold_partition(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:
     """One partition of the log folded (`partition_pages`), and the rows it read."""
     folded, read_rows = Folded(), 0
-    types = [name for name in REGISTRY if Folded.reads(name)]
     with _no_cycle_collection():
-        for rows in partition_pages(path, until, part, parts, types):
+        for rows in partition_pages(path, until, part, parts, READ):
             folded.fold([LoggedEnvelope.from_json(body) for _, body in rows], rows[-1][0])
             read_rows += len(rows)
     return folded, read_rows
