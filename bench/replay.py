@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import random
 import tempfile
 import time
@@ -188,14 +189,22 @@ async def restart_from_snapshot(path: Path, tail: int) -> tuple[float, float, in
 
 
 async def our_replay(path: Path) -> tuple[float, Any]:
-    """(seconds, folded state) replaying the whole log as `runner replay` does."""
+    """(seconds, folded state) replaying the whole log as `runner replay` does. A log long
+    enough to fold in partitions must be folded so (a fallback to one process warns)."""
     source = EventLog.at(f"sqlite+aiosqlite:///{path}", must_exist=True)
+    warnings: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append  # type: ignore[method-assign]
+    logging.getLogger(replay.__module__).addHandler(handler)
     try:
         start = time.perf_counter()
         folded = await replay(source)
-        return time.perf_counter() - start, folded
+        seconds = time.perf_counter() - start
     finally:
+        logging.getLogger(replay.__module__).removeHandler(handler)
         await source.close()
+    assert not warnings, f"the replay fell back to one process: {warnings[0].getMessage()}"
+    return seconds, folded
 
 
 # ------------------------------------------------------------------------------ the peer
