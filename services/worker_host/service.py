@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Column, Text
+from sqlalchemy import Column, Text, bindparam, delete, insert, update
 from sqlmodel import Field, SQLModel, select
 
 from events import (
@@ -92,8 +92,30 @@ class LocalWorker(SQLModel, table=True):
     dispatched_at: datetime = Field(sa_type=UtcDateTime)
 
 
+LOCAL_WORKERS = LocalWorker.__table__  # type: ignore[attr-defined]
+
+# The start path's statements, built once and run as Core (the ORM's reads and flushes were a
+# third of the host's CPU per start). Every ORM read of a worker refreshes it (`_local`), so it
+# sees what these changed in the same transaction.
+LATEST_ATTEMPT = select(LOCAL_WORKERS.c.attempt).where(
+    LOCAL_WORKERS.c.worker_id == bindparam("dispatched_worker"))
+DROP_EARLIER_ATTEMPT = delete(LOCAL_WORKERS).where(
+    LOCAL_WORKERS.c.worker_id == bindparam("dispatched_worker"))
+RECORD_INTENT = insert(LOCAL_WORKERS)
+RECORD_PID = (update(LOCAL_WORKERS)
+              .where(LOCAL_WORKERS.c.worker_id == bindparam("started_worker"))
+              .values(pid=bindparam("started_pid"))
+              .returning(LOCAL_WORKERS.c.stopping, LOCAL_WORKERS.c.flatten))
+
+
 def job_stream(job_id: str) -> str:
     return f"job-{job_id}"
+
+
+async def _local(uow: UnitOfWork, worker_id: str) -> LocalWorker | None:
+    """The worker's row as an ORM object, read afresh: the start path's Core statements may
+    have changed it in this transaction since it was loaded."""
+    return await uow.session.get(LocalWorker, worker_id, populate_existing=True)
 
 
 class WorkerHostService(Service):
@@ -169,12 +191,13 @@ class WorkerHostService(Service):
                 stream=env.stream, user_id=env.user_id, correlation_id=event.job_id,
             )
             return
-        row = await uow.session.get(LocalWorker, event.worker_id)
-        if row is not None and row.attempt >= event.attempt:
+        connection = await uow.connection()
+        key = {"dispatched_worker": event.worker_id}
+        latest = (await connection.execute(LATEST_ATTEMPT, key)).scalar()
+        if latest is not None and latest >= event.attempt:
             return  # duplicate dispatch
-        if row is not None:
-            await uow.session.delete(row)
-            await uow.session.flush()
+        if latest is not None:
+            await connection.execute(DROP_EARLIER_ATTEMPT, key)
         intent = LocalWorker(
             worker_id=event.worker_id,
             job_id=event.job_id,
@@ -186,7 +209,7 @@ class WorkerHostService(Service):
             credentials_sealed=event.credentials_sealed,
             config=event.config.model_dump_json(by_alias=True),
         )
-        uow.session.add(intent)
+        await connection.execute(RECORD_INTENT, intent.model_dump())
         epoch = self._epoch
         uow.after_commit.append(
             lambda: self.background(self._launch(intent, epoch), f"launch-{event.worker_id}")
@@ -197,7 +220,7 @@ class WorkerHostService(Service):
         grace period, SIGKILL after another. The exit is reported as WorkerStopped."""
         if event.host_id != self.host_id:
             return
-        row = await uow.session.get(LocalWorker, event.worker_id)
+        row = await _local(uow, event.worker_id)
         if row is None:
             uow.emit(
                 WorkerStopped(
@@ -285,7 +308,7 @@ class WorkerHostService(Service):
             )
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
-                current = await uow.session.get(LocalWorker, worker_id)
+                current = await _local(uow, worker_id)
                 if current is not None:
                     await uow.session.delete(current)
                 uow.emit(
@@ -306,11 +329,9 @@ class WorkerHostService(Service):
             worker.end_reason = "fenced"
             worker.signal(signal.SIGKILL)
 
-        async def record_start(uow: UnitOfWork) -> LocalWorker | None:
-            current = await uow.session.get(LocalWorker, worker_id)
-            if current is not None:
-                current.pid = worker.pid
-                uow.session.add(current)
+        async def record_start(uow: UnitOfWork) -> Any:
+            current = (await (await uow.connection()).execute(RECORD_PID, {
+                "started_worker": worker_id, "started_pid": worker.pid})).first()
             started = (WorkerRestarted if row.attempt > 0 else WorkerSpawned)(
                 job_id=row.job_id,
                 worker_id=worker_id,
@@ -404,7 +425,7 @@ class WorkerHostService(Service):
             how = f"killed by {signal.Signals(-code).name}"
 
         async def record_exit(uow: UnitOfWork) -> None:
-            row = await uow.session.get(LocalWorker, worker.worker_id)
+            row = await _local(uow, worker.worker_id)
             if row is None or row.attempt != worker.attempt:
                 return
             await uow.session.delete(row)

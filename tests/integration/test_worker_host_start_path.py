@@ -1,0 +1,141 @@
+"""The worker-host's start path on a real SQLite store with real worker processes, its inbox
+batches fed directly (no broker): JobDispatched → the intent committed → a process forked →
+its pid recorded with WorkerSpawned. The intent and the pid are Core statements, mixed with the
+ORM handlers of the rest of a worker's life (a stop) in one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from events import Envelope, JobDispatched, Message, StopRequested, StrategyConfig
+from services.bus import Delivery
+from services.service import now
+from services.settings import Settings
+from services.store import OUTBOX
+from services.worker_host.service import RECORD_PID, LocalWorker, WorkerHostService, _local
+
+Batch = Any  # the inbox's batch handler: list[Delivery] -> failures by index
+HOST = "h-1"
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[tuple[WorkerHostService, Batch]]:
+    """A worker-host with its store and fork-server open; yields it and its inbox handler."""
+    service = WorkerHostService(Settings(data_dir=tmp_path, host_id=HOST, stop_grace=2.0))
+    inbox: list[Batch] = []
+    service.bus.consume_batches = lambda spec, handler, **_: inbox.append(handler)  # type: ignore[method-assign]
+    await service.store.open()
+    await service.setup()
+    yield service, inbox[0]
+    for worker in list(service.live.values()):
+        worker.signal(signal.SIGKILL)
+    await service._wait_all_exited(5.0)
+    await service.spawner.close()
+    await service.store.close()
+
+
+def dispatched(service: WorkerHostService, n: int, attempt: int = 0) -> Delivery:
+    message = JobDispatched(
+        job_id=f"j-{n}", worker_id=f"w-{n}", host_id=HOST, attempt=attempt, strategy_id="s-1",
+        broker_id="paper", credentials_sealed=service.sealer.seal({"apiKey": "k", "apiSecret": "s"}),
+        config=StrategyConfig(name="hold", type="hold", parameters={}),
+        host_incarnation=service.incarnation)
+    return delivery(message)
+
+
+def earlier_intent(n: int) -> LocalWorker:
+    return LocalWorker(worker_id=f"w-{n}", job_id=f"j-{n}", user_id="u-1", attempt=0,
+                       strategy_id="s-1", broker_id="paper", credentials_sealed="sealed",
+                       config="{}", pid=4242, dispatched_at=now())
+
+
+def delivery(message: Message) -> Delivery:
+    job = message.job_id  # type: ignore[attr-defined]
+    return Delivery(Envelope.wrap(message, stream=f"job-{job}", user_id="u-1",
+                                  correlation_id=job), message)
+
+
+async def emitted(service: WorkerHostService, *types: str) -> list[dict[str, Any]]:
+    """The payloads of the envelopes of `types` committed to the outbox, in order."""
+    async with service.store.reading() as session:
+        rows = (await session.execute(select(OUTBOX.c.envelope).order_by(OUTBOX.c.id))).scalars()
+        return [e["payload"] for e in map(json.loads, rows) if e["type"] in types]
+
+
+async def rows(service: WorkerHostService) -> list[LocalWorker]:
+    async with service.store.reading() as session:
+        return list((await session.exec(select(LocalWorker))).all())
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_a_dispatch_delivered_again_starts_one_process_and_records_its_pid(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, inbox = host
+    assert await inbox([dispatched(service, 1), dispatched(service, 1)]) == {}
+    await until(lambda: emitted(service, "WorkerSpawned"))
+    assert await inbox([dispatched(service, 1)]) == {}  # redelivered after the start
+    await asyncio.sleep(0.3)
+
+    [spawned] = await emitted(service, "WorkerSpawned")
+    [row] = await rows(service)
+    assert (row.worker_id, row.attempt) == ("w-1", 0)
+    assert row.pid == spawned["pid"] == service.live["w-1"].pid
+    assert list(service.live) == ["w-1"]
+
+
+async def test_a_later_attempt_replaces_the_earlier_ones_intent(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, inbox = host
+    async with service.store.transaction() as uow:  # attempt 0's, left by an earlier run
+        uow.session.add(earlier_intent(2))
+
+    assert await inbox([dispatched(service, 2, attempt=1), dispatched(service, 2)]) == {}
+    await until(lambda: emitted(service, "WorkerRestarted"))
+    [row] = await rows(service)
+    [restarted] = await emitted(service, "WorkerRestarted")
+    assert (row.attempt, row.pid) == (1, restarted["pid"])
+    assert restarted["attempt"] == 1
+
+
+async def test_a_read_of_a_worker_sees_a_core_change_in_the_same_transaction(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, _ = host
+    async with service.store.transaction() as uow:
+        uow.session.add(earlier_intent(4))
+    async with service.store.transaction() as uow:
+        assert (await _local(uow, "w-4")).pid == 4242  # type: ignore[union-attr]
+        await (await uow.connection()).execute(RECORD_PID, {"started_worker": "w-4",
+                                                            "started_pid": 4343})
+        assert (await _local(uow, "w-4")).pid == 4343  # type: ignore[union-attr]
+
+
+async def test_a_stop_in_the_dispatchs_batch_stops_the_worker_once_started(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, inbox = host
+    stop = StopRequested(job_id="j-3", worker_id="w-3", host_id=HOST, flatten=False,
+                         reason="stopped by user")
+    assert await inbox([dispatched(service, 3), delivery(stop)]) == {}
+
+    await until(lambda: emitted(service, "WorkerStopped"))
+    [spawned] = await emitted(service, "WorkerSpawned")
+    [stopped] = await emitted(service, "WorkerStopped")
+    assert stopped["reason"] == "stopped by user" and stopped["exit_code"] == 0
+    assert spawned["worker_id"] == "w-3"
+    assert await rows(service) == [] and service.live == {}
