@@ -6,8 +6,8 @@ ORM handlers of the rest of a worker's life (a stop) in one transaction."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from services.worker_host.service import RECORD_PID, LocalWorker, WorkerHostServ
 
 Batch = Any  # the inbox's batch handler: list[Delivery] -> failures by index
 HOST = "h-1"
+CREDENTIALS = {"apiKey": "k", "apiSecret": "s"}
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ async def host(tmp_path: Path) -> AsyncIterator[tuple[WorkerHostService, Batch]]
 def dispatched(service: WorkerHostService, n: int, attempt: int = 0) -> Delivery:
     message = JobDispatched(
         job_id=f"j-{n}", worker_id=f"w-{n}", host_id=HOST, attempt=attempt, strategy_id="s-1",
-        broker_id="paper", credentials_sealed=service.sealer.seal({"apiKey": "k", "apiSecret": "s"}),
+        broker_id="paper", credentials_sealed=service.sealer.seal(CREDENTIALS),
         config=StrategyConfig(name="hold", type="hold", parameters={}),
         host_incarnation=service.incarnation)
     return delivery(message)
