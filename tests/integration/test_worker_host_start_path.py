@@ -120,10 +120,11 @@ async def test_a_read_of_a_worker_sees_a_core_change_in_the_same_transaction(
     async with service.store.transaction() as uow:
         uow.session.add(earlier_intent(4))
     async with service.store.transaction() as uow:
-        assert (await _local(uow, "w-4")).pid == 4242  # type: ignore[union-attr]
+        loaded = await _local(uow, "w-4")  # held: the session's identity map keeps it
+        assert loaded is not None and loaded.pid == 4242
         await (await uow.connection()).execute(RECORD_PID, {"started_worker": "w-4",
                                                             "started_pid": 4343})
-        assert (await _local(uow, "w-4")).pid == 4343  # type: ignore[union-attr]
+        assert (await _local(uow, "w-4")) is loaded and loaded.pid == 4343
 
 
 async def test_a_stop_in_the_dispatchs_batch_stops_the_worker_once_started(
