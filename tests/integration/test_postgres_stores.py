@@ -676,6 +676,7 @@ async def test_event_log_append_verify_read(backend: Backend) -> None:
             *((log if n % 2 else other).append(batch) for n, batch in enumerate(batches))
         )
         assert await log.count() == 1500 + 1200
+        assert [await log.count(n) for n in (0, 1, 1500, 2700, 9999)] == [0, 1, 1500, 2700, 2700]
         async with store.engine.connect() as conn:
             positions = (
                 (await conn.execute(select(event_log.c.position).order_by(event_log.c.position)))

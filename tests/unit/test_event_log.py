@@ -46,6 +46,12 @@ async def test_positions_are_contiguous_across_batches_with_duplicates(event_log
     assert [p async for p, _ in event_log.read()] == [1, 2, 3, 4, 5]
 
 
+async def test_count_up_to_a_position(event_log: EventLog) -> None:
+    await event_log.append([queued(n) for n in range(5)])
+    assert [await event_log.count(n) for n in (0, 1, 3, 5, 9)] == [0, 1, 3, 5, 5]
+    assert await event_log.count() == 5
+
+
 async def test_telemetry_is_never_recorded(event_log: EventLog) -> None:
     beat = WorkerHeartbeat(job_id="j", worker_id="w", host_id="h", pid=1, at=T0)
     assert await event_log.append([Envelope.wrap(beat, stream="telemetry")]) == []
