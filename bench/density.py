@@ -35,6 +35,7 @@ import aio_pika
 import orjson
 from rich.console import Console
 
+from bench.http import BenchClient
 from bench.report import (
     Figure,
     at_least,
@@ -132,7 +133,7 @@ class Heartbeats:
         )
 
 
-async def start_many(clients: list[GatewayClient], first: int, count: int) -> list[str]:
+async def start_many(clients: list[BenchClient], first: int, count: int) -> list[str]:
     """`count` starts, `IN_FLIGHT` at a time; worker n belongs to user n // PER_USER."""
     limit = asyncio.Semaphore(IN_FLIGHT)
 
@@ -159,9 +160,10 @@ async def run(quick: bool) -> list[Figure]:
         await local.start()
         beats = Heartbeats()
         connection = await beats.listen(local.amqp_url)
+        admin, clients = BenchClient(local.admin), list[BenchClient]()
         try:
-            clients = [
-                (await local.user(tier="enterprise"))[1]
+            clients += [
+                BenchClient((await local.user(tier="enterprise"))[1])
                 for _ in range((density + PER_USER - 1) // PER_USER)
             ]
             # (a) a burst of starts
@@ -206,17 +208,19 @@ async def run(quick: bool) -> list[Figure]:
             ages = [looked - at for at in beats.last.values()]
             late = sum(age > 2 * HEARTBEAT for age in ages)
             missed = sum(e.type == "HeartbeatMissed" for e in await local.log())
-            status_ms = await timed(lambda: answer(local.admin))
-            whole = await answer(local.admin)
+            status_ms = await timed(lambda: answer(admin))
+            whole = await answer(admin)
             parsing = time.perf_counter()
             status = orjson.loads(whole)
             parse_ms = (time.perf_counter() - parsing) * 1000
             rpc_ms = await monitor_status_ms(local.amqp_url)
-            page_ms = await timed(lambda: answer(local.admin, limit=STATUS_PAGE))
+            page_ms = await timed(lambda: answer(admin, limit=STATUS_PAGE))
             own_ms = await timed(lambda: answer(clients[0]))  # a user's own: PER_USER workers
             running = [e["worker"] for e in status["workers"] if e["worker"]["status"] == "running"]
             memory = [uss(w["pid"]) / MiB for w in running]
         finally:
+            for client in (admin, *clients):
+                await client.close()
             await connection.close()
             console.print("stopping the system")
             await local.stop()
@@ -339,13 +343,10 @@ async def worker_pids(client: GatewayClient) -> dict[str, int]:
             for e in (await client.status())["workers"] if e["worker"]["pid"]}
 
 
-async def answer(client: GatewayClient, **params: Any) -> bytes:
+async def answer(client: BenchClient, **params: Any) -> bytes:
     """One status answer, wholly received: inflated, not parsed (what a client makes of it is
     its own cost)."""
-    response = await client.http.get("/runner/status", params=params or None)
-    if response.status_code != 200:
-        raise RuntimeError(f"status answered {response.status_code}: {response.text[:200]}")
-    return response.content
+    return await client.get("/runner/status", **params)
 
 
 async def timed(call: Callable[[], Awaitable[Any]]) -> list[float]:

@@ -2,6 +2,8 @@
 
 Each request starts a real `hold` worker through the whole system (gateway → scheduler →
 entitlement → gateway), so the answer includes the entitlement decision, as the contract says.
+Requests go through a lean client (`bench.http`): the figure is the gateway's answer, not the
+CLI's client's own cost.
 
     .venv/bin/python -m bench.start_path [--quick]
 """
@@ -15,8 +17,8 @@ import time
 
 from rich.console import Console
 
+from bench.http import BenchClient
 from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
-from services.cli.client import GatewayClient
 from services.cli.local import LocalSystem
 
 RATE = 50.0  # requests per second
@@ -34,10 +36,10 @@ async def run(quick: bool) -> list[Figure]:
     with scratch_with_services_log() as (tmp, log):
         local = LocalSystem(tmp / "var", env=env, log=log)
         await local.start()
+        clients: list[BenchClient] = []
         try:
-            clients: list[GatewayClient] = []
             for _ in range((count + PER_USER - 1) // PER_USER):
-                clients.append((await local.user(tier="enterprise"))[1])
+                clients.append(BenchClient((await local.user(tier="enterprise"))[1]))
             body = {
                 "brokerId": "paper",
                 "credentials": {"apiKey": "bench", "apiSecret": "bench"},
@@ -57,6 +59,8 @@ async def run(quick: bool) -> list[Figure]:
                 tasks.append(asyncio.create_task(one(n)))
             await asyncio.gather(*tasks)
         finally:
+            for client in clients:
+                await client.close()
             await local.stop()
     p50, p99 = statistics.median(latencies), percentile(latencies, 99)
     return [
