@@ -287,13 +287,18 @@ def _parse_time(value: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+SHOWN_WORKERS = 100  # a long log holds thousands; a table of them all takes minutes to print
+
+
 def replay_command(
     until_position: int | None = typer.Option(None, "--until-position", min=0,
                                               help="stop after this log position"),
     until: str | None = typer.Option(None, "--until",
                                      help="only events that occurred by this ISO time"),
     user: str | None = typer.Option(None, "--user", help="only this user's workers and stats"),
-    as_json: bool = typer.Option(False, "--json", help="the status shape as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="the status shape as JSON (every worker)"),
+    limit: int = typer.Option(SHOWN_WORKERS, "--limit", min=0,
+                              help="workers shown, the first in order of creation (0: all)"),
     database: str | None = typer.Option(None, "--database",
                                         help="log database URL or file [the monitor's]"),
 ) -> None:
@@ -303,7 +308,7 @@ def replay_command(
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        _print_status(result)
+        _print_status(result, limit or None)
 
 
 async def _replay(url: str, until_position: int | None, until_time: datetime | None,
@@ -331,7 +336,7 @@ def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) ->
     return table
 
 
-def _print_status(result: dict[str, Any]) -> None:
+def _print_status(result: dict[str, Any], limit: int | None) -> None:
     # piped output is not cut to 80 columns: ids must stay whole for grep and the next command
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     stats = result["queueStats"]
@@ -339,9 +344,12 @@ def _print_status(result: dict[str, Any]) -> None:
                          ("queued", "running", "total", "failed"),
                          [(stats["queuedJobs"], stats["runningWorkers"],
                            stats["totalWorkers"], stats["failedJobs"])]))
-    entries = result["workers"]
-    console.print(_table("Workers", ("worker", "user", "strategy", "broker", "status", "host",
-                                     "pid", "restarts", "started", "reason"),
+    every = result["workers"]
+    entries = every[:limit]
+    hidden = len(every) - len(entries)
+    title = f"Workers: the first {len(entries)} of {len(every)}" if hidden else "Workers"
+    console.print(_table(title, ("worker", "user", "strategy", "broker", "status", "host",
+                                 "pid", "restarts", "started", "reason"),
                          [(w["workerId"], w["userId"], w["strategyId"], w["brokerId"], w["status"],
                            w["hostId"], w["pid"], w["restartCount"], _when(w["startedAt"]),
                            w["reason"]) for e in entries for w in [e["worker"]]]))
@@ -356,6 +364,9 @@ def _print_status(result: dict[str, Any]) -> None:
     if traded:
         console.print(_table("Trading", ("worker", "trades", "won", "lost", "P&L", "win rate"),
                              traded))
+    if hidden:
+        console.print(f"{hidden} more workers not shown: --limit 0 shows all, --user one "
+                      "user's, --json every worker as JSON")
 
 
 @audit_app.command("verify")

@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from events import Envelope, HostOnline
 from services.bus import Bus, PublishFailed
+from services.cli.log_commands import _print_status
 from services.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -166,3 +168,25 @@ async def test_tail_follows_live_messages_and_exits_cleanly(
     out, err = interrupted.communicate(timeout=10)
     assert interrupted.returncode == 0
     assert "Traceback" not in err
+
+
+def test_replay_tables_show_the_first_workers_and_say_how_many_more(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def entry(n: int) -> dict[str, Any]:
+        worker = {"workerId": f"worker-{n}", "userId": "alice", "strategyId": "s", "brokerId":
+                  "paper", "status": "running", "hostId": "h", "pid": n, "restartCount": 0,
+                  "startedAt": None, "reason": None}
+        stats = {"totalTrades": 1, "winningTrades": 1, "losingTrades": 0, "totalPnL": 1.0,
+                 "winRate": 100.0}
+        return {"worker": worker, "positions": [], "stats": stats}
+
+    result = {"position": 9, "queueStats": {"queuedJobs": 0, "runningWorkers": 3,
+                                            "totalWorkers": 3, "failedJobs": 0},
+              "workers": [entry(n) for n in (1, 2, 3)]}
+    _print_status(result, 2)
+    shown = capsys.readouterr().out
+    assert "worker-1" in shown and "worker-2" in shown and "worker-3" not in shown
+    assert "the first 2 of 3" in shown and "1 more workers not shown" in shown
+
+    _print_status(result, None)
+    assert "worker-3" in capsys.readouterr().out
