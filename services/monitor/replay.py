@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from events import REGISTRY, Envelope
@@ -147,7 +148,20 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
 # one process, and the projections are keyed by what a stream is about (worker and job, user,
 # host), so the partitions' states are disjoint and their union is the state. The merge checks
 # that they are disjoint, and a log that breaks it is folded in one process instead.
-PARTITIONS = min(os.cpu_count() or 1, 4)
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may run on (its affinity), fewer under a cgroup's CPU quota (a
+    container's `--cpus`, rounded up): `os.cpu_count()` counts the host's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            return max(1, min(cores or 1, -(-int(quota) // int(period))))
+    return cores or 1
+
+
+PARTITIONS = min(usable_cores(), 4)
 PARTITION_FROM = 200_000  # events; below this, starting the processes costs more than it saves
 MMAP_BYTES = 1 << 40  # a partition maps the log file (up to SQLite's cap) instead of reading pages
 

@@ -5,6 +5,7 @@ keep the projections' keys apart, or a partition process that fails, is folded i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from bench.replay import history
 from events import EntitlementUpgraded, Envelope, JobRequested, StrategyConfig
 from services.monitor import replay as replay_module
 from services.monitor.log import EventLog
-from services.monitor.replay import Folded, replay
+from services.monitor.replay import Folded, replay, usable_cores
 
 
 @pytest.fixture
@@ -106,3 +107,14 @@ async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
         folded = await replay(event_log)
     assert folded == await in_one_process(event_log, monkeypatch)
     assert "a partition's process exited with 1" in caplog.text
+
+
+def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(cpu_max) == affinity  # no cgroup file
+    for text, cores in (("max 100000\n", affinity), ("100000 100000\n", 1),
+                        ("150000 100000\n", min(affinity, 2)), ("5000 100000\n", 1),
+                        ("garbage\n", affinity)):
+        cpu_max.write_text(text)
+        assert usable_cores(cpu_max) == cores, text
