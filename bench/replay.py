@@ -4,7 +4,8 @@ Builds a log of 1,000,000 events (quick: 100,000) with a realistic mix (hundreds
 thousands of workers, their lifecycle, mostly trading: OrderFilled / PositionChanged /
 TradeClosed) through `EventLog.append` in large batches (that rate goes beside SQLAlchemy Core
 `executemany` of the same rows, measured now), then replays it with `services.monitor.replay`
-(the code of `runner replay`: a log this long is folded in partitions, one process per core)
+(the code of `runner replay`: a log this long is folded in partitions, one process per core;
+the quick run folds its 100,000 events so too, so that CI runs that path)
 and checks the result equals folding the generated envelopes.
 Then a monitor start from a snapshot made 1 % before the end (the snapshot, then the tail).
 
@@ -54,8 +55,9 @@ from events import (
     WorkerStopped,
 )
 from projections import fold
+from services.monitor import replay as replay_module
 from services.monitor.log import EventLog, event_log
-from services.monitor.replay import PARTITION_FROM, PARTITIONS, replay
+from services.monitor.replay import PARTITIONS, replay
 from services.monitor.snapshot import Snapshots
 
 APPEND_BATCH = 10_000
@@ -188,19 +190,22 @@ async def restart_from_snapshot(path: Path, tail: int) -> tuple[float, float, in
         await source.close()
 
 
-async def our_replay(path: Path) -> tuple[float, Any]:
-    """(seconds, folded state) replaying the whole log as `runner replay` does. A log long
-    enough to fold in partitions must be folded so (a fallback to one process warns)."""
+async def our_replay(path: Path, partitioned_from: int) -> tuple[float, Any]:
+    """(seconds, folded state) replaying the whole log as `runner replay` does, in partitions
+    from `partitioned_from` events on (the quick run's short log too, so that CI runs that
+    path); a fallback to one process (it warns) fails the benchmark."""
     source = EventLog.at(f"sqlite+aiosqlite:///{path}", must_exist=True)
     warnings: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = warnings.append  # type: ignore[method-assign]
     logging.getLogger(replay.__module__).addHandler(handler)
+    threshold, replay_module.PARTITION_FROM = replay_module.PARTITION_FROM, partitioned_from
     try:
         start = time.perf_counter()
         folded = await replay(source)
         seconds = time.perf_counter() - start
     finally:
+        replay_module.PARTITION_FROM = threshold
         logging.getLogger(replay.__module__).removeHandler(handler)
         await source.close()
     assert not warnings, f"the replay fell back to one process: {warnings[0].getMessage()}"
@@ -277,7 +282,7 @@ async def run(quick: bool) -> list[Figure]:
         core_rate = await core_reference(work / "core.db", reference_rows)
         append_rate = await build_log(work / "monitor.db", envelopes)
         gc.collect()
-        seconds, folded = await our_replay(work / "monitor.db")
+        seconds, folded = await our_replay(work / "monitor.db", partitioned_from=min(n, 200_000))
         replay_rate = n / seconds
         assert folded.state == fold(envelopes), "replay differs from folding the envelopes"
         del folded
@@ -287,7 +292,7 @@ async def run(quick: bool) -> list[Figure]:
         peer_events = envelopes[: min(n, 200_000)]
         peer_record, peer_replay = eventsourcing_peer(work / "peer.db", peer_events)
     budget = 5.0 * n / 1_000_000
-    processes = PARTITIONS if n >= PARTITION_FROM else 1  # the peer folds in one
+    processes = PARTITIONS  # the peer folds in one
     return [
         Figure("log build: EventLog.append ×10,000 (hash chain, dedup)", append_rate,
                "events/s", core_rate, "SQLAlchemy Core executemany ×10,000, same rows"),
