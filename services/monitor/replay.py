@@ -144,12 +144,6 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
     return folded
 
 
-# Folding in partitions: a stream (a job's, a user's, a host's) is folded whole, in order, by
-# one process, and the projections are keyed by what a stream is about (worker and job, user,
-# host), so the partitions' states are disjoint and their union is the state. The merge checks
-# that they are disjoint, and a log that breaks it is folded in one process instead.
-
-
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may run on (its affinity), fewer under a cgroup's CPU quota (a
     container's `--cpus`, rounded up): `os.cpu_count()` counts the host's."""
@@ -161,6 +155,10 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return cores or 1
 
 
+# Folding in partitions: a stream (a job's, a user's, a host's) is folded whole, in order, by
+# one process, and the projections are keyed by what a stream is about (worker and job, user,
+# host), so the partitions' states are disjoint and their union is the state. The merge checks
+# that they are disjoint, and a log that breaks it is folded in one process instead.
 PARTITIONS = min(usable_cores(), 4)
 PARTITION_FROM = 200_000  # events; below this, starting the processes costs more than it saves
 MMAP_BYTES = 1 << 40  # a partition maps the log file (up to SQLite's cap) instead of reading pages

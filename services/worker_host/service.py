@@ -95,8 +95,8 @@ class LocalWorker(SQLModel, table=True):
 LOCAL_WORKERS = LocalWorker.__table__  # type: ignore[attr-defined]
 
 # The start path's statements, built once and run as Core (the ORM's reads and flushes were a
-# third of the host's CPU per start). Every ORM read of a worker refreshes it (`_local`), so it
-# sees what these changed in the same transaction.
+# third of the host's samples in a profile of a burst of starts). Every ORM read of a worker
+# refreshes it (`_local`), so it sees what these changed in the same transaction.
 LATEST_ATTEMPT = select(LOCAL_WORKERS.c.attempt).where(
     LOCAL_WORKERS.c.worker_id == bindparam("dispatched_worker"))
 DROP_EARLIER_ATTEMPT = delete(LOCAL_WORKERS).where(
