@@ -256,7 +256,7 @@ class Store:
         must therefore keep its effects to the unit of work (state, emits, after-commit)."""
         return await self.queue_grouped(work)
 
-    def queue_grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> Awaitable[T]:
+    def queue_grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> asyncio.Future[T]:
         """`grouped`, queued at once and awaited later: works commit in the order they were
         queued, so whatever is queued after this one commits with it or after it."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()

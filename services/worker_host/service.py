@@ -29,6 +29,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import deque
 from datetime import datetime
 from typing import Any
 
@@ -71,6 +72,7 @@ from services.worker_host.spawner import (
 log = logging.getLogger(__name__)
 
 BEAT_RELAY_WINDOW = 0.1  # seconds a worker's heartbeat may wait to be relayed with others
+REPORTS_IN_FLIGHT = 100  # a worker's reports queued for commit before its lines wait for them
 
 
 class LocalWorker(SQLModel, table=True):
@@ -364,23 +366,34 @@ class WorkerHostService(Service):
             await worker.terminate(grace=self.settings.stop_grace)
 
     async def _supervise(self, worker: WorkerProcess) -> None:
-        """Relay the worker's lines until its channel closes, then report how it ended."""
+        """Relay the worker's lines until its channel closes, then report how it ended. Its
+        reports are queued for commit in order as they are read, not each awaited before the
+        next line is read, so the lines that came together commit together (group commit); at
+        most `REPORTS_IN_FLIGHT` wait."""
+        committing: deque[asyncio.Future[None]] = deque()
         try:
             while line := await worker.reader.readline():
-                await self._relay(worker, line)
+                if (commit := self._relay(worker, line)) is not None:
+                    committing.append(commit)
+                while committing and (committing[0].done()
+                                      or len(committing) > REPORTS_IN_FLIGHT):
+                    await committing.popleft()
         except (ConnectionError, OSError):
             pass
+        for commit in committing:
+            await commit
         code = await worker.wait()
         worker.writer.close()
         self.live.pop(worker.worker_id, None)
         await self._report_exit(worker, code)
 
-    async def _relay(self, worker: WorkerProcess, raw: bytes) -> None:
+    def _relay(self, worker: WorkerProcess, raw: bytes) -> asyncio.Future[None] | None:
+        """Relays one line of the worker's; a report's commit, queued, is returned."""
         try:
             line = protocol.decode(raw)
         except ValidationError:
             log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
-            return
+            return None
         if isinstance(line, protocol.Beat):
             self.beats.add(
                 WorkerHeartbeat(
@@ -402,7 +415,7 @@ class WorkerHostService(Service):
                 log.warning(
                     "worker %s reported an invalid %s (ignored)", worker.worker_id, line.event
                 )
-                return
+                return None
 
             async def record_report(uow: UnitOfWork) -> None:
                 uow.emit(
@@ -412,7 +425,8 @@ class WorkerHostService(Service):
                     correlation_id=worker.job_id,
                 )
 
-            await self.store.grouped(record_report)
+            return self.store.queue_grouped(record_report)
+        return None
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
         if code == protocol.EXIT_LEASE_LAPSED:  # it fenced itself: our lease ran out
