@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,23 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from events import Envelope, JobDispatched, Message, StopRequested, StrategyConfig
+from events import (
+    Envelope,
+    JobDispatched,
+    Message,
+    OrderFilled,
+    PositionChanged,
+    StopRequested,
+    StrategyConfig,
+    TradeClosed,
+)
 from services.bus import Delivery
 from services.service import now
 from services.settings import Settings
 from services.store import OUTBOX
+from services.worker import protocol
 from services.worker_host.service import RECORD_PID, LocalWorker, WorkerHostService, _local
+from services.worker_host.spawner import WorkerProcess
 
 Batch = Any  # the inbox's batch handler: list[Delivery] -> failures by index
 HOST = "h-1"
@@ -141,3 +153,40 @@ async def test_a_stop_in_the_dispatchs_batch_stops_the_worker_once_started(
     assert stopped["reason"] == "stopped by user" and stopped["exit_code"] == 0
     assert spawned["worker_id"] == "w-3"
     assert await rows(service) == [] and service.live == {}
+
+
+class _Exited:
+    """A worker process that has exited with code 0."""
+
+    pid, running = 4242, False
+
+    async def wait(self) -> int:
+        return 0
+
+
+async def test_reports_read_together_commit_together_in_order_before_the_exit(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, _ = host
+    async with service.store.transaction() as uow:
+        uow.session.add(earlier_intent(5))  # the row its exit report removes
+    commits: list[list[str]] = []
+    service.store.on_commit.append(lambda uow: commits.append([e.type for e in uow.emitted]))
+    ids = {"job_id": "j-5", "worker_id": "w-5"}
+    reports = [
+        OrderFilled(**ids, order_id="o-1", instrument="BTC", side="buy", amount=1.0, price=100.0),
+        PositionChanged(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0),
+        TradeClosed(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0,
+                    exit_price=101.0, realized_pnl=1.0),
+    ]
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(protocol.encode(protocol.Report(
+        event=r.type_name(), payload=r.model_dump(mode="json"))) for r in reports))
+    reader.feed_eof()
+    _, writer = await asyncio.open_connection(sock=socket.socketpair()[0])
+    worker = WorkerProcess("w-5", "j-5", "u-1", 0, _Exited(), reader, writer)
+
+    await service._supervise(worker)
+
+    assert commits == [["OrderFilled", "PositionChanged", "TradeClosed"], ["WorkerCrashed"]]
+    assert await rows(service) == []
