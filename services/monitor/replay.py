@@ -172,11 +172,6 @@ async def replay_partitioned(path: str, until: int) -> tuple[Folded, int]:
     """The SQLite log at `path` up to position `until` folded in `PARTITIONS` processes (this
     one and `python -m services.monitor.partition` ones), only its rows of the types folded
     read (and counted), and how many rows that was."""
-    with _no_cycle_collection():  # unpickling the partitions' states builds many objects
-        return await _fold_in_partitions(path, until)
-
-
-async def _fold_in_partitions(path: str, until: int) -> tuple[Folded, int]:
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.monitor.partition", path, str(until), str(part),
@@ -189,7 +184,8 @@ async def _fold_in_partitions(path: str, until: int) -> tuple[Folded, int]:
             out, _ = await child.communicate()
             if child.returncode != 0:
                 raise PartitionFailed(f"a partition's process exited with {child.returncode}")
-            parts.append(pickle.loads(out))
+            with _no_cycle_collection():  # unpickling a state builds many objects
+                parts.append(pickle.loads(out))
     finally:  # none outlives the replay, whatever ended it
         for child in children:
             if child.returncode is None:
