@@ -18,8 +18,8 @@ import gc
 import logging
 import os
 import pickle
+import signal
 import sqlite3
-import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -170,31 +170,74 @@ class PartitionFailed(RuntimeError):
 
 async def replay_partitioned(path: str, until: int) -> tuple[Folded, int]:
     """The SQLite log at `path` up to position `until` folded in `PARTITIONS` processes (this
-    one and `python -m services.monitor.partition` ones), only its rows of the types folded
-    read (and counted), and how many rows that was."""
-    children = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.monitor.partition", path, str(until), str(part),
-            str(PARTITIONS), stdout=asyncio.subprocess.PIPE)
-        for part in range(1, PARTITIONS)
-    ]
-    try:
+    one and forked children), only its rows of the types folded read (and counted), and how
+    many rows that was."""
+    children = [_fork_partition(path, until, part) for part in range(1, PARTITIONS)]
+    try:  # forked before this process starts a thread of its own for its partition
         parts = [await asyncio.to_thread(fold_partition, path, until, 0, PARTITIONS)]
         for child in children:
-            out, _ = await child.communicate()
-            if child.returncode != 0:
-                raise PartitionFailed(f"a partition's process exited with {child.returncode}")
+            out = await asyncio.to_thread(child.result)
             with _no_cycle_collection():  # unpickling a state builds many objects
                 parts.append(pickle.loads(out))
     finally:  # none outlives the replay, whatever ended it
         for child in children:
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
+            child.close()
     folded = _disjoint_union([p for p, _ in parts], until)
     if folded is None:
         raise PartitionFailed("the log's streams do not partition its projections' keys")
     return folded, sum(n for _, n in parts)
+
+
+@dataclass
+class _Child:
+    """A forked partition: its process and the pipe its pickled result comes through."""
+
+    pid: int
+    pipe: int
+    reaped: bool = False
+
+    def result(self) -> bytes:
+        """The child's output, once it has exited; raises `PartitionFailed` if it failed."""
+        with os.fdopen(os.dup(self.pipe), "rb") as pipe:
+            out = pipe.read()
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        if (code := os.waitstatus_to_exitcode(status)) != 0:
+            raise PartitionFailed(f"a partition's process exited with {code}")
+        return out
+
+    def close(self) -> None:
+        os.close(self.pipe)
+        if not self.reaped:  # (a thread still reading its result may reap it first)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            self.reaped = True
+
+
+def _fork_partition(path: str, until: int, part: int) -> _Child:
+    """Fold partition `part` in a forked child, which writes its pickled (Folded, rows read) to
+    a pipe. Forked, not started anew: the child has the code imported and begins at once
+    (starting Python and importing the events took 0.3 s of a 3.5 s replay). It only reads the
+    log through a connection of its own and never touches what it inherited (the event loop,
+    other connections), and it ends with `os._exit`, running no cleanup of the parent's."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(read_end)
+            result = pickle.dumps(fold_partition(path, until, part, PARTITIONS),
+                                  protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(write_end, "wb") as out:
+                out.write(result)
+            code = 0
+        except BaseException:
+            log.exception("folding partition %d of the log failed", part)
+        finally:  # the fold's objects need no freeing one by one, nor the parent's anything
+            os._exit(code)
+    os.close(write_end)
+    return _Child(pid, read_end)
 
 
 def partition_pages(path: str, until: int, part: int, parts: int, types: Collection[str],

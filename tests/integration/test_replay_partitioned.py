@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,7 +100,14 @@ async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
 ) -> None:
     monkeypatch.setattr(replay_module, "PARTITIONS", 2)
     await event_log.append(history(2_000))
-    monkeypatch.setattr(sys, "executable", "/bin/false")
+    folding = replay_module.fold_partition
+
+    def failing_in_a_child(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:
+        if part > 0:  # only the forked children fold the other partitions
+            raise OSError("disk read error")
+        return folding(path, until, part, parts)
+
+    monkeypatch.setattr(replay_module, "fold_partition", failing_in_a_child)
 
     with caplog.at_level(logging.WARNING):
         folded = await replay(event_log)
