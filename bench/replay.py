@@ -21,13 +21,16 @@ import argparse
 import asyncio
 import gc
 import logging
+import multiprocessing
 import random
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -60,6 +63,7 @@ from services.monitor.log import EventLog, event_log
 from services.monitor.replay import PARTITIONS, replay
 from services.monitor.snapshot import Snapshots
 
+T = TypeVar("T")
 APPEND_BATCH = 10_000
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CONFIG = StrategyConfig(name="Scalper", type="scalping", parameters={"window": 20})
@@ -212,6 +216,20 @@ async def our_replay(path: Path, partitioned_from: int) -> tuple[float, Any]:
     return seconds, folded
 
 
+async def in_fresh_process(measure: Callable[..., T | Awaitable[T]], *args: Any) -> T:
+    """`measure(*args)` (run to its end if a coroutine) in a new Python process, as `runner
+    replay` and a monitor start run. Not in this one: it holds the generated history, over four
+    million live objects, and allocating among them made the same fold twice as slow
+    (bench/RESULTS.md). The peer is measured the same way."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return await asyncio.wrap_future(pool.submit(_run, measure, *args))
+
+
+def _run(measure: Callable[..., T | Awaitable[T]], *args: Any) -> T:
+    result = measure(*args)
+    return asyncio.run(result) if asyncio.iscoroutine(result) else result  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------ the peer
 
 
@@ -281,17 +299,18 @@ async def run(quick: bool) -> list[Figure]:
         reference_rows = envelopes[: min(n, 200_000)]
         core_rate = await core_reference(work / "core.db", reference_rows)
         append_rate = await build_log(work / "monitor.db", envelopes)
-        gc.collect()
-        seconds, folded = await our_replay(work / "monitor.db", partitioned_from=min(
+        seconds, folded = await in_fresh_process(our_replay, work / "monitor.db", min(
             n, replay_module.PARTITION_FROM))
         replay_rate = n / seconds
         assert folded.state == fold(envelopes), "replay differs from folding the envelopes"
         del folded
         tail = n // 100
-        saved, restart, size, resumed = await restart_from_snapshot(work / "monitor.db", tail)
+        saved, restart, size, resumed = await in_fresh_process(
+            restart_from_snapshot, work / "monitor.db", tail)
         assert resumed.state == fold(envelopes), "snapshot + tail differs from the full fold"
         peer_events = envelopes[: min(n, 200_000)]
-        peer_record, peer_replay = eventsourcing_peer(work / "peer.db", peer_events)
+        peer_record, peer_replay = await in_fresh_process(
+            eventsourcing_peer, work / "peer.db", peer_events)
     budget = 5.0 * n / 1_000_000
     return [
         Figure("log build: EventLog.append ×10,000 (hash chain, dedup)", append_rate,

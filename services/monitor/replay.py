@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copyreg
 import gc
 import logging
+import operator
 import os
 import pickle
 import signal
@@ -28,17 +30,29 @@ from typing import TYPE_CHECKING, Any
 
 from events import REGISTRY, Envelope
 from events.envelope import LoggedEnvelope
-from projections import EMPTY, Projections, apply, counted, fold, folds
+from projections import (
+    EMPTY,
+    EntitlementView,
+    PositionView,
+    Projections,
+    TradingStats,
+    WorkerView,
+    apply,
+    counted,
+    fold,
+    folds,
+)
 from services.monitor.liveness import (
     HOST_TYPES,
     NO_HOSTS,
     SILENCE_TYPES,
     Hosts,
+    HostView,
     apply_host,
     silenced,
 )
 
-if TYPE_CHECKING:  # not imported at run time: a partition's process needs none of it
+if TYPE_CHECKING:
     from services.monitor.log import EventLog
 
 log = logging.getLogger(__name__)
@@ -288,6 +302,25 @@ def _disjoint_union(parts: Sequence[Folded], position: int) -> Folded | None:
                         events_applied=sum(s.events_applied for s in states))
     return Folded(state, hosts, position, silenced,
                   set().union(*(p._failed_types for p in parts)))
+
+
+def _rebuilt(cls: type[Any], values: tuple[Any, ...]) -> Any:
+    view = object.__new__(cls)
+    for name, value in zip(cls.__slots__, values, strict=True):
+        object.__setattr__(view, name, value)
+    return view
+
+
+def _pickled_as_values(cls: type[Any]) -> None:
+    """Pickle a frozen slots dataclass as its fields' values, rebuilt without `__init__`: about
+    twice as fast both ways as the dataclass's own state (a partition's state crosses a pipe
+    whole, thousands of worker, position and stats views)."""
+    values = operator.attrgetter(*cls.__slots__)
+    copyreg.pickle(cls, lambda view: (_rebuilt, (cls, values(view))))
+
+
+for _view in (WorkerView, PositionView, TradingStats, EntitlementView, HostView):
+    _pickled_as_values(_view)
 
 
 @contextlib.contextmanager
