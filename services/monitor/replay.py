@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from traceback import format_exc
 from typing import TYPE_CHECKING, Any
 
 from events import REGISTRY, Envelope
@@ -246,8 +247,9 @@ def _fork_partition(path: str, until: int, part: int) -> _Child:
             with os.fdopen(write_end, "wb") as out:
                 out.write(result)
             code = 0
-        except BaseException:
-            log.exception("folding partition %d of the log failed", part)
+        except BaseException:  # written straight to the fd: a lock (logging's, a console's)
+            # held by another of the parent's threads at the fork stays held in this child
+            os.write(2, f"folding partition {part} of the log failed:\n{format_exc()}".encode())
         finally:  # the fold's objects need no freeing one by one, nor the parent's anything
             os._exit(code)
     os.close(write_end)

@@ -96,7 +96,7 @@ async def test_a_worker_on_two_streams_is_folded_in_one_process(
 
 async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
     event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(replay_module, "PARTITIONS", 2)
     await event_log.append(history(2_000))
@@ -113,6 +113,7 @@ async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
         folded = await replay(event_log)
     assert folded == await in_one_process(event_log, monkeypatch)
     assert "a partition's process exited with 1" in caplog.text
+    assert "folding partition 1 of the log failed" in capfd.readouterr().err  # and why
 
 
 def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
