@@ -219,8 +219,8 @@ async def our_replay(path: Path, partitioned_from: int) -> tuple[float, Any]:
 async def in_fresh_process(measure: Callable[..., T | Awaitable[T]], *args: Any) -> T:
     """`measure(*args)` (run to its end if a coroutine) in a new Python process, as `runner
     replay` and a monitor start run. Not in this one: it holds the generated history, over four
-    million live objects, and allocating among them made the same fold twice as slow
-    (bench/RESULTS.md). The peer is measured the same way."""
+    million live objects, and allocating among them made the same fold two to three times as
+    slow (bench/RESULTS.md). The peer is measured the same way."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return await asyncio.wrap_future(pool.submit(_run, measure, *args))
 
