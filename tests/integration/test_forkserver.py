@@ -5,6 +5,7 @@ a dead fork-server is replaced without losing track of the workers it forked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -201,6 +202,18 @@ async def test_a_dead_workers_channel_closes_though_later_workers_live(spawn: Sp
         while await first.reader.readline():
             pass  # lines sent before the kill
     assert alive(later.pid)
+
+
+async def test_a_workers_loop_holds_no_io_uring_ring(spawn: Spawn) -> None:
+    """Neither forked nor exec'd: each ring would cost its start CPU and a kernel thread."""
+    worker = await spawn()
+    await next_beat(worker)
+    links = []
+    for fd in os.listdir(f"/proc/{worker.pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # a file it closes while we look
+            links.append(os.readlink(f"/proc/{worker.pid}/fd/{fd}"))
+    assert "anon_inode:[eventpoll]" in links  # its loop is up
+    assert not [link for link in links if "io_uring" in link], links
 
 
 async def test_fork_server_and_children_hold_only_their_own_sockets(

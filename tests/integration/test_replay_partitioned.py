@@ -4,8 +4,10 @@ keep the projections' keys apart, or a partition process that fails, is folded i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,6 +116,36 @@ async def test_a_partition_process_that_fails_leaves_the_fold_to_one_process(
     assert folded == await in_one_process(event_log, monkeypatch)
     assert "a partition's process exited with 1" in caplog.text
     assert "folding partition 1 of the log failed" in capfd.readouterr().err  # and why
+
+
+async def test_a_cancelled_replay_leaves_no_partition_process_behind(
+    event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replay_module, "PARTITIONS", 2)
+    await event_log.append(history(2_000))
+    folding, forking = replay_module.fold_partition, replay_module._fork_partition
+    forked: list[int] = []
+
+    def slow_in_a_child(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:
+        if part > 0:
+            time.sleep(60)  # still folding when the replay is cancelled
+        return folding(path, until, part, parts)
+
+    def fork_partition(path: str, until: int, part: int) -> replay_module._Child:
+        child = forking(path, until, part)
+        forked.append(child.pid)
+        return child
+
+    monkeypatch.setattr(replay_module, "fold_partition", slow_in_a_child)
+    monkeypatch.setattr(replay_module, "_fork_partition", fork_partition)
+    replaying = asyncio.create_task(replay(event_log))
+    await asyncio.sleep(1.0)
+    replaying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await replaying
+    assert len(forked) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left a zombie
+        os.kill(forked[0], 0)
 
 
 def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
