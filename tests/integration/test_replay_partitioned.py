@@ -1,6 +1,7 @@
 """A long SQLite log is folded in partitions, each in a process of its own
 (`replay_partitioned`): the result is the one-process fold's, exactly; a log whose streams do not
-keep the projections' keys apart, or a partition process that fails, is folded in one process."""
+keep the projections' keys apart, or a partition process that fails, is folded in one process;
+a cancelled replay leaves no partition process behind."""
 
 from __future__ import annotations
 
