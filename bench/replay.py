@@ -4,8 +4,8 @@ Builds a log of 1,000,000 events (quick: 100,000) with a realistic mix (hundreds
 thousands of workers, their lifecycle, mostly trading: OrderFilled / PositionChanged /
 TradeClosed) through `EventLog.append` in large batches (that rate goes beside SQLAlchemy Core
 `executemany` of the same rows, measured now), then replays it with `services.monitor.replay`
-(the code of `runner replay`: a log this long is folded in partitions, one process per core;
-the quick run folds its 100,000 events so too, so that CI runs that path)
+(the code of `runner replay`: a log this long, the quick run's too, is folded in partitions,
+one process per core)
 and checks the result equals folding the generated envelopes.
 Then a monitor start from a snapshot made 1 % before the end (the snapshot, then the tail).
 
@@ -58,9 +58,8 @@ from events import (
     WorkerStopped,
 )
 from projections import fold
-from services.monitor import replay as replay_module
 from services.monitor.log import EventLog, event_log
-from services.monitor.replay import PARTITIONS, replay
+from services.monitor.replay import PARTITION_FROM, PARTITIONS, replay
 from services.monitor.snapshot import Snapshots
 
 T = TypeVar("T")
@@ -194,22 +193,19 @@ async def restart_from_snapshot(path: Path, tail: int) -> tuple[float, float, in
         await source.close()
 
 
-async def our_replay(path: Path, partitioned_from: int) -> tuple[float, Any]:
-    """(seconds, folded state) replaying the whole log as `runner replay` does, in partitions
-    from `partitioned_from` events on (the quick run's short log too, so that CI runs that
-    path); a fallback to one process (it warns) fails the benchmark."""
+async def our_replay(path: Path) -> tuple[float, Any]:
+    """(seconds, folded state) replaying the whole log as `runner replay` does, in partitions;
+    a fallback to one process (it warns) fails the benchmark."""
     source = EventLog.at(f"sqlite+aiosqlite:///{path}", must_exist=True)
     warnings: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = warnings.append  # type: ignore[method-assign]
     logging.getLogger(replay.__module__).addHandler(handler)
-    threshold, replay_module.PARTITION_FROM = replay_module.PARTITION_FROM, partitioned_from
     try:
         start = time.perf_counter()
         folded = await replay(source)
         seconds = time.perf_counter() - start
     finally:
-        replay_module.PARTITION_FROM = threshold
         logging.getLogger(replay.__module__).removeHandler(handler)
         await source.close()
     assert not warnings, f"the replay fell back to one process: {warnings[0].getMessage()}"
@@ -293,14 +289,14 @@ def eventsourcing_peer(path: Path, envelopes: list[Envelope]) -> tuple[float, fl
 
 async def run(quick: bool) -> list[Figure]:
     n = 100_000 if quick else 1_000_000
+    assert n >= PARTITION_FROM, "the quick run too folds in partitions, so that CI runs that path"
     envelopes = history(n)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         reference_rows = envelopes[: min(n, 200_000)]
         core_rate = await core_reference(work / "core.db", reference_rows)
         append_rate = await build_log(work / "monitor.db", envelopes)
-        seconds, folded = await in_fresh_process(our_replay, work / "monitor.db", min(
-            n, replay_module.PARTITION_FROM))
+        seconds, folded = await in_fresh_process(our_replay, work / "monitor.db")
         replay_rate = n / seconds
         assert folded.state == fold(envelopes), "replay differs from folding the envelopes"
         del folded

@@ -175,7 +175,9 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 # host), so the partitions' states are disjoint and their union is the state. The merge checks
 # that they are disjoint, and a log that breaks it is folded in one process instead.
 PARTITIONS = min(usable_cores(), 4)
-PARTITION_FROM = 200_000  # events; below this, starting the processes costs more than it saves
+# events; below this a fork gains little (forked, two partitions folded 20,000 events in 0.09 s
+# against 0.12 s in one process, 10,000 in the same time, 50,000 in 0.17 against 0.28 s)
+PARTITION_FROM = 50_000
 MMAP_BYTES = 1 << 40  # a partition maps the log file (up to SQLite's cap) instead of reading pages
 
 
@@ -213,7 +215,7 @@ class _Child:
 
     def result(self) -> bytes:
         """The child's output, once it has exited; raises `PartitionFailed` if it failed."""
-        with os.fdopen(os.dup(self.pipe), "rb") as pipe:
+        with os.fdopen(os.dup(self.pipe), "rb") as pipe:  # `close` may close ours meanwhile
             out = pipe.read()
         _, status = os.waitpid(self.pid, 0)
         self.reaped = True

@@ -54,13 +54,6 @@ from services.worker.strategies.base import Strategy, load_strategy
 
 log = logging.getLogger("services.worker")
 
-# libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread
-# polling it, for file operations a worker never makes through its loop. Without them a
-# worker's start took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and
-# 1,000 workers hold no 1,000 kernel threads. libuv reads this once per process, at its first
-# loop: set on import, before the fork-server's warm-up loop, which decides for its children.
-os.environ.setdefault("UV_USE_IO_URING", "0")
-
 EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_BAD_CONFIG = 2

@@ -21,10 +21,10 @@ from pathlib import Path
 from services.worker import protocol
 from services.worker_host.forkserver import encode
 from services.worker_host.spawner import (
-    INHERITED,
     SpawnError,
     SpawnRequest,
     WorkerProcess,
+    base_environment,
     greeted,
 )
 
@@ -161,8 +161,7 @@ class ForkServer:
                     "-m",
                     "services.worker_host.forkserver",
                     str(server_end.fileno()),
-                    # None of the host's secrets: only the variables a worker inherits anyway.
-                    env={k: os.environ[k] for k in INHERITED if k in os.environ},
+                    env=base_environment(),  # none of the host's secrets
                     pass_fds=(server_end.fileno(),),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_out,

@@ -2,7 +2,7 @@
 
 `python -m services.worker_host.forkserver FD` — FD is its end of a SOCK_SEQPACKET socket to
 the worker-host. It imports the worker runtime, the strategies and the paper broker once, and
-holds no secrets (its environment is the host's INHERITED variables only) and no connection.
+holds no secrets (its environment is a worker's `base_environment` only) and no connection.
 It keeps `SPARES` children forked and warmed up ahead, each in its own session, holding only
 its end of a socketpair to the server; a request is handed to the oldest spare (the env and
 the two fds, the same way), or forked at once when none is ready.

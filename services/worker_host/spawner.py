@@ -25,6 +25,18 @@ from services.worker import protocol
 # The only variables of the host's own environment a worker (or the fork-server) inherits: never
 # the host's secrets (no deployment key, no admin token, no broker URL).
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
+# libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread polling
+# it, for file operations a worker never makes through its loop. Without them a worker's start
+# took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and 1,000 workers hold
+# no 1,000 kernel threads. libuv reads it once per process, at its first loop: the fork-server's
+# warm-up loop decides for the children it forks.
+WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
+
+
+def base_environment() -> dict[str, str]:
+    """What a worker's process, and the fork-server, start from: the host's `INHERITED`
+    variables (none of its secrets) and `WORKER_LOOP_ENV`."""
+    return {k: os.environ[k] for k in INHERITED if k in os.environ} | WORKER_LOOP_ENV
 
 
 class SpawnError(RuntimeError):
@@ -147,8 +159,7 @@ def worker_environment(
     lease_until: float | None = None,
 ) -> dict[str, str]:
     """The seed's per-worker environment plus the runtime's own."""
-    env = {k: os.environ[k] for k in INHERITED if k in os.environ}
-    env |= {
+    env = base_environment() | {
         protocol.ENV_USER_ID: user_id,
         protocol.ENV_STRATEGY_ID: strategy_id,
         protocol.ENV_BROKER_ID: broker_id,

@@ -183,10 +183,12 @@ async def test_reports_read_together_commit_together_in_order_before_the_exit(
     reader.feed_data(b"".join(protocol.encode(protocol.Report(
         event=r.type_name(), payload=r.model_dump(mode="json"))) for r in reports))
     reader.feed_eof()
-    _, writer = await asyncio.open_connection(sock=socket.socketpair()[0])
+    ours, theirs = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=ours)
     worker = WorkerProcess("w-5", "j-5", "u-1", 0, _Exited(), reader, writer)
 
     await service._supervise(worker)
+    theirs.close()
 
     assert commits == [["OrderFilled", "PositionChanged", "TradeClosed"], ["WorkerCrashed"]]
     assert await rows(service) == []
