@@ -169,10 +169,19 @@ class Bus:
         await self.broker.stop()
         self._started = False
 
-    async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
+    async def _channel(
+        self, prefetch: int | None = None, *, confirms: bool = True
+    ) -> aio_pika.abc.AbstractRobustChannel:
+        """The connection's channel for these settings (one for each, shared)."""
         return await self.broker.config.channel_manager.get_channel(
-            Channel(prefetch_count=prefetch)
+            Channel(prefetch_count=prefetch, publisher_confirms=confirms)
         )
+
+    async def _unconfirmed_channel(self) -> aio_pika.abc.AbstractRobustChannel:
+        """The channel RPC requests and replies travel on. A publisher confirm would not make
+        them safer (the reply, or the caller's timeout, is the answer either way), and would
+        hold each for a broker round trip before it counts as sent."""
+        return await self._channel(confirms=False)
 
     async def _declare_bindings(self, spec: QueueSpec) -> None:
         queue = await self.broker.declare_queue(_queue(spec))
@@ -208,7 +217,8 @@ class Bus:
             raise PublishFailed(f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
 
     async def send_telemetry(self, message: Message) -> None:
-        """Fire-and-forget transient telemetry (no confirm wait, dropped when nobody listens)."""
+        """Transient telemetry (dropped when nobody listens), returning once the broker has
+        confirmed it: a host renews its lease on its heartbeat's confirm."""
         if self._publish_channel is None:
             return
         exchange = await self._publish_channel.get_exchange(
@@ -394,7 +404,7 @@ class Bus:
 
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
-            channel = await self._channel()
+            channel = await self._unconfirmed_channel()
             # a passive declare registers the pseudo-queue with the robust channel, so its
             # consumer is restored after a reconnect (ensure=False was not: replies then failed)
             queue = await channel.get_queue(REPLY_TO)
@@ -669,7 +679,7 @@ class _RpcServer:
         encoding = None
         if len(body) >= COMPRESS_REPLIES_FROM:
             body, encoding = zlib.compress(body, 1), "deflate"
-        channel = self.bus._publish_channel or await self.bus._channel()
+        channel = await self.bus._unconfirmed_channel()
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body,
