@@ -169,19 +169,10 @@ class Bus:
         await self.broker.stop()
         self._started = False
 
-    async def _channel(
-        self, prefetch: int | None = None, *, confirms: bool = True
-    ) -> aio_pika.abc.AbstractRobustChannel:
-        """The connection's channel for these settings (one for each, shared)."""
+    async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
         return await self.broker.config.channel_manager.get_channel(
-            Channel(prefetch_count=prefetch, publisher_confirms=confirms)
+            Channel(prefetch_count=prefetch)
         )
-
-    async def _unconfirmed_channel(self) -> aio_pika.abc.AbstractRobustChannel:
-        """The channel RPC requests and replies travel on. A publisher confirm would not make
-        them safer (the reply, or the caller's timeout, is the answer either way), and would
-        hold each for a broker round trip before it counts as sent."""
-        return await self._channel(confirms=False)
 
     async def _declare_bindings(self, spec: QueueSpec) -> None:
         queue = await self.broker.declare_queue(_queue(spec))
@@ -404,7 +395,7 @@ class Bus:
 
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
-            channel = await self._unconfirmed_channel()
+            channel = await self._channel()
             # a passive declare registers the pseudo-queue with the robust channel, so its
             # consumer is restored after a reconnect (ensure=False was not: replies then failed)
             queue = await channel.get_queue(REPLY_TO)
@@ -679,7 +670,7 @@ class _RpcServer:
         encoding = None
         if len(body) >= COMPRESS_REPLIES_FROM:
             body, encoding = zlib.compress(body, 1), "deflate"
-        channel = await self.bus._unconfirmed_channel()
+        channel = self.bus._publish_channel or await self.bus._channel()
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body,
