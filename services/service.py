@@ -50,7 +50,7 @@ class Service:
         self.outbox = OutboxRelay(self.store, self.bus)
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # running background tasks
         self.store.on_commit.append(
             lambda uow: self._timer_wake.set() if uow.timers_changed else None
         )
@@ -121,8 +121,13 @@ class Service:
                 uow.cause = None
                 await then(uow)
 
-    def background(self, coro: Awaitable[Any], name: str) -> None:
-        self._tasks.append(asyncio.create_task(_logged(coro, name), name=name))
+    def background(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Run `coro` until it ends (a failure is logged) or the service stops. The task is held
+        only while it runs: a host starts two or three per worker, for as long as it lives."""
+        task = asyncio.create_task(_logged(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def setup(self) -> None:
         """Subclasses register handlers here (called before the bus starts)."""
@@ -148,11 +153,14 @@ class Service:
         outbox, then disconnect."""
         await self.bus.stop_consuming()
         await self.drain()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        while self._tasks:  # a task may start another as it ends
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._tasks.difference_update(tasks)
         await self.outbox.stop()
         await self.bus.close()
         await self.store.close()

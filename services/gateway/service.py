@@ -128,8 +128,7 @@ class GatewayService(Service):
             timeout_keep_alive=HTTP_KEEP_ALIVE,
         )
         self._server = _QuietServer(config)
-        self.background(self._server.serve(), "http")
-        self._http = http = self._tasks[-1]
+        self._http = http = self.background(self._server.serve(), "http")
         while not self._server.started:
             await asyncio.sleep(0.01)
             if http.done():

@@ -6,10 +6,11 @@ ORM handlers of the rest of a worker's life (a stop) in one transaction."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,29 @@ async def test_a_stop_in_the_dispatchs_batch_stops_the_worker_once_started(
     assert stopped["reason"] == "stopped by user" and stopped["exit_code"] == 0
     assert spawned["worker_id"] == "w-3"
     assert await rows(service) == [] and service.live == {}
+
+
+async def test_no_task_of_an_ended_worker_is_kept(host: tuple[WorkerHostService, Batch]) -> None:
+    """A host starts tasks for each worker (its launch, its supervision, its stop); once the
+    worker has ended, none may still be referenced, or a long-lived host grows without bound."""
+    service, inbox = host
+    ids = range(6, 9)
+    assert await inbox([dispatched(service, n) for n in ids]) == {}
+    await until(lambda: _count(emitted(service, "WorkerSpawned"), len(ids)))
+    stops = [StopRequested(job_id=f"j-{n}", worker_id=f"w-{n}", host_id=HOST, flatten=False,
+                           reason="stopped by user") for n in ids]
+    assert await inbox([delivery(stop) for stop in stops]) == {}
+    await until(lambda: _count(emitted(service, "WorkerStopped"), len(ids)))
+    await asyncio.sleep(0.1)  # the supervisors' last steps
+
+    gc.collect()
+    kept = [task.get_name() for task in gc.get_objects() if isinstance(task, asyncio.Task)
+            and task.get_name().endswith(tuple(f"-w-{n}" for n in ids))]
+    assert kept == []
+
+
+async def _count(rows: Awaitable[list[Any]], n: int) -> bool:
+    return len(await rows) == n
 
 
 class _Exited:
