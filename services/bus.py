@@ -170,6 +170,7 @@ class Bus:
         self._started = False
 
     async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
+        """A new channel, each call (FastStream's `Channel` settings hash by identity): keep it."""
         return await self.broker.config.channel_manager.get_channel(
             Channel(prefetch_count=prefetch)
         )
