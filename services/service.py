@@ -126,8 +126,13 @@ class Service:
         only while it runs: a host starts two or three per worker, for as long as it lives."""
         task = asyncio.create_task(_logged(coro, name), name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._forget)
         return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # `_logged` logged it: asyncio need not again ("never retrieved")
 
     async def setup(self) -> None:
         """Subclasses register handlers here (called before the bus starts)."""
