@@ -94,8 +94,8 @@ def rehearse(times: int = REHEARSALS) -> None:
     flatten. Python 3.11 writes to the code it runs (a function's calls count up to its
     quickening, then its instructions specialize in place) and fills the type attribute cache
     as it goes; each such write in a child copies a page of the server's. Rehearsed here, a
-    worker starts from code already specialized: about 1,120 pages copied instead of 1,370
-    (4.0 MiB unique against 4.9). A failed rehearsal only costs that; it is reported."""
+    worker starts from code already specialized: about 1,110 pages copied instead of 1,380
+    (4.0 MiB unique against 5.0). A failed rehearsal only costs that; it is reported."""
     from services.worker.runtime import run_worker
 
     code: int | str = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.worker import runtime
+from services.worker import protocol, runtime
 from services.worker_host import forkserver
 
 
@@ -43,7 +43,7 @@ def test_a_rehearsal_runs_whole_workers_and_leaves_the_process_as_it_was(
 
     def run_worker(env: dict[str, str]) -> int:
         code = real(env)
-        account = Path(env["RUNNER_WORKER_STATE"]).read_text()  # it bought: its account is saved
+        account = Path(env[protocol.ENV_STATE_FILE]).read_text()  # it bought: its account saved
         lives.append(code if '"BTC-PERPETUAL"' in account else -1)
         return code
 
