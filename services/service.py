@@ -123,7 +123,7 @@ class Service:
 
     def background(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` until it ends (a failure is logged) or the service stops. The task is held
-        only while it runs: a host starts two or three per worker, for as long as it lives."""
+        only while it runs: a host starts two or three per worker, over a life of many workers."""
         task = asyncio.create_task(_logged(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._forget)
@@ -165,7 +165,7 @@ class Service:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            self._tasks.difference_update(tasks)
+            self._tasks.difference_update(tasks)  # an ended task's `_forget` may not have run
         await self.outbox.stop()
         await self.bus.close()
         await self.store.close()

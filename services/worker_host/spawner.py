@@ -29,7 +29,7 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV"
 # it, for file operations a worker never makes through its loop. Without them a worker's start
 # took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and 1,000 workers hold
 # no 1,000 kernel threads. libuv reads it once per process, at its first loop: the fork-server's
-# warm-up loop decides for the children it forks.
+# first (its rehearsal's) decides for the children it forks.
 WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
 
 
