@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -147,6 +148,7 @@ class Service:
         self.outbox.start()
         if self.timer_handlers:
             self.background(self._run_timers(), f"{self.name}-timers")
+        self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
         await self.started()
         log.info("%s started", self.name)
 
@@ -185,6 +187,22 @@ class Service:
             await stop.wait()
         finally:
             await self.stop()
+
+    async def _forget_old_processed(self) -> None:
+        """Every `ledger_prune_every` seconds, the first time one interval after the start (after
+        the redeliveries a restart brings), forget the processed ids older than the retention:
+        the ledger holds what one retention brings in, not every message ever handled."""
+        while True:
+            await asyncio.sleep(self.settings.ledger_prune_every)
+            try:
+                forgotten = await self.store.forget_processed(
+                    time.time() - self.settings.ledger_retention)
+            except Exception:
+                log.exception("forgetting old processed ids failed; trying again later")
+                continue
+            if forgotten:
+                log.info("forgot %d processed ids older than %gs", forgotten,
+                         self.settings.ledger_retention)
 
     async def _run_timers(self) -> None:
         while True:

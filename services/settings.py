@@ -73,6 +73,16 @@ class Settings(BaseSettings):
         "machine with the gateway and the entitlement service (`runner up` gives the monitor, "
         "the scheduler and the worker-hosts 5)",
     )
+    ledger_retention: float = Field(
+        default=7 * 24 * 3600.0, gt=0,
+        description="seconds a service remembers a processed message's id, to skip a redelivered "
+        "copy; a copy arriving later would be handled again. Redeliveries come when a consumer "
+        "reconnects or a service restarts, so this must outlast the longest outage",
+    )
+    ledger_prune_every: float = Field(
+        default=600.0, gt=0,
+        description="seconds between deletions of the ids older than `ledger_retention`",
+    )
     snapshot_every: int = Field(
         default=100_000, ge=0,
         description="recorded events between the monitor's snapshots of its folded state (a "

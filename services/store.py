@@ -43,9 +43,11 @@ from sqlalchemy import (
     insert,
     inspect,
     text,
+    tuple_,
+    update,
 )
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
 from sqlmodel import Field, SQLModel, select
@@ -82,11 +84,13 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 class Processed(SQLModel, table=True):
-    """Messages whose effect is committed, per consuming queue."""
+    """Messages whose effect is committed, per consuming queue, and when (Unix seconds): the
+    ledger keeps an id for the retention (`Store.forget_processed`), not forever."""
 
     __tablename__ = "processed"
     consumer: str = Field(primary_key=True, max_length=100)
     event_id: str = Field(primary_key=True, max_length=36)
+    recorded_at: int | None = Field(default=None, index=True)  # None only before an upgrade
 
 
 class OutboxRow(SQLModel, table=True):
@@ -116,6 +120,7 @@ PROCESSED_AMONG = select(PROCESSED.c.event_id).where(
     PROCESSED.c.event_id.in_(bindparam("ids", expanding=True)),
 )
 RECORD_PROCESSED = insert(PROCESSED)
+FORGET_CHUNK = 5_000  # ledger rows deleted per transaction: other writers wait that long at most
 
 BASE_TABLES: tuple[Table, ...] = tuple(
     t.__table__
@@ -194,7 +199,8 @@ class UnitOfWork:
 
 def _add_new_columns(conn: Connection, tables: Sequence[Table]) -> None:
     """Schema upgrades are additive: a nullable column a newer version added to a table that
-    already exists is added to it (`create_all` creates missing tables only)."""
+    already exists is added to it, and so is a new index (`create_all` creates missing tables
+    only)."""
     inspector = inspect(conn)
     for table in tables:
         existing = {column["name"] for column in inspector.get_columns(table.name)}
@@ -207,6 +213,8 @@ def _add_new_columns(conn: Connection, tables: Sequence[Table]) -> None:
             kind = column.type.compile(dialect=conn.dialect)
             conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
             log.info("store: added column %s.%s", table.name, column.name)
+        for index in table.indexes:  # of the added columns too (`create_all` skipped the table)
+            index.create(conn, checkfirst=True)
 
 
 class Store:
@@ -228,6 +236,9 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.run_sync(SQLModel.metadata.create_all, tables=list(self.tables))
             await conn.run_sync(_add_new_columns, self.tables)
+            # ids recorded before the ledger had times: their retention counts from now
+            await conn.execute(update(PROCESSED).where(PROCESSED.c.recorded_at.is_(None))
+                               .values(recorded_at=int(time.time())))
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -252,8 +263,9 @@ class Store:
         """Run `work(uow)` in a transaction shared with every other `grouped` call waiting at
         that moment (group commit), and return its result once that transaction has committed.
         If one work of a group raises, the group is rolled back and each of its works runs
-        again in a transaction of its own, so a failure reaches only its own caller. A work
-        must therefore keep its effects to the unit of work (state, emits, after-commit)."""
+        again in a transaction of its own, so a failure reaches only its own caller; a work
+        that fails transiently is run again (`_commit_alone`). A work must therefore keep its
+        effects to the unit of work (state, emits, after-commit)."""
         return await self.queue_grouped(work)
 
     def queue_grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> asyncio.Future[T]:
@@ -292,15 +304,26 @@ class Store:
 
     async def _commit_alone(self, work: Callable[[UnitOfWork], Awaitable[Any]],
                             done: asyncio.Future[Any]) -> None:
-        try:
-            async with self.transaction() as uow:
-                result = await work(uow)
-        except Exception as exc:
-            if not done.done():
-                done.set_exception(exc)
-        else:
-            if not done.done():
-                done.set_result(result)
+        """Commit one work, retrying it while the database fails in a way that may pass (see
+        `transient`) for up to `COMMIT_PATIENCE` seconds; the works queued behind it wait, so
+        they still commit in order."""
+        deadline, pause = time.monotonic() + COMMIT_PATIENCE, 0.05
+        while True:
+            try:
+                async with self.transaction() as uow:
+                    result = await work(uow)
+            except Exception as exc:
+                if transient(exc) and time.monotonic() < deadline and not done.done():
+                    log.warning("a commit failed (%r); retrying in %gs", exc, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+                    continue
+                if not done.done():
+                    done.set_exception(exc)
+            else:
+                if not done.done():
+                    done.set_result(result)
+            return
 
     @asynccontextmanager
     async def processing_many(
@@ -326,9 +349,32 @@ class Store:
                 seen.add(event_id)
                 fresh.append(position)
         if fresh:
-            await connection.execute(
-                RECORD_PROCESSED, [{"consumer": consumer, "event_id": ids[p]} for p in fresh])
+            at = int(time.time())
+            await connection.execute(RECORD_PROCESSED, [
+                {"consumer": consumer, "event_id": ids[p], "recorded_at": at} for p in fresh])
         return fresh
+
+    async def forget_processed(self, before: float, chunk: int = FORGET_CHUNK) -> int:
+        """Delete the ledger's ids recorded before `before` (Unix seconds), oldest first, `chunk`
+        per transaction; returns how many. A copy of a message arriving after its id is gone is
+        handled again, so the retention must outlast any redelivery (they come when a consumer
+        reconnects, and an outbox is republished when its service restarts)."""
+        oldest = (
+            select(PROCESSED.c.consumer, PROCESSED.c.event_id)
+            .where(PROCESSED.c.recorded_at < int(before))
+            .order_by(PROCESSED.c.recorded_at)
+            .limit(chunk)
+        )
+        forget = delete(PROCESSED).where(
+            tuple_(PROCESSED.c.consumer, PROCESSED.c.event_id).in_(oldest))
+        forgotten = 0
+        while True:
+            async with self.transaction() as uow:
+                result = await (await uow.connection()).execute(forget)
+            forgotten += result.rowcount
+            if result.rowcount < chunk:
+                return forgotten
+            await asyncio.sleep(0)  # let waiting writers in between chunks
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
@@ -340,6 +386,17 @@ class Store:
     async def next_timer(self) -> TimerRow | None:
         async with self.reading() as session:
             return (await session.exec(select(TimerRow).order_by(TimerRow.due_at).limit(1))).first()
+
+
+COMMIT_PATIENCE = 30.0  # seconds a grouped work is retried while the database fails transiently
+
+
+def transient(exc: BaseException) -> bool:
+    """A database failure that may pass on its own: SQLite locked or busy beyond its time-out,
+    an I/O error or a full disk; a PostgreSQL connection lost. Not a constraint violated, nor
+    a bug in the work."""
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 READ_ONLY = "runner_read_only"  # execution option of `Store.reading` sessions

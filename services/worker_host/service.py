@@ -45,6 +45,7 @@ from events import (
     HostLost,
     HostOnline,
     JobDispatched,
+    Message,
     StopRequested,
     WorkerCrashed,
     WorkerHeartbeat,
@@ -112,6 +113,18 @@ RECORD_PID = (update(LOCAL_WORKERS)
 
 def job_stream(job_id: str) -> str:
     return f"job-{job_id}"
+
+
+async def _committed(worker: WorkerProcess, report: Message,
+                     commit: asyncio.Future[None]) -> None:
+    """Waits for a report's commit. One that failed for good (the store retries a transient
+    failure) is logged with the report, and the worker's supervision goes on: its exit must
+    still be reported, or its job would hold its slot and never restart."""
+    try:
+        await commit
+    except Exception as exc:
+        log.error("worker %s: its %s could not be committed and is lost (%r): %s",
+                  worker.worker_id, report.type_name(), exc, report.model_dump_json())
 
 
 async def _local(uow: UnitOfWork, worker_id: str) -> LocalWorker | None:
@@ -370,25 +383,27 @@ class WorkerHostService(Service):
         reports are queued for commit in order as they are read, not each awaited before the
         next line is read, so the lines that came together commit together (group commit); at
         most `REPORTS_IN_FLIGHT` wait."""
-        committing: deque[asyncio.Future[None]] = deque()
+        committing: deque[tuple[Message, asyncio.Future[None]]] = deque()
         try:
             while line := await worker.reader.readline():
-                if (commit := self._relay(worker, line)) is not None:
-                    committing.append(commit)
-                while committing and (committing[0].done()
+                if (report := self._relay(worker, line)) is not None:
+                    committing.append(report)
+                while committing and (committing[0][1].done()
                                       or len(committing) > REPORTS_IN_FLIGHT):
-                    await committing.popleft()
+                    await _committed(worker, *committing.popleft())
         except (ConnectionError, OSError):
             pass
-        for commit in committing:
-            await commit
+        for report in committing:
+            await _committed(worker, *report)
         code = await worker.wait()
         worker.writer.close()
         self.live.pop(worker.worker_id, None)
         await self._report_exit(worker, code)
 
-    def _relay(self, worker: WorkerProcess, raw: bytes) -> asyncio.Future[None] | None:
-        """Relays one line of the worker's; a report's commit, queued, is returned."""
+    def _relay(
+        self, worker: WorkerProcess, raw: bytes
+    ) -> tuple[Message, asyncio.Future[None]] | None:
+        """Relays one line of the worker's; a report is returned with its commit, queued."""
         try:
             line = protocol.decode(raw)
         except ValidationError:
@@ -425,7 +440,7 @@ class WorkerHostService(Service):
                     correlation_id=worker.job_id,
                 )
 
-            return self.store.queue_grouped(record_report)
+            return event, self.store.queue_grouped(record_report)
         return None
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:

@@ -46,7 +46,15 @@ from services.gateway.users import UserRow
 from services.monitor.log import EventLog, EventLogMissing, event_log
 from services.scheduler.service import CircuitRow, HostRow, JobRow, SchedulerService
 from services.settings import Settings
-from services.store import OutboxRelay, OutboxRow, Processed, Store, TimerRow, UtcDateTime
+from services.store import (
+    PROCESSED,
+    OutboxRelay,
+    OutboxRow,
+    Processed,
+    Store,
+    TimerRow,
+    UtcDateTime,
+)
 from services.topology import ENTITLEMENT_INBOX
 from services.worker_host.service import LocalWorker, WorkerHostService
 
@@ -387,6 +395,61 @@ async def test_the_same_envelope_processed_twice_has_one_effect(
     finally:
         for service in services:
             await service.store.close()
+
+
+async def test_the_ledger_forgets_ids_older_than_its_retention(backend: Backend) -> None:
+    """`forget_processed` deletes the ids recorded before a time, oldest first, a chunk per
+    transaction, and no other: a copy of a kept id is still skipped; a copy of a forgotten one
+    is fresh again (why the retention must outlast any redelivery)."""
+    store = Store(backend.url("scheduler"))
+    await store.open()
+    envelopes = [start_runner("alice") for _ in range(7)]
+    try:
+        async with store.processing_many(envelopes, "inbox") as (_, fresh):
+            assert fresh == list(range(7))
+        async with store.transaction() as uow:  # the first five were recorded a day ago
+            old = [str(e.event_id) for e in envelopes[:5]]
+            await (await uow.connection()).execute(
+                update(PROCESSED).where(PROCESSED.c.event_id.in_(old))
+                .values(recorded_at=PROCESSED.c.recorded_at - 86_400))
+        commits: list[int] = []
+        store.on_commit.append(lambda uow: commits.append(1))
+
+        assert await store.forget_processed(time.time() - 3_600, chunk=2) == 5
+        assert len(commits) == 3  # 2 + 2 + 1
+        assert await store.forget_processed(time.time() - 3_600) == 0
+        async with store.processing_many(envelopes[4:], "inbox") as (_, fresh):
+            assert fresh == [0]  # the forgotten fifth is handled again; the two kept are not
+    finally:
+        await store.close()
+
+
+async def test_an_old_ledger_gets_its_times_at_the_upgrade(backend: Backend) -> None:
+    """A store whose ledger predates `recorded_at` opens with the column and its index added,
+    the old ids timed at the opening: kept for one retention from then, then forgotten."""
+    url = backend.url("entitlement")
+    old = Store(url)
+    await old.open()
+    async with old.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE processed"))
+        await conn.execute(text(
+            "CREATE TABLE processed (consumer VARCHAR(100) NOT NULL, event_id VARCHAR(36) NOT "
+            "NULL, PRIMARY KEY (consumer, event_id))"))
+        await conn.execute(text("INSERT INTO processed VALUES ('inbox', 'a'), ('inbox', 'b')"))
+    await old.close()
+
+    opened = time.time()
+    store = Store(url)
+    await store.open()
+    try:
+        async with store.engine.connect() as conn:
+            indexes = await conn.run_sync(
+                lambda sync: sqlalchemy.inspect(sync).get_indexes("processed"))
+        assert [i["column_names"] for i in indexes] == [["recorded_at"]]
+        assert await store.forget_processed(opened - 60) == 0
+        assert await store.forget_processed(opened + 60) == 2
+    finally:
+        await store.close()
 
 
 async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:

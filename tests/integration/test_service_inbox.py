@@ -1,19 +1,21 @@
 """A service inbox on the real broker (`Service.handle`): the deliveries that have arrived are
 handled in one transaction (group commit); a handler that keeps failing is retried, then
 dead-lettered to `dlq.<service>` with its reason, alone, while the rest of its batch commits once;
-a message delivered twice has one effect."""
+a message delivered twice has one effect; the ledger that ensures it forgets old ids."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from sqlalchemy import func
+from sqlmodel import select
 
 from events import Envelope, JobQueued, StopRunner
 from services.bus import Bus
 from services.service import Service
 from services.settings import Settings
-from services.store import UnitOfWork
+from services.store import Processed, UnitOfWork
 from services.topology import SCHEDULER_INBOX
 from tests.integration.broker_helpers import eventually, the_only_dead_letter
 
@@ -107,3 +109,33 @@ async def test_then_runs_after_a_batch_unless_all_its_messages_skip_it(settings:
         await probe.store.close()
     # the mixed batch ran it once, after both of its handlers; a duplicate is no new work
     assert rounds == [2]
+
+
+async def test_a_running_service_forgets_processed_ids_after_the_retention(
+    settings: Settings,
+) -> None:
+    """The ledger is pruned while the service runs: ids older than `ledger_retention` go, every
+    `ledger_prune_every` seconds, and the messages they stood for stay handled once."""
+    settings = settings.model_copy(update={"ledger_retention": 1.0, "ledger_prune_every": 0.2})
+    publisher = Bus(settings, "test")
+    await publisher.start()
+    await publisher.declare(SCHEDULER_INBOX)
+    probe = Probe(settings)
+    await probe.start()
+
+    async def ledger_size() -> int:
+        async with probe.store.reading() as session:
+            return (await session.exec(select(func.count()).select_from(Processed))).one()
+
+    try:
+        await publisher.publish_many([stop(f"w{i}") for i in range(10)])
+        await eventually(lambda: len(probe.committed) == 10, 20, "the ten stops")
+        assert await ledger_size() == 10
+        deadline = asyncio.get_running_loop().time() + 10
+        while await ledger_size() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert await ledger_size() == 0
+    finally:
+        await probe.stop()
+        await publisher.close()
+    assert sorted(probe.committed) == sorted(f"w{i}" for i in range(10))

@@ -10,11 +10,13 @@ import gc
 import json
 import signal
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
 from events import (
@@ -27,10 +29,11 @@ from events import (
     StrategyConfig,
     TradeClosed,
 )
+from services import store as store_module
 from services.bus import Delivery
 from services.service import now
 from services.settings import Settings
-from services.store import OUTBOX
+from services.store import OUTBOX, UnitOfWork
 from services.worker import protocol
 from services.worker_host.service import RECORD_PID, LocalWorker, WorkerHostService, _local
 from services.worker_host.spawner import WorkerProcess
@@ -215,4 +218,73 @@ async def test_reports_read_together_commit_together_in_order_before_the_exit(
     theirs.close()
 
     assert commits == [["OrderFilled", "PositionChanged", "TradeClosed"], ["WorkerCrashed"]]
+    assert await rows(service) == []
+
+
+def _failing_reports(monkeypatch: pytest.MonkeyPatch, times: int | None) -> list[str]:
+    """Makes the commit of a transaction that emits a report fail as a lost database does
+    (`OperationalError`), `times` times (None: always); returns the failures' log."""
+    failures: list[str] = []
+    write_outbox = UnitOfWork._write_outbox
+
+    async def failing(uow: UnitOfWork) -> None:
+        if any(e.type == "OrderFilled" for e in uow.emitted) and (
+                times is None or len(failures) < times):
+            failures.append(uow.emitted[0].type)
+            raise OperationalError("INSERT INTO outbox", {},
+                                   sqlite3.OperationalError("disk I/O error"))
+        await write_outbox(uow)
+
+    monkeypatch.setattr(UnitOfWork, "_write_outbox", failing)
+    return failures
+
+
+async def _supervise_reports(service: WorkerHostService) -> list[list[str]]:
+    """Supervises an exited worker that reported a fill and a position; the commits' emits."""
+    async with service.store.transaction() as uow:
+        uow.session.add(earlier_intent(6))
+    commits: list[list[str]] = []
+    service.store.on_commit.append(lambda uow: commits.append([e.type for e in uow.emitted]))
+    ids = {"job_id": "j-6", "worker_id": "w-6"}
+    reports = [
+        OrderFilled(**ids, order_id="o-1", instrument="BTC", side="buy", amount=1.0, price=100.0),
+        PositionChanged(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0),
+    ]
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(protocol.encode(protocol.Report(
+        event=r.type_name(), payload=r.model_dump(mode="json"))) for r in reports))
+    reader.feed_eof()
+    ours, theirs = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=ours)
+    await service._supervise(WorkerProcess("w-6", "j-6", "u-1", 0, _Exited(), reader, writer))
+    theirs.close()
+    return commits
+
+
+async def test_a_report_whose_commit_fails_transiently_is_retried_in_order(
+    host: tuple[WorkerHostService, Batch], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database fails twice as the fill commits: the store retries it, and everything
+    after it waits, so the reports and the exit still commit once each, in order."""
+    service, _ = host
+    failures = _failing_reports(monkeypatch, times=2)
+    commits = await _supervise_reports(service)
+    assert len(failures) == 2
+    assert [t for c in commits for t in c] == ["OrderFilled", "PositionChanged", "WorkerCrashed"]
+    assert await rows(service) == []
+
+
+async def test_a_report_that_cannot_be_committed_is_logged_and_supervision_goes_on(
+    host: tuple[WorkerHostService, Batch], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fill whose commit fails for good (past the store's patience) is logged, whole, as
+    lost; the worker's later report and its exit are still committed, so its slot is freed."""
+    service, _ = host
+    monkeypatch.setattr(store_module, "COMMIT_PATIENCE", 0.3)
+    _failing_reports(monkeypatch, times=None)
+    commits = await _supervise_reports(service)
+    assert [t for c in commits for t in c] == ["PositionChanged", "WorkerCrashed"]
+    [lost] = [r for r in caplog.records if "could not be committed" in r.getMessage()]
+    assert "OrderFilled" in lost.getMessage() and '"order_id":"o-1"' in lost.getMessage()
     assert await rows(service) == []
