@@ -391,12 +391,20 @@ class Store:
 COMMIT_PATIENCE = 30.0  # seconds a grouped work is retried while the database fails transiently
 
 
+# SQLite's failures that may pass (sqlite3 raises OperationalError for a bad statement too)
+SQLITE_TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR,
+                    sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN}
+
+
 def transient(exc: BaseException) -> bool:
-    """A database failure that may pass on its own: SQLite locked or busy beyond its time-out,
-    an I/O error or a full disk; a PostgreSQL connection lost. Not a constraint violated, nor
-    a bug in the work."""
-    return isinstance(exc, OperationalError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    """A database failure that may pass on its own: SQLite busy beyond its time-out, an I/O
+    error, a full disk; a lost connection, or another backend's operational error (a deadlock,
+    a failover). Not a constraint violated, nor a bad statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(getattr(exc, "orig", None), sqlite3.Error):
+        return getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in SQLITE_TRANSIENT  # type: ignore[attr-defined]
+    return isinstance(exc, OperationalError)
 
 
 READ_ONLY = "runner_read_only"  # execution option of `Store.reading` sessions

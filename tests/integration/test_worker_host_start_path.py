@@ -226,13 +226,14 @@ def _failing_reports(monkeypatch: pytest.MonkeyPatch, times: int | None) -> list
     (`OperationalError`), `times` times (None: always); returns the failures' log."""
     failures: list[str] = []
     write_outbox = UnitOfWork._write_outbox
+    disk_io_error = sqlite3.OperationalError("disk I/O error")
+    disk_io_error.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE  # type: ignore[attr-defined]
 
     async def failing(uow: UnitOfWork) -> None:
         if any(e.type == "OrderFilled" for e in uow.emitted) and (
                 times is None or len(failures) < times):
             failures.append(uow.emitted[0].type)
-            raise OperationalError("INSERT INTO outbox", {},
-                                   sqlite3.OperationalError("disk I/O error"))
+            raise OperationalError("INSERT INTO outbox", {}, disk_io_error)
         await write_outbox(uow)
 
     monkeypatch.setattr(UnitOfWork, "_write_outbox", failing)
