@@ -56,6 +56,21 @@ def machine() -> dict[str, str]:
     }
 
 
+def reference_loop_ms(repeats: int = 5) -> float:
+    """This machine's speed for pure Python now: the best of `repeats` runs of a fixed loop
+    (one million additions and dict stores), in ms, before and after the suite. Runs whose loops
+    differ compare machines, not code: the benchmark VM's speed moves by tens of percent within
+    minutes."""
+    best = float("inf")
+    for _ in range(repeats):
+        started, total, seen = time.perf_counter(), 0, {}
+        for i in range(1_000_000):
+            total += i
+            seen[i & 1023] = total
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 async def suite(quick: bool, only: list[str], console: Console) -> tuple[list[Figure], list[str]]:
     figures: list[Figure] = []
     failed: list[str] = []
@@ -85,11 +100,14 @@ def main() -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=220)  # logs and CI: one row per figure
+    speed_before = reference_loop_ms()
     figures, failed = asyncio.run(suite(args.quick, args.only, console))
+    speed = {"reference_loop_ms": f"{speed_before:.0f} before, {reference_loop_ms():.0f} after"}
     console.rule("summary")
     console.print(
         table(figures, "Runner Orchestrator benchmarks" + (" (quick)" if args.quick else ""))
     )
+    console.print(f"this machine's reference loop, ms: {speed['reference_loop_ms']}")
     output = args.output or Path(__file__).with_name(
         "results-quick.json" if args.quick else "results.json"
     )
@@ -98,7 +116,7 @@ def main() -> None:
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "quick": args.quick,
-                "machine": machine(),
+                "machine": machine() | speed,
                 "figures": [f.as_json() for f in figures],
                 "failed": failed,
             },
