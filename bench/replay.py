@@ -69,8 +69,9 @@ CONFIG = StrategyConfig(name="Scalper", type="scalping", parameters={"window": 2
 INSTRUMENTS = ("BTC-PERPETUAL", "ETH-PERPETUAL", "SOL-PERPETUAL")
 
 
-def history(n: int, seed: int = 7) -> list[Envelope]:
-    """`n` envelopes of a busy system: workers start, trade, crash and restart, stop."""
+def history(n: int, seed: int = 7, step: timedelta = timedelta(milliseconds=1)) -> list[Envelope]:
+    """`n` envelopes of a busy system: workers start, trade, crash and restart, stop; `step`
+    apart."""
     rnd = random.Random(seed)
     out: list[Envelope] = []
     users = [f"user-{i}" for i in range(max(10, n // 2000))]
@@ -79,7 +80,7 @@ def history(n: int, seed: int = 7) -> list[Envelope]:
     def add(message: Message, stream: str, user: str | None = None, job: str | None = None
             ) -> None:
         out.append(Envelope.wrap(message, stream=stream, user_id=user, correlation_id=job,
-                                 occurred_at=T0 + timedelta(milliseconds=len(out))))
+                                 occurred_at=T0 + step * len(out)))
 
     for h in range(4):
         add(HostOnline(host_id=f"h-{h}", capacity=500, hostname=f"box-{h}", pid=100 + h),

@@ -8,6 +8,7 @@ monitor at query time).
 from projections.state import (
     EMPTY,
     ENDED,
+    ENDED_KEPT_HOURS,
     EntitlementView,
     PositionView,
     Projections,
@@ -18,12 +19,15 @@ from projections.state import (
     counted,
     fold,
     folds,
+    forget_ended,
+    kept_from,
     queue_stats,
 )
 
 __all__ = [
     "EMPTY",
     "ENDED",
+    "ENDED_KEPT_HOURS",
     "EntitlementView",
     "PositionView",
     "Projections",
@@ -34,5 +38,7 @@ __all__ = [
     "counted",
     "fold",
     "folds",
+    "forget_ended",
+    "kept_from",
     "queue_stats",
 ]

@@ -9,6 +9,13 @@ Only the types with a handler below are parsed; every other envelope (commands, 
 load events, and types this build does not know) only counts in `events_applied`. Events about a
 worker the state has never seen are ignored the same way, never raised.
 
+Ended workers are kept for `ENDED_KEPT_HOURS` after they end, then forgotten (their history stays
+in the log): the state holds the workers of the last week, not every worker ever started. The
+clock that decides it is the log's own (`Projections.clock`: the latest time of a start or an
+end folded), so a replay forgets exactly what the live state forgot. Forgetting commutes with
+folding (an ended worker's later events change nothing that outlives it), so it is the same
+whether done per event, per batch or after a partitioned fold (`forget_ended`).
+
 Speed (replay folds a million events in seconds): handlers are found by type name in a table
 built once from the `singledispatch` registry, and they change a `Draft` in place, which a batch
 of events freezes into one new state (building a whole new state per event cost more than the
@@ -122,6 +129,11 @@ class Projections:
     events_applied: int = 0
     # JobRejected names only the job; this finds the worker view it has to remove.
     worker_by_job: immutables.Map[str, str] = field(default_factory=immutables.Map)
+    # The log's clock: the latest time a worker was requested, started or ended (None before).
+    clock: datetime | None = None
+    # Ended workers by the hour they ended (hours since the epoch): worker id → job id.
+    ended_by_hour: immutables.Map[int, immutables.Map[str, str]] = field(
+        default_factory=immutables.Map)
 
 
 EMPTY = Projections()
@@ -130,7 +142,9 @@ EMPTY = Projections()
 # redelivered dispatch (which would show it queued again) nor a crash report from a host that
 # was cut off.
 ENDED = frozenset({JobStatus.STOPPED, JobStatus.FAILED})
+ENDED_KEPT_HOURS = 7 * 24  # how long an ended worker stays in the state (and the status)
 _NO_POSITIONS: immutables.Map[str, PositionView] = immutables.Map()
+_NO_ENDS: immutables.Map[str, str] = immutables.Map()
 _NO_TRADES = TradingStats()
 
 
@@ -142,8 +156,8 @@ class Draft:
     Handlers change a draft instead of building a whole new state per event: a batch of events
     (a replay page, a committed batch) builds one new state, not one per event."""
 
-    __slots__ = ("entitlements", "positions", "rejected_jobs", "stats", "worker_by_job",
-                 "workers")
+    __slots__ = ("clock", "ended_by_hour", "entitlements", "positions", "rejected_jobs",
+                 "stats", "worker_by_job", "workers")
 
     def __init__(self, state: Projections) -> None:
         self.workers = state.workers.mutate()
@@ -152,11 +166,43 @@ class Draft:
         self.entitlements = state.entitlements.mutate()
         self.worker_by_job = state.worker_by_job.mutate()
         self.rejected_jobs = state.rejected_jobs
+        self.clock = state.clock
+        self.ended_by_hour = state.ended_by_hour.mutate()
 
     def finish(self, events_applied: int) -> Projections:
         return Projections(self.workers.finish(), self.positions.finish(), self.stats.finish(),
                            self.entitlements.finish(), self.rejected_jobs, events_applied,
-                           self.worker_by_job.finish())
+                           self.worker_by_job.finish(), self.clock, self.ended_by_hour.finish())
+
+    def tick(self, at: datetime) -> None:
+        """The log's clock reads `at`, if that is later. Only a worker's request, start and
+        first end move it: never a late event about an ended worker, which a state that has
+        forgotten it ignores."""
+        if self.clock is None or at > self.clock:
+            self.clock = at
+
+    def end_worker(self, worker_id: str, at: datetime, **changes: object) -> None:
+        """The worker has ended (or, ended before, changes how): its end time is its first."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        if worker.ended_at is None:
+            self.tick(at)
+            changes["ended_at"] = at
+            hour = _hour(at)
+            self.ended_by_hour[hour] = self.ended_by_hour.get(hour, _NO_ENDS).set(
+                worker_id, worker.job_id)
+        self.workers[worker_id] = _replaced_worker(worker, changes)
+
+    def forget_ended(self, before_hour: int) -> None:
+        """Forget the workers that ended before `before_hour`: their views, positions, stats."""
+        ended = self.ended_by_hour.finish()  # (a mutation cannot list its keys)
+        self.ended_by_hour = ended.mutate()
+        for hour in [h for h in ended if h < before_hour]:
+            for worker_id, job_id in self.ended_by_hour.pop(hour).items():
+                for views in (self.workers, self.positions, self.stats):
+                    views.pop(worker_id, None)
+                self.worker_by_job.pop(job_id, None)
 
     def update_worker(self, worker_id: str, **changes: object) -> None:
         worker = self.workers.get(worker_id)
@@ -183,7 +229,26 @@ def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projectio
         handler = handlers.get(envelope.type)
         if handler is not None:
             handler(envelope.message(), draft, envelope)
+    if (kept_since := kept_from(draft.clock)) > kept_from(state.clock):
+        draft.forget_ended(kept_since)
     return draft.finish(state.events_applied + events)
+
+
+def _hour(moment: datetime) -> int:
+    return int(moment.timestamp() // 3600)
+
+
+def kept_from(clock: datetime | None) -> int:
+    """The hour (since the epoch) from which ended workers are kept, at the log's `clock`."""
+    return -1 if clock is None else _hour(clock) - ENDED_KEPT_HOURS
+
+
+def forget_ended(state: Projections) -> Projections:
+    """`state` without the ended workers its clock no longer keeps: what folding the same log
+    gives, for a state put together otherwise (the union of partitions folded apart)."""
+    draft = Draft(state)
+    draft.forget_ended(kept_from(state.clock))
+    return draft.finish(state.events_applied)
 
 
 # The hot events' values (positions, trade stats, changed workers) are built without their
@@ -281,6 +346,7 @@ def _(event: JobRequested, draft: Draft, envelope: Envelope) -> None:
     """A new worker view, queued; a repeated request for a known worker changes nothing."""
     if event.worker_id in draft.workers:
         return
+    draft.tick(envelope.occurred_at)
     draft.workers[event.worker_id] = WorkerView(
         worker_id=event.worker_id,
         job_id=event.job_id,
@@ -324,7 +390,8 @@ def _(event: JobDispatched, draft: Draft, envelope: Envelope) -> None:
 @_on.register(WorkerRestarted)
 def _(event: WorkerSpawned | WorkerRestarted, draft: Draft, envelope: Envelope) -> None:
     """Running; after a restart the reason still tells why it had to restart."""
-    if not _is_stale(draft, event.worker_id, event.attempt):
+    if not _is_stale(draft, event.worker_id, event.attempt) and event.worker_id in draft.workers:
+        draft.tick(envelope.occurred_at)
         draft.update_worker(
             event.worker_id,
             status=JobStatus.RUNNING,
@@ -369,11 +436,11 @@ def _(event: WorkerRestartScheduled, draft: Draft, envelope: Envelope) -> None:
 @_on.register
 def _(event: RestartsExhausted, draft: Draft, envelope: Envelope) -> None:
     reason = f"restarts exhausted after {event.attempts} attempts"
-    draft.update_worker(
+    draft.end_worker(
         event.worker_id,
+        envelope.occurred_at,
         status=JobStatus.FAILED,
         pid=None,
-        ended_at=envelope.occurred_at,
         reason=f"{reason}: {event.detail}" if event.detail else reason,
     )
 
@@ -385,8 +452,8 @@ def _(event: StopRequested, draft: Draft, envelope: Envelope) -> None:
 
 @_on.register
 def _(event: WorkerStopped, draft: Draft, envelope: Envelope) -> None:
-    draft.update_worker(event.worker_id, status=JobStatus.STOPPED, pid=None,
-                        ended_at=envelope.occurred_at, reason=event.reason)
+    draft.end_worker(event.worker_id, envelope.occurred_at, status=JobStatus.STOPPED, pid=None,
+                     reason=event.reason)
 
 
 @_on.register

@@ -29,6 +29,8 @@ from pathlib import Path
 from traceback import format_exc
 from typing import TYPE_CHECKING, Any
 
+import immutables
+
 from events import REGISTRY, Envelope
 from events.envelope import LoggedEnvelope
 from projections import (
@@ -42,6 +44,7 @@ from projections import (
     counted,
     fold,
     folds,
+    forget_ended,
 )
 from services.monitor.liveness import (
     HOST_TYPES,
@@ -302,8 +305,16 @@ def _disjoint_union(parts: Sequence[Folded], position: int) -> Folded | None:
     if hosts is None or None in keyed.values() or len(silenced) != sum(
             len(p.silenced) for p in parts):
         return None
-    state = Projections(**keyed, rejected_jobs=sum(s.rejected_jobs for s in states),
-                        events_applied=sum(s.events_applied for s in states))
+    ended_by_hour = states[0].ended_by_hour.mutate()  # the hours overlap, the workers do not
+    for other in states[1:]:
+        for hour, ended in other.ended_by_hour.items():
+            ended_by_hour[hour] = ended_by_hour.get(hour, immutables.Map()).update(ended)
+    clocks = [s.clock for s in states if s.clock is not None]
+    # each partition forgot by its own clock, which may be behind the log's
+    state = forget_ended(Projections(
+        **keyed, rejected_jobs=sum(s.rejected_jobs for s in states),
+        events_applied=sum(s.events_applied for s in states), clock=max(clocks, default=None),
+        ended_by_hour=ended_by_hour.finish()))
     return Folded(state, hosts, position, silenced,
                   set().union(*(p._failed_types for p in parts)))
 

@@ -32,7 +32,7 @@ from events import (
     WorkerHeartbeat,
     WorkerHeartbeats,
 )
-from projections import ENDED, Projections, folds
+from projections import ENDED, Projections, folds, kept_from
 from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
@@ -133,7 +133,10 @@ class MonitorService(Service):
     def _on_recorded(self, recorded: Recorded) -> None:
         if not recorded:
             return
+        clock = self.state.clock
         self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0])
+        if kept_from(self.state.clock) > kept_from(clock):  # ended workers were forgotten
+            self._forget_workers_gone()
         self._snapshot_when_due()
         moment = now()
         for _, envelope in recorded:
@@ -144,6 +147,15 @@ class MonitorService(Service):
                 self._entries.clear()
         self._changed.set()  # wake status queries waiting for what was just recorded
         self._changed = asyncio.Event()
+
+    def _forget_workers_gone(self) -> None:
+        """Drop what the monitor keeps about workers its state has forgotten (their last beats,
+        their status entries): an hourly sweep at most, as the log's clock moves."""
+        known = self.state.workers
+        for kept in (self.liveness.beats, self.liveness.worker_seen, self._entries):
+            for worker_id in [w for w in kept if w not in known]:
+                del kept[worker_id]
+        self.liveness.reported_workers.intersection_update(known.keys())
 
     def _on_telemetry(self, message: Message) -> None:
         if isinstance(message, WorkerHeartbeats | WorkerHeartbeat):  # single: an older host

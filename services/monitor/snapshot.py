@@ -94,6 +94,8 @@ def encode(folded: Folded) -> bytes:
         "rejected_jobs": state.rejected_jobs,
         "events_applied": state.events_applied,
         "worker_by_job": dict(state.worker_by_job),
+        "clock": state.clock,
+        "ended_by_hour": {str(hour): dict(ended) for hour, ended in state.ended_by_hour.items()},
         "hosts": dict(folded.hosts),
         "silenced": sorted(folded.silenced),
     }), 1)
@@ -113,6 +115,9 @@ def decode(body: bytes) -> Folded:
         rejected_jobs=raw["rejected_jobs"],
         events_applied=raw["events_applied"],
         worker_by_job=immutables.Map(raw["worker_by_job"]),
+        clock=_time(raw["clock"]),
+        ended_by_hour=immutables.Map({int(hour): immutables.Map(ended)
+                                      for hour, ended in raw["ended_by_hour"].items()}),
     )
     hosts = immutables.Map({k: HostView(**{**v, "online_at": _time(v["online_at"])})
                             for k, v in raw["hosts"].items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -23,8 +23,10 @@ from events import (
     WorkerHeartbeat,
     WorkerHeartbeats,
     WorkerSpawned,
+    WorkerStopped,
 )
 from events.routing import EVENTS_EXCHANGE
+from projections import ENDED_KEPT_HOURS
 from services.bus import Bus, RpcError
 from services.monitor import views
 from services.monitor.service import MonitorService
@@ -269,3 +271,29 @@ async def test_a_restarted_monitor_replays_the_log_into_the_same_state(settings:
                 await again.stop()
     finally:
         await bus.close()
+
+
+async def test_a_worker_stopped_a_week_ago_leaves_the_status_and_the_monitors_memory(
+        monitor: MonitorService, bus: Bus) -> None:
+    """Once the log's clock (a later start) is `ENDED_KEPT_HOURS` past a worker's end, the
+    worker leaves the status, and the monitor drops its last beat and its cached entry too."""
+    await bus.publish_many(worker_started())
+    await eventually(lambda: monitor.folded.position >= 4, what="the start recorded")
+    await bus.send_telemetry(heartbeat())
+    await eventually(lambda: "w1" in monitor.liveness.beats, what="its heartbeat")
+    stopped = on_job(WorkerStopped(job_id="j1", worker_id="w1", reason="stopped by user"))
+    await bus.publish(stopped)
+    await eventually(lambda: monitor.folded.position >= 5, what="the stop recorded")
+    before = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice"})
+    assert [e["worker"]["status"] for e in before["workers"]] == ["stopped"]
+    assert "w1" in monitor._entries
+
+    a_week_on = stopped.occurred_at + timedelta(hours=ENDED_KEPT_HOURS + 1)
+    await bus.publish_many([e.model_copy(update={"occurred_at": a_week_on})
+                            for e in worker_started("j2", "w2")])
+    await eventually(lambda: monitor.folded.position >= 9, what="the next start recorded")
+    after = await bus.request("monitor.rpc", {"op": "status", "user_id": "alice"})
+    assert [e["worker"]["workerId"] for e in after["workers"]] == ["w2"]
+    assert after["queueStats"]["totalWorkers"] == 1
+    assert "w1" not in monitor.liveness.beats and "w1" not in monitor.liveness.worker_seen
+    assert "w1" not in monitor._entries

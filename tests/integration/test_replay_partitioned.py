@@ -10,13 +10,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from bench.replay import history
 from events import EntitlementUpgraded, Envelope, JobRequested, StrategyConfig
+from projections import ENDED_KEPT_HOURS
 from services.monitor import replay as replay_module
 from services.monitor.log import EventLog
 from services.monitor.replay import Folded, replay, usable_cores
@@ -53,24 +54,40 @@ async def in_one_process(event_log: EventLog, monkeypatch: pytest.MonkeyPatch,
         return await replay(event_log, **bounds)
 
 
-@pytest.mark.parametrize("partitions", [2, 3])
+@pytest.mark.parametrize(("partitions", "step"), [
+    (2, timedelta(milliseconds=1)),
+    (3, timedelta(milliseconds=1)),
+    (2, timedelta(minutes=1)),  # two weeks: ended workers are forgotten on the way
+])
 async def test_a_log_folded_in_partitions_is_the_log_folded_in_one_process(
     event_log: EventLog, partitioned: list[int], monkeypatch: pytest.MonkeyPatch,
-    partitions: int,
+    partitions: int, step: timedelta,
 ) -> None:
     monkeypatch.setattr(replay_module, "PARTITIONS", partitions)
-    await event_log.append(history(20_000))
+    envelopes = history(20_000, step=step)
+    if step > timedelta(seconds=1):  # a start two days on, in one partition: the others'
+        late = requested("w-late", "job-late")  # own clocks are behind the log's
+        envelopes.append(late.model_copy(
+            update={"occurred_at": envelopes[-1].occurred_at + timedelta(days=2)}))
+    await event_log.append(envelopes)
     plan = EntitlementUpgraded(tier="basic", max_workers=3,
                                expires_at=datetime(2030, 1, 1, tzinfo=UTC))
     await event_log.append([Envelope.wrap(plan, stream="", user_id="u-1")])  # an empty stream
+    total = len(envelopes) + 1
 
     for bounds in ({}, {"until_position": 12_345}):
         folded = await replay(event_log, **bounds)
         assert folded == await in_one_process(event_log, monkeypatch, **bounds)
-        assert folded.state.events_applied == bounds.get("until_position", 20_001)
-    assert partitioned == [20_001, 12_345]
+        assert folded.state.events_applied == bounds.get("until_position", total)
+    assert partitioned == [total, 12_345]
     everything = await replay(event_log)
     assert len(everything.state.workers) > 100 and everything.state.positions
+    if step > timedelta(seconds=1):
+        assert everything.state.clock == envelopes[-1].occurred_at
+        long_ago = everything.state.clock - timedelta(hours=ENDED_KEPT_HOURS + 1)
+        stopped_long_ago = {e.payload["worker_id"] for e in envelopes
+                            if e.type == "WorkerStopped" and e.occurred_at < long_ago}
+        assert stopped_long_ago and not stopped_long_ago & set(everything.state.workers)
     assert everything.hosts and everything.state.entitlements["u-1"].tier == "basic"
 
 

@@ -3,9 +3,11 @@ entitlements."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import immutables
 import pytest
 
 from events import (
@@ -42,6 +44,7 @@ from events import (
 )
 from projections import (
     EMPTY,
+    ENDED_KEPT_HOURS,
     EntitlementView,
     PositionView,
     Projections,
@@ -315,6 +318,48 @@ def test_stop_marks_the_request_then_stops_the_worker() -> None:
     view = worker(*steps, WorkerStopped(**ids(1), reason="stopped by user", exit_code=0))
     assert (view.status, view.pid, view.stop_requested) == (JobStatus.STOPPED, None, True)
     assert (view.ended_at, view.reason) == (at(6), "stopped by user")
+
+
+def timed(start: datetime, *steps: Message) -> list[Envelope]:
+    """Alice's envelopes one second apart from `start` (`history` begins at `T0`)."""
+    shifted = history(*steps)
+    return [e.model_copy(update={"occurred_at": start + (e.occurred_at - T0)}) for e in shifted]
+
+
+def test_an_ended_worker_is_kept_for_a_week_then_forgotten_with_its_positions_and_stats(
+) -> None:
+    """Forgotten once a start or an end in the log is `ENDED_KEPT_HOURS` (rounded to the hour)
+    after its end; a worker running since before is kept; a late event about it changes
+    nothing."""
+    ended = T0 + timedelta(hours=1)
+    state = fold([
+        *timed(T0, *running(1), position(1, "BTC", 1.0), trade(1, 5.0)),
+        *timed(ended, WorkerStopped(**ids(1), reason="stopped by user", exit_code=0),
+               *running(2)),
+    ])
+    assert state.workers["w-1"].ended_at == ended and state.positions["w-1"]
+
+    week = timedelta(hours=ENDED_KEPT_HOURS)
+    state = fold(timed(ended + week - timedelta(minutes=1), requested(3)), state)
+    assert {"w-1", "w-2", "w-3"} <= set(state.workers)
+
+    state = fold(timed(ended + week + timedelta(hours=1), requested(4)), state)
+    assert set(state.workers) == {"w-2", "w-3", "w-4"}
+    assert "w-1" not in state.positions and "w-1" not in state.stats
+    assert "job-1" not in state.worker_by_job and state.ended_by_hour == immutables.Map()
+
+    late = timed(ended + 2 * week, trade(1, 1.0), WorkerStopped(**ids(1), reason="again"))
+    assert fold(late, state) == replace(state, events_applied=state.events_applied + 2)
+
+
+def test_a_worker_ended_twice_keeps_its_first_end() -> None:
+    """Failed, then stopped (a stop of a failed job): its status and reason change, not when it
+    ended, so its retention counts from the first end."""
+    steps = [*running(1), RestartsExhausted(**ids(1), attempts=3),
+             WorkerStopped(**ids(1), reason="stopped by user", exit_code=None)]
+    view = worker(*steps)
+    assert (view.status, view.reason, view.ended_at) == (JobStatus.STOPPED, "stopped by user",
+                                                         at(len(steps) - 2))
 
 
 def test_queued_job_can_be_stopped_before_it_runs() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from unittest import mock
 from uuid import UUID
 
 from hypothesis import HealthCheck, given, settings
@@ -43,7 +44,8 @@ from events import (
     WorkerStopped,
 )
 from events.envelope import LoggedEnvelope
-from projections import EMPTY, Projections, QueueStats, fold, queue_stats
+from projections import EMPTY, Projections, QueueStats, fold, kept_from, queue_stats
+from projections import state as state_module
 
 USERS = ("alice", "bob", "carol")
 HOSTS = ("h-1", "h-2")
@@ -297,8 +299,13 @@ def noise(draw: st.DrawFn) -> list[Message]:
 
 
 @st.composite
-def histories(draw: st.DrawFn) -> History:
-    """Several users' jobs and entitlement changes, interleaved; each job's own order is kept."""
+def histories(draw: st.DrawFn, days_apart: bool = False) -> History:
+    """Several users' jobs and entitlement changes, interleaved; each job's own order is kept.
+    Envelopes up to 10 s apart, or, `days_apart`, some of them up to ten days apart (so that
+    ended workers are forgotten)."""
+    gaps = st.integers(0, 10**7)
+    if days_apart:
+        gaps = st.one_of(gaps, st.integers(0, 10 * 86_400 * 10**6))
     scripts: list[list[tuple[str, Message]]] = []
     outcomes: dict[str, Outcome] = {}
     for n in range(draw(st.integers(1, 5))):
@@ -326,7 +333,7 @@ def histories(draw: st.DrawFn) -> History:
         user, message = pending[i].pop(0)
         if not pending[i]:
             del pending[i]
-        occurred_at += timedelta(microseconds=draw(st.integers(0, 10**7)))
+        occurred_at += timedelta(microseconds=draw(gaps))
         job_id = getattr(message, "job_id", None)
         envelopes.append(
             Envelope.wrap(
@@ -353,7 +360,7 @@ def fold_in_chunks(envelopes: list[Envelope], cuts: list[int]) -> list[Projectio
 
 
 @PROPERTY_SETTINGS
-@given(history=histories(), data=st.data())
+@given(history=st.one_of(histories(), histories(days_apart=True)), data=st.data())
 def test_folding_in_chunks_equals_folding_at_once(history: History, data: st.DataObject) -> None:
     envelopes = history.envelopes
     cuts = data.draw(st.lists(st.integers(0, len(envelopes)), max_size=6), label="cuts")
@@ -366,14 +373,37 @@ def test_folding_in_chunks_equals_folding_at_once(history: History, data: st.Dat
 
 
 @PROPERTY_SETTINGS
-@given(history=histories())
+@given(history=histories(days_apart=True))
+def test_ended_workers_are_forgotten_as_the_logs_clock_passes_their_retention(
+    history: History,
+) -> None:
+    """Folding forgets exactly the workers that ended more than `ENDED_KEPT_HOURS` (rounded to
+    the hour) before the log's clock, with their positions and stats: the state is the state
+    that keeps everything, less those. So forgetting commutes with folding."""
+    with mock.patch.object(state_module, "ENDED_KEPT_HOURS", 10**9):
+        everything = fold(history.envelopes)
+    state = fold(history.envelopes)
+
+    cutoff = kept_from(everything.clock)
+    gone = {w for w, view in everything.workers.items()
+            if view.ended_at is not None and view.ended_at.timestamp() // 3600 < cutoff}
+    assert state.clock == everything.clock
+    assert set(state.workers) == set(everything.workers) - gone
+    assert all(state.workers[w] == view for w, view in everything.workers.items() if w not in gone)
+    assert set(state.positions) == set(everything.positions) - gone
+    assert set(state.stats) == set(everything.stats) - gone
+    assert set(state.worker_by_job.values()) == set(everything.worker_by_job.values()) - gone
+
+
+@PROPERTY_SETTINGS
+@given(history=st.one_of(histories(), histories(days_apart=True)))
 def test_replay_from_the_json_log_equals_the_live_state(history: History) -> None:
     logged = [Envelope.from_json(envelope.to_json()) for envelope in history.envelopes]
     assert fold(logged) == fold(history.envelopes)
 
 
 @PROPERTY_SETTINGS
-@given(history=histories())
+@given(history=st.one_of(histories(), histories(days_apart=True)))
 def test_the_light_replay_decode_folds_to_the_live_state(history: History) -> None:
     """`runner replay` decodes logged envelopes with `LoggedEnvelope` (no envelope re-validation):
     it must fold to exactly the state the validated envelopes give."""
