@@ -191,32 +191,41 @@ class _Exited:
         return 0
 
 
-async def test_reports_read_together_commit_together_in_order_before_the_exit(
-    host: tuple[WorkerHostService, Batch],
-) -> None:
-    service, _ = host
-    async with service.store.transaction() as uow:
-        uow.session.add(earlier_intent(5))  # the row its exit report removes
-    commits: list[list[str]] = []
-    service.store.on_commit.append(lambda uow: commits.append([e.type for e in uow.emitted]))
-    ids = {"job_id": "j-5", "worker_id": "w-5"}
-    reports = [
+def trading_reports(n: int) -> list[Message]:
+    ids = {"job_id": f"j-{n}", "worker_id": f"w-{n}"}
+    return [
         OrderFilled(**ids, order_id="o-1", instrument="BTC", side="buy", amount=1.0, price=100.0),
         PositionChanged(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0),
         TradeClosed(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0,
                     exit_price=101.0, realized_pnl=1.0),
     ]
+
+
+async def supervise_exited(service: WorkerHostService, n: int,
+                           reports: list[Message]) -> list[list[str]]:
+    """Supervises worker `n`, which sent `reports` and exited with code 0; returns the types each
+    commit emitted."""
+    async with service.store.transaction() as uow:
+        uow.session.add(earlier_intent(n))  # the row its exit report removes
+    commits: list[list[str]] = []
+    service.store.on_commit.append(lambda uow: commits.append([e.type for e in uow.emitted]))
     reader = asyncio.StreamReader()
     reader.feed_data(b"".join(protocol.encode(protocol.Report(
         event=r.type_name(), payload=r.model_dump(mode="json"))) for r in reports))
     reader.feed_eof()
     ours, theirs = socket.socketpair()
     _, writer = await asyncio.open_connection(sock=ours)
-    worker = WorkerProcess("w-5", "j-5", "u-1", 0, _Exited(), reader, writer)
-
-    await service._supervise(worker)
+    await service._supervise(WorkerProcess(f"w-{n}", f"j-{n}", "u-1", 0, _Exited(), reader,
+                                           writer))
     theirs.close()
+    return commits
 
+
+async def test_reports_read_together_commit_together_in_order_before_the_exit(
+    host: tuple[WorkerHostService, Batch],
+) -> None:
+    service, _ = host
+    commits = await supervise_exited(service, 5, trading_reports(5))
     assert commits == [["OrderFilled", "PositionChanged", "TradeClosed"], ["WorkerCrashed"]]
     assert await rows(service) == []
 
@@ -240,28 +249,6 @@ def _failing_reports(monkeypatch: pytest.MonkeyPatch, times: int | None) -> list
     return failures
 
 
-async def _supervise_reports(service: WorkerHostService) -> list[list[str]]:
-    """Supervises an exited worker that reported a fill and a position; the commits' emits."""
-    async with service.store.transaction() as uow:
-        uow.session.add(earlier_intent(6))
-    commits: list[list[str]] = []
-    service.store.on_commit.append(lambda uow: commits.append([e.type for e in uow.emitted]))
-    ids = {"job_id": "j-6", "worker_id": "w-6"}
-    reports = [
-        OrderFilled(**ids, order_id="o-1", instrument="BTC", side="buy", amount=1.0, price=100.0),
-        PositionChanged(**ids, instrument="BTC", side="long", amount=1.0, entry_price=100.0),
-    ]
-    reader = asyncio.StreamReader()
-    reader.feed_data(b"".join(protocol.encode(protocol.Report(
-        event=r.type_name(), payload=r.model_dump(mode="json"))) for r in reports))
-    reader.feed_eof()
-    ours, theirs = socket.socketpair()
-    _, writer = await asyncio.open_connection(sock=ours)
-    await service._supervise(WorkerProcess("w-6", "j-6", "u-1", 0, _Exited(), reader, writer))
-    theirs.close()
-    return commits
-
-
 async def test_a_report_whose_commit_fails_transiently_is_retried_in_order(
     host: tuple[WorkerHostService, Batch], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -269,7 +256,7 @@ async def test_a_report_whose_commit_fails_transiently_is_retried_in_order(
     after it waits, so the reports and the exit still commit once each, in order."""
     service, _ = host
     failures = _failing_reports(monkeypatch, times=2)
-    commits = await _supervise_reports(service)
+    commits = await supervise_exited(service, 6, trading_reports(6)[:2])
     assert len(failures) == 2
     assert [t for c in commits for t in c] == ["OrderFilled", "PositionChanged", "WorkerCrashed"]
     assert await rows(service) == []
@@ -284,7 +271,7 @@ async def test_a_report_that_cannot_be_committed_is_logged_and_supervision_goes_
     service, _ = host
     monkeypatch.setattr(store_module, "COMMIT_PATIENCE", 0.3)
     _failing_reports(monkeypatch, times=None)
-    commits = await _supervise_reports(service)
+    commits = await supervise_exited(service, 6, trading_reports(6)[:2])
     assert [t for c in commits for t in c] == ["PositionChanged", "WorkerCrashed"]
     [lost] = [r for r in caplog.records if "could not be committed" in r.getMessage()]
     assert "OrderFilled" in lost.getMessage() and '"order_id":"o-1"' in lost.getMessage()
