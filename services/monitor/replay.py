@@ -45,6 +45,7 @@ from projections import (
     fold,
     folds,
     forget_ended,
+    kept_from,
 )
 from services.monitor.liveness import (
     HOST_TYPES,
@@ -80,7 +81,9 @@ class Folded:
 
         One new state for the whole batch. A projection that raises skips only that envelope
         (logged once per type): the batch is folded again one envelope at a time. The log stays
-        the truth and a fixed projection rebuilds from it."""
+        the truth and a fixed projection rebuilds from it. The workers the projections forget
+        leave the silenced ones too."""
+        clock = self.state.clock
         try:
             state = fold(envelopes, self.state)
         except Exception:
@@ -91,6 +94,8 @@ class Folded:
                 self.hosts = apply_host(self.hosts, envelope)
             elif envelope.type in SILENCE_TYPES:
                 silenced(self.silenced, envelope)
+        if kept_from(state.clock) > kept_from(clock):
+            self.silenced.intersection_update(state.workers.keys())
         self.position = position
 
     def _fold_one_by_one(self, envelopes: Sequence[Envelope | LoggedEnvelope],
@@ -315,6 +320,7 @@ def _disjoint_union(parts: Sequence[Folded], position: int) -> Folded | None:
         **keyed, rejected_jobs=sum(s.rejected_jobs for s in states),
         events_applied=sum(s.events_applied for s in states), clock=max(clocks, default=None),
         ended_by_hour=ended_by_hour.finish()))
+    silenced.intersection_update(state.workers.keys())  # as the partitions' own forgetting
     return Folded(state, hosts, position, silenced,
                   set().union(*(p._failed_types for p in parts)))
 

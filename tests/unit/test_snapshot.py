@@ -3,6 +3,7 @@ the state a full replay gives; a snapshot of another build's fold or of another 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,14 @@ from hypothesis import given
 from sqlalchemy import select, update
 
 from bench.replay import history
-from events import Envelope, HeartbeatMissed, HostLost
+from events import (
+    Envelope,
+    HeartbeatMissed,
+    HostLost,
+    JobRequested,
+    StrategyConfig,
+    WorkerStopped,
+)
 from services.monitor import snapshot
 from services.monitor.log import EventLog
 from services.monitor.replay import Folded, replay
@@ -50,6 +58,36 @@ def test_a_busy_log_with_silences_survives_the_round_trip() -> None:
     folded = folded_at_once(with_silences(history(3000)))
     assert folded.silenced and any(h.lost for h in folded.hosts.values())
     assert same(decode(encode(folded)), folded)
+
+
+def test_a_silenced_worker_that_ended_leaves_the_silenced_with_its_view() -> None:
+    """A worker reported silent, then stopped, is forgotten a week on, by the state and by the
+    silenced set alike, wherever the log is cut into batches."""
+    running = [e for e in history(200) if e.type != "HostOnline"]
+    silent = next(e for e in reversed(running) if e.type == "WorkerSpawned").payload
+    ids = {"job_id": silent["job_id"], "worker_id": silent["worker_id"]}
+    stream, last = f"job-{ids['job_id']}", running[-1].occurred_at
+    ended = [
+        Envelope.wrap(HeartbeatMissed(**ids, host_id=silent["host_id"], silent_for=31.0),
+                      stream=stream, occurred_at=last),
+        Envelope.wrap(WorkerStopped(**ids, reason="stopped by user"), stream=stream,
+                      occurred_at=last),
+    ]
+    week_on = Envelope.wrap(JobRequested(job_id="j-next", worker_id="w-next", strategy_id="s",
+                                         broker_id="paper", credentials_sealed="sealed",
+                                         config=StrategyConfig(name="x", type="hold")),
+                            stream="job-j-next", occurred_at=last + timedelta(days=8))
+    envelopes = [*running, *ended]
+    assert folded_at_once(envelopes).silenced == {ids["worker_id"]}
+
+    everything = [*envelopes, week_on]
+    at_once = folded_at_once(everything)
+    assert at_once.silenced == set() and ids["worker_id"] not in at_once.state.workers
+    for cut in (len(running), len(envelopes)):
+        folded = Folded()
+        folded.fold(everything[:cut], cut)
+        folded.fold(everything[cut:], len(everything))
+        assert same(folded, at_once)
 
 
 @pytest.fixture
