@@ -52,6 +52,7 @@ class Service:
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()  # running background tasks
+        self._keeps_ledger = False  # whether it handles an inbox (`handle`)
         self.store.on_commit.append(
             lambda uow: self._timer_wake.set() if uow.timers_changed else None
         )
@@ -99,6 +100,7 @@ class Service:
             return failed
 
         self.bus.consume_batches(spec, on_batch, max_batch=INBOX_BATCH)
+        self._keeps_ledger = True
 
     async def _handle_together(
         self,
@@ -148,7 +150,8 @@ class Service:
         self.outbox.start()
         if self.timer_handlers:
             self.background(self._run_timers(), f"{self.name}-timers")
-        self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
+        if self._keeps_ledger:  # not the monitor (its log is its ledger) nor the gateway
+            self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
         await self.started()
         log.info("%s started", self.name)
 

@@ -75,14 +75,14 @@ class Folded:
     _failed_types: set[str] = field(default_factory=set, repr=False)
 
     def fold(self, envelopes: Sequence[Envelope | LoggedEnvelope], position: int,
-             skipped: int = 0) -> None:
+             skipped: int = 0) -> bool:
         """Fold recorded `envelopes`, in log order, and `skipped` more envelopes of types only
         counted (`reads` is False for them); the last of all is at `position`.
 
         One new state for the whole batch. A projection that raises skips only that envelope
         (logged once per type): the batch is folded again one envelope at a time. The log stays
         the truth and a fixed projection rebuilds from it. The workers the projections forget
-        leave the silenced ones too."""
+        leave the silenced ones too; returns whether any may have been forgotten."""
         clock = self.state.clock
         try:
             state = fold(envelopes, self.state)
@@ -94,9 +94,11 @@ class Folded:
                 self.hosts = apply_host(self.hosts, envelope)
             elif envelope.type in SILENCE_TYPES:
                 silenced(self.silenced, envelope)
-        if kept_from(state.clock) > kept_from(clock):
+        forgot = kept_from(state.clock) > kept_from(clock)
+        if forgot:
             self.silenced.intersection_update(state.workers.keys())
         self.position = position
+        return forgot
 
     def _fold_one_by_one(self, envelopes: Sequence[Envelope | LoggedEnvelope],
                          position: int) -> Projections:

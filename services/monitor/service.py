@@ -32,7 +32,7 @@ from events import (
     WorkerHeartbeat,
     WorkerHeartbeats,
 )
-from projections import ENDED, Projections, folds, kept_from
+from projections import ENDED, Projections, folds
 from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
@@ -133,9 +133,7 @@ class MonitorService(Service):
     def _on_recorded(self, recorded: Recorded) -> None:
         if not recorded:
             return
-        clock = self.state.clock
-        self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0])
-        if kept_from(self.state.clock) > kept_from(clock):  # ended workers were forgotten
+        if self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0]):
             self._forget_workers_gone()
         self._snapshot_when_due()
         moment = now()
