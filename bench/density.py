@@ -24,9 +24,7 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -35,11 +33,15 @@ import aio_pika
 import orjson
 from rich.console import Console
 
+from bench import floor
 from bench.http import BenchClient
 from bench.report import (
+    SHARED_BROKER,
     Figure,
     at_least,
     at_most,
+    broker_process,
+    cpu_seconds,
     percentile,
     scratch_with_services_log,
     table,
@@ -56,24 +58,11 @@ HEARTBEAT = 5.0  # seconds: the contract's default interval
 IN_FLIGHT = 64  # concurrent start requests
 STATUS_CALLS = 50
 STATUS_PAGE = 100  # workers per page in the paged status figure
-SHARED_BROKER = "rabbitmq (whole broker)"
 BODY = {
     "brokerId": "paper",
     "credentials": {"apiKey": "bench-key", "apiSecret": "bench-secret"},
     "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}},
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time its live threads have used so far (0 once it is gone)."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total / 1e9
 
 
 def processes(local: LocalSystem) -> dict[str, int]:
@@ -83,10 +72,8 @@ def processes(local: LocalSystem) -> dict[str, int]:
         if label.startswith("worker-host"):
             with open(f"/proc/{pid}/task/{pid}/children") as children:
                 pids["fork-server"] = int(children.read().split()[0])
-    broker = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
-    if broker.stdout.strip():
-        pids[SHARED_BROKER] = int(broker.stdout.split()[0])
-    return pids
+    return pids | broker_process()
+
 
 
 class Heartbeats:
@@ -155,6 +142,8 @@ async def run(quick: bool) -> list[Figure]:
         "RUNNER_HEARTBEAT_INTERVAL": str(HEARTBEAT),
     }
     console = Console(stderr=True)
+    console.print(f"(floor) the messages of {burst} starts alone, through raw aio-pika")
+    floor_rate, floor_cpu = await floor.measure(Settings().amqp_url, burst)
     with scratch_with_services_log() as (tmp, log):
         local = LocalSystem(tmp / "var", env=env, log=log, quiet=True)
         await local.start()
@@ -230,6 +219,9 @@ async def run(quick: bool) -> list[Figure]:
     system_cpu = sum(v for k, v in cpu_ms.items() if k != SHARED_BROKER)
     breakdown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu_ms.items(), key=lambda i: -i[1]))
     console.print(f"CPU ms per worker started: {breakdown}")
+    floor_clients = sum(v for k, v in floor_cpu.items() if k != SHARED_BROKER)
+    console.print("the messages alone, CPU ms per start: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(floor_cpu.items(), key=lambda i: -i[1])))
     idle_cpu = sum(v for k, v in idle_pct.items() if k != SHARED_BROKER)
     idle_breakdown = ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(idle_pct.items(), key=lambda i: -i[1]))
@@ -242,6 +234,8 @@ async def run(quick: bool) -> list[Figure]:
             "start throughput, first JobDispatched → last WorkerSpawned",
             rate,
             "workers/s",
+            reference=floor_rate,
+            reference_name="its messages alone, raw aio-pika",
             target="≥ 100/s",
             met=at_least(rate, 100),
             note=f"{burst} workers; HTTP answered all in {answered:.1f}s",
@@ -250,8 +244,12 @@ async def run(quick: bool) -> list[Figure]:
             "CPU per worker started, all our processes",
             system_cpu,
             "ms",
+            reference=floor_clients,
+            reference_name="its messages alone",
             higher_is_better=False,
-            note=f"on 2 cores ≤ {2000 / system_cpu:.0f} starts/s; by process on stderr",
+            note=f"+ {cpu_ms.get(SHARED_BROKER, 0):.1f} in the broker (alone: "
+                 f"{floor_cpu[SHARED_BROKER]:.1f}); on 2 cores ≤ {2000 / system_cpu:.0f} starts/s; "
+                 "by process on stderr",
         ),
         Figure(
             "  of which worker-host + fork-server + worker",

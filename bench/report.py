@@ -7,6 +7,8 @@ on this machine, today.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import IO, Any
 from rich.table import Table
 
 LOG_TAIL = 40  # lines of the services' log shown when a benchmark fails
+SHARED_BROKER = "rabbitmq (whole broker)"
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,21 @@ def scratch_with_services_log() -> Iterator[tuple[Path, IO[str]]]:
             print(f"the services' last warnings and errors ({len(said)} in all):", file=sys.stderr)
             sys.stderr.writelines(said[-LOG_TAIL:])
             raise
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time its live threads have used so far (0 once it is gone)."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total / 1e9
+
+
+def broker_process() -> dict[str, int]:
+    """The local broker's process by name, if it runs on this machine."""
+    broker = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    return {SHARED_BROKER: int(broker.stdout.split()[0])} if broker.stdout.strip() else {}
