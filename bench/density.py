@@ -143,7 +143,7 @@ async def run(quick: bool) -> list[Figure]:
     }
     console = Console(stderr=True)
     console.print(f"(floor) the messages of {burst} starts alone, through raw aio-pika")
-    floor_rate, floor_cpu = await floor.measure(Settings().amqp_url, burst)
+    floor_rate, floor_cpu = await floor.burst(Settings().amqp_url, burst)
     with scratch_with_services_log() as (tmp, log):
         local = LocalSystem(tmp / "var", env=env, log=log, quiet=True)
         await local.start()

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -155,37 +157,44 @@ async def declare(amqp_url: str) -> None:
                 await queue.bind(exchange, key)
 
 
-async def start_all(amqp_url: str, starts: int) -> None:
-    """The driver: `starts` RPCs, `IN_FLIGHT` at a time, over direct reply-to."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        answers: dict[str, asyncio.Future[bytes]] = {}
+class Driver:
+    """The gateway's part: starts as RPCs over direct reply-to, each timed to its answer."""
 
-        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            waiter = answers.pop(message.correlation_id or "", None)
-            if waiter is not None:
-                waiter.set_result(message.body)
+    def __init__(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self.answers: dict[str, asyncio.Future[bytes]] = {}
 
-        replies = await channel.get_queue("amq.rabbitmq.reply-to")
-        await replies.consume(on_reply, no_ack=True)
-        limit = asyncio.Semaphore(IN_FLIGHT)
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connected(cls, amqp_url: str) -> AsyncIterator[Driver]:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            driver = cls(await connection.channel())
+            replies = await driver.channel.get_queue("amq.rabbitmq.reply-to")
+            await replies.consume(driver.on_reply, no_ack=True)
+            yield driver
 
-        async def one() -> None:
-            job_id = uuid.uuid4().hex
-            async with limit:
-                answers[job_id] = asyncio.get_running_loop().create_future()
-                await channel.default_exchange.publish(
-                    aio_pika.Message(orjson.dumps({"job_id": job_id}), correlation_id=job_id,
-                                     reply_to="amq.rabbitmq.reply-to"),
-                    routing_key=RPC_QUEUE)
-                await asyncio.wait_for(answers[job_id], 30)
+    async def on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        waiter = self.answers.pop(message.correlation_id or "", None)
+        if waiter is not None:
+            waiter.set_result(message.body)
 
-        await asyncio.gather(*(one() for _ in range(starts)))
+    async def start(self) -> float:
+        """One start; ms until its answer."""
+        job_id, started = uuid.uuid4().hex, time.perf_counter()
+        self.answers[job_id] = asyncio.get_running_loop().create_future()
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(orjson.dumps({"job_id": job_id}), correlation_id=job_id,
+                             reply_to="amq.rabbitmq.reply-to"),
+            routing_key=RPC_QUEUE)
+        await asyncio.wait_for(self.answers[job_id], 30)
+        return (time.perf_counter() - started) * 1000
 
 
-async def measure(amqp_url: str, starts: int) -> tuple[float, dict[str, float]]:
-    """(starts/s, CPU ms per start by process) on a fresh vhost of `amqp_url`'s broker."""
+@contextlib.asynccontextmanager
+async def standing_in(amqp_url: str, starts: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The four processes on a fresh vhost, ready for `starts` starts: yields the vhost's URL
+    and each process's pipe (the log's says when the last WorkerSpawned was logged)."""
     context = multiprocessing.get_context("spawn")
     with fresh_vhost(amqp_url) as url:
         await declare(url)
@@ -197,27 +206,53 @@ async def measure(amqp_url: str, starts: int) -> tuple[float, dict[str, float]]:
             pipes[name], procs = ours, [*procs, proc]
         try:
             pids = {name: await _receive(pipe, 60) for name, pipe in pipes.items()}
-            pids |= broker_process()
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            driver = time.process_time()
-            await start_all(url, starts)
-            first_dispatched, last_spawned = await _receive(pipes["log"], 60 + starts / 10)
-            cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-            cpu["driver (gateway)"] = time.process_time() - driver
+            yield url, {name: (pipes[name], pid) for name, pid in pids.items()}
             pipes["entitlement"].send("stop")
         finally:
             for proc in procs:
                 proc.join(5)
                 if proc.is_alive():
                     proc.kill()
+
+
+async def burst(amqp_url: str, starts: int) -> tuple[float, dict[str, float]]:
+    """`starts` starts at once (`IN_FLIGHT` at a time): (starts/s from the first JobDispatched
+    to the last WorkerSpawned, CPU ms per start by process, the broker's included)."""
+    async with standing_in(amqp_url, starts) as (url, roles):
+        pids = {name: pid for name, (_, pid) in roles.items()} | broker_process()
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        driven = time.process_time()
+        async with Driver.connected(url) as driver:
+            limit = asyncio.Semaphore(IN_FLIGHT)
+
+            async def one() -> None:
+                async with limit:
+                    await driver.start()
+
+            await asyncio.gather(*(one() for _ in range(starts)))
+        first_dispatched, last_spawned = await _receive(roles["log"][0], 60 + starts / 10)
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        cpu["driver (gateway)"] = time.process_time() - driven
     per_start = {name: seconds * 1000 / starts for name, seconds in cpu.items()}
     per_start.setdefault(SHARED_BROKER, 0.0)
     return starts / (last_spawned - first_dispatched), per_start
 
 
+async def paced(amqp_url: str, rate: float, starts: int) -> list[float]:
+    """`starts` starts at `rate` a second: each one's ms until its answer."""
+    async with standing_in(amqp_url, starts) as (url, roles), Driver.connected(url) as driver:
+        tasks, begin = [], time.perf_counter()
+        for n in range(starts):
+            await asyncio.sleep(max(0.0, begin + n / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(driver.start()))
+        latencies = await asyncio.gather(*tasks)
+        await _receive(roles["log"][0], 60)
+    return list(latencies)
+
+
 async def run(quick: bool) -> list[Figure]:
     starts = 60 if quick else 300
-    rate, cpu = await measure(Settings().amqp_url, starts)
+    rate, cpu = await burst(Settings().amqp_url, starts)
     Console(stderr=True).print(
         "floor CPU ms per start: "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda i: -i[1])))

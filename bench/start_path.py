@@ -3,7 +3,8 @@
 Each request starts a real `hold` worker through the whole system (gateway → scheduler →
 entitlement → gateway), so the answer includes the entitlement decision, as the contract says.
 Requests go through a lean client (`bench.http`): the figure is the gateway's answer, not the
-CLI's client's own cost.
+CLI's client's own cost. Beside it, the same pace through the start path's messaging floor
+(`bench.floor`): each start's answer after its two events are confirmed, over raw aio-pika.
 
     .venv/bin/python -m bench.start_path [--quick]
 """
@@ -17,9 +18,11 @@ import time
 
 from rich.console import Console
 
+from bench import floor
 from bench.http import BenchClient
 from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
 from services.cli.local import LocalSystem
+from services.settings import Settings
 
 RATE = 50.0  # requests per second
 PER_USER = 50  # the enterprise limit
@@ -33,6 +36,7 @@ async def run(quick: bool) -> list[Figure]:
         "RUNNER_SPAWN_CONCURRENCY": "16",
         "RUNNER_HEARTBEAT_INTERVAL": "5",
     }
+    alone = await floor.paced(Settings().amqp_url, RATE, count)
     with scratch_with_services_log() as (tmp, log):
         local = LocalSystem(tmp / "var", env=env, log=log)
         await local.start()
@@ -68,6 +72,8 @@ async def run(quick: bool) -> list[Figure]:
             f"POST /runner/start at {RATE:g}/s, p50",
             p50,
             "ms",
+            reference=statistics.median(alone),
+            reference_name="its messages alone, raw aio-pika",
             target="≤ 10 ms",
             met=at_most(p50, 10),
             higher_is_better=False,
@@ -77,6 +83,8 @@ async def run(quick: bool) -> list[Figure]:
             f"POST /runner/start at {RATE:g}/s, p99",
             p99,
             "ms",
+            reference=percentile(alone, 99),
+            reference_name="its messages alone",
             target="≤ 30 ms",
             met=at_most(p99, 30),
             higher_is_better=False,
