@@ -7,7 +7,8 @@ awaited together, then one `multiple` ack), and no other work: no decoding beyon
 the log reads, no database, no worker process.
 
 - the driver (the gateway): N starts, 64 in flight, each an RPC over direct reply-to;
-- "entitlement": answers each RPC after publishing JobRequested and JobAccepted;
+- "entitlement": answers each RPC, then publishes JobRequested and JobAccepted (ours answers
+  once its decision is committed, and its outbox publishes them after);
 - "scheduler" (JobRequested, JobAccepted, WorkerSpawned): on JobAccepted publishes JobQueued
   and JobDispatched;
 - "host" (JobDispatched): publishes WorkerSpawned, OrderFilled and PositionChanged (a `hold`
@@ -104,10 +105,10 @@ async def _role(amqp_url: str, name: str, starts: int, pipe: Any) -> None:
         if name == "entitlement":
             async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
                 job_id = message.correlation_id or ""
-                await publish_all(exchange, [("JobRequested", job_id), ("JobAccepted", job_id)])
                 await publishing.default_exchange.publish(
                     aio_pika.Message(b'{"accepted":true}', correlation_id=job_id),
                     routing_key=message.reply_to or "")
+                await publish_all(exchange, [("JobRequested", job_id), ("JobAccepted", job_id)])
 
             queue = await consuming.get_queue(RPC_QUEUE)
             await queue.consume(answer, no_ack=True)

@@ -4,7 +4,7 @@ Each request starts a real `hold` worker through the whole system (gateway → s
 entitlement → gateway), so the answer includes the entitlement decision, as the contract says.
 Requests go through a lean client (`bench.http`): the figure is the gateway's answer, not the
 CLI's client's own cost. Beside it, the same pace through the start path's messaging floor
-(`bench.floor`): each start's answer after its two events are confirmed, over raw aio-pika.
+(`bench.floor`): each start answered over raw aio-pika RPC, its two events published after.
 
     .venv/bin/python -m bench.start_path [--quick]
 """
