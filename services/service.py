@@ -43,6 +43,7 @@ class Service:
 
     name = "service"
     tables: tuple[Any, ...] = ()
+    ended_name = "rows"  # what `forget_ended` forgets, as its log line names it
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -193,19 +194,27 @@ class Service:
 
     async def _forget_old_processed(self) -> None:
         """Every `ledger_prune_every` seconds, the first time one interval after the start (after
-        the redeliveries a restart brings), forget the processed ids older than the retention:
-        the ledger holds what one retention brings in, not every message ever handled."""
+        the redeliveries a restart brings), forget the processed ids older than the retention,
+        and what `forget_ended` forgets: the store holds what one retention brings in, not every
+        message ever handled."""
         while True:
             await asyncio.sleep(self.settings.ledger_prune_every)
+            before = time.time() - self.settings.ledger_retention
             try:
-                forgotten = await self.store.forget_processed(
-                    time.time() - self.settings.ledger_retention)
+                forgotten = await self.store.forget_processed(before)
+                ended = await self.forget_ended(before)
             except Exception:
-                log.exception("forgetting old processed ids failed; trying again later")
+                log.exception("forgetting old processed ids or ended %s failed; trying again later",
+                              self.ended_name)
                 continue
-            if forgotten:
-                log.info("forgot %d processed ids older than %gs", forgotten,
-                         self.settings.ledger_retention)
+            if forgotten or ended:
+                log.info("forgot %d processed ids and %d ended %s older than %gs", forgotten,
+                         ended, self.ended_name, self.settings.ledger_retention)
+
+    async def forget_ended(self, before: float) -> int:
+        """Subclasses delete what ended before `before` (Unix seconds) and is kept only to
+        recognise a late message about it, as the ledger does; returns how many."""
+        return 0
 
     async def _run_timers(self) -> None:
         while True:

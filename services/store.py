@@ -359,14 +359,16 @@ class Store:
         per transaction; returns how many. A copy of a message arriving after its id is gone is
         handled again, so the retention must outlast any redelivery (they come when a consumer
         reconnects, and an outbox is republished when its service restarts)."""
-        oldest = (
-            select(PROCESSED.c.consumer, PROCESSED.c.event_id)
-            .where(PROCESSED.c.recorded_at < int(before))
-            .order_by(PROCESSED.c.recorded_at)
-            .limit(chunk)
-        )
-        forget = delete(PROCESSED).where(
-            tuple_(PROCESSED.c.consumer, PROCESSED.c.event_id).in_(oldest))
+        return await self.forget_rows(PROCESSED.c.recorded_at, int(before), chunk)
+
+    async def forget_rows(self, when: Column[Any], before: Any, chunk: int = FORGET_CHUNK) -> int:
+        """Delete the rows of `when`'s table whose `when` is before `before` (NULL never is),
+        oldest first, `chunk` per transaction, so that writers wait one chunk at most; returns
+        how many. `when` should be indexed."""
+        table = when.table
+        key = tuple(table.primary_key.columns)
+        oldest = select(*key).where(when < before).order_by(when).limit(chunk)
+        forget = delete(table).where((key[0] if len(key) == 1 else tuple_(*key)).in_(oldest))
         forgotten = 0
         while True:
             async with self.transaction() as uow:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, Text, bindparam, func, insert, update
@@ -106,6 +106,11 @@ class JobRow(SQLModel, table=True):
     attempt: int = 0  # incarnation: 0 first start, +1 per restart (the worker's restartCount)
     streak: int = 0  # restarts used since the worker was last healthy
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
+    # when it was stopped, failed or rejected: it is deleted one `ledger_retention` later
+    ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)
+
+    def end(self, state: str) -> None:
+        self.state, self.ended_at = state, now()
 
 
 class HostRow(SQLModel, table=True):
@@ -177,6 +182,9 @@ HOST_LOADS = (
            .scalar_subquery())
     .where(HOSTS.c.online)
 )
+ENDED = (State.STOPPED, State.FAILED, State.REJECTED)
+UNTIMED_ENDS = (update(JOBS).where(JOBS.c.ended_at.is_(None), JOBS.c.state.in_(ENDED))
+                .values(ended_at=bindparam("now")))
 DISPATCH_JOB = (update(JOBS).where(JOBS.c.seq == bindparam("job_seq"))
                 .values(state=State.DISPATCHED, host_id=bindparam("to_host")))
 
@@ -191,6 +199,7 @@ def circuit_key(user_id: str, strategy_id: str) -> str:
 
 class SchedulerService(Service):
     name = "scheduler"
+    ended_name = "jobs"
     tables = tuple(t.__table__ for t in (JobRow, HostRow, CircuitRow, LimitRow, FlagRow))  # type: ignore[attr-defined]
 
     async def setup(self) -> None:
@@ -218,8 +227,17 @@ class SchedulerService(Service):
         self.timer_handlers["restart"] = self.on_restart_due
         self.timer_handlers["circuit"] = self.on_circuit_cooled
 
+        async with self.store.transaction() as uow:  # jobs ended before `ended_at` existed
+            await (await uow.connection()).execute(UNTIMED_ENDS, {"now": now()})
+
     async def started(self) -> None:
         self.background(self._dispatch_loop(), "dispatcher")
+
+    async def forget_ended(self, before: float) -> int:
+        """Deletes the jobs ended before `before`, with their sealed credentials. A late copy of
+        a message about one is then as about a job never known: a StopRunner or a worker's
+        report changes nothing, a JobAccepted is retried and dead-lettered."""
+        return await self.store.forget_rows(JOBS.c.ended_at, datetime.fromtimestamp(before, UTC))
 
     # ------------------------------------------------------------------ commands
 
@@ -298,7 +316,7 @@ class SchedulerService(Service):
                 correlation_id=jid,
                 user_id=job.user_id,
             )
-            job.state = State.STOPPED
+            job.end(State.STOPPED)
             uow.session.add(job)
 
     # ------------------------------------------------------------------ job events
@@ -320,7 +338,7 @@ class SchedulerService(Service):
     async def on_job_rejected(self, uow: UnitOfWork, env: Envelope, event: JobRejected) -> None:
         job = await _job(uow, job_id=event.job_id)
         if job is not None and job.state == State.REQUESTED:
-            job.state = State.REJECTED
+            job.end(State.REJECTED)
             uow.session.add(job)
 
     async def on_worker_running(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
@@ -335,7 +353,7 @@ class SchedulerService(Service):
         if job is None or event.attempt != job.attempt:
             return
         if job.state == State.STOPPING:  # died while being stopped: it is stopped
-            job.state = State.STOPPED
+            job.end(State.STOPPED)
             uow.session.add(job)
             uow.emit(
                 WorkerStopped(
@@ -373,7 +391,8 @@ class SchedulerService(Service):
             backoff_max=self.settings.restart_backoff_max,
         )
         if isinstance(decision, GiveUp):
-            job.state, job.host_id = State.FAILED, None
+            job.end(State.FAILED)
+            job.host_id = None
             uow.session.add(job)
             uow.emit(
                 RestartsExhausted(
@@ -409,7 +428,7 @@ class SchedulerService(Service):
         job = await _job(uow, worker_id=event.worker_id)
         if job is not None and job.state in (*ON_HOST, State.CRASHED, State.QUEUED):
             await uow.cancel_timer(f"restart:{job.job_id}")
-            job.state = State.STOPPED
+            job.end(State.STOPPED)
             uow.session.add(job)
 
     async def on_restart_due(self, uow: UnitOfWork, key: str, data: dict[str, Any]) -> None:

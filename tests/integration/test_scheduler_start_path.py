@@ -5,18 +5,24 @@ so batches here mix the two on one job."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import insert
 from sqlmodel import select
 
 from events import (
     Envelope,
     HostOnline,
     JobAccepted,
+    JobRejected,
     JobRequested,
     Message,
     StopRunner,
@@ -24,7 +30,14 @@ from events import (
     WorkerSpawned,
 )
 from services.bus import Delivery
-from services.scheduler.service import QUEUE_JOB, JobRow, SchedulerService, State, _job
+from services.scheduler.service import (
+    JOBS,
+    QUEUE_JOB,
+    JobRow,
+    SchedulerService,
+    State,
+    _job,
+)
 from services.settings import Settings
 from services.store import OUTBOX
 
@@ -161,3 +174,86 @@ async def test_an_orm_read_of_a_job_sees_what_a_core_statement_changed_in_its_tr
         await (await uow.connection()).execute(QUEUE_JOB, {"accepted_job": "j-1"})
         again = await _job(uow, job_id="j-1")
         assert again is not None and again.state == State.QUEUED
+
+
+async def test_an_ended_job_is_forgotten_one_retention_after_its_end_and_a_live_one_never(
+    scheduler: tuple[SchedulerService, Batch],
+) -> None:
+    """Stopped and rejected jobs are timed when they end and deleted (with their sealed
+    credentials) once `forget_ended`'s cutoff passes that time, in chunks; a running job stays,
+    and a late message about a forgotten job changes nothing."""
+    service, inbox = scheduler
+    await inbox([delivery(JobRequested(**ids(1), **SPEC)), delivery(accepted(1))])
+    await inbox([delivery(WorkerSpawned(**ids(1), host_id="h-1", pid=41, attempt=0))])
+    await inbox([delivery(JobRequested(**ids(2), **SPEC)), delivery(accepted(2)),
+                 delivery(StopRunner(worker_id="w-2", flatten=False, reason="by user"))])
+    await inbox([delivery(JobRequested(**ids(3), **SPEC)),
+                 delivery(JobRejected(job_id="j-3", reason="worker_limit", detail="full"))])
+    assert (await job(service, 1)).ended_at is None
+    for n, state in ((2, State.STOPPED), (3, State.REJECTED)):
+        row = await job(service, n)
+        assert row.state == state
+        assert abs(time.time() - row.ended_at.timestamp()) < 60
+
+    assert await service.forget_ended(time.time() - 3600) == 0  # ended within the retention
+    assert await service.store.forget_rows(JOBS.c.ended_at, datetime.now(UTC) + timedelta(1),
+                                           chunk=1) == 2
+    async with service.store.reading() as session:
+        assert (await session.exec(select(JobRow.job_id))).all() == ["j-1"]
+
+    before = await emitted(service)
+    await inbox([delivery(StopRunner(worker_id="w-2", flatten=True, reason="again")),
+                 delivery(WorkerSpawned(**ids(2), host_id="h-1", pid=42, attempt=0))])
+    assert await emitted(service) == before
+    assert (await job(service, 1)).state == State.RUNNING
+
+
+async def test_the_retention_loop_forgets_ended_jobs_while_the_scheduler_runs(
+    scheduler: tuple[SchedulerService, Batch],
+) -> None:
+    service, inbox = scheduler
+    service.settings = service.settings.model_copy(
+        update={"ledger_retention": 0.5, "ledger_prune_every": 0.1})
+    await inbox([delivery(JobRequested(**ids(1), **SPEC)), delivery(accepted(1)),
+                 delivery(StopRunner(worker_id="w-1", flatten=False, reason="by user"))])
+    pruning = asyncio.create_task(service._forget_old_processed())
+    try:
+        for _ in range(100):
+            async with service.store.reading() as session:
+                if not (await session.exec(select(JobRow))).all():
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the stopped job was never forgotten")
+    finally:
+        pruning.cancel()
+
+
+async def test_jobs_ended_before_the_upgrade_are_timed_at_the_next_start(tmp_path: Path) -> None:
+    """A store from before `ended_at`: the column and its index are added, the ended jobs get
+    the start's time (their retention counts from then), the live ones none."""
+    settings = Settings(data_dir=tmp_path)
+    old = SchedulerService(settings)
+    await old.store.open()
+    async with old.store.transaction() as uow:
+        for n, state in ((1, State.RUNNING), (2, State.STOPPED), (3, State.FAILED)):
+            await (await uow.connection()).execute(insert(JOBS).values(
+                **ids(n), user_id="u-1", strategy_id="s", broker_id="paper",
+                credentials_sealed="sealed", config="{}", state=state))
+    await old.store.close()
+    with sqlite3.connect(tmp_path / "scheduler.db") as db:
+        db.execute("DROP INDEX ix_jobs_ended_at")
+        db.execute("ALTER TABLE jobs DROP COLUMN ended_at")
+
+    service = SchedulerService(settings)
+    service.bus.consume_batches = lambda *_, **__: None  # type: ignore[method-assign]
+    await service.store.open()
+    await service.setup()
+    try:
+        assert (await job(service, 1)).ended_at is None
+        for n in (2, 3):
+            assert abs(time.time() - (await job(service, n)).ended_at.timestamp()) < 60
+    finally:
+        await service.store.close()
+    with sqlite3.connect(tmp_path / "scheduler.db") as db:
+        assert "ix_jobs_ended_at" in {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
