@@ -77,11 +77,13 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600.0, gt=0,
         description="seconds a service remembers a processed message's id, to skip a redelivered "
         "copy; a copy arriving later would be handled again. Redeliveries come when a consumer "
-        "reconnects or a service restarts, so this must outlast the longest outage",
+        "reconnects or a service restarts, so this must outlast the longest outage. The "
+        "scheduler keeps an ended job as long, from its end",
     )
     ledger_prune_every: float = Field(
         default=600.0, gt=0,
-        description="seconds between deletions of the ids older than `ledger_retention`",
+        description="seconds between deletions of the ids (and ended jobs) older than "
+        "`ledger_retention`",
     )
     snapshot_every: int = Field(
         default=100_000, ge=0,

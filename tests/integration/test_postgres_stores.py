@@ -44,7 +44,7 @@ from services.bus import Bus
 from services.entitlement.service import EntitlementService, PlanRow, SlotRow
 from services.gateway.users import UserRow
 from services.monitor.log import EventLog, EventLogMissing, event_log
-from services.scheduler.service import CircuitRow, HostRow, JobRow, SchedulerService
+from services.scheduler.service import JOBS, CircuitRow, HostRow, JobRow, SchedulerService
 from services.settings import Settings
 from services.store import (
     PROCESSED,
@@ -420,6 +420,31 @@ async def test_the_ledger_forgets_ids_older_than_its_retention(backend: Backend)
         assert await store.forget_processed(time.time() - 3_600) == 0
         async with store.processing_many(envelopes[4:], "inbox") as (_, fresh):
             assert fresh == [0]  # the forgotten fifth is handled again; the two kept are not
+    finally:
+        await store.close()
+
+
+async def test_the_scheduler_forgets_jobs_ended_before_a_time_and_no_live_one(
+    backend: Backend,
+) -> None:
+    """`forget_rows` on a table keyed by one column (the ledger's key has two): the jobs ended
+    before the cutoff go, a chunk per transaction; one ended since, and a live one, stay."""
+    store = Store(backend.url("scheduler"), SchedulerService.tables)
+    await store.open()
+    at = datetime.now(UTC)
+    ends = {"old-1": at - timedelta(days=9), "old-2": at - timedelta(days=8),
+            "recent": at - timedelta(days=1), "live": None}
+    try:
+        async with store.transaction() as uow:
+            await (await uow.connection()).execute(sqlalchemy.insert(JOBS), [
+                {"job_id": job, "worker_id": f"w-{job}", "user_id": "alice", "strategy_id": "s",
+                 "broker_id": "paper", "credentials_sealed": "sealed", "config": "{}",
+                 "state": "running" if ended is None else "stopped", "ended_at": ended}
+                for job, ended in ends.items()])
+        assert await store.forget_rows(JOBS.c.ended_at, at - timedelta(days=7), chunk=1) == 2
+        async with store.reading() as session:
+            kept = (await session.exec(select(JobRow.job_id).order_by(JobRow.job_id))).all()
+        assert kept == ["live", "recent"]
     finally:
         await store.close()
 
