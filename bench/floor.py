@@ -113,8 +113,7 @@ async def _role(amqp_url: str, name: str, starts: int, pipe: Any) -> None:
             queue = await consuming.get_queue(RPC_QUEUE)
             await queue.consume(answer, no_ack=True)
             pipe.send(os.getpid())
-            await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
-            return
+            await asyncio.Event().wait()  # until it is killed
 
         queue = await consuming.get_queue(f"floor.{name}")
         await queue.consume(on_message)
@@ -208,12 +207,10 @@ async def standing_in(amqp_url: str, starts: int) -> AsyncIterator[tuple[str, di
         try:
             pids = {name: await _receive(pipe, 60) for name, pipe in pipes.items()}
             yield url, {name: (pipes[name], pid) for name, pid in pids.items()}
-            pipes["entitlement"].send("stop")
         finally:
-            for proc in procs:
-                proc.join(5)
-                if proc.is_alive():
-                    proc.kill()
+            for proc in procs:  # stand-ins holding nothing: only the log's stops by itself
+                proc.kill()
+                proc.join()
 
 
 async def burst(amqp_url: str, starts: int) -> tuple[float, dict[str, float]]:
