@@ -90,7 +90,9 @@ async def _running(client, worker_id: str, more_than: int = -1, timeout: float =
 
 async def run(quick: bool) -> list[Figure]:
     backoff = 0.1
-    figures = await measure(10 if quick else 40, 4 if quick else 8, backoff, Console(stderr=True))
+    # 100 kills: the p99 of fewer is their slowest (nearest rank), and one slow restart decides it
+    figures = await measure(10 if quick else 100, 4 if quick else 8, backoff,
+                            Console(stderr=True))
     detect, again = figures["death → WorkerCrashed (ms)"], figures["death → running again (ms)"]
     peer = restart_latencies(5 if quick else 20)
     bound = backoff * 1000 + 100
@@ -102,7 +104,7 @@ async def run(quick: bool) -> list[Figure]:
             target="≤ 50 ms",
             met=at_most(percentile(detect, 99), 50),
             higher_is_better=False,
-            note=f"p50 {statistics.median(detect):.1f}",
+            note=f"n={len(detect)}, p50 {statistics.median(detect):.1f}, max {max(detect):.1f}",
         ),
         Figure(
             "process death → running again, p99",
@@ -113,7 +115,8 @@ async def run(quick: bool) -> list[Figure]:
             target=f"≤ backoff + 100 = {bound:g} ms",
             met=at_most(percentile(again, 99), bound),
             higher_is_better=False,
-            note=f"p50 {statistics.median(again):.0f}; backoff {backoff * 1000:g} ms",
+            note=f"p50 {statistics.median(again):.0f}, max {max(again):.0f}; "
+                 f"backoff {backoff * 1000:g} ms",
         ),
     ]
 
