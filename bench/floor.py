@@ -1,6 +1,7 @@
 """The start path's messaging floor: a start's messages, and nothing else, through raw aio-pika.
 
-The reference for `bench.density`'s start throughput. Four processes stand in for our services,
+The reference for `bench.density`'s start throughput and CPU per start (`burst`), and for
+`bench.start_path`'s `POST` at 50/s (`paced`). Four processes stand in for our services,
 on a fresh vhost, with the same queues (quorum, persistent, publisher confirms) and the same
 batching as ours (every delivery that has arrived handled as one batch, its publishes' confirms
 awaited together, then one `multiple` ack), and no other work: no decoding beyond the one field
@@ -16,7 +17,8 @@ the log reads, no database, no worker process.
 - "log" (everything): reads each message's type and time.
 
 Measured like ours: starts/s from the first JobDispatched to the last WorkerSpawned, and the CPU
-per start of the four processes and the driver (the broker's beside it).
+per start of the four processes and the driver (the broker's beside it); or, at a steady pace,
+each start's time to its answer.
 
     .venv/bin/python -m bench.floor [--quick]
 """
