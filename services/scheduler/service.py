@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +66,8 @@ from services.scheduler.policy import (
 from services.service import Service, now
 from services.store import UnitOfWork, UtcDateTime
 from services.topology import SCHEDULER_INBOX
+
+log = logging.getLogger(__name__)
 
 
 class State:
@@ -325,10 +328,13 @@ class SchedulerService(Service):
         connection = await uow.connection()
         queued = (await connection.execute(QUEUE_JOB, {"accepted_job": event.job_id})).first()
         if queued is None:
-            if not (await connection.execute(JOB_EXISTS, {"job_id": event.job_id})).first():
-                raise LookupError(f"{event.job_id} accepted before it was requested here; "
-                                  "retrying")
-            return  # decided before, or stopped while it waited for the decision
+            if (await connection.execute(JOB_EXISTS, {"job_id": event.job_id})).first():
+                return  # decided before, or stopped while it waited for the decision
+            if (now() - env.occurred_at).total_seconds() > self.settings.ledger_retention:
+                log.warning("%s: a decision older than the retention, about a job not here "
+                            "(ended and forgotten): ignored", event.job_id)
+                return
+            raise LookupError(f"{event.job_id} accepted before it was requested here; retrying")
         uow.emit(
             JobQueued(job_id=event.job_id, worker_id=queued.worker_id),
             stream=env.stream,

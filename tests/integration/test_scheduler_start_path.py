@@ -131,6 +131,18 @@ async def test_a_decision_for_a_job_not_requested_here_is_retried(
     assert await emitted(service) == []
 
 
+async def test_a_decision_older_than_the_retention_about_a_job_not_here_is_ignored(
+    scheduler: tuple[SchedulerService, Batch],
+) -> None:
+    """Its job ended and was forgotten (a job is requested before it is decided): retrying it
+    could never succeed, so it is not dead-lettered as a decision come too early."""
+    service, inbox = scheduler
+    old = datetime.now(UTC) - timedelta(seconds=service.settings.ledger_retention + 60)
+    envelope = Envelope.wrap(accepted(7), stream="job-j-7", user_id="u-1", occurred_at=old)
+    assert await inbox([Delivery(envelope, envelope.message())]) == {}
+    assert await emitted(service) == []
+
+
 async def test_a_stop_in_the_batch_that_queues_the_job_stops_it_for_good(
     scheduler: tuple[SchedulerService, Batch],
 ) -> None:
