@@ -239,7 +239,7 @@ class SchedulerService(Service):
     async def forget_ended(self, before: float) -> int:
         """Deletes the jobs ended before `before`, with their sealed credentials. A late copy of
         a message about one is then as about a job never known: a StopRunner or a worker's
-        report changes nothing, a JobAccepted is retried and dead-lettered."""
+        report changes nothing; a JobAccepted is ignored (it is older than the retention)."""
         return await self.store.forget_rows(JOBS.c.ended_at, datetime.fromtimestamp(before, UTC))
 
     # ------------------------------------------------------------------ commands
