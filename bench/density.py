@@ -41,10 +41,12 @@ from bench.report import (
     at_least,
     at_most,
     broker_process,
+    by_process,
     cpu_seconds,
     percentile,
     scratch_with_services_log,
     table,
+    without_broker,
 )
 from bench.spawn import MiB, uss
 from events.routing import TELEMETRY_EXCHANGE
@@ -73,7 +75,6 @@ def processes(local: LocalSystem) -> dict[str, int]:
             with open(f"/proc/{pid}/task/{pid}/children") as children:
                 pids["fork-server"] = int(children.read().split()[0])
     return pids | broker_process()
-
 
 
 class Heartbeats:
@@ -215,17 +216,11 @@ async def run(quick: bool) -> list[Figure]:
             await local.stop()
 
     p50_beat = statistics.median(latencies)
-    # the broker serves other vhosts too: shown, not counted
-    system_cpu = sum(v for k, v in cpu_ms.items() if k != SHARED_BROKER)
-    breakdown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu_ms.items(), key=lambda i: -i[1]))
-    console.print(f"CPU ms per worker started: {breakdown}")
-    floor_clients = sum(v for k, v in floor_cpu.items() if k != SHARED_BROKER)
-    console.print("the messages alone, CPU ms per start: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in sorted(floor_cpu.items(), key=lambda i: -i[1])))
-    idle_cpu = sum(v for k, v in idle_pct.items() if k != SHARED_BROKER)
-    idle_breakdown = ", ".join(
-        f"{k} {v:.1f}" for k, v in sorted(idle_pct.items(), key=lambda i: -i[1]))
-    console.print(f"idle CPU, % of one core: {idle_breakdown}")
+    system_cpu = without_broker(cpu_ms)
+    console.print(f"CPU ms per worker started: {by_process(cpu_ms)}")
+    console.print(f"the messages alone, CPU ms per start: {by_process(floor_cpu)}")
+    idle_cpu = without_broker(idle_pct)
+    console.print(f"idle CPU, % of one core: {by_process(idle_pct)}")
     spawn_side = sum(v for k, v in cpu_ms.items() if k.startswith(("worker", "fork-server")))
     p99_status = percentile(status_ms, 99)
     per_worker = statistics.mean(memory)
@@ -244,7 +239,7 @@ async def run(quick: bool) -> list[Figure]:
             "CPU per worker started, all our processes",
             system_cpu,
             "ms",
-            reference=floor_clients,
+            reference=without_broker(floor_cpu),
             reference_name="its messages alone",
             higher_is_better=False,
             note=f"+ {cpu_ms.get(SHARED_BROKER, 0):.1f} in the broker (alone: "

@@ -37,10 +37,9 @@ from typing import Any
 
 import aio_pika
 import orjson
-from rich.console import Console
 
 from bench.ingest import _receive, fresh_vhost
-from bench.report import SHARED_BROKER, Figure, broker_process, cpu_seconds, table
+from bench.report import SHARED_BROKER, broker_process, by_process, cpu_seconds
 from services.settings import Settings
 
 IN_FLIGHT = 64
@@ -250,26 +249,13 @@ async def paced(amqp_url: str, rate: float, starts: int) -> list[float]:
     return list(latencies)
 
 
-async def run(quick: bool) -> list[Figure]:
-    starts = 60 if quick else 300
-    rate, cpu = await burst(Settings().amqp_url, starts)
-    Console(stderr=True).print(
-        "floor CPU ms per start: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda i: -i[1])))
-    clients = sum(v for k, v in cpu.items() if k != SHARED_BROKER)
-    return [
-        Figure("start path's messages alone (raw aio-pika), starts/s", rate, "starts/s",
-               note=f"{starts} starts"),
-        Figure("  their CPU per start, clients (+ broker)", clients, "ms",
-               higher_is_better=False, note=f"+ {cpu[SHARED_BROKER]:.1f} ms in the broker"),
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    figures = asyncio.run(run(parser.parse_args().quick))
-    Console().print(table(figures, "the start path's messaging floor"))
+    starts = 60 if parser.parse_args().quick else 300
+    rate, cpu = asyncio.run(burst(Settings().amqp_url, starts))
+    print(f"{starts} starts' messages alone: {rate:.0f} starts/s; CPU ms per start: "
+          f"{by_process(cpu)}")
 
 
 if __name__ == "__main__":

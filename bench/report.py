@@ -121,3 +121,14 @@ def broker_process() -> dict[str, int]:
     """The local broker's process by name, if it runs on this machine."""
     broker = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
     return {SHARED_BROKER: int(broker.stdout.split()[0])} if broker.stdout.strip() else {}
+
+
+def by_process(values: dict[str, float]) -> str:
+    """`name value, …`, the largest first: a figure's breakdown by process, for stderr."""
+    return ", ".join(f"{k} {v:.1f}" for k, v in sorted(values.items(), key=lambda i: -i[1]))
+
+
+def without_broker(values: dict[str, float]) -> float:
+    """The sum over our processes: the broker serves other vhosts too, so it is shown, not
+    counted."""
+    return sum(v for k, v in values.items() if k != SHARED_BROKER)

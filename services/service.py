@@ -23,7 +23,7 @@ from events import Envelope, Message
 from events.envelope import as_utc
 from services.bus import Bus, Delivery, poison_reason
 from services.settings import Settings
-from services.store import OutboxRelay, Store, TimerRow, UnitOfWork
+from services.store import Backfill, OutboxRelay, Store, TimerRow, UnitOfWork
 from services.topology import QueueSpec
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,12 @@ class Service:
 
     name = "service"
     tables: tuple[Any, ...] = ()
-    ended_name = "rows"  # what `forget_ended` forgets, as its log line names it
+    backfills: tuple[Backfill, ...] = ()  # run at every start, after the schema upgrade
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.bus = Bus(settings, self.name)
-        self.store = Store(settings.database_for(self.store_name), self.tables)
+        self.store = Store(settings.database_for(self.store_name), self.tables, self.backfills)
         self.outbox = OutboxRelay(self.store, self.bus)
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
@@ -204,12 +204,12 @@ class Service:
                 forgotten = await self.store.forget_processed(before)
                 ended = await self.forget_ended(before)
             except Exception:
-                log.exception("forgetting old processed ids or ended %s failed; trying again later",
-                              self.ended_name)
+                log.exception("forgetting old processed ids or ended rows failed; trying again "
+                              "later")
                 continue
             if forgotten or ended:
-                log.info("forgot %d processed ids and %d ended %s older than %gs", forgotten,
-                         ended, self.ended_name, self.settings.ledger_retention)
+                log.info("forgot %d processed ids and %d ended rows older than %gs", forgotten,
+                         ended, self.settings.ledger_retention)
 
     async def forget_ended(self, before: float) -> int:
         """Subclasses delete what ended before `before` (Unix seconds) and is kept only to

@@ -50,6 +50,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
+from sqlalchemy.sql import Executable
 from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -217,12 +218,25 @@ def _add_new_columns(conn: Connection, tables: Sequence[Table]) -> None:
             index.create(conn, checkfirst=True)
 
 
+# A statement run at every open, after the schema upgrade: it gives the rows an older version
+# left without a value in a newer column their value now (and finds nothing once that is done).
+Backfill = Callable[[], Executable]
+
+
+def _time_untimed_ids() -> Executable:
+    """Ids recorded before the ledger had times: their retention counts from now."""
+    return (update(PROCESSED).where(PROCESSED.c.recorded_at.is_(None))
+            .values(recorded_at=int(time.time())))
+
+
 class Store:
     """A service's database (see module doc)."""
 
-    def __init__(self, url: str, tables: Sequence[Table] = ()) -> None:
+    def __init__(self, url: str, tables: Sequence[Table] = (),
+                 backfills: Sequence[Backfill] = ()) -> None:
         self.url = url
         self.tables = (*BASE_TABLES, *tables)
+        self.backfills = (_time_untimed_ids, *backfills)
         self.engine: AsyncEngine = _engine(url)
         self._reader = self.engine.execution_options(**{READ_ONLY: True})
         self._write_lock = asyncio.Lock()
@@ -236,9 +250,8 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.run_sync(SQLModel.metadata.create_all, tables=list(self.tables))
             await conn.run_sync(_add_new_columns, self.tables)
-            # ids recorded before the ledger had times: their retention counts from now
-            await conn.execute(update(PROCESSED).where(PROCESSED.c.recorded_at.is_(None))
-                               .values(recorded_at=int(time.time())))
+            for backfill in self.backfills:
+                await conn.execute(backfill())
 
     async def close(self) -> None:
         await self.engine.dispose()

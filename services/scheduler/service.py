@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, Text, bindparam, func, insert, update
+from sqlalchemy.sql import Executable
 from sqlmodel import Field, SQLModel, select
 
 from events import (
@@ -185,11 +186,17 @@ HOST_LOADS = (
            .scalar_subquery())
     .where(HOSTS.c.online)
 )
-ENDED = (State.STOPPED, State.FAILED, State.REJECTED)
-UNTIMED_ENDS = (update(JOBS).where(JOBS.c.ended_at.is_(None), JOBS.c.state.in_(ENDED))
-                .values(ended_at=bindparam("now")))
 DISPATCH_JOB = (update(JOBS).where(JOBS.c.seq == bindparam("job_seq"))
                 .values(state=State.DISPATCHED, host_id=bindparam("to_host")))
+
+
+ENDED = (State.STOPPED, State.FAILED, State.REJECTED)
+
+
+def _time_untimed_ends() -> Executable:
+    """Jobs ended before `ended_at` existed: their retention counts from now (a backfill)."""
+    return (update(JOBS).where(JOBS.c.ended_at.is_(None), JOBS.c.state.in_(ENDED))
+            .values(ended_at=now()))
 
 
 def job_stream(job_id: str) -> str:
@@ -202,7 +209,7 @@ def circuit_key(user_id: str, strategy_id: str) -> str:
 
 class SchedulerService(Service):
     name = "scheduler"
-    ended_name = "jobs"
+    backfills = (_time_untimed_ends,)
     tables = tuple(t.__table__ for t in (JobRow, HostRow, CircuitRow, LimitRow, FlagRow))  # type: ignore[attr-defined]
 
     async def setup(self) -> None:
@@ -229,9 +236,6 @@ class SchedulerService(Service):
         )
         self.timer_handlers["restart"] = self.on_restart_due
         self.timer_handlers["circuit"] = self.on_circuit_cooled
-
-        async with self.store.transaction() as uow:  # jobs ended before `ended_at` existed
-            await (await uow.connection()).execute(UNTIMED_ENDS, {"now": now()})
 
     async def started(self) -> None:
         self.background(self._dispatch_loop(), "dispatcher")

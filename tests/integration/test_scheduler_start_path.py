@@ -242,8 +242,9 @@ async def test_the_retention_loop_forgets_ended_jobs_while_the_scheduler_runs(
 
 
 async def test_jobs_ended_before_the_upgrade_are_timed_at_the_next_start(tmp_path: Path) -> None:
-    """A store from before `ended_at`: the column and its index are added, the ended jobs get
-    the start's time (their retention counts from then), the live ones none."""
+    """A store from before `ended_at`: at its next opening the column and its index are added,
+    and the ended jobs get the opening's time (their retention counts from then), the live ones
+    none."""
     settings = Settings(data_dir=tmp_path)
     old = SchedulerService(settings)
     await old.store.open()
@@ -258,9 +259,7 @@ async def test_jobs_ended_before_the_upgrade_are_timed_at_the_next_start(tmp_pat
         db.execute("ALTER TABLE jobs DROP COLUMN ended_at")
 
     service = SchedulerService(settings)
-    service.bus.consume_batches = lambda *_, **__: None  # type: ignore[method-assign]
-    await service.store.open()
-    await service.setup()
+    await service.store.open()  # the upgrade and its backfills
     try:
         assert (await job(service, 1)).ended_at is None
         for n in (2, 3):
