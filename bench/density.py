@@ -49,11 +49,13 @@ from bench.report import (
     without_broker,
 )
 from bench.spawn import MiB, uss
+from events.queries import StatusQuery
 from events.routing import TELEMETRY_EXCHANGE
-from services.bus import Bus
+from services.bus import AmqpBus
 from services.cli.client import GatewayClient
 from services.cli.local import LocalSystem
 from services.settings import Settings
+from services.topology import MONITOR_RPC
 
 PER_USER = 50  # the enterprise limit
 HEARTBEAT = 5.0  # seconds: the contract's default interval
@@ -362,11 +364,11 @@ async def timed(call: Callable[[], Awaitable[Any]]) -> list[float]:
 
 async def monitor_status_ms(amqp_url: str) -> list[float]:
     """The admin status straight from the monitor over the bus, as the gateway asks for it."""
-    bus = Bus(Settings(amqp_url=amqp_url), "bench")
+    bus = AmqpBus(Settings(amqp_url=amqp_url), "bench")
     await bus.start()
     try:
         return await timed(
-            lambda: bus.request_encoded("monitor.rpc", {"op": "status", "user_id": None}))
+            lambda: bus.request_encoded(MONITOR_RPC, StatusQuery()))
     finally:
         await bus.close()
 

@@ -43,10 +43,12 @@ from yarl import URL
 
 from bench.report import Figure, at_least, table
 from events import Envelope, OrderFilled, PositionChanged, TradeClosed
-from services.bus import Bus
+from events.queries import HostsQuery
+from services.bus import AmqpBus
 from services.cli.local import rabbitmqctl
 from services.monitor.log import EventLog, event_log
 from services.settings import Settings
+from services.topology import MONITOR_RPC
 
 BATCH = 1000
 RAW_EXCHANGE = "bench.raw"
@@ -193,7 +195,7 @@ async def monitor_process(amqp_url: str, data_dir: Path, log_file: Path
         except sqlite3.OperationalError:
             return 0
 
-    bus = Bus(Settings(amqp_url=amqp_url, data_dir=data_dir), "bench")
+    bus = AmqpBus(Settings(amqp_url=amqp_url, data_dir=data_dir), "bench")
     await bus.start()
     try:
         deadline = time.monotonic() + 30
@@ -201,7 +203,7 @@ async def monitor_process(amqp_url: str, data_dir: Path, log_file: Path
             if proc.poll() is not None:
                 raise RuntimeError(f"the monitor exited (see {log_file})")
             try:
-                await bus.request("monitor.rpc", {"op": "hosts"}, timeout=0.5)
+                await bus.request(MONITOR_RPC, HostsQuery(), timeout=0.5)
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -222,7 +224,7 @@ async def our_ingest(amqp_url: str, envelopes: list[Envelope], latency_samples: 
     """(publish → recorded msgs/s through the monitor, `Bus.publish` awaited confirm p50 ms)."""
     n = len(envelopes)
     async with monitor_process(amqp_url, work / "var", work / "monitor.log") as rows:
-        bus = Bus(Settings(amqp_url=amqp_url, data_dir=work / "var"), "bench")
+        bus = AmqpBus(Settings(amqp_url=amqp_url, data_dir=work / "var"), "bench")
         await bus.start()
         try:
             latencies = []

@@ -1,21 +1,19 @@
-"""The one publish path and the one consume path. FastStream's RabbitBroker holds the robust
-connection, declares the topology and publishes; every consumer is a plain aio-pika one.
+"""The bus: one publish path, one consume path, request/reply; `AmqpBus` runs it on RabbitMQ
+(aio-pika), `services.memory_bus.MemoryBus` in memory with the same delivery semantics.
 
-Publishing: persistent messages, publisher confirms awaited, an unroutable (returned) or nacked
+Publishing: persistent messages, publisher confirms awaited; an unroutable (returned) or nacked
 publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
 
 Consuming (`consume_batches`; every service inbox and the event log): the deliveries that have
 arrived are handed over as one batch, committed by the handler in one transaction (group commit),
-and acked after it returns, with one `basic.ack(multiple=True)` for the batch's last delivery,
-which acks exactly that batch (class doc of `_BatchConsumer`). A message that cannot be decoded
-(bad JSON, unknown type, invalid payload) is dead-lettered at once with its reason; a delivery the
-handler could not commit is retried with a short backoff and dead-lettered with the error after
-`handler_attempts` deliveries, while the rest of its batch is acked. Poison never crash-loops a
-consumer and never vanishes. It runs on aio-pika directly, on a channel of its own with one
-consumer: FastStream's per-message handler stack cost more CPU than recording the message.
+and acked after it returns. A message that cannot be decoded (bad JSON, unknown type, invalid
+payload) is dead-lettered at once with its reason; a delivery the handler could not commit is
+redelivered after a short backoff and dead-lettered with the error after `handler_attempts`
+deliveries, while the rest of its batch is acked. Poison never crash-loops a consumer and never
+vanishes.
 
-Request/reply: direct reply-to over aio-pika, many calls in flight at once on both sides
-(FastStream's `broker.request` is serialised by a lock).
+Request/reply (`serve`, `request`): each request is a `Query` model, validated before the
+handler runs; a refusal comes back to the caller as the same `QueryRefused` type.
 """
 
 from __future__ import annotations
@@ -28,16 +26,16 @@ import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import orjson
 from aiormq.abc import DeliveredMessage
-from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from pydantic import ValidationError
 from yarl import URL
 
 from events import Envelope, Message, UnknownMessageType, model_for
+from events.queries import QUERIES, REFUSALS, Invalid, Query, QueryRefused
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
 from services.settings import Settings
 from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
@@ -45,9 +43,12 @@ from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
 log = logging.getLogger(__name__)
 
 TelemetryHandler = Callable[[Message], Awaitable[None] | None]
-RpcHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+QueryHandler = Callable[[Any], Awaitable[Any]]  # takes the validated query
+WatchCallback = Callable[[bytes], Awaitable[None] | None]
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
+AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,26 +64,12 @@ class Delivery:
 BatchHandler = Callable[[list[Delivery]], Awaitable[Mapping[int, str] | None]]
 
 
-COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
-AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
-
-
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value, default=str)
-
-
-def with_heartbeat(amqp_url: str) -> str:
-    """The broker URL with an AMQP heartbeat, unless it sets one itself."""
-    url = URL(amqp_url)
-    return amqp_url if "heartbeat" in url.query else str(url.update_query(heartbeat=AMQP_HEARTBEAT))
-
-
 class PublishFailed(RuntimeError):
     """The broker did not take responsibility for a message (nacked, returned, or lost)."""
 
 
 class RpcError(RuntimeError):
-    """A request/reply call failed or timed out; the message says why, without internals."""
+    """A call could not be made or answered (bus down, no answer in time, a broken reply)."""
 
 
 class RpcTimeout(RpcError):
@@ -90,8 +77,44 @@ class RpcTimeout(RpcError):
 
 
 class RawJson(bytes):
-    """An RPC result already encoded as JSON: replied as is, and `Bus.request_raw` hands it
-    on as is (a large status document is never decoded and re-encoded on its way)."""
+    """A reply already encoded as JSON: sent as is, and `request_raw` hands it on as is."""
+
+
+class Publisher(Protocol):
+    async def publish_many(self, envelopes: Iterable[Envelope]) -> None: ...
+
+
+class Bus(Protocol):
+    """What a service needs of the bus (see module doc); `AmqpBus` and `MemoryBus` are both."""
+
+    service: str
+    settings: Settings
+
+    async def start(self) -> None: ...
+    def connected(self) -> bool: ...
+    async def stop_consuming(self) -> None: ...
+    async def close(self) -> None: ...
+    async def declare(self, spec: QueueSpec) -> None: ...
+    async def publish(self, envelope: Envelope) -> None: ...
+    async def publish_many(self, envelopes: Iterable[Envelope]) -> None: ...
+    async def send_telemetry(self, message: Message) -> None: ...
+    def consume_batches(self, spec: QueueSpec, handler: BatchHandler, *, max_batch: int = 1000,
+                        linger: float = 0.0, prefetch: int | None = None) -> None: ...
+    def subscribe_telemetry(self, spec: QueueSpec, handler: TelemetryHandler) -> None: ...
+    def serve(self, spec: QueueSpec, handlers: Mapping[type[Query], QueryHandler]) -> None: ...
+    async def request(self, spec: QueueSpec, query: Query,
+                      timeout: float | None = None) -> Any: ...
+    async def request_raw(self, spec: QueueSpec, query: Query,
+                          timeout: float | None = None) -> RawJson: ...
+    async def request_encoded(self, spec: QueueSpec, query: Query,
+                              timeout: float | None = None) -> tuple[bytes, str | None]: ...
+    async def watch(self, bindings: Iterable[tuple[str, str]], callback: WatchCallback) -> None: ...
+
+
+def with_heartbeat(amqp_url: str) -> str:
+    """The broker URL with an AMQP heartbeat, unless it sets one itself."""
+    url = URL(amqp_url)
+    return amqp_url if "heartbeat" in url.query else str(url.update_query(heartbeat=AMQP_HEARTBEAT))
 
 
 def poison_reason(exc: BaseException) -> str:
@@ -107,90 +130,172 @@ def poison_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-class Bus:
-    """A service's connection to the bus: declares its topology, publishes, consumes, calls."""
+def decode_delivery(body: bytes) -> Delivery:
+    """The envelope and its typed message; raises (ValidationError, UnknownMessageType,
+    ValueError) for poison."""
+    envelope = Envelope.from_json(body)
+    return Delivery(envelope, envelope.message())
+
+
+# ------------------------------------------------------------------------ RPC wire format
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply as it travels: its body (JSON, deflated from `COMPRESS_REPLIES_FROM` bytes on)
+    and, for a refusal, the refusal's code."""
+
+    body: bytes
+    encoding: str | None = None
+    refused: str | None = None
+
+
+async def answer(handlers: Mapping[type[Query], QueryHandler], type_name: str,
+                 body: bytes, where: str) -> Reply:
+    """Decode the query `type_name`, run its handler and encode the reply (or the refusal)."""
+    try:
+        model = QUERIES.get(type_name)
+        if model is None or model not in handlers:
+            raise Invalid(f"{where} does not answer {type_name or 'untyped requests'}")
+        try:
+            query = model.model_validate_json(body)
+        except ValidationError as exc:
+            raise Invalid(poison_reason(exc).removeprefix("invalid message: ")) from None
+        result = await handlers[model](query)
+        data = result if isinstance(result, RawJson) else orjson.dumps(result, default=str)
+    except QueryRefused as exc:
+        return Reply(orjson.dumps(str(exc)), refused=exc.code)
+    except Exception as exc:
+        log.exception("%s: %s failed", where, type_name)
+        return Reply(orjson.dumps(f"internal error ({type(exc).__name__})"), refused="internal")
+    if len(data) >= COMPRESS_REPLIES_FROM:
+        return Reply(zlib.compress(data, 1), "deflate")
+    return Reply(data)
+
+
+def reply_body(reply: Reply, where: str) -> tuple[bytes, str | None]:
+    """The reply's body and encoding; raises the refusal it carries."""
+    if reply.encoding not in (None, "deflate"):
+        raise RpcError(f"{where} sent a reply in an unknown encoding {reply.encoding!r}")
+    if reply.refused is not None:
+        try:
+            message = orjson.loads(inflated(reply.body, reply.encoding))
+        except ValueError:
+            message = None
+        message = message if isinstance(message, str) else "request refused"
+        if reply.refused == "internal":
+            raise RpcError(message)
+        raise REFUSALS.get(reply.refused, QueryRefused)(message)
+    return reply.body, reply.encoding
+
+
+def inflated(body: bytes, encoding: str | None) -> bytes:
+    if encoding is None:
+        return body
+    try:
+        return zlib.decompress(body)
+    except zlib.error:
+        raise RpcError("malformed reply (bad deflate data)") from None
+
+
+def decoded(raw: bytes, where: str) -> Any:
+    try:
+        return orjson.loads(memoryview(raw))  # orjson takes no bytes subclass
+    except ValueError:
+        raise RpcError(f"{where} sent a malformed reply") from None
+
+
+# ------------------------------------------------------------------------ RabbitMQ
+
+
+class AmqpBus:
+    """A service's connection to RabbitMQ: one robust aio-pika connection; a channel for
+    publishing, one per consumer, one for replies. Robust objects are restored after a
+    reconnect while referenced, so the bus keeps every one it declares."""
 
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
         self.service = service
-        self.broker = RabbitBroker(
-            with_heartbeat(settings.amqp_url),
-            app_id=service,
-            reconnect_interval=1.0,
-            graceful_timeout=max(settings.stop_grace, 5.0),
-            logger=logging.getLogger(f"faststream.{service}"),
-            log_level=logging.DEBUG,
-        )
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._queues: list[QueueSpec] = []
-        self._declared: list[Any] = []  # robust objects are restored only while referenced
+        self._declared: list[Any] = []
         self._pending: dict[str, asyncio.Future[aio_pika.abc.AbstractIncomingMessage]] = {}
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._consumers: list[_BatchConsumer | _TelemetryConsumer | _RpcServer] = []
-        self._started = False
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Connect, declare exchanges and this service's queues and bindings, start consumers."""
-        await self.broker.connect()
+        """Connect, declare exchanges and the whole static topology (whichever service starts
+        first, no message for another one is lost for want of its queue) and this service's
+        queues, then start consuming."""
+        self._connection = await aio_pika.connect_robust(
+            with_heartbeat(self.settings.amqp_url), reconnect_interval=1.0,
+            client_properties={"connection_name": self.service})
+        channel = await self.channel()
         for spec in EXCHANGES:
-            self._declared.append(await self.broker.declare_exchange(_exchange(spec.name)))
-        # The whole static topology, not only our queues: whichever service starts first, no
-        # message for another one is lost for want of its queue.
+            self._declared.append(await channel.declare_exchange(
+                spec.name, aio_pika.ExchangeType(spec.type), durable=spec.durable))
         for spec in (*STATIC_QUEUES, *self._queues):
-            await self._declare_bindings(spec)
-        self._publish_channel = await self._channel()
-        await self.broker.start()
+            await self.declare_on(channel, spec)
+        self._publish_channel = await self.channel()
         for consumer in self._consumers:
             await consumer.start()
-        self._started = True
 
     def connected(self) -> bool:
-        """Whether the broker connection is up right now (for fencing decisions)."""
-        connection = getattr(self.broker, "_connection", None)
-        return bool(
-            connection is not None and not connection.is_closed and connection.connected.is_set()
-        )
+        """Whether the broker connection is up right now (for fencing decisions and health)."""
+        connection = self._connection
+        return bool(connection is not None and not connection.is_closed
+                    and connection.connected.is_set())
 
     async def stop_consuming(self) -> None:
-        """Cancel our consumers and wait for in-flight handlers (up to the graceful timeout)."""
+        """Cancel our consumers and wait for in-flight handlers (up to the stop grace)."""
         for consumer in self._consumers:
-            await consumer.stop(self.broker.config.graceful_timeout or 5.0)
+            await consumer.stop(self._grace)
 
     async def close(self) -> None:
-        """Stop consuming, let in-flight handlers finish (graceful timeout), disconnect."""
+        """Stop consuming, let in-flight handlers finish, disconnect."""
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
-        for consumer in self._consumers:
-            await consumer.stop(self.broker.config.graceful_timeout or 5.0)
-        await self.broker.stop()
-        self._started = False
+        await self.stop_consuming()
+        if self._connection is not None:
+            await self._connection.close()
 
-    async def _channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
-        """A new channel, each call (FastStream's `Channel` settings hash by identity): keep it."""
-        return await self.broker.config.channel_manager.get_channel(
-            Channel(prefetch_count=prefetch)
-        )
+    @property
+    def _grace(self) -> float:
+        return max(self.settings.stop_grace, 5.0)
 
-    async def _declare_bindings(self, spec: QueueSpec) -> None:
-        queue = await self.broker.declare_queue(_queue(spec))
+    async def channel(self, prefetch: int | None = None) -> aio_pika.abc.AbstractRobustChannel:
+        """A new channel of this bus's connection, with publisher confirms."""
+        if self._connection is None:
+            raise PublishFailed("bus not started")
+        channel: Any = await self._connection.channel()
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def declare_on(self, channel: Any, spec: QueueSpec) -> Any:
+        queue = await channel.declare_queue(
+            spec.name, durable=spec.durable, auto_delete=spec.auto_delete,
+            arguments=spec.arguments or None)
         self._declared.append(queue)
         for exchange, key in spec.bindings:
             await queue.bind(exchange, routing_key=key)
+        return queue
 
     async def declare(self, spec: QueueSpec) -> None:
         """Declare a queue and its bindings now (for queues no handler of ours consumes)."""
-        await self._declare_bindings(spec)
+        await self.declare_on(await self.channel(), spec)
 
     # ---------------------------------------------------------------- publishing
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish one message and wait for the broker's confirm. Raises `PublishFailed`."""
         model = model_for(envelope.type)
-        await self._publish_raw(
+        await self.publish_raw(
             envelope.to_json(),
             exchange=exchange_for(model),
             routing_key=routing_key_for(model),
@@ -211,11 +316,10 @@ class Bus:
     async def send_telemetry(self, message: Message) -> None:
         """Transient telemetry (dropped when nobody listens), returning once the broker has
         confirmed it: a host renews its lease on its heartbeat's confirm."""
-        if self._publish_channel is None:
+        channel = self._publish_channel
+        if channel is None:
             return
-        exchange = await self._publish_channel.get_exchange(
-            exchange_for(type(message)), ensure=False
-        )
+        exchange = await channel.get_exchange(exchange_for(type(message)), ensure=False)
         await exchange.publish(
             aio_pika.Message(
                 message.model_dump_json().encode(),
@@ -227,7 +331,7 @@ class Bus:
             mandatory=False,
         )
 
-    async def _publish_raw(
+    async def publish_raw(
         self,
         body: bytes,
         *,
@@ -256,30 +360,49 @@ class Bus:
             target = self._exchanges.get(exchange)
             if target is None:
                 target = self._exchanges[exchange] = await channel.get_exchange(
-                    exchange, ensure=False
-                )
-            result = await target.publish(
-                message,
-                routing_key=routing_key,
-                mandatory=True,
-                timeout=self.settings.request_timeout,
-            )
+                    exchange, ensure=False)
+            result = await target.publish(message, routing_key=routing_key, mandatory=True,
+                                          timeout=self.settings.request_timeout)
         except Exception as exc:  # connection loss, nack, timeout: the caller must retry
             raise PublishFailed(f"publish to {exchange}/{routing_key} failed: {exc!r}") from exc
         if isinstance(result, DeliveredMessage):
             raise PublishFailed(f"unroutable: no queue bound to {exchange}/{routing_key}")
 
+    async def dead_letter(self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage,
+                          reason: str) -> None:
+        """Move `raw` to the dead-letter exchange under `spec`'s name, with its reason."""
+        headers = dict(raw.headers or {}) | {
+            "x-poison-reason": reason,
+            "x-poison-service": self.service,
+            "x-original-exchange": raw.exchange or "",
+            "x-original-routing-key": raw.routing_key or "",
+        }
+        await self.publish_raw(raw.body, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name,
+                               headers=headers, message_id=raw.message_id,
+                               message_type=raw.type)
+
+    async def send_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
+        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later)."""
+        channel = self._publish_channel or await self.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                reply.body,
+                headers={"refused": reply.refused} if reply.refused else None,
+                correlation_id=correlation_id,
+                content_type="application/json",
+                content_encoding=reply.encoding,
+            ),
+            routing_key=reply_to,
+            mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
+        )
+
     # ---------------------------------------------------------------- consuming
 
     def consume_batches(self, spec: QueueSpec, handler: BatchHandler, *, max_batch: int = 1000,
                         linger: float = 0.0, prefetch: int | None = None) -> None:
-        """Consume `spec` in batches: `handler(deliveries)` gets the decoded messages that have
-        arrived (up to `max_batch`; what came while the previous batch committed, and, with a
-        `linger`, what comes that much longer while the consumer is behind) and commits them;
-        they are acked once it returns. Poison is dead-lettered with its reason; a delivery
-        the handler reports failed (or all of them, if it raises) is retried and, after
-        `handler_attempts` deliveries, dead-lettered with the error, while the rest of its batch
-        is acked. `prefetch` [2 × max_batch] lets the next batch arrive while one commits."""
+        """Consume `spec` in batches (module doc): what has arrived, up to `max_batch`, and with
+        a `linger`, what comes that much longer while the consumer is behind. `prefetch`
+        [2 × max_batch] lets the next batch arrive while one commits."""
         self._queues.append(spec)
         self._consumers.append(_BatchConsumer(
             self, spec, handler, max_batch=max_batch, linger=linger,
@@ -291,77 +414,53 @@ class Bus:
         self._queues.append(spec)
         self._consumers.append(_TelemetryConsumer(self, spec, handler))
 
-    async def _dead_letter(
-        self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage, reason: str
-    ) -> None:
-        headers = dict(raw.headers or {})
-        headers |= {
-            "x-poison-reason": reason,
-            "x-poison-service": self.service,
-            "x-original-exchange": raw.exchange or "",
-            "x-original-routing-key": raw.routing_key or "",
-        }
-        await self._publish_raw(
-            raw.body,
-            exchange=DEAD_LETTER_EXCHANGE,
-            routing_key=spec.name,
-            headers=headers,
-            message_id=raw.message_id,
-            message_type=raw.type,
-        )
-
-    async def watch(
-        self,
-        bindings: Iterable[tuple[str, str]],
-        callback: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
-    ) -> None:
+    async def watch(self, bindings: Iterable[tuple[str, str]], callback: WatchCallback) -> None:
         """Look at traffic without taking it from anyone (viewers such as `runner events tail`):
-        a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack."""
-        channel = await self._channel(prefetch=1000)
+        a private exclusive auto-delete queue bound to `bindings`, consumed with auto-ack; the
+        callback gets each message's body."""
+        channel = await self.channel(prefetch=1000)
         # named by us: a robust channel cannot re-declare a server-named (amq.gen-*) queue
         queue = await channel.declare_queue(
-            f"{self.service}.watch.{uuid.uuid4().hex[:12]}",
-            exclusive=True,
-            auto_delete=True,
-            durable=False,
-        )
+            f"{self.service}.watch.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True,
+            durable=False)
         self._declared.append(queue)
         for exchange, key in bindings:
             await queue.bind(exchange, routing_key=key)
-        await queue.consume(callback, no_ack=True)
+
+        async def deliver(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            result = callback(message.body)
+            if asyncio.iscoroutine(result):
+                await result
+
+        await queue.consume(deliver, no_ack=True)
 
     # ---------------------------------------------------------------- request / reply
 
-    def serve(self, spec: QueueSpec, handler: RpcHandler) -> None:
-        """Answer JSON requests on `spec`: the reply's body is the handler's result as JSON
-        (a `RawJson` result as is) with header `ok` true, or the error message as a JSON string
-        with `ok` false. Replies from `COMPRESS_REPLIES_FROM` bytes on (a status of a thousand
-        workers, a page of the log) are deflated; `request_raw` inflates them."""
+    def serve(self, spec: QueueSpec, handlers: Mapping[type[Query], QueryHandler]) -> None:
+        """Answer the queries `handlers` names on `spec` (module doc); replies from
+        `COMPRESS_REPLIES_FROM` bytes on are deflated."""
         self._queues.append(spec)
-        self._consumers.append(_RpcServer(self, spec, handler))
+        self._consumers.append(_RpcServer(self, spec, handlers))
 
-    async def request(self, queue: str, body: dict[str, Any], timeout: float | None = None) -> Any:
-        """Call a service's RPC queue; returns its result or raises `RpcError` with its error."""
-        raw = await self.request_raw(queue, body, timeout)
+    async def request(self, spec: QueueSpec, query: Query, timeout: float | None = None) -> Any:
+        """Call a service; returns its decoded reply, raises its refusal or `RpcError`."""
+        return decoded(await self.request_raw(spec, query, timeout), spec.name)
+
+    async def request_raw(self, spec: QueueSpec, query: Query,
+                          timeout: float | None = None) -> RawJson:
+        """`request`, with the reply as the JSON bytes it came in."""
+        body, encoding = await self.request_encoded(spec, query, timeout)
+        return RawJson(inflated(body, encoding))
+
+    async def request_encoded(self, spec: QueueSpec, query: Query,
+                              timeout: float | None = None) -> tuple[bytes, str | None]:
+        """`request_raw`, with the reply as it travelled: deflated (encoding "deflate") from
+        `COMPRESS_REPLIES_FROM` bytes on, for callers that pass a large reply on as it is."""
+        timeout = timeout or self.settings.request_timeout
         try:
-            return orjson.loads(memoryview(raw))  # orjson takes no bytes subclass
-        except ValueError:
-            raise RpcError(f"{queue} sent a malformed reply") from None
-
-    async def request_raw(
-        self, queue: str, body: dict[str, Any], timeout: float | None = None
-    ) -> RawJson:
-        """`request`, with the result as the JSON bytes it came in."""
-        reply, encoding = await self.request_encoded(queue, body, timeout)
-        return RawJson(_inflated(reply, encoding))
-
-    async def request_encoded(
-        self, queue: str, body: dict[str, Any], timeout: float | None = None
-    ) -> tuple[bytes, str | None]:
-        """`request_raw`, with the result as it travelled: its JSON bytes, deflated (encoding
-        "deflate") from `COMPRESS_REPLIES_FROM` bytes on, else as they are (None); for callers
-        that pass a large reply on as it is (the gateway, to an HTTP client accepting it)."""
-        channel = await self._reply_channel()
+            channel = await self._reply_channel()
+        except Exception as exc:
+            raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
             asyncio.get_running_loop().create_future())
@@ -369,36 +468,32 @@ class Bus:
         try:
             await channel.default_exchange.publish(
                 aio_pika.Message(
-                    _dumps(body),
+                    query.model_dump_json().encode(),
+                    type=query.type_name(),
                     correlation_id=correlation_id,
                     reply_to=REPLY_TO,
                     content_type="application/json",
-                    expiration=timeout or self.settings.request_timeout,
+                    expiration=timeout,
                 ),
-                routing_key=queue,
+                routing_key=spec.name,
                 mandatory=False,
             )
-            reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
+            raw = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise RpcTimeout(f"{queue} did not answer in time") from None
+            raise RpcTimeout(f"{spec.name} did not answer in time") from None
+        except aio_pika.exceptions.AMQPError as exc:
+            raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
         finally:
             self._pending.pop(correlation_id, None)
-        encoding = reply.content_encoding or None
-        if encoding not in (None, "deflate"):
-            raise RpcError(f"{queue} sent a reply in an unknown encoding {encoding!r}")
-        if reply.headers.get("ok") is not True:
-            try:
-                error = orjson.loads(_inflated(reply.body, encoding))
-            except ValueError:
-                error = None
-            raise RpcError(error if isinstance(error, str) else "request failed")
-        return reply.body, encoding
+        refused = (raw.headers or {}).get("refused")
+        return reply_body(Reply(raw.body, raw.content_encoding or None,
+                                refused if isinstance(refused, str) else None), spec.name)
 
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
-            channel = await self._channel()
+            channel = await self.channel()
             # a passive declare registers the pseudo-queue with the robust channel, so its
-            # consumer is restored after a reconnect (ensure=False was not: replies then failed)
+            # consumer is restored after a reconnect
             queue = await channel.get_queue(REPLY_TO)
             await queue.consume(self._on_reply, no_ack=True)
             self._rpc_channel = channel
@@ -411,36 +506,39 @@ class Bus:
             future.set_result(message)
 
 
-def _inflated(body: bytes, encoding: str | None) -> bytes:
-    if encoding is None:
-        return body
-    try:
-        return zlib.decompress(body)
-    except zlib.error:
-        raise RpcError("malformed reply (bad deflate data)") from None
+class _Subscription:
+    """A consumer on the queue `spec`, on a channel of its own."""
+
+    def __init__(self, bus: AmqpBus, spec: QueueSpec) -> None:
+        self.bus, self.spec = bus, spec
+        self._queue: Any = None
+        self._consumer_tag: str | None = None
+
+    async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
+                      no_ack: bool) -> None:
+        channel = await self.bus.channel(prefetch=prefetch)
+        self._queue = await self.bus.declare_on(channel, self.spec)
+        self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
+
+    async def cancel(self, timeout: float) -> None:
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):  # the channel may be gone: nothing more arrives
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
+            self._consumer_tag = None
 
 
 class _BatchConsumer:
-    """`Bus.consume_batches`: one task takes every delivery that has arrived (up to
-    `max_batch`), runs the handler on them in delivery order, settles them, and takes the next.
-    So a batch holds what arrived while the previous one committed: a lone message at idle is
-    handled at once, and under load batches grow by themselves (natural batching). With a
-    `linger`, a consumer that is behind (messages were waiting when it finished a batch) also
-    waits that long for a batch to fill: fewer, larger commits when throughput matters, and no
-    delay at all when it does not.
+    """`AmqpBus.consume_batches`: one task takes every delivery that has arrived (up to
+    `max_batch`), runs the handler on them in delivery order, settles them, and takes the next,
+    so a lone message at idle is handled at once and batches grow by themselves under load.
 
-    Why one multiple-ack is exact: the channel is ours alone (FastStream's channel manager keys
-    channels by `Channel` instance) and carries this one consumer, so its delivery tags number
-    exactly our deliveries, in order. A batch is a run of consecutive deliveries, and every
-    earlier delivery has been settled (acked, dead-lettered or nacked) before the batch commits,
-    so acking the batch's highest tag with `multiple=True` acks this batch and nothing else: no
-    message is acked before the transaction holding it has committed. After a reconnect the new
-    channel numbers its deliveries from 1 again; messages that came on the old channel cannot be
-    settled any more and are skipped (the broker redelivers them; the handler must be idempotent,
-    as every consumer here is).
+    One `basic.ack(multiple=True)` per batch is exact: the channel carries this one consumer, so
+    its delivery tags number exactly our deliveries, in order, and every earlier delivery has
+    been settled before the batch commits. After a reconnect the new channel numbers from 1
+    again; deliveries of the old channel cannot be settled and are redelivered by the broker.
     """
 
-    def __init__(self, bus: Bus, spec: QueueSpec, handler: BatchHandler, *, max_batch: int,
+    def __init__(self, bus: AmqpBus, spec: QueueSpec, handler: BatchHandler, *, max_batch: int,
                  linger: float, prefetch: int) -> None:
         self.bus, self.spec, self.handler = bus, spec, handler
         self.max_batch, self.linger, self.prefetch = max_batch, linger, prefetch
@@ -506,8 +604,7 @@ class _BatchConsumer:
         dead: list[tuple[aio_pika.abc.AbstractIncomingMessage, str]] = []
         for raw in raws:
             try:
-                envelope = Envelope.from_json(raw.body)
-                deliveries.append(Delivery(envelope, envelope.message()))
+                deliveries.append(decode_delivery(raw.body))
                 delivered.append(raw)
             except (ValidationError, UnknownMessageType, ValueError) as exc:
                 dead.append((raw, poison_reason(exc)))
@@ -518,11 +615,10 @@ class _BatchConsumer:
             except Exception as exc:
                 failed = dict.fromkeys(range(len(deliveries)), poison_reason(exc))
         retry: list[aio_pika.abc.AbstractIncomingMessage] = []
-        attempts_allowed = self.bus.settings.handler_attempts
         for index, reason in failed.items():
             raw = delivered[index]
-            attempt = int((raw.headers or {}).get("x-delivery-count") or 0) + 1
-            if attempt >= attempts_allowed:
+            attempt = _delivery_count(raw) + 1
+            if attempt >= self.bus.settings.handler_attempts:
                 log.error("%s: %s failed %d times, dead-lettered: %s", self.spec.name,
                           deliveries[index].envelope.type, attempt, reason)
                 dead.append((raw, f"handler failed {attempt} times: {reason}"))
@@ -532,13 +628,12 @@ class _BatchConsumer:
                 retry.append(raw)
         if dead:
             results = await asyncio.gather(
-                *(self.bus._dead_letter(self.spec, raw, reason) for raw, reason in dead),
+                *(self.bus.dead_letter(self.spec, raw, reason) for raw, reason in dead),
                 return_exceptions=True)
             retry += [raw for (raw, _), result in zip(dead, results, strict=True)
                       if isinstance(result, BaseException)]
         if retry:
-            worst = max(int((r.headers or {}).get("x-delivery-count") or 0) + 1 for r in retry)
-            await asyncio.sleep(min(0.05 * 2**worst, 2.0))
+            await asyncio.sleep(redelivery_backoff(max(_delivery_count(r) + 1 for r in retry)))
             for raw in retry:
                 await _settle_quietly(raw.nack(requeue=True))
         await self._ack(raws, {id(raw) for raw in retry})
@@ -561,6 +656,15 @@ class _BatchConsumer:
             await _settle_quietly(channel.basic_ack(delivery_tag=tag, multiple=True))
 
 
+def redelivery_backoff(attempt: int) -> float:
+    """Seconds before a failed delivery goes back to its queue."""
+    return min(0.05 * 2**attempt, 2.0)
+
+
+def _delivery_count(raw: aio_pika.abc.AbstractIncomingMessage) -> int:
+    return int((raw.headers or {}).get("x-delivery-count") or 0)
+
+
 async def _settle_quietly(op: Awaitable[None]) -> None:
     try:
         await op
@@ -568,53 +672,10 @@ async def _settle_quietly(op: Awaitable[None]) -> None:
         pass
 
 
-def _exchange(name: str) -> RabbitExchange:
-    spec = next(e for e in EXCHANGES if e.name == name)
-    return RabbitExchange(spec.name, type=ExchangeType(spec.type), durable=spec.durable)
-
-
-def _queue(spec: QueueSpec) -> RabbitQueue:
-    return RabbitQueue(
-        spec.name,
-        durable=spec.durable,
-        auto_delete=spec.auto_delete,
-        arguments=spec.arguments or None,
-    )
-
-
-class _Subscription:
-    """A consumer on the queue `spec`, on a channel of its own; the robust queue stays referenced
-    by the bus, so the consumer is restored after a reconnect."""
-
-    def __init__(self, bus: Bus, spec: QueueSpec) -> None:
-        self.bus, self.spec = bus, spec
-        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
-        self._consumer_tag: str | None = None
-
-    async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
-                      no_ack: bool) -> None:
-        channel = await self.bus._channel(prefetch=prefetch)
-        self._queue = await channel.declare_queue(
-            self.spec.name,
-            durable=self.spec.durable,
-            auto_delete=self.spec.auto_delete,
-            arguments=self.spec.arguments or None,
-        )
-        self.bus._declared.append(self._queue)
-        self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
-
-    async def cancel(self, timeout: float) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
-            with contextlib.suppress(Exception):  # the channel may be gone: nothing more arrives
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), timeout)
-            self._consumer_tag = None
-
-
 class _TelemetryConsumer:
-    """`Bus.subscribe_telemetry`: decode each sample and hand it over; no acks (a sample lost to
-    a crash is replaced by the next one)."""
+    """`AmqpBus.subscribe_telemetry`: decode each sample and hand it over; no acks."""
 
-    def __init__(self, bus: Bus, spec: QueueSpec, handler: TelemetryHandler) -> None:
+    def __init__(self, bus: AmqpBus, spec: QueueSpec, handler: TelemetryHandler) -> None:
         self.spec, self.handler = spec, handler
         self._subscription = _Subscription(bus, spec)
         self._prefetch = bus.settings.prefetch
@@ -637,11 +698,12 @@ class _TelemetryConsumer:
 
 
 class _RpcServer:
-    """`Bus.serve`: answers each request as it comes (several at once, up to the prefetch) and
-    acks it once answered; a plain aio-pika consumer, like the others."""
+    """`AmqpBus.serve`: answers each request as it comes (several at once, up to the prefetch)
+    and acks it once answered."""
 
-    def __init__(self, bus: Bus, spec: QueueSpec, handler: RpcHandler) -> None:
-        self.bus, self.spec, self.handler = bus, spec, handler
+    def __init__(self, bus: AmqpBus, spec: QueueSpec,
+                 handlers: Mapping[type[Query], QueryHandler]) -> None:
+        self.bus, self.spec, self.handlers = bus, spec, handlers
         self._subscription = _Subscription(bus, spec)
 
     async def start(self) -> None:
@@ -654,32 +716,7 @@ class _RpcServer:
     async def _answer(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
             if raw.reply_to:
-                await self._reply(raw)
+                reply = await answer(self.handlers, raw.type or "", raw.body, self.spec.name)
+                await self.bus.send_reply(raw.reply_to, raw.correlation_id, reply)
         finally:
             await _settle_quietly(raw.ack())
-
-    async def _reply(self, raw: aio_pika.abc.AbstractIncomingMessage) -> None:
-        ok = True
-        try:
-            result = await self.handler(orjson.loads(raw.body))
-            body = result if isinstance(result, RawJson) else _dumps(result)
-        except (ValueError, LookupError, PermissionError) as exc:
-            ok, body = False, _dumps(str(exc))
-        except Exception as exc:
-            log.exception("%s: request failed", self.spec.name)
-            ok, body = False, _dumps(f"internal error ({type(exc).__name__})")
-        encoding = None
-        if len(body) >= COMPRESS_REPLIES_FROM:
-            body, encoding = zlib.compress(body, 1), "deflate"
-        channel = self.bus._publish_channel or await self.bus._channel()
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                headers={"ok": ok},
-                correlation_id=raw.correlation_id,
-                content_type="application/json",
-                content_encoding=encoding,
-            ),
-            routing_key=raw.reply_to or "",
-            mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
-        )

@@ -1,8 +1,10 @@
 """The shell every service shares: bus + own store + outbox relay + durable timers + shutdown.
 
-A service declares which messages it handles on which queue; each handler runs as
-`handler(uow, envelope, message)` inside `Store.processing`, so it runs at most once per message
-in effect, its state change and emitted messages commit together, and the ack follows the commit.
+A service is given its bus and store (RabbitMQ and its own database by default; a `MemoryBus`
+and a temporary database in handler tests). It declares which messages it handles on which queue;
+each handler runs as `handler(uow, envelope, message)` inside `Store.processing_many`, so it runs
+at most once per message in effect, its state change and emitted messages commit together, and
+the ack follows the commit.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import Envelope, Message
-from events.envelope import as_utc
-from services.bus import Bus, Delivery, poison_reason
+from services.bus import AmqpBus, Bus, Delivery, poison_reason
 from services.settings import Settings
-from services.store import Backfill, OutboxRelay, Store, TimerRow, UnitOfWork
+from services.store import Backfill, OutboxRelay, Store, UnitOfWork
 from services.topology import QueueSpec
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,14 @@ class Service:
     tables: tuple[Any, ...] = ()
     backfills: tuple[Backfill, ...] = ()  # run at every start, after the schema upgrade
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, bus: Bus | None = None,
+                 store: Store | None = None,
+                 clock: Callable[[], datetime] = now) -> None:
         self.settings = settings
-        self.bus = Bus(settings, self.name)
-        self.store = Store(settings.database_for(self.store_name), self.tables, self.backfills)
+        self.clock = clock
+        self.bus: Bus = bus or AmqpBus(settings, self.name)
+        self.store = store or Store(settings.database_for(self.store_name), self.tables,
+                                    self.backfills)
         self.outbox = OutboxRelay(self.store, self.bus)
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
@@ -61,6 +66,11 @@ class Service:
     @property
     def store_name(self) -> str:
         return self.name
+
+    @property
+    def busy(self) -> bool:
+        """Whether committed work waits to be published or grouped work to be committed."""
+        return self.outbox.lag > 0 or self.store.busy
 
     def handle(
         self,
@@ -219,7 +229,7 @@ class Service:
     async def _run_timers(self) -> None:
         while True:
             row = await self.store.next_timer()
-            delay = 3600.0 if row is None else (as_utc(row.due_at) - now()).total_seconds()
+            delay = 3600.0 if row is None else (row.due_at - self.clock()).total_seconds()
             if delay > 0:
                 self._timer_wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -235,10 +245,9 @@ class Service:
     async def _fire(self, key: str) -> None:
         """Run a due timer's handler and delete the timer, in one transaction."""
         async with self.store.transaction() as uow:
-            current = await uow.session.get(TimerRow, key)
-            if current is None or as_utc(current.due_at) > now():
+            current = await self.store.take_timer(uow, key, self.clock())
+            if current is None:
                 return
-            await uow.session.delete(current)
             handler = self.timer_handlers.get(current.kind)
             if handler is None:
                 log.error("no handler for timer kind %r (dropped %s)", current.kind, key)

@@ -178,12 +178,15 @@ GATEWAY_WAITS = _bind(WorkerStopped, PositionsFlattened, FlattenFailed, Entitlem
 
 SERVICES = ("gateway", "entitlement", "scheduler", "worker-host", "monitor")
 
+ENTITLEMENT_RPC = rpc_queue("entitlement")
+MONITOR_RPC = rpc_queue("monitor")
+
 STATIC_QUEUES: tuple[QueueSpec, ...] = (
     MONITOR_LOG,
     MONITOR_TELEMETRY,
-    rpc_queue("monitor"),
+    MONITOR_RPC,
     ENTITLEMENT_INBOX,
-    rpc_queue("entitlement"),
+    ENTITLEMENT_RPC,
     SCHEDULER_INBOX,
     *(dead_letter_queue(s) for s in SERVICES),
 )
@@ -299,7 +302,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
     ),
     "entitlement": ServiceAccess(
         publishes=(EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
-        consumes=(ENTITLEMENT_INBOX.name, rpc_queue("entitlement").name),
+        consumes=(ENTITLEMENT_INBOX.name, ENTITLEMENT_RPC.name),
     ),
     "scheduler": ServiceAccess(
         publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE),
@@ -311,7 +314,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
     ),
     "monitor": ServiceAccess(
         publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
-        consumes=(MONITOR_LOG.name, MONITOR_TELEMETRY.name, rpc_queue("monitor").name),
+        consumes=(MONITOR_LOG.name, MONITOR_TELEMETRY.name, MONITOR_RPC.name),
     ),
 }
 

@@ -27,18 +27,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from yarl import URL
 
 from events import REGISTRY, Envelope, UnknownMessageType, model_for
+from events.queries import LogQuery, QueryRefused
 from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
-from services.bus import Bus, PublishFailed, RpcError, poison_reason
+from services.bus import AmqpBus, Bus, PublishFailed, RpcError, poison_reason
 from services.monitor import views
 from services.monitor.log import EventLog, EventLogMissing
 from services.monitor.replay import replay
 from services.settings import Settings, async_driver
-from services.topology import rpc_queue
+from services.topology import MONITOR_RPC
 
 events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.")
 audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integrity.")
 
-MONITOR_RPC = rpc_queue("monitor").name
 HISTORY_PAGE = 1000
 RECENT_IDS = 50_000  # history ids remembered to drop their live twins (the overlap is the tail)
 
@@ -63,7 +63,7 @@ def _broker_name(settings: Settings) -> str:
 async def _connect(settings: Settings) -> Bus:
     for noisy in ("aiormq", "aio_pika", "faststream"):  # their retries are not the user's news
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    bus = Bus(settings, "cli")
+    bus = AmqpBus(settings, "cli")
     try:
         await asyncio.wait_for(bus.start(), timeout=settings.request_timeout)
     except (OSError, TimeoutError, AMQPError) as exc:
@@ -208,8 +208,8 @@ async def _tail(settings: Settings, printer: _Printer, *, from_start: bool, foll
     live: asyncio.Queue[bytes] = asyncio.Queue()
     try:
         if follow:  # listen before reading history, so nothing falls between the two
-            async def on_live(message: Any) -> None:
-                live.put_nowait(message.body)
+            def on_live(body: bytes) -> None:
+                live.put_nowait(body)
 
             await bus.watch(((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#")), on_live)
         recent: deque[str] = deque(maxlen=RECENT_IDS)
@@ -225,9 +225,8 @@ async def _print_history(bus: Bus, printer: _Printer, recent: deque[str]) -> Non
     after = 0
     while not printer.done.is_set():
         try:
-            rows = await bus.request(MONITOR_RPC,
-                                     {"op": "log", "after": after, "limit": HISTORY_PAGE})
-        except RpcError as exc:
+            rows = await bus.request(MONITOR_RPC, LogQuery(after=after, limit=HISTORY_PAGE))
+        except (RpcError, QueryRefused) as exc:
             _fail(f"monitor: {exc}")
         for row in rows:
             envelope = Envelope.model_validate(row["envelope"])

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request
@@ -36,6 +36,17 @@ from events import (
     UpgradeEntitlement,
     WorkerStopped,
 )
+from events.queries import (
+    CheckEntitlement,
+    Conflict,
+    DecideStart,
+    HostsQuery,
+    Invalid,
+    NotFound,
+    QueryRefused,
+    StatusQuery,
+    WorkerQuery,
+)
 from projections import ENDED
 from services.bus import PublishFailed, RpcError, RpcTimeout
 from services.gateway.models import (
@@ -51,7 +62,7 @@ from services.gateway.users import Caller, UserDirectory, UserRow
 from services.gateway.waiters import Unseen, Waiters
 from services.secrets import Sealer, admin_token, secret_key
 from services.service import Service, now
-from services.topology import GATEWAY_WAITS, QueueSpec
+from services.topology import ENTITLEMENT_RPC, GATEWAY_WAITS, MONITOR_RPC, QueueSpec
 from services.worker.brokers import BROKERS
 from services.worker.strategies.base import available_strategies
 
@@ -93,8 +104,8 @@ class GatewayService(Service):
     name = "gateway"
     tables = (UserRow.__table__,)  # type: ignore[attr-defined]
 
-    def __init__(self, settings: Any) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Any, **wiring: Any) -> None:
+        super().__init__(settings, **wiring)
         token, created = admin_token(settings)
         if created:
             print(
@@ -176,8 +187,7 @@ class GatewayService(Service):
                                  correlation_id=job_id)
         try:
             decision = Envelope.from_json(await self.bus.request_raw(
-                "entitlement.rpc", {"op": "start", "envelope": envelope.model_dump(mode="json")}
-            )).message()
+                ENTITLEMENT_RPC, DecideStart(envelope=envelope))).message()
         except RpcTimeout:
             raise ApiError(
                 504, f"job {job_id} was submitted but no entitlement decision came in time"
@@ -259,14 +269,13 @@ class GatewayService(Service):
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
-        query: dict[str, Any] = {"op": "status", "user_id": scope, "offset": offset,
-                                 "limit": limit}
-        if awaited := self.unseen.of(scope):
-            query |= {"known": awaited, "wait": READ_YOUR_WRITES_WAIT}
+        awaited = self.unseen.of(scope)
+        query = StatusQuery(user_id=scope, offset=offset, limit=limit, known=tuple(awaited),
+                            wait=READ_YOUR_WRITES_WAIT if awaited else 0.0)
         if deflate_ok:
-            answer = await self.bus.request_encoded("monitor.rpc", query)
+            answer = await self.bus.request_encoded(MONITOR_RPC, query)
         else:
-            answer = await self.bus.request_raw("monitor.rpc", query), None
+            answer = await self.bus.request_raw(MONITOR_RPC, query), None
         self.unseen.seen(awaited)
         return answer
 
@@ -291,7 +300,7 @@ class GatewayService(Service):
         )
 
     async def check(self, user_id: str) -> dict[str, Any]:
-        return await self.bus.request("entitlement.rpc", {"op": "check", "user_id": user_id})
+        return await self.bus.request(ENTITLEMENT_RPC, CheckEntitlement(user_id=user_id))
 
     async def _owned_worker(self, caller: Caller, worker_id: str) -> dict[str, Any]:
         """The worker's status entry, if the caller may act on it; the monitor may lag a fresh
@@ -302,24 +311,22 @@ class GatewayService(Service):
         for delay in (0.0,) if started_here else (0.0, 0.1, 0.3, 0.6, 1.0):
             await asyncio.sleep(delay)
             try:
-                entry = await self.bus.request(
-                    "monitor.rpc", {"op": "worker", "worker_id": worker_id, "wait": wait}
-                )
-            except RpcError as exc:
-                if "unknown worker" not in str(exc):
-                    raise
+                entry = await self.bus.request(MONITOR_RPC,
+                                               WorkerQuery(worker_id=worker_id, wait=wait))
+            except NotFound:
                 continue
             if caller.may_act_for(entry["worker"]["userId"]):
                 return entry
             break
         raise ApiError(404, f"no worker {worker_id!r} of yours")
 
-    async def _until_monitor_shows(self, worker_id: str, until: str) -> None:
+    async def _until_monitor_shows(self, worker_id: str,
+                                   until: Literal["known", "ended"]) -> None:
         """Read-your-writes: wait (bounded) until the monitor's projection shows what this
         request just caused ("known", "ended"), so a status call right after the answer sees it."""
-        with contextlib.suppress(RpcError):
-            await self.bus.request("monitor.rpc", {"op": "worker", "worker_id": worker_id,
-                                                   "until": until, "wait": 2.0})
+        with contextlib.suppress(RpcError, QueryRefused):
+            await self.bus.request(MONITOR_RPC, WorkerQuery(worker_id=worker_id, until=until,
+                                                            wait=READ_YOUR_WRITES_WAIT))
 
     async def _next(self, answers: asyncio.Queue, error: str, timeout: float | None = None) -> Any:
         try:
@@ -387,6 +394,11 @@ def create_app(gateway: GatewayService) -> FastAPI:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(failed(str(exc.detail)), status_code=exc.status_code)
 
+    @app.exception_handler(QueryRefused)
+    async def _refused(_: Request, exc: QueryRefused) -> JSONResponse:
+        status = {Invalid: 422, NotFound: 404, Conflict: 409}.get(type(exc), 400)
+        return JSONResponse(failed(str(exc)), status_code=status)
+
     @app.exception_handler(RpcError)
     @app.exception_handler(PublishFailed)
     async def _bus_down(_: Request, exc: Exception) -> JSONResponse:
@@ -441,7 +453,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.get("/admin/hosts")
     async def list_hosts(_: Admin) -> dict[str, Any]:
-        return ok(hosts=await gateway.bus.request("monitor.rpc", {"op": "hosts"}))
+        return ok(hosts=await gateway.bus.request(MONITOR_RPC, HostsQuery()))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

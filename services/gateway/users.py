@@ -8,9 +8,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlmodel import Field, SQLModel, select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, SQLModel
 
-from services.store import Store, UtcDateTime
+from services.database import UtcDateTime
+from services.store import Store
 
 
 class UserRow(SQLModel, table=True):
@@ -18,6 +21,9 @@ class UserRow(SQLModel, table=True):
     user_id: str = Field(primary_key=True, max_length=64)
     token_hash: str = Field(index=True, max_length=64)
     created_at: datetime = Field(sa_type=UtcDateTime)
+
+
+USERS = UserRow.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -46,24 +52,27 @@ class UserDirectory:
             return Caller(user_id=None, admin=True)
         if (known := self._known.get(digest)) is not None:
             return known
-        async with self.store.reading() as session:
-            row = (await session.exec(select(UserRow).where(UserRow.token_hash == digest))).first()
-        if row is None:
+        async with self.store.reading() as connection:
+            user_id = (await connection.execute(
+                select(USERS.c.user_id).where(USERS.c.token_hash == digest))).scalar()
+        if user_id is None:
             return None
-        caller = self._known[digest] = Caller(user_id=row.user_id)
+        caller = self._known[digest] = Caller(user_id=user_id)
         return caller
 
     async def create(self, user_id: str, now: datetime) -> str | None:
         """A new user with a fresh token (returned once); None if the user exists."""
         token = secrets.token_urlsafe(32)
-        async with self.store.transaction() as uow:
-            if await uow.session.get(UserRow, user_id) is not None:
-                return None
-            uow.session.add(UserRow(user_id=user_id, token_hash=hash_token(token), created_at=now))
+        try:
+            async with self.store.transaction() as uow:
+                await uow.execute(insert(USERS).values(user_id=user_id,
+                                                       token_hash=hash_token(token),
+                                                       created_at=now))
+        except IntegrityError:
+            return None
         return token
 
     async def list(self) -> list[str]:
-        async with self.store.reading() as session:
-            return list(
-                (await session.exec(select(UserRow.user_id).order_by(UserRow.user_id))).all()
-            )
+        async with self.store.reading() as connection:
+            return list((await connection.execute(
+                select(USERS.c.user_id).order_by(USERS.c.user_id))).scalars())

@@ -41,7 +41,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Table
 
 from events import Envelope, model_for
@@ -50,7 +49,7 @@ try:
     from orjson import loads as _orjson_loads
 except ImportError:  # pragma: no cover - orjson comes with ccxt
     _orjson_loads = json.loads
-from services.store import _engine as store_engine
+from services.database import Database, DbConnection
 
 GENESIS = "0" * 64
 _ID_CHUNK = 500  # event ids per IN (...) lookup, far below every backend's parameter limit
@@ -166,14 +165,11 @@ def _utc(moment: datetime) -> datetime:
 
 
 class EventLog:
-    """The log on an async SQLAlchemy engine (shared with the owner's Store, or its own)."""
+    """The log on a `Database` (shared with the owner's Store, or its own)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: Database) -> None:
         self.engine = engine
-        url = engine.url
-        # the log's file when it is a SQLite file (which other processes can read too)
-        self.sqlite_file = (url.database if url.get_backend_name() == "sqlite"
-                            and url.database not in (None, "", ":memory:") else None)
+        self.sqlite_file = engine.sqlite_file  # other processes can read that file too
         self._append_lock = asyncio.Lock()
         self._owns_engine = False
 
@@ -181,16 +177,11 @@ class EventLog:
     def at(cls, url: str, *, must_exist: bool = False) -> EventLog:
         """A log on its own engine. `must_exist`: for readers (replay, audit) that must not create
         an empty database where there is none; raises `EventLogMissing`."""
-        if must_exist:
-            if url.startswith("sqlite"):
-                database = make_url(url).database
-                if not database or database == ":memory:" or not Path(database).is_file():
-                    raise EventLogMissing(f"no event log database at {database or url}")
-            # readers need no BEGIN IMMEDIATE: WAL gives them a snapshot while the monitor writes
-            engine = create_async_engine(url)
-        else:
-            engine = store_engine(url)
-        log = cls(engine)
+        if must_exist and url.startswith("sqlite"):
+            database = make_url(url).database
+            if not database or database == ":memory:" or not Path(database).is_file():
+                raise EventLogMissing(f"no event log database at {database or url}")
+        log = cls(Database(url))
         log._owns_engine = True
         return log
 
@@ -260,7 +251,7 @@ class EventLog:
         return recorded
 
     @staticmethod
-    async def _existing(conn: AsyncConnection, event_ids: list[str]) -> set[str]:
+    async def _existing(conn: DbConnection, event_ids: list[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(event_ids), _ID_CHUNK):
             chunk = event_ids[start : start + _ID_CHUNK]
@@ -271,7 +262,7 @@ class EventLog:
         return found
 
     @staticmethod
-    async def _head(conn: AsyncConnection) -> Head:
+    async def _head(conn: DbConnection) -> Head:
         row = (
             await conn.execute(
                 select(event_log.c.position, event_log.c.hash)

@@ -2,7 +2,7 @@
 status queries.
 
 Storage: the log lives in the monitor's own database, the same file as its Store (outbox,
-processed ids), on the Store's engine. On SQLite every write transaction there is
+processed ids), on the Store's database. On SQLite every write transaction there is
 `BEGIN IMMEDIATE` under a 30 s busy timeout, so the recorder's batch commits, the Store's
 rare watchdog emits and the snapshots serialise on the file's single write lock without further
 coordination.
@@ -32,6 +32,7 @@ from events import (
     WorkerHeartbeat,
     WorkerHeartbeats,
 )
+from events.queries import HostsQuery, LogQuery, NotFound, StatusQuery, WorkerQuery
 from projections import ENDED, Projections, folds
 from services.bus import RawJson
 from services.monitor import views
@@ -40,27 +41,26 @@ from services.monitor.log import EventLog
 from services.monitor.recorder import Recorded, Recorder
 from services.monitor.replay import Folded, replay
 from services.monitor.snapshot import Snapshots
-from services.service import Service, now
+from services.service import Service
 from services.settings import Settings
-from services.topology import MONITOR_LOG, MONITOR_TELEMETRY, rpc_queue
+from services.topology import MONITOR_LOG, MONITOR_RPC, MONITOR_TELEMETRY
 
 log = logging.getLogger(__name__)
 
 LOG_BATCH = 1000  # envelopes per log transaction
 LOG_LINGER = 0.005  # seconds a batch may wait to fill while the recorder is behind
-LOG_PAGE_MAX = 1000
 
 
 class MonitorService(Service):
     name = "monitor"
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
-        self.log = EventLog(self.store.engine)
+    def __init__(self, settings: Settings, **wiring: Any) -> None:
+        super().__init__(settings, **wiring)
+        self.log = EventLog(self.store.db)
         self.folded = Folded()
-        self.liveness = Liveness(since=now())
+        self.liveness = Liveness(since=self.clock())
         self.recorder = Recorder(self.log, self._on_recorded)
-        self.snapshots = Snapshots(self.store.engine, self.log)
+        self.snapshots = Snapshots(self.store.db, self.log)
         self._snapshot_at = 0  # the position of the latest snapshot
         self._snapshotting: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -86,14 +86,15 @@ class MonitorService(Service):
         finally:
             await reader.close()
         # silence is judged from when we start watching again; reports in the log count as made
-        self.liveness = Liveness(since=now(), reported_workers=set(self.folded.silenced),
+        self.liveness = Liveness(since=self.clock(), reported_workers=set(self.folded.silenced),
                                  reported_hosts={h.host_id for h in self.hosts.values() if h.lost})
         log.info("monitor: replayed %d events%s", self.folded.position - self._snapshot_at,
                  f" after the snapshot at {self._snapshot_at}" if snapshot else "")
         self.bus.consume_batches(MONITOR_LOG, self.recorder.record, max_batch=LOG_BATCH,
                                  linger=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
-        self.bus.serve(rpc_queue("monitor"), self._on_request)
+        self.bus.serve(MONITOR_RPC, {StatusQuery: self.status, WorkerQuery: self.worker,
+                                     LogQuery: self.page, HostsQuery: self.host_list})
 
     async def started(self) -> None:
         self.background(self._watch(), "monitor-watchdog")
@@ -136,7 +137,7 @@ class MonitorService(Service):
         if self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0]):
             self._forget_workers_gone()
         self._snapshot_when_due()
-        moment = now()
+        moment = self.clock()
         for _, envelope in recorded:
             self.liveness.observe(envelope, moment)
             if (worker_id := envelope.payload.get("worker_id")) is not None:
@@ -157,13 +158,13 @@ class MonitorService(Service):
 
     def _on_telemetry(self, message: Message) -> None:
         if isinstance(message, WorkerHeartbeats | WorkerHeartbeat):  # single: an older host
-            moment = now()
+            moment = self.clock()
             beats = message.beats if isinstance(message, WorkerHeartbeats) else (message,)
             for beat in beats:
                 self.liveness.worker_heartbeat(beat, moment)
                 self._entries.pop(beat.worker_id, None)
         elif isinstance(message, HostHeartbeat):
-            self.liveness.host_heartbeat(message, now())
+            self.liveness.host_heartbeat(message, self.clock())
 
     # ------------------------------------------------------------------ watchdog
 
@@ -172,7 +173,7 @@ class MonitorService(Service):
         while True:
             await asyncio.sleep(period)
             try:
-                await self.check_liveness(now())
+                await self.check_liveness(self.clock())
             except Exception:  # a failed emit is retried on the next tick (nothing marked)
                 log.exception("watchdog tick failed")
 
@@ -201,65 +202,39 @@ class MonitorService(Service):
 
     # ------------------------------------------------------------------ queries
 
-    async def _worker(self, body: dict[str, Any]) -> Any:
-        """One worker's status entry. With `wait` (seconds, ≤ 5) and `until` ("known" or
-        "ended"), answers as soon as the log shows that much (read-your-writes for the gateway:
-        a start or stop it has just seen confirmed), or with what it has when the wait is over."""
-        worker_id = body.get("worker_id")
-        if not isinstance(worker_id, str):
-            raise ValueError("'worker_id' must be a string")
-        until = body.get("until", "known")
-
+    async def worker(self, query: WorkerQuery) -> Any:
+        """One worker's status entry, as soon as the log shows it (`until` "known") or shows it
+        ended ("ended"), or with what there is when the `wait` is over (read-your-writes for the
+        gateway, which has just seen a start or stop confirmed)."""
         def settled() -> bool:
-            worker = self.state.workers.get(worker_id)
-            return worker is not None and (until != "ended" or worker.status in ENDED)
+            worker = self.state.workers.get(query.worker_id)
+            return worker is not None and (query.until != "ended" or worker.status in ENDED)
 
-        await self._until(settled, body.get("wait"))
-        worker = self.state.workers.get(worker_id)
+        await self._until(settled, query.wait)
+        worker = self.state.workers.get(query.worker_id)
         if worker is None:
-            raise LookupError(f"unknown worker {worker_id!r}")
-        return views.worker_entry(self.state, worker, self.liveness.beats.get(worker_id))
+            raise NotFound(f"unknown worker {query.worker_id!r}")
+        return views.worker_entry(self.state, worker, self.liveness.beats.get(query.worker_id))
 
-    async def _until(self, settled: Callable[[], bool], wait: Any) -> None:
-        """Return once `settled()` holds for what is recorded, or `wait` seconds (≤ 5) on."""
+    async def _until(self, settled: Callable[[], bool], wait: float) -> None:
+        """Return once `settled()` holds for what is recorded, or `wait` seconds on."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(max(float(wait or 0), 0.0), 5.0)
+        deadline = loop.time() + wait
         while not settled() and (remaining := deadline - loop.time()) > 0:
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=remaining)
 
-    async def _on_request(self, body: Any) -> Any:
-        """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
-        except `log`, which pages the log). A `status` with `known` worker ids and a `wait`
-        answers once the log shows them all, or when the wait is over (read-your-writes for
-        the gateway, which answered their starts)."""
-        if not isinstance(body, dict):
-            raise ValueError("request must be a JSON object with an 'op'")
-        op = body.get("op")
-        if op == "status":
-            offset, limit = body.get("offset") or 0, body.get("limit")
-            if not isinstance(offset, int) or offset < 0 or not (
-                limit is None or (isinstance(limit, int) and limit > 0)
-            ):
-                raise ValueError("'offset' must be an integer ≥ 0 and 'limit' one ≥ 1")
-            known = body.get("known") or []
-            if not isinstance(known, list) or not all(isinstance(w, str) for w in known):
-                raise ValueError("'known' must be a list of worker ids")
-            await self._until(lambda: all(w in self.state.workers for w in known),
-                              body.get("wait"))
-            return RawJson(views.status_json(self.state, body.get("user_id"),
-                                             self.liveness.beats, self._entries, offset, limit))
-        if op == "worker":
-            return await self._worker(body)
-        if op == "log":
-            try:
-                after = max(int(body.get("after") or 0), 0)
-                limit = min(max(int(body.get("limit") or LOG_PAGE_MAX), 1), LOG_PAGE_MAX)
-            except (TypeError, ValueError):
-                raise ValueError("'after' and 'limit' must be integers") from None
-            rows = await self.log.page(after, limit)
-            return [{"position": p, "envelope": json.loads(body_)} for p, body_ in rows]
-        if op == "hosts":
-            return views.hosts(self.hosts, self.liveness)
-        raise ValueError(f"unknown op {op!r} (expected status, worker, log or hosts)")
+    async def status(self, query: StatusQuery) -> RawJson:
+        """The status document (every worker of the user, or all; or one page), once the log
+        shows the `known` workers or the `wait` is over (read-your-writes for the gateway)."""
+        await self._until(lambda: all(w in self.state.workers for w in query.known), query.wait)
+        return RawJson(views.status_json(self.state, query.user_id, self.liveness.beats,
+                                         self._entries, query.offset, query.limit))
+
+    async def page(self, query: LogQuery) -> list[dict[str, Any]]:
+        rows = await self.log.page(query.after, query.limit)
+        return [{"position": p, "envelope": json.loads(body)} for p, body in rows]
+
+    async def host_list(self, query: HostsQuery) -> Any:
+        return views.hosts(self.hosts, self.liveness)

@@ -38,12 +38,12 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 import events
 import projections
 from events import JobStatus
 from projections import EntitlementView, PositionView, Projections, TradingStats, WorkerView
+from services.database import Database
 from services.monitor.liveness import HostView
 from services.monitor.log import EventLog
 from services.monitor.replay import Folded
@@ -141,7 +141,7 @@ def _time(text: str | None) -> datetime | None:
 class Snapshots:
     """The snapshots of one monitor's log, in its database."""
 
-    def __init__(self, engine: AsyncEngine, event_log: EventLog) -> None:
+    def __init__(self, engine: Database, event_log: EventLog) -> None:
         self.engine = engine
         self.log = event_log
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
 import httpx
 import pytest
 
-from events import Envelope
-from services.bus import Bus, RpcHandler
+from events import Envelope, QueueResumed
+from events.queries import Query
+from services.bus import AmqpBus, QueryHandler
 from services.cli.local import free_port
 from services.gateway.service import GatewayService
+from services.service import Service
 from services.settings import Settings
 from services.topology import rpc_queue
 
@@ -29,6 +31,43 @@ async def eventually(predicate: Callable[[], Any], timeout: float, what: str) ->
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """`eventually`, for a condition that must be awaited."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def until_queued(amqp_url: str, queue: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until `queue` holds `count` messages."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        deadline = time.monotonic() + timeout
+        while (await channel.declare_queue(queue, passive=True)).declaration_result \
+                .message_count < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{queue} never held {count} messages")
+            await asyncio.sleep(0.02)
+
+
+async def drained(service: Service, collected: list[Envelope] | None = None,
+                  timeout: float = 10.0) -> None:
+    """Wait until `service` has published all it committed; with `collected` (see
+    `collecting`), until all of it has arrived there too: a marker published after it on the
+    same channel arrives after it (and is taken out again)."""
+    await eventually(lambda: not service.busy, timeout, f"{service.name} to publish its outbox")
+    if collected is None:
+        return
+    marker = Envelope.wrap(QueueResumed(running=0, ceiling=0), stream="test-marker")
+    await service.bus.publish(marker)
+    await eventually(lambda: any(e.event_id == marker.event_id for e in collected), timeout,
+                     "the marker published after it")
+    collected[:] = [e for e in collected if e.event_id != marker.event_id]
 
 
 async def the_only_dead_letter(amqp_url: str, dlq: str) -> aio_pika.abc.AbstractIncomingMessage:
@@ -71,13 +110,14 @@ async def collecting(amqp_url: str, *bindings: tuple[str, str]
 
 
 @contextlib.asynccontextmanager
-async def gateway_against(settings: Settings, **fakes: RpcHandler
+async def gateway_against(settings: Settings,
+                          **fakes: Mapping[type[Query], QueryHandler]
                           ) -> AsyncIterator[httpx.AsyncClient]:
-    """A real gateway whose services are `fakes` (RPC handlers by service name); yields an
+    """A real gateway whose services are `fakes` (query handlers by service name); yields an
     admin's HTTP client to it."""
-    bus = Bus(settings, "fakes")
-    for service, handler in fakes.items():
-        bus.serve(rpc_queue(service), handler)
+    bus = AmqpBus(settings, "fakes")
+    for service, handlers in fakes.items():
+        bus.serve(rpc_queue(service), handlers)
     await bus.start()
     port = free_port()
     gateway = GatewayService(settings.model_copy(update={"http_port": port,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from events import Envelope, HostOnline
-from services.bus import Bus, PublishFailed
+from services.bus import AmqpBus, PublishFailed
 from services.cli.log_commands import _print_status
 from services.settings import Settings
 
@@ -142,7 +142,7 @@ async def test_tail_follows_live_messages_and_exits_cleanly(
         [sys.executable, "-m", "services.cli.main", "events", "tail", "--json", "--limit", "1",
          "--type", "HostOnline"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    bus = Bus(settings, "test")
+    bus = AmqpBus(settings, "test")
     await bus.start()
     try:
         online = Envelope.wrap(HostOnline(host_id="h1", capacity=1, hostname="box", pid=1),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from events import Envelope, JobQueued
-from services.bus import Bus, Delivery
+from services.bus import AmqpBus, Delivery
 from services.settings import Settings
 from services.topology import MONITOR_LOG
 from tests.integration.broker_helpers import eventually, the_only_dead_letter
@@ -67,12 +67,12 @@ async def test_no_message_is_acked_before_its_batch_commits(settings: Settings,
         else:
             ledger.batches.append(len(batch))
 
-    publisher = Bus(settings, "test")
+    publisher = AmqpBus(settings, "test")
     await publisher.start()
     await publisher.declare(MONITOR_LOG)
     published = envelopes(25)
     await publisher.publish_many(published)
-    consumer = Bus(settings, "consumer")
+    consumer = AmqpBus(settings, "consumer")
     consumer.consume_batches(MONITOR_LOG, handler, max_batch=10, prefetch=20)
     await consumer.start()
     try:
@@ -109,12 +109,12 @@ async def test_a_batch_committed_after_the_connection_dropped_is_redelivered_not
             await gate.wait()  # the connection drops while this batch is uncommitted
         ledger.commit(batch)
 
-    publisher = Bus(settings, "test")
+    publisher = AmqpBus(settings, "test")
     await publisher.start()
     await publisher.declare(MONITOR_LOG)
     first = envelopes(10, "a")
     await publisher.publish_many(first)
-    consumer = Bus(settings, "consumer")
+    consumer = AmqpBus(settings, "consumer")
     consumer.consume_batches(MONITOR_LOG, handler, max_batch=10, prefetch=20)
     await consumer.start()
     try:
@@ -148,13 +148,13 @@ async def test_a_refused_message_is_retried_then_dead_lettered_alone(settings: S
         ledger.commit([d for i, d in enumerate(batch) if i not in refused])
         return refused
 
-    publisher = Bus(settings, "test")
+    publisher = AmqpBus(settings, "test")
     await publisher.start()
     await publisher.declare(MONITOR_LOG)
     good = envelopes(30)
     bad = Envelope.wrap(JobQueued(job_id="bad", worker_id="w"), stream="job-bad")
     await publisher.publish_many([*good[:15], bad, *good[15:]])
-    consumer = Bus(settings, "monitor")
+    consumer = AmqpBus(settings, "monitor")
     consumer.consume_batches(MONITOR_LOG, handler, max_batch=10)
     await consumer.start()
     try:
@@ -186,7 +186,7 @@ def _consume_into(amqp_url: str, data_dir: str, database: str, hang: bool) -> No
                 db.executemany("INSERT OR IGNORE INTO seen VALUES (?)",
                                [(str(d.envelope.event_id),) for d in batch])
 
-        bus = Bus(Settings(amqp_url=amqp_url, data_dir=Path(data_dir)), "monitor")
+        bus = AmqpBus(Settings(amqp_url=amqp_url, data_dir=Path(data_dir)), "monitor")
         bus.consume_batches(MONITOR_LOG, handler, max_batch=100)
         await bus.start()
         await asyncio.Event().wait()
@@ -199,7 +199,7 @@ async def test_a_consumer_killed_between_receive_and_commit_loses_nothing(
     database = str(data_dir / "seen.db")
     with sqlite3.connect(database) as db:
         db.execute("CREATE TABLE seen (event_id TEXT PRIMARY KEY)")
-    publisher = Bus(settings, "test")
+    publisher = AmqpBus(settings, "test")
     await publisher.start()
     await publisher.declare(MONITOR_LOG)
     published = envelopes(50)

@@ -22,11 +22,12 @@ import aio_pika
 import pytest
 
 from events import Envelope, JobQueued
+from events.queries import HostsQuery
 from events.routing import EVENTS_EXCHANGE
-from services.bus import Bus, PublishFailed
+from services.bus import AmqpBus, PublishFailed
 from services.monitor.log import EventLog
 from services.settings import Settings
-from services.topology import MONITOR_LOG
+from services.topology import MONITOR_LOG, MONITOR_RPC
 from tests.integration.broker_helpers import eventually
 
 pytestmark = pytest.mark.broker
@@ -80,12 +81,12 @@ def rows(settings: Settings) -> list[tuple[int, str, str]]:
             return []
 
 
-async def monitor_ready(bus: Bus, proc: subprocess.Popen, timeout: float = 15) -> None:
+async def monitor_ready(bus: AmqpBus, proc: subprocess.Popen, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, "monitor exited"
         try:
-            await bus.request("monitor.rpc", {"op": "hosts"}, timeout=0.5)
+            await bus.request(MONITOR_RPC, HostsQuery(), timeout=0.5)
             return
         except Exception:
             if time.monotonic() > deadline:
@@ -101,7 +102,7 @@ async def queue_depth(settings: Settings, name: str) -> int:
         return queue.declaration_result.message_count or 0
 
 
-async def publish_all(bus: Bus, items: list[Envelope], chunk: int = 250) -> None:
+async def publish_all(bus: AmqpBus, items: list[Envelope], chunk: int = 250) -> None:
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         for attempt in range(50):  # a dropped connection is retried; duplicates are harmless
@@ -131,14 +132,14 @@ async def verify_chain(settings: Settings) -> None:
 
 @pytest.fixture
 async def bus(settings: Settings):
-    bus = Bus(settings, "test")
+    bus = AmqpBus(settings, "test")
     await bus.start()
     yield bus
     await bus.close()
 
 
 async def test_backlog_and_republished_duplicates_are_recorded_once(
-        settings: Settings, bus: Bus, tmp_path: Path) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path) -> None:
     await bus.declare(MONITOR_LOG)
     published = envelopes(N)
     await publish_all(bus, published, chunk=1000)
@@ -163,7 +164,7 @@ async def test_backlog_and_republished_duplicates_are_recorded_once(
 
 
 async def test_sigkill_mid_batch_then_restart_records_every_event_once(
-        settings: Settings, bus: Bus, tmp_path: Path) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path) -> None:
     published = envelopes(N)
     with monitor_process(settings, tmp_path / "monitor.log") as start:
         first = start()
@@ -189,7 +190,7 @@ async def test_sigkill_mid_batch_then_restart_records_every_event_once(
 
 
 async def test_poison_is_dead_lettered_with_a_reason_and_good_messages_around_it_recorded(
-        settings: Settings, bus: Bus, tmp_path: Path) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path) -> None:
     before, after = envelopes(20, "a"), envelopes(20, "b")
     unknown = Envelope(type="NoSuchEvent", version=1, stream="job-x", payload={"job_id": "x"})
     with monitor_process(settings, tmp_path / "monitor.log") as start:
@@ -227,7 +228,7 @@ async def test_poison_is_dead_lettered_with_a_reason_and_good_messages_around_it
 
 
 async def test_events_after_a_dropped_connection_are_still_recorded(
-        settings: Settings, bus: Bus, tmp_path: Path, vhost: str) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path, vhost: str) -> None:
     before, after = envelopes(50, "a"), envelopes(50, "b")
     with monitor_process(settings, tmp_path / "monitor.log") as start:
         monitor = start()

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from events import Envelope, JobAccepted
+from events.queries import DecideStart, StatusQuery
 from services.bus import COMPRESS_REPLIES_FROM, RawJson
 from services.settings import Settings
 from tests.integration.broker_helpers import gateway_against
@@ -26,11 +27,10 @@ async def test_a_large_status_passes_through_deflated_or_plain(settings: Setting
     sent = orjson.dumps(document)
     assert len(sent) > COMPRESS_REPLIES_FROM
 
-    async def monitor(body: dict[str, Any]) -> Any:
-        assert body["op"] == "status"
+    async def status(query: StatusQuery) -> Any:
         return RawJson(sent)
 
-    async with gateway_against(settings, monitor=monitor) as http:
+    async with gateway_against(settings, monitor={StatusQuery: status}) as http:
         answers = {}
         for accept in ("deflate", "gzip, deflate, br", "identity", "gzip"):
             response = await http.get("/runner/status", headers={"Accept-Encoding": accept})
@@ -50,22 +50,22 @@ async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worke
     """A start is answered once the entitlement service has decided it, before the monitor
     shows the worker; the next status call that could show it (not another user's) asks the
     monitor to wait until it does, and the one after that no longer waits."""
-    async def entitlement(body: dict[str, Any]) -> Any:
-        assert body["op"] == "start"
-        command = Envelope.model_validate(body["envelope"])
+    async def decide(query: DecideStart) -> Any:
+        command = query.envelope
         started = command.message()
         accepted = JobAccepted(job_id=started.job_id, worker_id=started.worker_id, tier="pro",
                                max_workers=10, in_use=0)
         return RawJson(Envelope.wrap(accepted, stream=command.stream, causation=command)
                        .to_json())
 
-    queries: list[dict[str, Any]] = []
+    queries: list[StatusQuery] = []
 
-    async def monitor(body: dict[str, Any]) -> Any:
-        queries.append(body)
+    async def status(query: StatusQuery) -> Any:
+        queries.append(query)
         return {"success": True, "workers": [], "queueStats": {}}
 
-    async with gateway_against(settings, entitlement=entitlement, monitor=monitor) as http:
+    async with gateway_against(settings, entitlement={DecideStart: decide},
+                               monitor={StatusQuery: status}) as http:
         started = await http.post("/runner/start", json={
             "userId": "alice", "strategyId": "s1", "brokerId": "paper",
             "credentials": {"apiKey": "k", "apiSecret": "s"},
@@ -75,5 +75,5 @@ async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worke
         assert not queries, "the start waited for the monitor"
         for params in ({"userId": "bob"}, {"userId": "alice"}, {}):
             assert (await http.get("/runner/status", params=params)).status_code == 200
-    assert [(q["user_id"], q.get("known"), q.get("wait")) for q in queries] == [
-        ("bob", None, None), ("alice", [worker_id], 2.0), (None, None, None)]
+    assert [(q.user_id, q.known, q.wait) for q in queries] == [
+        ("bob", (), 0.0), ("alice", (worker_id,), 2.0), (None, (), 0.0)]

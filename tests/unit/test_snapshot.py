@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from bench.replay import history
 from events import (
@@ -139,6 +139,6 @@ async def test_a_snapshot_of_another_fold_or_another_log_is_not_used(
 
     # the log is replaced by another one (restored from elsewhere) that has a row 300 too
     async with event_log.engine.begin() as conn:
-        await conn.exec_driver_sql("DELETE FROM event_log")
+        await conn.execute(text("DELETE FROM event_log"))
     await event_log.append(envelopes[400:])
     assert await snapshots.latest() is None
