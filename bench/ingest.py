@@ -277,7 +277,7 @@ async def sqlite_references(envelopes: list[Envelope], work: Path, batch: int = 
     results: dict[str, float] = {}
 
     async def fresh(name: str) -> EventLog:
-        target = EventLog.at(f"sqlite+aiosqlite:///{work / name}")
+        target = EventLog.at(f"sqlite:///{work / name}")
         await target.open()
         return target
 
@@ -336,7 +336,7 @@ async def sqlite_references(envelopes: list[Envelope], work: Path, batch: int = 
 
 async def our_append(envelopes: list[Envelope], work: Path, batch: int = BATCH) -> float:
     """Events/s through `EventLog.append`, `batch` per call (hash chain, duplicate check)."""
-    target = EventLog.at(f"sqlite+aiosqlite:///{work / 'ours.db'}")
+    target = EventLog.at(f"sqlite:///{work / 'ours.db'}")
     await target.open()
     start = time.perf_counter()
     for first in range(0, len(envelopes), batch):

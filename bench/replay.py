@@ -147,7 +147,7 @@ def history(n: int, seed: int = 7, step: timedelta = timedelta(milliseconds=1)) 
 
 async def build_log(path: Path, envelopes: list[Envelope]) -> float:
     """Events/s appending `envelopes` through `EventLog.append`, `APPEND_BATCH` per call."""
-    target = EventLog.at(f"sqlite+aiosqlite:///{path}")
+    target = EventLog.at(f"sqlite:///{path}")
     await target.open()
     start = time.perf_counter()
     for first in range(0, len(envelopes), APPEND_BATCH):
@@ -162,7 +162,7 @@ async def core_reference(path: Path, envelopes: list[Envelope]) -> float:
     from bench.ingest import log_rows
 
     rows = log_rows(envelopes)
-    target = EventLog.at(f"sqlite+aiosqlite:///{path}")
+    target = EventLog.at(f"sqlite:///{path}")
     await target.open()
     start = time.perf_counter()
     for first in range(0, len(rows), APPEND_BATCH):
@@ -176,7 +176,7 @@ async def core_reference(path: Path, envelopes: list[Envelope]) -> float:
 async def restart_from_snapshot(path: Path, tail: int) -> tuple[float, float, int, Any]:
     """(seconds to save, seconds to start, snapshot bytes, folded state): a snapshot `tail`
     events before the end of the log, then a monitor start from it (`latest` + the tail)."""
-    source = EventLog.at(f"sqlite+aiosqlite:///{path}", must_exist=True)
+    source = EventLog.at(f"sqlite:///{path}", must_exist=True)
     snapshots = Snapshots(source.engine, source)
     try:
         await snapshots.open()
@@ -197,7 +197,7 @@ async def restart_from_snapshot(path: Path, tail: int) -> tuple[float, float, in
 async def our_replay(path: Path) -> tuple[float, Any]:
     """(seconds, folded state) replaying the whole log as `runner replay` does, in partitions;
     a fallback to one process (it warns) fails the benchmark."""
-    source = EventLog.at(f"sqlite+aiosqlite:///{path}", must_exist=True)
+    source = EventLog.at(f"sqlite:///{path}", must_exist=True)
     warnings: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = warnings.append  # type: ignore[method-assign]

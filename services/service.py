@@ -256,10 +256,8 @@ class Service:
 
 
 def _freeze_startup_heap() -> None:
-    """Keep what the imports and the start made (about 100,000 objects, living as long as the
-    process) out of the cyclic collector's sight: a full collection then walks only what came
-    after. On the benchmark VM a full collection of the gateway's startup heap took 57 ms, so
-    the odd request that met one took that much longer."""
+    """Keep what the imports and the start made (living as long as the process) out of the
+    cyclic collector's sight, so a full collection walks only what came after."""
     gc.collect()
     gc.freeze()
 

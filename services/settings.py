@@ -130,4 +130,4 @@ class Settings(BaseSettings):
                         f"{POSTGRES_NAME_MAX} bytes (use a shorter RUNNER_HOST_ID or URL)"
                     )
             return url
-        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,18 @@ def settings(amqp_url: str, data_dir: Path) -> Settings:
         request_timeout=10.0,
         handler_attempts=3,
     )
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test (but the end-to-end ones, which share one system per module) leaves no task of
+    its own running: what it started it stopped, so it cannot disturb the tests after it."""
+    before = set(asyncio.all_tasks())
+    yield
+    if request.node.get_closest_marker("asyncio") and "e2e" in request.node.nodeid:
+        return
+    leaked = [t for t in asyncio.all_tasks() - before
+              if not t.done() and t is not asyncio.current_task()]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"tasks left running: {sorted(t.get_name() for t in leaked)}"

@@ -61,7 +61,7 @@ def _broker_name(settings: Settings) -> str:
 
 
 async def _connect(settings: Settings) -> Bus:
-    for noisy in ("aiormq", "aio_pika", "faststream"):  # their retries are not the user's news
+    for noisy in ("aiormq", "aio_pika"):  # their retries are not the user's news
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     bus = AmqpBus(settings, "cli")
     try:
@@ -262,7 +262,7 @@ async def _print_live(live: asyncio.Queue[bytes], printer: _Printer, seen: set[s
 def _log_url(database: str | None) -> str:
     if database is None:
         return Settings().database_for("monitor")
-    return async_driver(database) if "://" in database else f"sqlite+aiosqlite:///{database}"
+    return async_driver(database) if "://" in database else f"sqlite:///{database}"
 
 
 async def _open_log(url: str) -> EventLog:

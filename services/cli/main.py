@@ -51,7 +51,6 @@ def configure_logging(prefix: str = "", level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
-    logging.getLogger("faststream").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -65,9 +64,8 @@ def service(
     configure_logging(prefix=f"[{name}] ")
     settings = Settings()
     try:
-        # Services (and workers) run on uvloop: in `bench.density --quick`, five runs each, a
-        # start's CPU over every process was 22 ms against 26 ms on asyncio's own loop
-        # (bench/RESULTS.md). Imported here: the other commands run on asyncio's.
+        # Services (and workers) run on uvloop, for less CPU per message; imported here, as
+        # the other commands run on asyncio's own loop.
         import uvloop
 
         uvloop.run(cls(settings).run())

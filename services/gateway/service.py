@@ -1,4 +1,4 @@
-"""Gateway service: the HTTP contract of DESIGN.md §6 over the bus.
+"""Gateway service: the HTTP contract (README, "HTTP API") over the bus.
 
 Guarantees: a start answers once the entitlement decision has committed (JobAccepted /
 JobRejected, asked of the entitlement service over RPC); a stop answers once the worker has

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from events import Envelope, Message
@@ -55,21 +55,22 @@ class Unseen:
     reads its own writes without the start's answer waiting for them. An entry is forgotten once
     a status call has waited for it, or `keep` seconds after its start."""
 
-    def __init__(self, keep: float = 5.0) -> None:
-        self.keep = keep
+    def __init__(self, keep: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.keep, self.clock = keep, clock
         self._workers: dict[str, tuple[str, float]] = {}  # id → (user id, forgotten at), by age
 
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self._workers
 
     def add(self, worker_id: str, user_id: str) -> None:
-        moment = time.monotonic()
+        moment = self.clock()
         self._forget_old(moment)
         self._workers[worker_id] = (user_id, moment + self.keep)
 
     def of(self, user_id: str | None) -> list[str]:
         """Those a status of `user_id`'s workers (None: everyone's) would show."""
-        self._forget_old(time.monotonic())
+        self._forget_old(self.clock())
         return [w for w, (owner, _) in self._workers.items() if user_id in (None, owner)]
 
     def seen(self, worker_ids: Iterable[str]) -> None:

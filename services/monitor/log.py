@@ -8,7 +8,7 @@ that row (`verify`). Truncating the tail or rewriting every later hash is only d
 a head hash kept elsewhere (`head()` gives it).
 
 One writer: `append` takes the batch's positions from the current head inside its transaction,
-so positions are contiguous. On SQLite the engine's `BEGIN IMMEDIATE` (see `services.store`)
+so positions are contiguous. On SQLite the database's `BEGIN IMMEDIATE` (`services.database`)
 makes that read-then-insert atomic across connections and processes; on PostgreSQL a
 transaction-scoped advisory lock does.
 """
@@ -290,7 +290,7 @@ class EventLog:
         """The rows in the log (up to `until_position`)."""
         # All rows less those after the bound, in one statement (one snapshot): an unbounded
         # count reads the smallest index and those after are a short range at the end, while a
-        # bounded count reads the whole table (a million rows: 20 ms against 300 ms on SQLite).
+        # bounded count would read the whole table.
         query = select(func.count()).select_from(event_log)
         if until_position is not None:
             query = select(query.scalar_subquery() - select(func.count()).where(

@@ -349,8 +349,8 @@ for _view in (WorkerView, PositionView, TradingStats, EntitlementView, HostView)
 @contextlib.contextmanager
 def _no_cycle_collection() -> Iterator[None]:
     """Pause the cyclic garbage collector: a fold makes no reference cycles (immutable maps and
-    frozen dataclasses), but the millions of objects a long replay keeps alive make each of its
-    automatic passes walk a large heap again (about 15 % of a replay)."""
+    frozen dataclasses), and the objects a long replay keeps alive would make each automatic
+    pass walk a large heap again."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -275,11 +275,16 @@ class MarketClock:
 
     broker: Broker
     interval: float
-    origin: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    origin: float | None = None  # the clock's time at the start: now by default
     taken: int = 0
 
+    def __post_init__(self) -> None:
+        if self.origin is None:
+            self.origin = self.clock()
+
     async def catch_up(self) -> None:
-        due = int((time.monotonic() - self.origin) / self.interval)
+        due = int((self.clock() - self.origin) / self.interval)  # type: ignore[operator]
         while self.taken < due:
             self.taken += 1
             await self.broker.tick()

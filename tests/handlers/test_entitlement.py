@@ -28,8 +28,6 @@ from services.entitlement.service import EntitlementService
 from services.topology import ENTITLEMENT_RPC
 from tests.handlers.conftest import Harness
 
-NOW = datetime.now(UTC)
-
 
 def start_command(user: str = "alice", strategy: str = "s1") -> Envelope:
     job = f"job-{uuid.uuid4().hex[:12]}"
@@ -108,10 +106,11 @@ async def test_a_malformed_query_is_refused_with_a_reason(
 
 async def test_the_decision_reads_the_plan_its_expiry_and_the_open_circuits(
         harness: Harness, service: EntitlementService) -> None:
-    open_until = NOW + timedelta(minutes=5)
+    now = datetime.now(UTC)
+    open_until = now + timedelta(minutes=5)
     async with service.store.transaction() as uow:
-        await rows.save_plan(uow, "carol", Plan("basic", NOW + timedelta(days=1)))
-        await rows.save_plan(uow, "dave", Plan("pro", NOW - timedelta(seconds=1)))  # lapsed
+        await rows.save_plan(uow, "carol", Plan("basic", now + timedelta(days=1)))
+        await rows.save_plan(uow, "dave", Plan("pro", now - timedelta(seconds=1)))  # lapsed
         await rows.open_circuit(uow, "carol", "flaky", open_until)
 
     flaky = (await decide(harness, start_command("carol", strategy="flaky"))).message()
@@ -156,7 +155,7 @@ async def test_a_job_ending_frees_its_slot_once(
 async def test_a_circuit_opened_refuses_starts_of_that_strategy_only(
         harness: Harness, service: EntitlementService) -> None:
     await harness.send(CircuitOpened(strategy_id="flaky", failures=3,
-                                     retry_at=NOW + timedelta(minutes=1)),
+                                     retry_at=datetime.now(UTC) + timedelta(minutes=1)),
                        user_id="alice", stream="circuit-alice|flaky")
     assert (await decide(harness, start_command(strategy="flaky"))).type == "JobRejected"
     assert (await decide(harness, start_command(strategy="calm"))).type == "JobAccepted"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -68,6 +69,25 @@ async def drained(service: Service, collected: list[Envelope] | None = None,
     await eventually(lambda: any(e.event_id == marker.event_id for e in collected), timeout,
                      "the marker published after it")
     collected[:] = [e for e in collected if e.event_id != marker.event_id]
+
+
+def queues(vhost: str) -> list[str]:
+    """The names of the queues in `vhost`, as the broker has them now."""
+    out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def queue_counts(vhost: str, name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) as the broker sees them now."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages_ready",
+         "messages_unacknowledged"], capture_output=True, text=True, check=True, timeout=60).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise LookupError(name)
 
 
 async def the_only_dead_letter(amqp_url: str, dlq: str) -> aio_pika.abc.AbstractIncomingMessage:

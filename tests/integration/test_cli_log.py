@@ -22,6 +22,7 @@ from events import Envelope, HostOnline
 from services.bus import AmqpBus, PublishFailed
 from services.cli.log_commands import _print_status
 from services.settings import Settings
+from tests.integration.broker_helpers import eventually, queues
 
 pytestmark = pytest.mark.broker
 
@@ -137,7 +138,7 @@ def test_bad_input_is_one_line_and_exit_1(env: dict[str, str], tmp_path: Path) -
 
 
 async def test_tail_follows_live_messages_and_exits_cleanly(
-        env: dict[str, str], settings: Settings) -> None:
+        env: dict[str, str], settings: Settings, vhost: str) -> None:
     follow = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "events", "tail", "--json", "--limit", "1",
          "--type", "HostOnline"],
@@ -163,7 +164,8 @@ async def test_tail_follows_live_messages_and_exits_cleanly(
     interrupted = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "events", "tail"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    await asyncio.sleep(2)
+    await eventually(lambda: any(name.startswith("cli.watch.") for name in queues(vhost)), 20,
+                     "the tail listening")
     interrupted.send_signal(signal.SIGINT)
     out, err = interrupted.communicate(timeout=10)
     assert interrupted.returncode == 0

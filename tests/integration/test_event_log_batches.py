@@ -18,7 +18,7 @@ from events import Envelope, JobQueued
 from services.bus import AmqpBus, Delivery
 from services.settings import Settings
 from services.topology import MONITOR_LOG
-from tests.integration.broker_helpers import eventually, the_only_dead_letter
+from tests.integration.broker_helpers import eventually, queue_counts, the_only_dead_letter
 
 pytestmark = pytest.mark.broker
 
@@ -26,18 +26,6 @@ pytestmark = pytest.mark.broker
 def envelopes(n: int, tag: str = "e") -> list[Envelope]:
     return [Envelope.wrap(JobQueued(job_id=f"{tag}{i}", worker_id=f"w{i}"), stream=f"job-{tag}{i}")
             for i in range(n)]
-
-
-def queue_counts(vhost: str, name: str) -> tuple[int, int]:
-    """(ready, unacknowledged) as the broker sees them now."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages_ready",
-         "messages_unacknowledged"], capture_output=True, text=True, check=True, timeout=60).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return int(parts[1]), int(parts[2])
-    raise LookupError(name)
 
 
 class Ledger:
@@ -82,11 +70,14 @@ async def test_no_message_is_acked_before_its_batch_commits(settings: Settings,
         # broker's figures lag by its statistics interval, so wait for them to settle)
         first = len(ledger.committed)
         assert 1 <= first <= 10
-        await eventually(lambda: sum(queue_counts(vhost, MONITOR_LOG.name)) == 25 - first, 15,
-                         "only the first batch acked")
-        await asyncio.sleep(1.0)
-        ready, unacked = queue_counts(vhost, MONITOR_LOG.name)
-        assert ready + unacked == 25 - first and unacked > 0
+        counts: list[tuple[int, int]] = []
+
+        def only_the_first_acked() -> bool:
+            counts.append(queue_counts(vhost, MONITOR_LOG.name))
+            ready, unacked = counts[-1]
+            return ready + unacked == 25 - first and unacked > 0
+
+        await eventually(only_the_first_acked, 15, "only the first batch acked")
         assert len(ledger.committed) == first
         gate.set()
         await eventually(lambda: len(ledger.committed) == 25, 10, "every message committed")
@@ -121,7 +112,9 @@ async def test_a_batch_committed_after_the_connection_dropped_is_redelivered_not
         await asyncio.wait_for(holding.wait(), 10)
         subprocess.run(["rabbitmqctl", "close_all_connections", "-p", vhost, "test: drop"],
                        check=True, capture_output=True, timeout=60)
-        await asyncio.sleep(1.5)  # reconnected: the first 10 are delivered again
+        await eventually(consumer.connected, 15, "the consumer reconnected")
+        await eventually(lambda: queue_counts(vhost, MONITOR_LOG.name) == (0, 10), 15,
+                         "the first 10 delivered again, to the new channel")
         gate.set()  # commits the old delivery, whose ack cannot go to the new channel
         second = envelopes(10, "b")
         for _ in range(50):

@@ -28,7 +28,7 @@ from services.bus import AmqpBus, PublishFailed
 from services.monitor.log import EventLog
 from services.settings import Settings
 from services.topology import MONITOR_LOG, MONITOR_RPC
-from tests.integration.broker_helpers import eventually
+from tests.integration.broker_helpers import eventually, queue_counts
 
 pytestmark = pytest.mark.broker
 
@@ -94,14 +94,6 @@ async def monitor_ready(bus: AmqpBus, proc: subprocess.Popen, timeout: float = 1
             await asyncio.sleep(0.1)
 
 
-async def queue_depth(settings: Settings, name: str) -> int:
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
-
-
 async def publish_all(bus: AmqpBus, items: list[Envelope], chunk: int = 250) -> None:
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
@@ -139,7 +131,7 @@ async def bus(settings: Settings):
 
 
 async def test_backlog_and_republished_duplicates_are_recorded_once(
-        settings: Settings, bus: AmqpBus, tmp_path: Path) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path, vhost: str) -> None:
     await bus.declare(MONITOR_LOG)
     published = envelopes(N)
     await publish_all(bus, published, chunk=1000)
@@ -147,10 +139,8 @@ async def test_backlog_and_republished_duplicates_are_recorded_once(
         await monitor_ready(bus, start())
         await eventually(lambda: len(rows(settings)) >= N, 30, f"{N} rows")
         await publish_all(bus, published[:500] + published[-500:])
-        deadline = time.monotonic() + 10
-        while await queue_depth(settings, MONITOR_LOG.name) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)  # the last deliveries' batch commits
+        await eventually(lambda: queue_counts(vhost, MONITOR_LOG.name) == (0, 0), 30,
+                         "the duplicates handled and acked")
     assert_exactly_once(settings, published)
     await verify_chain(settings)
     with sqlite3.connect(settings.data_dir / "monitor.db") as db:
@@ -164,7 +154,7 @@ async def test_backlog_and_republished_duplicates_are_recorded_once(
 
 
 async def test_sigkill_mid_batch_then_restart_records_every_event_once(
-        settings: Settings, bus: AmqpBus, tmp_path: Path) -> None:
+        settings: Settings, bus: AmqpBus, tmp_path: Path, vhost: str) -> None:
     published = envelopes(N)
     with monitor_process(settings, tmp_path / "monitor.log") as start:
         first = start()
@@ -181,10 +171,8 @@ async def test_sigkill_mid_batch_then_restart_records_every_event_once(
         await monitor_ready(bus, second)
         await publish_all(bus, published[200:700])  # the same envelopes again: recorded once
         await eventually(lambda: len(rows(settings)) >= N, 30, f"{N} rows after the restart")
-        deadline = time.monotonic() + 10
-        while await queue_depth(settings, MONITOR_LOG.name) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: queue_counts(vhost, MONITOR_LOG.name) == (0, 0), 30,
+                         "every delivery handled and acked")
     assert_exactly_once(settings, published)
     await verify_chain(settings)
 
@@ -239,8 +227,7 @@ async def test_events_after_a_dropped_connection_are_still_recorded(
         subprocess.run(
             ["rabbitmqctl", "close_all_connections", "-p", vhost, "test: connection drop"],
             check=True, capture_output=True, timeout=60)
-        await asyncio.sleep(0.5)
-        await publish_all(bus, after)
+        await publish_all(bus, after)  # retried until the connection is back
         await eventually(lambda: len(rows(settings)) >= 100, 20, "rows after the drop")
         await monitor_ready(bus, monitor)  # and the status RPC is served again
     assert_exactly_once(settings, before + after)

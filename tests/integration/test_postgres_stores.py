@@ -115,7 +115,7 @@ async def fresh_postgres(tag: str = "t") -> AsyncIterator[Backend]:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "sqlite":
-        yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path}/db/{{service}}.db")
+        yield Backend("sqlite", f"sqlite:///{tmp_path}/db/{{service}}.db")
         return
     async with fresh_postgres() as postgres:
         yield postgres

@@ -21,11 +21,12 @@ from projections import ENDED_KEPT_HOURS
 from services.monitor import replay as replay_module
 from services.monitor.log import EventLog
 from services.monitor.replay import Folded, replay, usable_cores
+from tests.integration.broker_helpers import eventually
 
 
 @pytest.fixture
 async def event_log(tmp_path: Path) -> AsyncIterator[EventLog]:
-    log = EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    log = EventLog.at(f"sqlite:///{tmp_path / 'monitor.db'}")
     await log.open()
     yield log
     await log.close()
@@ -157,7 +158,7 @@ async def test_a_cancelled_replay_leaves_no_partition_process_behind(
     monkeypatch.setattr(replay_module, "fold_partition", slow_in_a_child)
     monkeypatch.setattr(replay_module, "_fork_partition", fork_partition)
     replaying = asyncio.create_task(replay(event_log))
-    await asyncio.sleep(1.0)
+    await eventually(lambda: len(forked) == 1, 10, "the child forked")
     replaying.cancel()
     cancelled = time.monotonic()
     with pytest.raises(asyncio.CancelledError):

@@ -296,11 +296,11 @@ async def test_lease_that_runs_out_exits_4_without_touching_positions(spawn: Spa
 
 
 async def test_renewed_lease_keeps_the_worker_running(spawn: Spawn) -> None:
-    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(time.monotonic() + 0.6))
+    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(time.monotonic() + 1.0))
     await worker.opened(1)
-    for _ in range(6):  # 1.8 s in all: three times the first lease
-        await worker.send(Lease(until=time.monotonic() + 0.6))
-        await asyncio.sleep(0.3)
+    for _ in range(10):  # 2 s in all, twice the first lease (the sleep paces the renewals)
+        await worker.send(Lease(until=time.monotonic() + 1.0))
+        await asyncio.sleep(0.2)
     assert worker.process.returncode is None
     await worker.send(Stop())
     assert await worker.exit_code() == 0

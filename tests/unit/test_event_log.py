@@ -22,7 +22,7 @@ def queued(n: int, *, at: datetime | None = None) -> Envelope:
 
 @pytest.fixture
 async def event_log(tmp_path: Path):
-    log = EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    log = EventLog.at(f"sqlite:///{tmp_path / 'monitor.db'}")
     await log.open()
     yield log
     await log.close()
@@ -116,7 +116,7 @@ async def test_read_until_position_and_time(event_log: EventLog) -> None:
 
 async def test_a_reader_does_not_create_a_missing_database(tmp_path: Path) -> None:
     with pytest.raises(EventLogMissing):
-        EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'nope.db'}", must_exist=True)
+        EventLog.at(f"sqlite:///{tmp_path / 'nope.db'}", must_exist=True)
     assert not (tmp_path / "nope.db").exists()
 
 

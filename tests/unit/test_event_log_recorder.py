@@ -32,7 +32,7 @@ class CountingLog(EventLog):
 
 @pytest.fixture
 async def recording(tmp_path: Path):
-    event_log = CountingLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    event_log = CountingLog.at(f"sqlite:///{tmp_path / 'monitor.db'}")
     await event_log.open()
     folded: Recorded = []
     yield event_log, Recorder(event_log, folded.extend), folded

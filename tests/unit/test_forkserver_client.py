@@ -61,7 +61,6 @@ async def test_a_live_orphan_resolves_when_it_dies() -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     orphan = ForkedProcess(sleeper.pid)
     orphan.orphan()
-    await asyncio.sleep(0.05)
     assert orphan.running
     sleeper.kill()
     assert await asyncio.wait_for(orphan.wait(), 1) is None

@@ -26,9 +26,11 @@ async def test_ended_tasks_are_let_go_and_a_failure_is_logged_once(
     async def fails() -> None:
         raise RuntimeError("boom")
 
-    ended = [weakref.ref(service.background(coro, name))
+    tasks = [service.background(coro, name)
              for coro, name in ((returns(), "returns"), (fails(), "fails"))]
-    await asyncio.sleep(0.01)
+    await asyncio.wait(tasks)  # their own done callbacks ran first
+    ended = [weakref.ref(task) for task in tasks]
+    del tasks
     gc.collect()  # a task asyncio found unretrieved would be logged here
     assert [task() for task in ended] == [None, None]
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -92,7 +92,7 @@ def test_a_silenced_worker_that_ended_leaves_the_silenced_with_its_view() -> Non
 
 @pytest.fixture
 async def logged(tmp_path: Path):
-    event_log = EventLog.at(f"sqlite+aiosqlite:///{tmp_path / 'monitor.db'}")
+    event_log = EventLog.at(f"sqlite:///{tmp_path / 'monitor.db'}")
     await event_log.open()
     store = Snapshots(event_log.engine, event_log)
     await store.open()
