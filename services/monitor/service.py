@@ -230,10 +230,10 @@ class MonitorService(Service):
                 await asyncio.wait_for(changed.wait(), timeout=remaining)
 
     async def _on_request(self, body: Any) -> Any:
-        """Status RPC: ops `status`, `worker`, `log`, `hosts` (read-only, answered from memory
-        except `log`, which pages the log). A `status` with `known` worker ids and a `wait`
-        answers once the log shows them all, or when the wait is over (read-your-writes for
-        the gateway, which answered their starts)."""
+        """Status RPC: ops `status`, `worker`, `log`, `head`, `hosts` (read-only, answered from
+        memory except `log`, which pages the log, waiting for rows with a `wait`). A `status`
+        with `known` worker ids and a `wait` answers once the log shows them all, or when the
+        wait is over (read-your-writes for the gateway, which answered their starts)."""
         if not isinstance(body, dict):
             raise ValueError("request must be a JSON object with an 'op'")
         op = body.get("op")
@@ -258,8 +258,12 @@ class MonitorService(Service):
                 limit = min(max(int(body.get("limit") or LOG_PAGE_MAX), 1), LOG_PAGE_MAX)
             except (TypeError, ValueError):
                 raise ValueError("'after' and 'limit' must be integers") from None
+            # a long poll (`wait` seconds, ≤ 5): answers once the log has rows after `after`
+            await self._until(lambda: self.folded.position > after, body.get("wait"))
             rows = await self.log.page(after, limit)
             return [{"position": p, "envelope": json.loads(body_)} for p, body_ in rows]
         if op == "hosts":
             return views.hosts(self.hosts, self.liveness)
-        raise ValueError(f"unknown op {op!r} (expected status, worker, log or hosts)")
+        if op == "head":
+            return {"position": self.folded.position}
+        raise ValueError(f"unknown op {op!r} (expected status, worker, log, head or hosts)")
