@@ -38,6 +38,7 @@ from events import (
 )
 from projections import ENDED
 from services.bus import PublishFailed, RpcError, RpcTimeout
+from services.gateway import events_stream
 from services.gateway.models import (
     CreateUserRequest,
     StartRequest,
@@ -106,6 +107,7 @@ class GatewayService(Service):
         self.strategies = available_strategies()  # plugins installed later: seen at restart
         self.waiters = Waiters()
         self.unseen = Unseen()
+        self.tail = events_stream.log_tail(self.bus, settings)
         self.app = create_app(self)
         self._server: _QuietServer | None = None
 
@@ -119,6 +121,7 @@ class GatewayService(Service):
         self.bus.consume_batches(waits, self.waiters.deliver, max_batch=100)
 
     async def started(self) -> None:
+        self.background(self.tail.run(), "event-log-tail")
         config = uvicorn.Config(
             self.app,
             host=self.settings.http_host,
@@ -142,6 +145,7 @@ class GatewayService(Service):
         )
 
     async def drain(self) -> None:
+        self.tail.close()  # open event streams end, so the HTTP server can
         if self._server is not None:
             self._server.should_exit = True
             await asyncio.wait({self._http}, timeout=5)
@@ -442,6 +446,8 @@ def create_app(gateway: GatewayService) -> FastAPI:
     @app.get("/admin/hosts")
     async def list_hosts(_: Admin) -> dict[str, Any]:
         return ok(hosts=await gateway.bus.request("monitor.rpc", {"op": "hosts"}))
+
+    events_stream.add_routes(app, gateway.tail, gateway.settings, Who)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
