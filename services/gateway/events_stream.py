@@ -11,8 +11,8 @@ that reads too slowly is cut with `event: dropped` naming the last id it got, fr
 resumes.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: the route's parameters are annotated with the
+# caller dependency passed in, which FastAPI could not resolve from a string
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
