@@ -38,7 +38,7 @@ from events import (
 )
 from projections import ENDED
 from services.bus import PublishFailed, RpcError, RpcTimeout
-from services.gateway import events_stream
+from services.gateway import dashboard, events_stream, strategy_schemas
 from services.gateway.models import (
     CreateUserRequest,
     StartRequest,
@@ -443,11 +443,18 @@ def create_app(gateway: GatewayService) -> FastAPI:
     async def list_users(_: Admin) -> dict[str, Any]:
         return ok(users=await gateway.users.list())
 
+    @app.get("/me")
+    async def me(who: Who) -> dict[str, Any]:
+        """Whom the token names: a user, or the admin."""
+        return ok(userId=who.user_id, admin=who.admin)
+
     @app.get("/admin/hosts")
     async def list_hosts(_: Admin) -> dict[str, Any]:
         return ok(hosts=await gateway.bus.request("monitor.rpc", {"op": "hosts"}))
 
     events_stream.add_routes(app, gateway.tail, gateway.settings, Who)
+    strategy_schemas.add_routes(app, gateway.strategies, Who)
+    dashboard.add_routes(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
