@@ -1,7 +1,7 @@
 """`GET /events`: the caller's events as Server-Sent Events (DESIGN.md §6).
 
 Each event's `id:` is its position in the log, `event:` its type and `data:` its envelope as
-JSON (sealed credentials left out). A user's token streams that user's events only; the admin's
+JSON (sealed credentials withheld). A user's token streams that user's events only; the admin's
 everyone's, or one user's with `?userId=`. `?type=` (repeatable, or comma-separated),
 `?workerId=` and `?jobId=` narrow it. A stream starts after `Last-Event-ID` (a reconnecting
 client's), else after `?after=`, else at the present; history then live, every position once, in

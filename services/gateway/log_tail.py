@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[int, int, float], Awaitable[list[dict[str, Any]]]]
 Head = Callable[[], Awaitable[int]]
 
-HIDDEN_FIELDS = ("credentials_sealed",)  # sealed, but nothing a viewer needs
+# sealed, but nothing a viewer needs: the value is withheld, the key kept (messages need it)
+WITHHELD_FIELDS = ("credentials_sealed",)
+WITHHELD = "(withheld)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +51,9 @@ class LogEntry:
     def from_row(cls, row: dict[str, Any]) -> LogEntry:
         position, envelope = int(row["position"]), row["envelope"]
         payload = envelope.get("payload") or {}
-        if any(name in payload for name in HIDDEN_FIELDS):
-            envelope = envelope | {"payload": {k: v for k, v in payload.items()
-                                               if k not in HIDDEN_FIELDS}}
+        if any(name in payload for name in WITHHELD_FIELDS):
+            envelope = envelope | {"payload": {k: WITHHELD if k in WITHHELD_FIELDS else v
+                                               for k, v in payload.items()}}
         kind = str(envelope.get("type", ""))
         frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (
             position, kind.encode(), orjson.dumps(envelope))

@@ -173,11 +173,11 @@ async def test_a_slow_subscriber_is_dropped_and_the_others_keep_every_event() ->
         follower.cancel()
 
 
-def test_the_frame_is_an_sse_event_without_the_sealed_credentials() -> None:
+def test_the_frame_is_an_sse_event_withholding_the_sealed_credentials() -> None:
     entry = LogEntry.from_row(row(42, "ann", "StartRunner"))
     head, _, data = entry.frame.partition(b"data: ")
     assert head == b"id: 42\nevent: StartRunner\n"
     assert data.endswith(b"\n\n")
     payload = orjson.loads(data)["payload"]
-    assert "credentials_sealed" not in payload and payload["worker_id"] == "w-ann"
+    assert payload["credentials_sealed"] == "(withheld)" and payload["worker_id"] == "w-ann"
     assert (entry.user_id, entry.worker_id, entry.job_id) == ("ann", "w-ann", "j-ann")
