@@ -42,7 +42,8 @@ def log_tail(bus: Bus, settings: Settings) -> LogTail:
     async def head() -> int:
         return int((await bus.request(MONITOR_RPC, {"op": "head"}))["position"])
 
-    return LogTail(fetch, head, keep=settings.sse_recent, max_pending=settings.sse_buffer)
+    return LogTail(fetch, head, keep=settings.sse_recent, max_pending=settings.sse_buffer,
+                   idle=settings.sse_keepalive)
 
 
 class StreamRefused(ValueError):
@@ -79,18 +80,18 @@ def start_position(last_event_id: str | None, after: int | None) -> int | None:
     return after
 
 
-async def sse_body(tail: LogTail, wanted: EventFilter, after: int | None, *, follow: bool,
-                   keepalive: float) -> AsyncIterator[bytes]:
+async def sse_body(tail: LogTail, wanted: EventFilter, after: int | None, *,
+                   follow: bool) -> AsyncIterator[bytes]:
     last = after
     yield b"retry: %d\n: events%s\n\n" % (
         RETRY_MS, b"" if after is None else b" after %d" % after)
     try:
-        async for entry in tail.stream(wanted, after, follow=follow, idle=keepalive):
-            if entry is None:
+        async for batch in tail.stream(wanted, after, follow=follow):
+            if batch:
+                last = batch[-1].position
+                yield b"".join(entry.frame for entry in batch)
+            elif follow:
                 yield b": keep-alive\n\n"
-                continue
-            last = entry.position
-            yield entry.frame
     except Dropped as exc:
         yield b"event: dropped\ndata: %s\n\n" % orjson.dumps(
             {"error": f"{exc}: resume after the last id received", "lastEventId": last})
@@ -131,7 +132,7 @@ def add_routes(app: FastAPI, tail: LogTail, settings: Settings, who: Any) -> Non
         wanted = event_filter(userId, caller.admin, caller.user_id, types, workerId, jobId)
         start = start_position(last_event_id, after)
         return StreamingResponse(
-            sse_body(tail, wanted, start, follow=follow, keepalive=settings.sse_keepalive),
+            sse_body(tail, wanted, start, follow=follow),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

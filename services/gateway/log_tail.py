@@ -15,7 +15,6 @@ saying where to resume.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections import deque
@@ -92,6 +91,7 @@ class Subscriber:
     max_pending: int
     pending: deque[LogEntry] = field(default_factory=deque)
     dropped: str | None = None  # why it was cut
+    quiet: bool = False  # nothing taken since the last keep-alive tick
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, entry: LogEntry) -> bool:
@@ -110,30 +110,35 @@ class Subscriber:
         self.pending.clear()
         self._wake.set()
 
-    async def next(self, timeout: float) -> LogEntry | None:
-        """The next entry; None after `timeout` seconds without one. Raises `Dropped`."""
+    async def take(self) -> list[LogEntry]:
+        """Every pending entry, once there is one; an empty list when the tail's keep-alive
+        tick finds the stream idle. Raises `Dropped`."""
+        if not self.pending and not self.dropped:
+            self._wake.clear()
+            await self._wake.wait()
         if self.dropped:
             raise Dropped(self.dropped)
-        if not self.pending:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if self.dropped:
-                raise Dropped(self.dropped)
-            if not self.pending:
-                return None
-        entry = self.pending.popleft()
-        self.after = entry.position
-        return entry
+        taken = list(self.pending)
+        self.pending.clear()
+        if taken:
+            self.after = taken[-1].position
+        self.quiet = False
+        return taken
+
+    def tick(self) -> None:
+        """The keep-alive clock: a stream quiet since the previous tick gets an empty batch."""
+        if self.quiet:
+            self._wake.set()
+        self.quiet = True
 
 
 class LogTail:
     """Follows the log (`run`) and serves streams from any position (`stream`)."""
 
     def __init__(self, fetch: Fetch, head: Head, *, keep: int = 10_000, page: int = 1000,
-                 wait: float = 5.0, max_pending: int = 1000) -> None:
+                 wait: float = 5.0, max_pending: int = 1000, idle: float = 15.0) -> None:
         self._fetch, self._head = fetch, head
-        self.page, self.wait, self.max_pending = page, wait, max_pending
+        self.page, self.wait, self.max_pending, self.idle = page, wait, max_pending, idle
         self.position = 0  # the last position read (valid once `ready`)
         self.ready = asyncio.Event()
         self.recent: deque[LogEntry] = deque(maxlen=keep)  # contiguous positions, up to position
@@ -147,6 +152,22 @@ class LogTail:
     # ------------------------------------------------------------------ following the log
 
     async def run(self) -> None:
+        """Follow the log, and tick the keep-alive clock every `idle / 2` seconds (a quiet
+        stream gets a keep-alive every `idle` seconds or so), until cancelled."""
+        clock = asyncio.ensure_future(self._tick())
+        try:
+            await self._follow()
+        finally:
+            clock.cancel()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.idle / 2)
+            for subscribers in list(self._by_user.values()):
+                for subscriber in subscribers:
+                    subscriber.tick()
+
+    async def _follow(self) -> None:
         """Read the head, then long-poll for the entries after the last one read, for ever; an
         unreachable monitor is retried with a growing pause (streams stay open meanwhile)."""
         pause = 0.2
@@ -220,45 +241,42 @@ class LogTail:
     # ------------------------------------------------------------------ streams
 
     async def stream(self, wanted: EventFilter, after: int | None = None, *,
-                     follow: bool = True,
-                     idle: float = 15.0) -> AsyncIterator[LogEntry | None]:
+                     follow: bool = True) -> AsyncIterator[list[LogEntry]]:
         """The entries `wanted` after position `after` (None: from now on), in log order, each
-        once; None after every `idle` seconds without one (for keep-alives). Without `follow`,
-        only those recorded when the stream starts, then it ends. Raises `Dropped` when it falls
-        `max_pending` entries behind."""
+        once, in batches (what is there when the client is ready for more); an empty batch
+        when the stream has been quiet for about `idle` seconds (for keep-alives). Without
+        `follow`, only those recorded when the stream starts, then it ends. Raises `Dropped`
+        when it falls `max_pending` entries behind."""
         await self.ready.wait()
         cursor = self.position if after is None else after
         until = None if follow else self.position
         while until is None or cursor < until:
             # no await between the check and the subscription below: nothing falls between
-            recent = self._recent_after(cursor)
-            if recent is not None or cursor >= self.position:
+            if self._recent_after(cursor) is not None or cursor >= self.position:
                 break
             rows = await self._fetch(cursor, self.page, 0.0)
             if not rows:
                 break  # the log holds nothing after `cursor` (it was reset): go live
-            for row in rows:
-                entry = LogEntry.from_row(row)
-                if until is not None and entry.position > until:
+            entries = [LogEntry.from_row(row) for row in rows]
+            if until is not None:
+                entries = [e for e in entries if e.position <= until]
+                if not entries:
                     return
-                if wanted.wants(entry):
-                    yield entry
-                cursor = entry.position
+            yield [e for e in entries if wanted.wants(e)]
+            if until is not None and entries[-1].position >= until:
+                return
+            cursor = entries[-1].position
         else:
             return
-        recent = self._recent_after(cursor) or []
+        recent = [e for e in self._recent_after(cursor) or () if wanted.wants(e)]
         if until is not None:
-            for entry in recent:
-                if entry.position <= until and wanted.wants(entry):
-                    yield entry
+            yield [e for e in recent if e.position <= until]
             return
         subscriber = self.subscribe(wanted, max(cursor, self.position))
         try:
-            for entry in recent:
-                if wanted.wants(entry):
-                    yield entry
+            if recent:
+                yield recent
             while True:
-                entry = await subscriber.next(idle)
-                yield entry
+                yield await subscriber.take()
         finally:
             self.unsubscribe(subscriber)

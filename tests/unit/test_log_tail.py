@@ -54,11 +54,10 @@ async def collect(stream: Any, count: int, timeout: float = 5.0) -> list[LogEntr
     got: list[LogEntry] = []
 
     async def take() -> None:
-        async for entry in stream:
-            if entry is not None:
-                got.append(entry)
-                if len(got) == count:
-                    return
+        async for batch in stream:
+            got.extend(batch)
+            if len(got) >= count:
+                return
 
     await asyncio.wait_for(take(), timeout)
     return got
@@ -77,7 +76,7 @@ def test_a_resumed_stream_has_every_wanted_position_once_in_order(
         page: int, reader_pauses: list[int], who: str | None) -> None:
     async def scenario() -> None:
         memory = MemoryLog(before[:at_start])
-        tail = LogTail(memory.fetch, memory.head, keep=keep, page=page, wait=0.05,
+        tail = LogTail(memory.fetch, memory.head, keep=keep, page=page, wait=0.05, idle=0.02,
                        max_pending=10_000)
         follower = asyncio.create_task(tail.run())
         await tail.ready.wait()
@@ -97,15 +96,15 @@ def test_a_resumed_stream_has_every_wanted_position_once_in_order(
         got: list[int] = []
 
         async def reader() -> None:
-            stream = tail.stream(wanted, start, idle=0.02)
+            stream = tail.stream(wanted, start)
             pauses = iter(reader_pauses * 1000)
-            async for entry in stream:
+            async for batch in stream:
                 for _ in range(next(pauses)):
                     await asyncio.sleep(0)
-                if entry is not None:
+                for entry in batch:
                     got.append(entry.position)
                     assert entry.user_id == who or who is None
-                if len(got) == len(expected):
+                if len(got) >= len(expected):
                     await stream.aclose()
                     return
 
@@ -123,11 +122,11 @@ def test_a_resumed_stream_has_every_wanted_position_once_in_order(
 
 async def test_a_stream_from_now_shows_only_what_comes_after() -> None:
     memory = MemoryLog(["ann"] * 5)
-    tail = LogTail(memory.fetch, memory.head, wait=0.05)
+    tail = LogTail(memory.fetch, memory.head, wait=0.05, idle=0.02)
     follower = asyncio.create_task(tail.run())
     try:
         await tail.ready.wait()
-        stream = tail.stream(EventFilter(), None, idle=0.02)
+        stream = tail.stream(EventFilter(), None)
         first = asyncio.ensure_future(collect(stream, 2))
         await asyncio.sleep(0.01)
         memory.append(["bob", "ann"])
@@ -138,13 +137,13 @@ async def test_a_stream_from_now_shows_only_what_comes_after() -> None:
 
 async def test_history_only_ends_at_the_position_the_log_had_when_it_began() -> None:
     memory = MemoryLog(["ann", "bob"] * 10)
-    tail = LogTail(memory.fetch, memory.head, keep=3, page=4, wait=0.05)
+    tail = LogTail(memory.fetch, memory.head, keep=3, page=4, wait=0.05, idle=0.02)
     follower = asyncio.create_task(tail.run())
     try:
         await tail.ready.wait()
         stream = tail.stream(EventFilter(user_id="bob"), 5, follow=False)
         memory.append(["bob"])
-        got = [e.position async for e in stream if e is not None]
+        got = [e.position async for batch in stream for e in batch]
         assert got == [6, 8, 10, 12, 14, 16, 18, 20]
     finally:
         follower.cancel()
@@ -152,13 +151,13 @@ async def test_history_only_ends_at_the_position_the_log_had_when_it_began() -> 
 
 async def test_a_slow_subscriber_is_dropped_and_the_others_keep_every_event() -> None:
     memory = MemoryLog([], delay=0.002)
-    tail = LogTail(memory.fetch, memory.head, page=2, wait=0.05, max_pending=5)
+    tail = LogTail(memory.fetch, memory.head, page=2, wait=0.05, idle=0.02, max_pending=5)
     follower = asyncio.create_task(tail.run())
     try:
         await tail.ready.wait()
-        slow = tail.stream(EventFilter(), 0, idle=0.02)
-        assert await anext(slow) is None  # subscribed, then reads nothing more
-        fast = tail.stream(EventFilter(), 0, idle=0.02)
+        slow = tail.stream(EventFilter(), 0)
+        assert await anext(slow) == []  # subscribed, then reads nothing more
+        fast = tail.stream(EventFilter(), 0)
         reading = asyncio.ensure_future(collect(fast, 20))
         await asyncio.sleep(0.01)
         memory.append(["ann"] * 20)  # read two at a time: the fast reader keeps up

@@ -1,0 +1,178 @@
+"""Event streams at scale: 1,000 concurrent `GET /events` subscribers on one gateway.
+
+The monitor and the gateway run as real processes (no other service: nothing else consumes the
+events published here); every subscriber streams the same user's events, so each event fans out
+to all of them. Events are published at a steady pace; a subscriber times each event from its
+`occurred_at` (stamped just before the publish) to its arrival, so the figure covers publish →
+recorded in the log → read by the gateway's tail → delivered over HTTP, an upper bound of
+"log append → delivered". The subscribers run in two processes of their own (aiohttp, raw
+lines), so that parsing a thousand streams does not queue behind itself in one event loop.
+Memory per subscriber is the gateway's RSS growth with all of them connected, divided by
+their number.
+
+    .venv/bin/python -m bench.sse [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+
+from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
+from events import Envelope, OrderFilled
+from services.bus import Bus
+from services.cli.local import LocalSystem
+from services.settings import Settings
+
+RATE = 10.0  # events per second
+OCCURRED = b'"occurred_at":"'
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _subscribe(url: str, token: str, streams: int, expected: int,
+                     ready: Any) -> list[float]:
+    """`streams` subscribers, each until it has `expected` events; every event's latency in ms."""
+    latencies: list[float] = []
+    connected = 0
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
+
+    async def one() -> None:
+        nonlocal connected
+        seen = 0
+        async with session.get(f"{url}/events", params={"after": 0, "type": "OrderFilled"},
+                               headers={"Authorization": f"Bearer {token}"}) as response:
+            response.raise_for_status()
+            first = True
+            async for line in response.content:
+                if first:
+                    first = False
+                    connected += 1
+                    if connected == streams:
+                        ready.send("connected")
+                if not line.startswith(b"data: "):
+                    continue
+                arrived = time.time()
+                start = line.index(OCCURRED) + len(OCCURRED)
+                stamp = line[start:line.index(b'"', start)].decode()
+                latencies.append((arrived - datetime.fromisoformat(stamp).timestamp()) * 1000)
+                seen += 1
+                if seen == expected:
+                    return
+
+    try:
+        await asyncio.gather(*(one() for _ in range(streams)))
+    finally:
+        await session.close()
+    return latencies
+
+
+def _subscriber_process(url: str, token: str, streams: int, expected: int, conn: Any) -> None:
+    latencies = asyncio.run(_subscribe(url, token, streams, expected, conn))
+    conn.send(latencies)
+
+
+async def run(quick: bool, subscribers: int | None = None) -> list[Figure]:
+    subscribers = subscribers or (200 if quick else 1000)
+    seconds = 2.0 if quick else 10.0
+    events = int(RATE * seconds)
+    processes = 2
+    with scratch_with_services_log() as (tmp, log):
+        local = LocalSystem(tmp / "var", log=log)
+        local.supervisor.children = [c for c in local.supervisor.children
+                                     if c.service in ("monitor", "gateway")]
+        await local.start()
+        workers: list[Any] = []
+        bus = Bus(Settings(amqp_url=local.amqp_url), "bench")
+        try:
+            gateway_pid = next(c.process.pid for c in local.supervisor.children
+                               if c.service == "gateway" and c.process is not None)
+            token = await local.admin.add_user("watcher")
+            rss_before = _rss_kib(gateway_pid)
+            context = multiprocessing.get_context("spawn")
+            pipes = []
+            for n in range(processes):
+                ours, theirs = context.Pipe()
+                share = subscribers // processes + (n < subscribers % processes)
+                process = context.Process(target=_subscriber_process, daemon=True,
+                                          args=(local.base_url, token, share, events, theirs))
+                process.start()
+                workers.append(process)
+                pipes.append(ours)
+            for pipe in pipes:
+                if not await asyncio.to_thread(pipe.poll, 120):
+                    raise RuntimeError("the subscribers did not connect in time")
+                pipe.recv()
+            rss_connected = _rss_kib(gateway_pid)
+            await bus.start()
+            cpu_before, begin = _cpu_seconds(gateway_pid), time.perf_counter()
+            for n in range(events):
+                await asyncio.sleep(max(0.0, begin + n / RATE - time.perf_counter()))
+                fill = OrderFilled(job_id="job-bench", worker_id="worker-bench",
+                                   order_id=uuid.uuid4().hex, instrument="BTC-PERPETUAL",
+                                   side="buy", amount=1, price=50_000)
+                await bus.publish(Envelope.wrap(fill, stream="job-bench", user_id="watcher",
+                                                correlation_id="job-bench"))
+            latencies: list[float] = []
+            for pipe in pipes:
+                if not await asyncio.to_thread(pipe.poll, 120):
+                    raise RuntimeError("the subscribers did not get every event in time")
+                latencies += pipe.recv()
+            cpu = _cpu_seconds(gateway_pid) - cpu_before
+            rss_after = _rss_kib(gateway_pid)
+        finally:
+            for process in workers:
+                process.kill()
+            await bus.close()
+            await local.stop()
+    delivered = len(latencies)
+    assert delivered == subscribers * events, f"{delivered} of {subscribers * events} delivered"
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    per_subscriber = (rss_connected - rss_before) / subscribers
+    return [
+        Figure(f"event stream, publish → delivered to {subscribers} subscribers, p50", p50,
+               "ms", higher_is_better=False, note=f"{events} events at {RATE:g}/s"),
+        Figure(f"event stream, publish → delivered to {subscribers} subscribers, p99", p99,
+               "ms", target="≤ 50 ms", met=at_most(p99, 50), higher_is_better=False,
+               note=f"n={delivered}"),
+        Figure("gateway memory per connected subscriber", per_subscriber, "KiB",
+               higher_is_better=False,
+               note=f"RSS {rss_before // 1024} → {rss_connected // 1024} MiB connected, "
+                    f"{rss_after // 1024} MiB after the events"),
+        Figure("gateway CPU per delivered event", cpu / delivered * 1e6, "µs",
+               higher_is_better=False, note=f"{cpu:.2f} s CPU for {delivered} deliveries"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--subscribers", type=int, default=None)
+    args = parser.parse_args()
+    figures = asyncio.run(run(args.quick, args.subscribers))
+    Console().print(table(figures, "event streams"))
+
+
+if __name__ == "__main__":
+    main()
