@@ -5,8 +5,8 @@ events published here); every subscriber streams the same user's events, so each
 to all of them. Events are published at a steady pace; a subscriber times each event from its
 `occurred_at` (stamped just before the publish) to its arrival, so the figure covers publish →
 recorded in the log → read by the gateway's tail → delivered over HTTP, an upper bound of
-"log append → delivered". The subscribers run in two processes of their own (aiohttp, raw
-lines), so that parsing a thousand streams does not queue behind itself in one event loop.
+"log append → delivered". The subscribers run in two processes of their own and read their
+sockets raw (an HTTP client's own cost per chunk would be the figure, not the gateway's).
 Memory per subscriber is the gateway's RSS growth with all of them connected, divided by
 their number.
 
@@ -25,7 +25,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from rich.console import Console
 
 from bench.report import Figure, at_most, percentile, scratch_with_services_log, table
@@ -50,46 +49,77 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class _Subscriber(asyncio.Protocol):
+    """One stream read at the socket (the HTTP client's own cost would swamp the gateway's):
+    each event's latency from its `occurred_at`, parsed once per event for all subscribers."""
+
+    stamps: dict[bytes, float] = {}  # noqa: RUF012 - shared by every subscriber of a process
+
+    def __init__(self, expected: int, latencies: list[float], connected: asyncio.Event,
+                 done: asyncio.Future[None]) -> None:
+        self.expected, self.latencies = expected, latencies
+        self.connected, self.done = connected, done
+        self.buffer, self.seen, self.started = b"", 0, False
+
+    def data_received(self, data: bytes) -> None:
+        arrived = time.time()
+        if not self.started:
+            self.started = True
+            self.connected.set()
+        self.buffer += data
+        at = self.buffer.find(OCCURRED)
+        while at >= 0:
+            start = at + len(OCCURRED)
+            end = self.buffer.find(b'"', start)
+            if end < 0:
+                break
+            stamp = self.buffer[start:end]
+            moment = self.stamps.get(stamp)
+            if moment is None:
+                moment = self.stamps[stamp] = datetime.fromisoformat(stamp.decode()).timestamp()
+            self.latencies.append((arrived - moment) * 1000)
+            self.seen += 1
+            at = self.buffer.find(OCCURRED, end)
+        self.buffer = self.buffer[self.buffer.rfind(b"\n") + 1:] if at < 0 else self.buffer[at:]
+        if self.seen >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"stream closed after {self.seen} events"))
+
+
 async def _subscribe(url: str, token: str, streams: int, expected: int,
                      ready: Any) -> list[float]:
     """`streams` subscribers, each until it has `expected` events; every event's latency in ms."""
+    loop = asyncio.get_running_loop()
+    host, port = url.removeprefix("http://").split(":")
+    request = (f"GET /events?after=0&type=OrderFilled HTTP/1.1\r\nHost: {host}\r\n"
+               f"Authorization: Bearer {token}\r\n\r\n").encode()
     latencies: list[float] = []
-    connected = 0
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
-
-    async def one() -> None:
-        nonlocal connected
-        seen = 0
-        async with session.get(f"{url}/events", params={"after": 0, "type": "OrderFilled"},
-                               headers={"Authorization": f"Bearer {token}"}) as response:
-            response.raise_for_status()
-            first = True
-            async for line in response.content:
-                if first:
-                    first = False
-                    connected += 1
-                    if connected == streams:
-                        ready.send("connected")
-                if not line.startswith(b"data: "):
-                    continue
-                arrived = time.time()
-                start = line.index(OCCURRED) + len(OCCURRED)
-                stamp = line[start:line.index(b'"', start)].decode()
-                latencies.append((arrived - datetime.fromisoformat(stamp).timestamp()) * 1000)
-                seen += 1
-                if seen == expected:
-                    return
-
+    transports, done = [], []
+    for _ in range(streams):
+        connected, finished = asyncio.Event(), loop.create_future()
+        transport, _ = await loop.create_connection(
+            lambda c=connected, f=finished: _Subscriber(expected, latencies, c, f),
+            host, int(port))
+        transport.write(request)
+        await asyncio.wait_for(connected.wait(), 30)
+        transports.append(transport)
+        done.append(finished)
+    ready.send("connected")
     try:
-        await asyncio.gather(*(one() for _ in range(streams)))
+        await asyncio.gather(*done)
     finally:
-        await session.close()
+        for transport in transports:
+            transport.close()
     return latencies
 
 
 def _subscriber_process(url: str, token: str, streams: int, expected: int, conn: Any) -> None:
-    latencies = asyncio.run(_subscribe(url, token, streams, expected, conn))
+    import uvloop
+
+    latencies = uvloop.run(_subscribe(url, token, streams, expected, conn))
     conn.send(latencies)
 
 
