@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import zlib
 from collections import deque
@@ -39,6 +40,7 @@ from yarl import URL
 
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
+from services import metrics
 from services.settings import Settings
 from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
 
@@ -362,6 +364,7 @@ class Bus:
         "deflate") from `COMPRESS_REPLIES_FROM` bytes on, else as they are (None); for callers
         that pass a large reply on as it is (the gateway, to an HTTP client accepting it)."""
         channel = await self._reply_channel()
+        called = time.perf_counter()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
             asyncio.get_running_loop().create_future())
@@ -380,9 +383,12 @@ class Bus:
             )
             reply = await asyncio.wait_for(future, timeout or self.settings.request_timeout)
         except TimeoutError:
+            metrics.rpc_called(self.service, queue, body, time.perf_counter() - called, "timeout")
             raise RpcTimeout(f"{queue} did not answer in time") from None
         finally:
             self._pending.pop(correlation_id, None)
+        metrics.rpc_called(self.service, queue, body, time.perf_counter() - called,
+                           "ok" if reply.headers.get("ok") is True else "error")
         encoding = reply.content_encoding or None
         if encoding not in (None, "deflate"):
             raise RpcError(f"{queue} sent a reply in an unknown encoding {encoding!r}")
@@ -501,6 +507,7 @@ class _BatchConsumer:
             behind = bool(incoming)
 
     async def _process(self, raws: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+        begun = time.perf_counter()
         deliveries: list[Delivery] = []
         delivered: list[aio_pika.abc.AbstractIncomingMessage] = []
         dead: list[tuple[aio_pika.abc.AbstractIncomingMessage, str]] = []
@@ -542,6 +549,8 @@ class _BatchConsumer:
             for raw in retry:
                 await _settle_quietly(raw.nack(requeue=True))
         await self._ack(raws, {id(raw) for raw in retry})
+        metrics.batch_settled(self.bus.service, self.spec.name, len(raws), len(failed), len(dead),
+                              time.perf_counter() - begun)
 
     @staticmethod
     async def _ack(raws: list[aio_pika.abc.AbstractIncomingMessage], settled: set[int]) -> None:

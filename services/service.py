@@ -54,6 +54,7 @@ class Service:
         self._timer_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()  # running background tasks
         self._keeps_ledger = False  # whether it handles an inbox (`handle`)
+        self.ready = False  # started and consuming, until it begins to stop (readiness)
         self.store.on_commit.append(
             lambda uow: self._timer_wake.set() if uow.timers_changed else None
         )
@@ -154,6 +155,7 @@ class Service:
         if self._keeps_ledger:  # not the monitor (its log is its ledger) nor the gateway
             self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
         await self.started()
+        self.ready = True
         log.info("%s started", self.name)
 
     async def drain(self) -> None:
@@ -162,6 +164,7 @@ class Service:
     async def stop(self) -> None:
         """Graceful: stop consuming and finish in-flight handlers, drain, publish the committed
         outbox, then disconnect."""
+        self.ready = False
         await self.bus.stop_consuming()
         await self.drain()
         while self._tasks:  # a task may start another as it ends

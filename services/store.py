@@ -55,6 +55,7 @@ from sqlmodel import Field, SQLModel, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from events import Envelope, Message
+from services import metrics
 from services.bus import Bus, PublishFailed
 
 log = logging.getLogger(__name__)
@@ -591,6 +592,7 @@ class OutboxRelay:
                 self._pending.extendleft(reversed(batch))
                 raise
             self._confirmed.extend(row_id for row_id, _ in batch)
+            metrics.outbox_confirmed(self.bus.service, [e.occurred_at for _, e in batch])
             sent += len(batch)
         return sent
 

@@ -33,6 +33,7 @@ from events import (
     WorkerHeartbeats,
 )
 from projections import ENDED, Projections, folds
+from services import metrics
 from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
@@ -94,6 +95,7 @@ class MonitorService(Service):
                                  linger=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
         self.bus.serve(rpc_queue("monitor"), self._on_request)
+        views.watch_metrics(lambda: self.folded)
 
     async def started(self) -> None:
         self.background(self._watch(), "monitor-watchdog")
@@ -135,6 +137,7 @@ class MonitorService(Service):
             return
         if self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0]):
             self._forget_workers_gone()
+        metrics.log_recorded(recorded)
         self._snapshot_when_due()
         moment = now()
         for _, envelope in recorded:
