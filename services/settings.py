@@ -105,6 +105,16 @@ class Settings(BaseSettings):
         "one of them asks the monitor for nothing",
     )
 
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="port of a service's /metrics, /health/live and /health/ready (0: none; "
+        "the gateway answers them on its API port anyway)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of that port")
+    log_format: str = Field(default="text", pattern="^(text|json)$",
+                            description="text, or json: one JSON object per log line")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
     @field_validator("database_url")
     @classmethod
     def _one_database_per_service(cls, url: str | None) -> str | None:

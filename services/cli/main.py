@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +44,27 @@ def load_service(name: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def configure_logging(prefix: str = "", level: int = logging.INFO) -> None:
-    fmt = f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
-    logging.getLogger("faststream").setLevel(logging.WARNING)
+def configure_logging(service: str = "", settings: Settings | None = None) -> None:
+    """Text or JSON lines (`RUNNER_LOG_FORMAT`) from `RUNNER_LOG_LEVEL` on."""
+    from services import logs
+
+    settings = settings or Settings()
+    logs.configure(service, format=settings.log_format, level=settings.log_level)
+
+
+async def run_service(service: Any, settings: Settings) -> None:
+    """Run `service` until SIGINT/SIGTERM, with its metrics and health on
+    `RUNNER_METRICS_PORT` when set."""
+    from services import observability
+
+    server = None
+    if settings.metrics_port:
+        server = await observability.serve(service, settings.metrics_host, settings.metrics_port)
+    try:
+        await service.run()
+    finally:
+        if server is not None:
+            server.close()
 
 
 @app.command()
@@ -62,15 +75,15 @@ def service(
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
     cls = load_service(name)
-    configure_logging(prefix=f"[{name}] ")
     settings = Settings()
+    configure_logging(name, settings)
     try:
         # Services (and workers) run on uvloop: in `bench.density --quick`, five runs each, a
         # start's CPU over every process was 22 ms against 26 ms on asyncio's own loop
         # (bench/RESULTS.md). Imported here: the other commands run on asyncio's.
         import uvloop
 
-        uvloop.run(cls(settings).run())
+        uvloop.run(run_service(cls(settings), settings))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

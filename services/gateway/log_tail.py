@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from services import metrics
+
 log = logging.getLogger(__name__)
 
 # (after, limit, wait seconds) -> log rows `{"position", "envelope"}` in order
@@ -209,6 +211,7 @@ class LogTail:
                     self.unsubscribe(subscriber)
                     subscriber.drop(f"too slow: {behind} events behind")
                     self.dropped += 1
+                    metrics.stream_dropped.inc()
 
     def close(self) -> None:
         """End every live stream (the gateway is stopping)."""

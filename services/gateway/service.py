@@ -37,8 +37,9 @@ from events import (
     WorkerStopped,
 )
 from projections import ENDED
+from services import logs
 from services.bus import PublishFailed, RpcError, RpcTimeout
-from services.gateway import dashboard, events_stream, strategy_schemas
+from services.gateway import dashboard, events_stream, observability_routes, strategy_schemas
 from services.gateway.models import (
     CreateUserRequest,
     StartRequest,
@@ -167,6 +168,7 @@ class GatewayService(Service):
                 f"available: {', '.join(sorted(self.strategies))}",
             )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
+        logs.correlation.set(job_id)  # this request's log lines (its own task's context)
         command = StartRunner(
             job_id=job_id,
             worker_id=worker_id,
@@ -208,6 +210,7 @@ class GatewayService(Service):
             _acting_user(caller, body.user_id)
         entry = await self._owned_worker(caller, body.worker_id)
         worker = entry["worker"]
+        logs.correlation.set(worker["jobId"])
         if worker["status"] in ENDED:
             return ok(
                 message=f"worker {body.worker_id} already {worker['status']}", flattenedPositions=0
@@ -455,6 +458,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
     events_stream.add_routes(app, gateway.tail, gateway.settings, Who)
     strategy_schemas.add_routes(app, gateway.strategies, Who)
     dashboard.add_routes(app)
+    observability_routes.add_routes(app, gateway)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
