@@ -21,6 +21,7 @@ from typing import Any
 
 from events import Envelope, Message
 from events.envelope import as_utc
+from services import logs
 from services.bus import Bus, Delivery, poison_reason
 from services.settings import Settings
 from services.store import Backfill, OutboxRelay, Store, TimerRow, UnitOfWork
@@ -120,7 +121,9 @@ class Service:
             for position in fresh:
                 envelope, message = deliveries[position].envelope, deliveries[position].message
                 uow.cause = envelope
+                logs.correlation.set(envelope.correlation_id)  # on this handler's log lines
                 await handlers[type(message)](uow, envelope, message)
+            logs.correlation.set(None)
             if then is not None and any(
                     type(deliveries[position].message) not in then_skip for position in fresh):
                 uow.cause = None
