@@ -5,13 +5,19 @@ written."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from runner_client import RunnerClient
-from tests.e2e.conftest import System
+from services.cli.local import free_port
+from tests.e2e.conftest import System, start_body
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -70,3 +76,66 @@ async def test_the_readme_client_examples_run(running: System, tmp_path: Path) -
     assert "WorkerSpawned" in user.stdout
     assert "running [('long', 2.0, 'BTC-PERPETUAL')]" in user.stdout
     assert "stopped, 1 position flattened" in user.stdout
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A /metrics page as {(sample name, sorted labels): value}."""
+    text = httpx.get(url, timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def lifecycle(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {dict(labels)["event"]: value for (name, labels), value in samples.items()
+            if name == "runner_workers_lifecycle_total"}
+
+
+async def test_metrics_count_exactly_a_start_a_crash_a_restart_and_a_stop(tmp_path: Path) -> None:
+    system = System(tmp_path, RUNNER_LOG_FORMAT="json")
+    ports = {}
+    for child in system.supervisor.children:
+        if child.service != "gateway":
+            ports[child.service] = child.env["RUNNER_METRICS_PORT"] = str(free_port())
+    await system.start()
+    try:
+        base = {service: f"http://127.0.0.1:{port}" for service, port in ports.items()}
+        base["gateway"] = system.base_url
+        for service, url in base.items():
+            ready = httpx.get(f"{url}/health/ready", timeout=10)
+            assert ready.status_code == 200 and ready.json()["ready"], (service, ready.text)
+            assert httpx.get(f"{url}/health/live", timeout=10).json() == {"alive": True}
+
+        _, client = await system.user(tier="pro")
+        started = await client.start(**start_body("hold"))
+        worker_id = started["workerId"]
+        entry = await system.wait_for_worker(client, worker_id,
+                                             lambda e: e["worker"]["status"] == "running")
+        os.kill(entry["worker"]["pid"], signal.SIGKILL)
+        await system.wait_for_worker(client, worker_id, lambda e: e["worker"]["restartCount"] == 1
+                                     and e["worker"]["status"] == "running")
+        await client.stop(worker_id, flatten=True)
+
+        counts = lifecycle(scrape(f"{base['monitor']}/metrics"))
+        assert counts == {"started": 1, "crashed": 1, "restarted": 1, "stopped": 1}
+        monitor = scrape(f"{base['monitor']}/metrics")
+        assert monitor[("runner_workers", (("host", "host-1"), ("state", "stopped")))] == 1
+        assert monitor[("runner_log_position", ())] == len(await system.log())
+        gateway = scrape(f"{base['gateway']}/metrics")
+        assert gateway[("runner_rpc_seconds_count", (("op", "start"), ("outcome", "ok"),
+                                                     ("queue", "entitlement.rpc"),
+                                                     ("service", "gateway")))] == 1
+        scheduler = scrape(f"{base['scheduler']}/metrics")
+        handled = scheduler[("runner_messages_handled_total",
+                             (("queue", "scheduler.inbox"), ("service", "scheduler")))]
+        assert handled >= 6  # JobRequested, JobAccepted, WorkerSpawned, crash, restart, stop …
+        assert not any(name == "runner_messages_dead_lettered_total"
+                       for name, _ in scheduler), "nothing was dead-lettered"
+    finally:
+        await system.stop()
+
+    # every line the services logged is one JSON object (after the supervisor's prefix)
+    lines = [line.split("] ", 1)[1] for line in system.log_path.read_text().splitlines()]
+    records = [json.loads(line) for line in lines]
+    assert records and all({"time", "level", "service", "message", "correlation_id"} <= r.keys()
+                           for r in records)
+    assert {r["service"] for r in records} >= {"gateway", "monitor", "scheduler"}
