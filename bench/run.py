@@ -30,6 +30,7 @@ SUITE = (
     "bench.start_path",
     "bench.recovery",
     "bench.sse",
+    "bench.metrics_cost",
 )
 
 
