@@ -281,6 +281,17 @@ def topology_export(
     console.print(f"wrote {output}")
 
 
+@topology_app.command("asyncapi")
+def topology_asyncapi(
+    output: Path = typer.Option(Path("docs/asyncapi.json"), "--output", "-o"),
+) -> None:
+    """Write the bus as an AsyncAPI 3 document (channels, operations, every message's schema)."""
+    from services.asyncapi import document
+
+    output.write_text(json.dumps(document(), indent=2, ensure_ascii=False) + "\n")
+    console.print(f"wrote {output}")
+
+
 def _register_optional_commands() -> None:
     """Command groups that live beside their subject (event log tools, gateway client, …)."""
     try:
