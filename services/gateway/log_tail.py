@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[int, int, float], Awaitable[list[dict[str, Any]]]]
 Head = Callable[[], Awaitable[int]]
 
+NO_LONG_POLL = 0.5  # seconds between polls of a monitor that answers at once when idle
 # sealed, but nothing a viewer needs: the value is withheld, the key kept (messages need it)
 WITHHELD_FIELDS = ("credentials_sealed",)
 WITHHELD = "(withheld)"
@@ -178,7 +180,10 @@ class LogTail:
                 if not self.ready.is_set():
                     self.position = await self._head()
                     self.ready.set()
+                asked = time.monotonic()
                 rows = await self._fetch(self.position, self.page, self.wait)
+                if not rows and time.monotonic() - asked < min(self.wait / 2, 0.1):
+                    await asyncio.sleep(NO_LONG_POLL)  # a monitor that does not wait: poll
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -27,6 +27,8 @@ async def test_a_large_status_passes_through_deflated_or_plain(settings: Setting
     assert len(sent) > COMPRESS_REPLIES_FROM
 
     async def monitor(body: dict[str, Any]) -> Any:
+        if body["op"] in ("head", "log"):  # the gateway's tail of the event log
+            return {"position": 0} if body["op"] == "head" else []
         assert body["op"] == "status"
         return RawJson(sent)
 
@@ -62,6 +64,8 @@ async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worke
     queries: list[dict[str, Any]] = []
 
     async def monitor(body: dict[str, Any]) -> Any:
+        if body["op"] in ("head", "log"):  # the gateway's tail of the event log
+            return {"position": 0} if body["op"] == "head" else []
         queries.append(body)
         return {"success": True, "workers": [], "queueStats": {}}
 
