@@ -38,8 +38,10 @@ from services.monitor.replay import Folded, replay
 from services.settings import Settings, async_driver
 from services.topology import rpc_queue
 
-events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.")
-audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integrity.")
+events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.",
+                         rich_markup_mode=None)
+audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integrity.",
+                        rich_markup_mode=None)
 
 MONITOR_RPC = rpc_queue("monitor").name
 HISTORY_PAGE = 1000
