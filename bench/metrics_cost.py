@@ -104,7 +104,7 @@ async def one_round(burst: int, metrics_on: bool) -> tuple[float, dict[str, floa
         scraper = asyncio.ensure_future(_scrape_every_second(urls)) if metrics_on else None
         try:
             clients += [BenchClient((await local.user(tier="enterprise"))[1])
-                        for _ in range((burst + PER_USER - 1) // PER_USER)]
+                        for _ in range((burst + 2 + PER_USER - 1) // PER_USER)]
             await start_many(clients, 0, 2)  # warm up: connections, caches, the fork-server
             pids = processes(local)
             before = cpu_by_process(pids, (await worker_pids(local.admin)).values())

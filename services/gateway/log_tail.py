@@ -143,8 +143,11 @@ class LogTail:
                  wait: float = 5.0, max_pending: int = 1000, idle: float = 15.0) -> None:
         self._fetch, self._head = fetch, head
         self.page, self.wait, self.max_pending, self.idle = page, wait, max_pending, idle
-        self.position = 0  # the last position read (valid once `ready`)
-        self.ready = asyncio.Event()
+        self.position = 0  # the last position read (current while `_live`)
+        self.ready = asyncio.Event()  # the head was read once
+        self._live = asyncio.Event()  # following the log now
+        self._demand = asyncio.Event()  # a stream opened while it was not
+        self._streams = 0  # open streams, live or still reading history
         self.recent: deque[LogEntry] = deque(maxlen=keep)  # contiguous positions, up to position
         self._by_user: dict[str | None, set[Subscriber]] = {}  # None: subscribers to everyone's
         self.dropped = 0  # subscribers dropped for falling behind, since the start
@@ -172,14 +175,25 @@ class LogTail:
                     subscriber.tick()
 
     async def _follow(self) -> None:
-        """Read the head, then long-poll for the entries after the last one read, for ever; an
-        unreachable monitor is retried with a growing pause (streams stay open meanwhile)."""
+        """Read the head, then, while any stream is open, long-poll for the entries after the
+        last one read. With no stream open it stops asking (a gateway nobody watches costs
+        the monitor nothing) and starts again at the head when one opens. An unreachable
+        monitor is retried with a growing pause (streams stay open meanwhile)."""
         pause = 0.2
         while True:
+            if self.ready.is_set() and not self._streams:
+                self._live.clear()
+                self._demand.clear()
+                await self._demand.wait()
             try:
-                if not self.ready.is_set():
-                    self.position = await self._head()
+                if not self._live.is_set():
+                    head = await self._head()
+                    if head != self.position:
+                        self.recent.clear()  # what came meanwhile was not read
+                    self.position = head
                     self.ready.set()
+                    self._live.set()
+                    continue
                 asked = time.monotonic()
                 rows = await self._fetch(self.position, self.page, self.wait)
                 if not rows and time.monotonic() - asked < min(self.wait / 2, 0.1):
@@ -255,7 +269,17 @@ class LogTail:
         when the stream has been quiet for about `idle` seconds (for keep-alives). Without
         `follow`, only those recorded when the stream starts, then it ends. Raises `Dropped`
         when it falls `max_pending` entries behind."""
-        await self.ready.wait()
+        self._streams += 1
+        self._demand.set()
+        try:
+            async for batch in self._stream(wanted, after, follow):
+                yield batch
+        finally:
+            self._streams -= 1
+
+    async def _stream(self, wanted: EventFilter, after: int | None,
+                      follow: bool) -> AsyncIterator[list[LogEntry]]:
+        await self._live.wait()
         cursor = self.position if after is None else after
         until = None if follow else self.position
         while until is None or cursor < until:

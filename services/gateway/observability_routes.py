@@ -1,5 +1,5 @@
 """The gateway's metrics and health on its API port: `/metrics`, `/health/live`,
-`/health/ready` (ready: started, broker connected, and the event log's tail reading)."""
+`/health/ready` (ready: started and broker connected)."""
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures
 from typing import Any
@@ -28,10 +28,8 @@ def add_routes(app: FastAPI, gateway: Any) -> None:
 
     @app.get("/health/ready", responses={503: {"description": "not ready"}})
     async def ready(response: Response) -> dict[str, bool]:
-        """Started, connected to the broker, and reading the event log (else 503)."""
+        """Started and connected to the broker (else 503)."""
         is_ready, parts = observability.readiness(gateway)
-        streaming = gateway.tail.ready.is_set()
-        parts |= {"eventLog": streaming, "ready": is_ready and streaming}
-        if not parts["ready"]:
+        if not is_ready:
             response.status_code = 503
         return parts

@@ -142,8 +142,9 @@ async def test_history_only_ends_at_the_position_the_log_had_when_it_began() -> 
     try:
         await tail.ready.wait()
         stream = tail.stream(EventFilter(user_id="bob"), 5, follow=False)
-        memory.append(["bob"])
-        got = [e.position async for batch in stream for e in batch]
+        got = [e.position for e in await anext(stream)]
+        memory.append(["bob"])  # after the stream began: not in it
+        got += [e.position async for batch in stream for e in batch]
         assert got == [6, 8, 10, 12, 14, 16, 18, 20]
     finally:
         follower.cancel()
@@ -180,3 +181,23 @@ def test_the_frame_is_an_sse_event_withholding_the_sealed_credentials() -> None:
     payload = orjson.loads(data)["payload"]
     assert payload["credentials_sealed"] == "(withheld)" and payload["worker_id"] == "w-ann"
     assert (entry.user_id, entry.worker_id, entry.job_id) == ("ann", "w-ann", "j-ann")
+
+
+async def test_with_no_stream_open_the_tail_stops_asking_and_resumes_at_the_head() -> None:
+    memory = MemoryLog(["ann"] * 3)
+    tail = LogTail(memory.fetch, memory.head, wait=0.05, idle=0.02)
+    follower = asyncio.create_task(tail.run())
+    try:
+        await tail.ready.wait()
+        await asyncio.sleep(0.2)
+        asked = memory.fetches
+        memory.append(["bob"] * 4)  # recorded while nobody watches
+        await asyncio.sleep(0.2)
+        assert memory.fetches == asked, "it polled with no stream open"
+        stream = tail.stream(EventFilter(), 2)  # history from 2, then live
+        reading = asyncio.ensure_future(collect(stream, 6))
+        await asyncio.sleep(0.05)
+        memory.append(["ann"])
+        assert [e.position for e in await reading] == [3, 4, 5, 6, 7, 8]
+    finally:
+        follower.cancel()
