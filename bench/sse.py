@@ -89,12 +89,12 @@ class _Subscriber(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"stream closed after {self.seen} events"))
 
 
-async def _subscribe(url: str, token: str, streams: int, expected: int,
+async def _subscribe(url: str, token: str, streams: int, expected: int, after: int,
                      ready: Any) -> list[float]:
     """`streams` subscribers, each until it has `expected` events; every event's latency in ms."""
     loop = asyncio.get_running_loop()
     host, port = url.removeprefix("http://").split(":")
-    request = (f"GET /events?after=0&type=OrderFilled HTTP/1.1\r\nHost: {host}\r\n"
+    request = (f"GET /events?after={after}&type=OrderFilled HTTP/1.1\r\nHost: {host}\r\n"
                f"Authorization: Bearer {token}\r\n\r\n").encode()
     latencies: list[float] = []
     transports, done = [], []
@@ -116,75 +116,89 @@ async def _subscribe(url: str, token: str, streams: int, expected: int,
     return latencies
 
 
-def _subscriber_process(url: str, token: str, streams: int, expected: int, conn: Any) -> None:
+def _subscriber_process(url: str, token: str, streams: int, expected: int, after: int,
+                        conn: Any) -> None:
     import uvloop
 
-    latencies = uvloop.run(_subscribe(url, token, streams, expected, conn))
+    latencies = uvloop.run(_subscribe(url, token, streams, expected, after, conn))
     conn.send(latencies)
+
+
+async def _round(local: LocalSystem, bus: Bus, token: str, gateway_pid: int, subscribers: int,
+                 events: int, after: int) -> tuple[list[float], float, int, int]:
+    """`subscribers` streams (in up to two processes) receiving `events` published at `RATE`:
+    every delivery's latency (ms), the gateway's CPU seconds meanwhile, and its RSS (KiB)
+    before and with them connected."""
+    processes = min(2, subscribers)
+    context = multiprocessing.get_context("spawn")
+    workers, pipes = [], []
+    rss_before = _rss_kib(gateway_pid)
+    try:
+        for n in range(processes):
+            ours, theirs = context.Pipe()
+            share = subscribers // processes + (n < subscribers % processes)
+            process = context.Process(target=_subscriber_process, daemon=True,
+                                      args=(local.base_url, token, share, events, after, theirs))
+            process.start()
+            workers.append(process)
+            pipes.append(ours)
+        for pipe in pipes:
+            if not await asyncio.to_thread(pipe.poll, 120):
+                raise RuntimeError("the subscribers did not connect in time")
+            pipe.recv()
+        rss_connected = _rss_kib(gateway_pid)
+        cpu_before, begin = _cpu_seconds(gateway_pid), time.perf_counter()
+        for n in range(events):
+            await asyncio.sleep(max(0.0, begin + n / RATE - time.perf_counter()))
+            fill = OrderFilled(job_id="job-bench", worker_id="worker-bench",
+                               order_id=uuid.uuid4().hex, instrument="BTC-PERPETUAL",
+                               side="buy", amount=1, price=50_000)
+            await bus.publish(Envelope.wrap(fill, stream="job-bench", user_id="watcher",
+                                            correlation_id="job-bench"))
+        latencies: list[float] = []
+        for pipe in pipes:
+            if not await asyncio.to_thread(pipe.poll, 120):
+                raise RuntimeError("the subscribers did not get every event in time")
+            latencies += pipe.recv()
+        cpu = _cpu_seconds(gateway_pid) - cpu_before
+    finally:
+        for process in workers:
+            process.kill()
+    assert len(latencies) == subscribers * events, f"{len(latencies)} delivered"
+    return latencies, cpu, rss_before, rss_connected
 
 
 async def run(quick: bool, subscribers: int | None = None) -> list[Figure]:
     subscribers = subscribers or (200 if quick else 1000)
-    seconds = 2.0 if quick else 10.0
-    events = int(RATE * seconds)
-    processes = 2
+    events = int(RATE * (2.0 if quick else 10.0))
     with scratch_with_services_log() as (tmp, log):
         local = LocalSystem(tmp / "var", log=log)
         local.supervisor.children = [c for c in local.supervisor.children
                                      if c.service in ("monitor", "gateway")]
         await local.start()
-        workers: list[Any] = []
         bus = Bus(Settings(amqp_url=local.amqp_url), "bench")
         try:
             gateway_pid = next(c.process.pid for c in local.supervisor.children
                                if c.service == "gateway" and c.process is not None)
             token = await local.admin.add_user("watcher")
-            rss_before = _rss_kib(gateway_pid)
-            context = multiprocessing.get_context("spawn")
-            pipes = []
-            for n in range(processes):
-                ours, theirs = context.Pipe()
-                share = subscribers // processes + (n < subscribers % processes)
-                process = context.Process(target=_subscriber_process, daemon=True,
-                                          args=(local.base_url, token, share, events, theirs))
-                process.start()
-                workers.append(process)
-                pipes.append(ours)
-            for pipe in pipes:
-                if not await asyncio.to_thread(pipe.poll, 120):
-                    raise RuntimeError("the subscribers did not connect in time")
-                pipe.recv()
-            rss_connected = _rss_kib(gateway_pid)
             await bus.start()
-            cpu_before, begin = _cpu_seconds(gateway_pid), time.perf_counter()
-            for n in range(events):
-                await asyncio.sleep(max(0.0, begin + n / RATE - time.perf_counter()))
-                fill = OrderFilled(job_id="job-bench", worker_id="worker-bench",
-                                   order_id=uuid.uuid4().hex, instrument="BTC-PERPETUAL",
-                                   side="buy", amount=1, price=50_000)
-                await bus.publish(Envelope.wrap(fill, stream="job-bench", user_id="watcher",
-                                                correlation_id="job-bench"))
-            latencies: list[float] = []
-            for pipe in pipes:
-                if not await asyncio.to_thread(pipe.poll, 120):
-                    raise RuntimeError("the subscribers did not get every event in time")
-                latencies += pipe.recv()
-            cpu = _cpu_seconds(gateway_pid) - cpu_before
+            alone, _, _, _ = await _round(local, bus, token, gateway_pid, 1, events, 0)
+            latencies, cpu, rss_before, rss_connected = await _round(
+                local, bus, token, gateway_pid, subscribers, events, events)
             rss_after = _rss_kib(gateway_pid)
         finally:
-            for process in workers:
-                process.kill()
             await bus.close()
             await local.stop()
     delivered = len(latencies)
-    assert delivered == subscribers * events, f"{delivered} of {subscribers * events} delivered"
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     per_subscriber = (rss_connected - rss_before) / subscribers
     return [
         Figure(f"event stream, publish → delivered to {subscribers} subscribers, p50", p50,
-               "ms", higher_is_better=False, note=f"{events} events at {RATE:g}/s"),
+               "ms", reference=percentile(alone, 50), reference_name="1 subscriber",
+               higher_is_better=False, note=f"{events} events at {RATE:g}/s"),
         Figure(f"event stream, publish → delivered to {subscribers} subscribers, p99", p99,
-               "ms", target="≤ 50 ms", met=at_most(p99, 50), higher_is_better=False,
+               "ms", reference=percentile(alone, 99), reference_name="1 subscriber",
+               target="≤ 50 ms", met=at_most(p99, 50), higher_is_better=False,
                note=f"n={delivered}"),
         Figure("gateway memory per connected subscriber", per_subscriber, "KiB",
                higher_is_better=False,
