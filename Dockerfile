@@ -11,6 +11,7 @@ COPY pyproject.toml README.md ./
 COPY events ./events
 COPY projections ./projections
 COPY services ./services
+COPY runner_client ./runner_client
 RUN pip install ".[postgres]"
 # render_definitions.py writes the broker's boot definitions (users, permissions) from the topology
 COPY rabbitmq ./rabbitmq
@@ -24,7 +25,7 @@ USER runner
 ENV RUNNER_DATA_DIR=/data \
     RUNNER_HTTP_HOST=0.0.0.0 \
     RUNNER_HTTP_PORT=8080
-EXPOSE 8080
+EXPOSE 8080 9100
 
 ENTRYPOINT ["runner"]
 CMD ["--help"]

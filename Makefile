@@ -31,7 +31,7 @@ up: $(STAMP)
 	$(BIN)/runner up
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check events projections services tests
+	$(BIN)/python -m ruff check events projections services runner_client tests bench
 
 topology: $(STAMP)
 	$(BIN)/runner topology export -o rabbitmq/definitions.json

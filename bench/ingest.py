@@ -270,6 +270,7 @@ async def sqlite_references(envelopes: list[Envelope], work: Path, batch: int = 
                             ) -> dict[str, float]:
     """Rows/s appending the log's own rows, `batch` per transaction: raw aiosqlite, Core, ORM."""
     import aiosqlite
+    from sqlalchemy.ext.asyncio import create_async_engine
     from sqlmodel import Field, SQLModel
     from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -321,16 +322,16 @@ async def sqlite_references(envelopes: list[Envelope], work: Path, batch: int = 
         prev_hash: str
         hash: str
 
-    target = await fresh("orm.db")
-    async with target.engine.begin() as conn:
+    orm = create_async_engine(f"sqlite+aiosqlite:///{work / 'orm.db'}")  # the ORM's async path
+    async with orm.begin() as conn:
         await conn.run_sync(OrmRow.metadata.create_all, tables=[OrmRow.__table__])
     orm_rows = rows[: max(len(rows) // 5, batch)]  # the ORM is slow: a fifth is plenty
     start = time.perf_counter()
     for first in range(0, len(orm_rows), batch):
-        async with AsyncSession(target.engine) as session, session.begin():
+        async with AsyncSession(orm) as session, session.begin():
             session.add_all(OrmRow(**r) for r in orm_rows[first : first + batch])
     results["orm"] = len(orm_rows) / (time.perf_counter() - start)
-    await target.close()
+    await orm.dispose()
     return results
 
 

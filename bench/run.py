@@ -29,6 +29,8 @@ SUITE = (
     "bench.density",
     "bench.start_path",
     "bench.recovery",
+    "bench.sse",
+    "bench.metrics_cost",
 )
 
 

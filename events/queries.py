@@ -65,10 +65,16 @@ class WorkerQuery(Query):
 
 
 class LogQuery(Query):
-    """Monitor: a page of the event log after position `after`."""
+    """Monitor: a page of the event log after position `after`; with a `wait`, answered once
+    the log has something after it, or when the wait is over (a long poll)."""
 
     after: int = Field(default=0, ge=0)
     limit: int = Field(default=1000, ge=1, le=1000)
+    wait: float = Field(default=0.0, ge=0, le=5)
+
+
+class HeadQuery(Query):
+    """Monitor: the position of the log's last recorded envelope (`{position}`)."""
 
 
 class HostsQuery(Query):

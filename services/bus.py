@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import zlib
 from collections import deque
@@ -37,6 +38,7 @@ from yarl import URL
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.queries import QUERIES, REFUSALS, Invalid, Query, QueryRefused
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
+from services import metrics
 from services.settings import Settings
 from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
 
@@ -81,6 +83,8 @@ class RawJson(bytes):
 
 
 class Publisher(Protocol):
+    service: str
+
     async def publish_many(self, envelopes: Iterable[Envelope]) -> None: ...
 
 
@@ -461,6 +465,7 @@ class AmqpBus:
             channel = await self._reply_channel()
         except Exception as exc:
             raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
+        called = time.perf_counter()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
             asyncio.get_running_loop().create_future())
@@ -480,12 +485,16 @@ class AmqpBus:
             )
             raw = await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            metrics.rpc_called(self.service, spec.name, query.type_name(),
+                               time.perf_counter() - called, "timeout")
             raise RpcTimeout(f"{spec.name} did not answer in time") from None
         except aio_pika.exceptions.AMQPError as exc:
             raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
         finally:
             self._pending.pop(correlation_id, None)
         refused = (raw.headers or {}).get("refused")
+        metrics.rpc_called(self.service, spec.name, query.type_name(),
+                           time.perf_counter() - called, "error" if refused else "ok")
         return reply_body(Reply(raw.body, raw.content_encoding or None,
                                 refused if isinstance(refused, str) else None), spec.name)
 
@@ -599,6 +608,7 @@ class _BatchConsumer:
             behind = bool(incoming)
 
     async def _process(self, raws: list[aio_pika.abc.AbstractIncomingMessage]) -> None:
+        begun = time.perf_counter()
         deliveries: list[Delivery] = []
         delivered: list[aio_pika.abc.AbstractIncomingMessage] = []
         dead: list[tuple[aio_pika.abc.AbstractIncomingMessage, str]] = []
@@ -637,6 +647,8 @@ class _BatchConsumer:
             for raw in retry:
                 await _settle_quietly(raw.nack(requeue=True))
         await self._ack(raws, {id(raw) for raw in retry})
+        metrics.batch_settled(self.bus.service, self.spec.name, len(raws), len(failed), len(dead),
+                              time.perf_counter() - begun)
 
     @staticmethod
     async def _ack(raws: list[aio_pika.abc.AbstractIncomingMessage], settled: set[int]) -> None:

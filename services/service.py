@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from events import Envelope, Message
+from services import logs
 from services.bus import AmqpBus, Bus, Delivery, poison_reason
 from services.settings import Settings
 from services.store import Backfill, OutboxRelay, Store, UnitOfWork
@@ -59,6 +60,7 @@ class Service:
         self._timer_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()  # running background tasks
         self._keeps_ledger = False  # whether it handles an inbox (`handle`)
+        self.ready = False  # started and consuming, until it begins to stop (readiness)
         self.store.on_commit.append(
             lambda uow: self._timer_wake.set() if uow.timers_changed else None
         )
@@ -129,7 +131,9 @@ class Service:
             for position in fresh:
                 envelope, message = deliveries[position].envelope, deliveries[position].message
                 uow.cause = envelope
+                logs.correlation.set(envelope.correlation_id)  # on this handler's log lines
                 await handlers[type(message)](uow, envelope, message)
+            logs.correlation.set(None)
             if then is not None and any(
                     type(deliveries[position].message) not in then_skip for position in fresh):
                 uow.cause = None
@@ -164,6 +168,7 @@ class Service:
         if self._keeps_ledger:  # not the monitor (its log is its ledger) nor the gateway
             self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
         await self.started()
+        self.ready = True
         log.info("%s started", self.name)
 
     async def drain(self) -> None:
@@ -172,6 +177,7 @@ class Service:
     async def stop(self) -> None:
         """Graceful: stop consuming and finish in-flight handlers, drain, publish the committed
         outbox, then disconnect."""
+        self.ready = False
         await self.bus.stop_consuming()
         await self.drain()
         while self._tasks:  # a task may start another as it ends

@@ -91,6 +91,30 @@ class Settings(BaseSettings):
         "restart folds only the log after the latest); 0: no snapshots, a restart replays all",
     )
 
+    sse_buffer: int = Field(
+        default=5000, ge=1,
+        description="events an event stream (`GET /events`) may fall behind before it is cut "
+        "(the client resumes from its last id); more than a page of the log (1000), which "
+        "arrives at once",
+    )
+    sse_keepalive: float = Field(
+        default=15.0, gt=0, description="seconds between keep-alive comments on an idle stream")
+    sse_recent: int = Field(
+        default=10_000, ge=0,
+        description="recent log entries a gateway keeps in memory, so a stream resuming from "
+        "one of them asks the monitor for nothing",
+    )
+
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="port of a service's /metrics, /health/live and /health/ready (0: none; "
+        "the gateway answers them on its API port anyway)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address of that port")
+    log_format: str = Field(default="text", pattern="^(text|json)$",
+                            description="text, or json: one JSON object per log line")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
     @field_validator("database_url")
     @classmethod
     def _one_database_per_service(cls, url: str | None) -> str | None:

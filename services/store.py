@@ -30,6 +30,7 @@ from sqlalchemy.sql import Executable
 from sqlmodel import Field, SQLModel, select
 
 from events import Envelope, Message
+from services import metrics
 from services.bus import Publisher, PublishFailed
 from services.database import Database, DbConnection, UtcDateTime, transient
 from services.decision import CancelTimer, SetTimer, Timer
@@ -415,6 +416,7 @@ class OutboxRelay:
                 self._pending.extendleft(reversed(batch))
                 raise
             self._confirmed.extend(row_id for row_id, _ in batch)
+            metrics.outbox_confirmed(self.bus.service, [e.occurred_at for _, e in batch])
             sent += len(batch)
         return sent
 

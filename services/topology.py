@@ -44,6 +44,16 @@ from events import (
     WorkerSpawnFailed,
     WorkerStopped,
 )
+from events.queries import (
+    CheckEntitlement,
+    DecideStart,
+    HeadQuery,
+    HostsQuery,
+    LogQuery,
+    Query,
+    StatusQuery,
+    WorkerQuery,
+)
 from events.routing import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -180,6 +190,11 @@ SERVICES = ("gateway", "entitlement", "scheduler", "worker-host", "monitor")
 
 ENTITLEMENT_RPC = rpc_queue("entitlement")
 MONITOR_RPC = rpc_queue("monitor")
+# The queries each RPC queue answers (its service serves exactly these).
+RPC_QUERIES: dict[str, tuple[type[Query], ...]] = {
+    ENTITLEMENT_RPC.name: (DecideStart, CheckEntitlement),
+    MONITOR_RPC.name: (StatusQuery, WorkerQuery, LogQuery, HeadQuery, HostsQuery),
+}
 
 STATIC_QUEUES: tuple[QueueSpec, ...] = (
     MONITOR_LOG,

@@ -79,8 +79,11 @@ async def no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]
     yield
     if request.node.get_closest_marker("asyncio") and "e2e" in request.node.nodeid:
         return
-    leaked = [t for t in asyncio.all_tasks() - before
+    ending = [t for t in asyncio.all_tasks() - before
               if not t.done() and t is not asyncio.current_task()]
+    if ending:  # a library's own clean-up (a closed connection's) finishes by itself
+        await asyncio.wait(ending, timeout=2.0)
+    leaked = [t for t in ending if not t.done()]
     for task in leaked:
         task.cancel()
     assert not leaked, f"tasks left running: {sorted(t.get_name() for t in leaked)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -71,15 +72,34 @@ class GatewayClient:
     async def entitlement(self, user_id: str) -> dict[str, Any]:
         return await self.call("GET", f"/entitlements/{user_id}")
 
+    async def users(self) -> list[str]:
+        return (await self.call("GET", "/admin/users"))["users"]
 
-def status_table(status: dict[str, Any], title: str = "Runners") -> Table:
-    """Workers with their positions and P&L, and the queue figures in the caption."""
+    async def hosts(self) -> list[dict[str, Any]]:
+        return (await self.call("GET", "/admin/hosts"))["hosts"]
+
+
+def when(ms: int | None) -> str:
+    """An epoch-milliseconds time as local `HH:MM:SS` (a date too when not today)."""
+    if ms is None:
+        return "–"
+    moment = datetime.fromtimestamp(ms / 1000)
+    today = moment.date() == datetime.now().date()
+    return f"{moment:%H:%M:%S}" if today else f"{moment:%Y-%m-%d %H:%M:%S}"
+
+
+def status_table(status: dict[str, Any], title: str = "Runners",
+                 page: dict[str, int] | None = None) -> Table:
+    """Workers with their positions and P&L, and the queue figures in the caption (and which
+    page of the workers this is, with `page`)."""
     q = status.get("queueStats", {})
+    shown = (f" · runners {page['offset'] + 1}–{page['offset'] + len(status.get('workers', []))}"
+             f" of {page['total']}" if page else "")
     table = Table(
         title=title,
         caption=(
             f"queued {q.get('queuedJobs', 0)} · running {q.get('runningWorkers', 0)} · "
-            f"total {q.get('totalWorkers', 0)} · failed {q.get('failedJobs', 0)}"
+            f"total {q.get('totalWorkers', 0)} · failed {q.get('failedJobs', 0)}{shown}"
         ),
     )
     for column in (

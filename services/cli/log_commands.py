@@ -1,8 +1,11 @@
 """Event-log tools: `runner publish`, `runner events tail`, `runner replay`, `runner audit verify`.
 
-`publish` and `tail` talk to the bus (tail's history comes from the monitor's `log` RPC);
-`replay` and `audit verify` read the monitor's log database directly, so they work with every
-service stopped. Errors are one line on stderr and exit code 1, never a stack trace.
+With a token (`--token`, `RUNNER_TOKEN`), `tail` and `replay` go through the gateway's event
+stream (`GET /events`): a user sees their own events, the admin everyone's. Without one they are
+the operators' direct tools: `publish` and `tail` talk to the bus (tail's history comes from the
+monitor's `log` RPC); `replay` and `audit verify` read the monitor's log database directly, so
+they work with every service stopped. Errors are one line on stderr and exit code 1, never a
+stack trace.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import AmqpBus, Bus, PublishFailed, RpcError, poison_reason
 from services.monitor import views
 from services.monitor.log import EventLog, EventLogMissing
-from services.monitor.replay import replay
+from services.monitor.replay import Folded, replay
 from services.settings import Settings, async_driver
 from services.topology import MONITOR_RPC
 
-events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.")
-audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integrity.")
+events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.",
+                         rich_markup_mode=None)
+audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integrity.",
+                        rich_markup_mode=None)
 
 HISTORY_PAGE = 1000
 RECENT_IDS = 50_000  # history ids remembered to drop their live twins (the overlap is the tail)
@@ -46,6 +51,14 @@ RECENT_IDS = 50_000  # history ids remembered to drop their live twins (the over
 def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(1)
+
+
+TOKEN_HELP = ("a user's (or the admin's) token: go through the gateway's event stream instead "
+              "of the broker and the log database (operators)")
+
+
+def _gateway_url(settings: Settings) -> str:
+    return f"http://{settings.http_host}:{settings.http_port}"
 
 
 def _run(coro: Awaitable[Any]) -> Any:
@@ -188,6 +201,9 @@ def tail(
     follow: bool = typer.Option(True, "--follow/--no-follow", help="keep printing live messages"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="stop after N messages"),
+    after: int | None = typer.Option(None, "--after", min=0,
+                                     help="with --token: start after this log position"),
+    token: str | None = typer.Option(None, "--token", envvar="RUNNER_TOKEN", help=TOKEN_HELP),
 ) -> None:
     """Print commands and events as they happen (and, with --from-start, the log before them)."""
     types = types or []
@@ -197,7 +213,43 @@ def tail(
     if not from_start and not follow:
         return
     printer = _Printer(user=user, types=types, stream=stream, as_json=as_json, limit=limit)
-    _run(_tail(Settings(), printer, from_start=from_start, follow=follow))
+    if token:
+        start = 0 if from_start else after
+        _run(_tail_gateway(Settings(), token, printer, after=start, follow=follow))
+    else:
+        _run(_tail(Settings(), printer, from_start=from_start, follow=follow))
+
+
+async def _tail_gateway(settings: Settings, token: str, printer: _Printer, *,
+                        after: int | None, follow: bool) -> None:
+    """`tail` through the gateway's event stream (resumed by the client when it is cut)."""
+    from runner_client import RunnerClient, RunnerError
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, printer.done.set)
+    async with RunnerClient(_gateway_url(settings), token) as client:
+        events = client.events(after=after, user_id=printer.user, types=sorted(printer.types),
+                               follow=follow)
+
+        async def show() -> None:
+            async for event in events:
+                printer.show(Envelope.model_validate(event.envelope), event.position)
+                if printer.done.is_set():
+                    return
+
+        shown = asyncio.ensure_future(show())
+        stop = asyncio.ensure_future(printer.done.wait())
+        try:
+            await asyncio.wait({shown, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if shown.done():
+                shown.result()
+        except RunnerError as exc:
+            _fail(str(exc))
+        finally:
+            for task in (shown, stop):
+                task.cancel()
+            await events.aclose()
 
 
 async def _tail(settings: Settings, printer: _Printer, *, from_start: bool, follow: bool) -> None:
@@ -300,10 +352,14 @@ def replay_command(
                               help="workers shown, the first in order of creation (0: all)"),
     database: str | None = typer.Option(None, "--database",
                                         help="log database URL or file [the monitor's]"),
+    token: str | None = typer.Option(None, "--token", envvar="RUNNER_TOKEN", help=TOKEN_HELP),
 ) -> None:
     """Rebuild the projections from the log (at any point) and print queue stats and workers."""
     until_time = _parse_time(until)
-    result = _run(_replay(_log_url(database), until_position, until_time, user))
+    if token:
+        result = _run(_replay_gateway(Settings(), token, until_position, until_time, user))
+    else:
+        result = _run(_replay(_log_url(database), until_position, until_time, user))
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -317,6 +373,32 @@ async def _replay(url: str, until_position: int | None, until_time: datetime | N
         folded = await replay(event_log, until_position=until_position, until_time=until_time)
     finally:
         await event_log.close()
+    return {"position": folded.position, **views.status(folded.state, user)}
+
+
+async def _replay_gateway(settings: Settings, token: str, until_position: int | None,
+                          until_time: datetime | None, user: str | None) -> dict[str, Any]:
+    """`replay` of the events the token may see (a user's own), read from the gateway's event
+    stream up to the present and folded here, with the monitor's own fold."""
+    from runner_client import RunnerClient, RunnerError
+
+    folded = Folded()
+    batch: list[Envelope] = []
+    async with RunnerClient(_gateway_url(settings), token) as client:
+        try:
+            async for event in client.events(after=0, user_id=user, follow=False):
+                if until_position is not None and event.position > until_position:
+                    break
+                envelope = Envelope.model_validate(event.envelope)
+                if until_time is None or envelope.occurred_at <= until_time:
+                    batch.append(envelope)
+                if len(batch) >= 1000:
+                    folded.fold(batch, event.position)
+                    batch = []
+                folded.position = event.position
+        except RunnerError as exc:
+            _fail(str(exc))
+    folded.fold(batch, folded.position)
     return {"position": folded.position, **views.status(folded.state, user)}
 
 

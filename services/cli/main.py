@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import os
 import signal
-import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,11 @@ from rich.console import Console
 
 from services.settings import Settings
 
+# rich_markup_mode=None: help texts are shown as written ("[default: …]", "[type-instrument]"
+# were taken for markup and vanished)
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 console = Console()
 
@@ -46,11 +48,27 @@ def load_service(name: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def configure_logging(prefix: str = "", level: int = logging.INFO) -> None:
-    fmt = f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+def configure_logging(service: str = "", settings: Settings | None = None) -> None:
+    """Text or JSON lines (`RUNNER_LOG_FORMAT`) from `RUNNER_LOG_LEVEL` on."""
+    from services import logs
+
+    settings = settings or Settings()
+    logs.configure(service, format=settings.log_format, level=settings.log_level)
+
+
+async def run_service(service: Any, settings: Settings) -> None:
+    """Run `service` until SIGINT/SIGTERM, with its metrics and health on
+    `RUNNER_METRICS_PORT` when set."""
+    from services import observability
+
+    server = None
+    if settings.metrics_port:
+        server = await observability.serve(service, settings.metrics_host, settings.metrics_port)
+    try:
+        await service.run()
+    finally:
+        if server is not None:
+            server.close()
 
 
 @app.command()
@@ -61,14 +79,14 @@ def service(
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
     cls = load_service(name)
-    configure_logging(prefix=f"[{name}] ")
     settings = Settings()
+    configure_logging(name, settings)
     try:
         # Services (and workers) run on uvloop, for less CPU per message; imported here, as
         # the other commands run on asyncio's own loop.
         import uvloop
 
-        uvloop.run(cls(settings).run())
+        uvloop.run(run_service(cls(settings), settings))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -79,6 +97,8 @@ def service(
 def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
     from services.cli.supervisor import Supervisor, system
+
+    _broker_or_fail()
 
     async def main() -> None:
         supervisor = Supervisor(os.environ)
@@ -103,9 +123,20 @@ def demo(
     rejected over-limit start, a crash and its auto-restart, a stop with flatten, the audit."""
     from services.cli.demo import run_demo
 
+    _broker_or_fail()
     wide = console if console.is_terminal else Console(width=150)  # logs, CI: no wrapping
     code = asyncio.run(run_demo(wide, watch_seconds=seconds))
     raise typer.Exit(code)
+
+
+def _broker_or_fail() -> None:
+    """One message when the broker is not there (and the local one started if it is only
+    stopped), rather than a refused connection from each service."""
+    from services.cli.broker_check import ensure_broker
+
+    problem = ensure_broker(Settings().amqp_url, console)
+    if problem is not None:
+        fail(problem)
 
 
 # ---------------------------------------------------------------- talking to the gateway
@@ -118,16 +149,22 @@ token_option = typer.Option(
 )
 
 
-def _client(token: str | None) -> Any:
-    from services.cli.client import GatewayClient
-
+def _token(token: str | None) -> str:
+    """The token given, else the admin's (its setting, or its file in the data dir)."""
     settings = Settings()
     if token is None:
         path = settings.data_dir / "admin.token"
         token = settings.admin_token or (path.read_text().strip() if path.exists() else None)
     if not token:
         fail("no token: pass --token, set RUNNER_TOKEN, or run where the admin token is")
-    return GatewayClient.for_settings(settings, token)
+    assert token is not None
+    return token
+
+
+def _client(token: str | None) -> Any:
+    from services.cli.client import GatewayClient
+
+    return GatewayClient.for_settings(Settings(), _token(token))
 
 
 def _call(token: str | None, op: Any) -> Any:
@@ -146,9 +183,16 @@ def _call(token: str | None, op: Any) -> Any:
         fail(str(exc))
 
 
+class TierName(StrEnum):
+    free = "free"
+    basic = "basic"
+    pro = "pro"
+    enterprise = "enterprise"
+
+
 @app.command()
 def start(
-    strategy: str = typer.Argument(..., help="strategy type, e.g. hold or scalping"),
+    strategy: str = typer.Argument(..., help="strategy type (runner strategies lists them)"),
     instrument: list[str] = typer.Option(["BTC-PERPETUAL"], "--instrument", "-i"),
     broker: str = typer.Option("paper", help="broker id"),
     user: str | None = typer.Option(None, help="user to act for (admin token only)"),
@@ -158,11 +202,19 @@ def start(
     param: list[str] = typer.Option(
         [], "--param", "-p", help="strategy parameter KEY=VALUE (JSON value)"
     ),
-    api_key: str = typer.Option("paper-key", envvar="RUNNER_API_KEY"),
-    api_secret: str = typer.Option("paper-secret", envvar="RUNNER_API_SECRET"),
+    max_position_size: float | None = typer.Option(None, help="risk: largest position [100]"),
+    stop_loss_percent: float | None = typer.Option(None, help="risk: stop-loss, % [2]"),
+    take_profit_percent: float | None = typer.Option(None, help="risk: take-profit, % [3]"),
+    flatten_on_stop: bool = typer.Option(
+        True, "--flatten-on-stop/--no-flatten-on-stop",
+        help="close its positions whenever it stops [flatten]"),
+    api_key: str = typer.Option("paper-key", envvar="RUNNER_API_KEY",
+                                help="the broker account's key [paper-key]"),
     token: str | None = token_option,
 ) -> None:
-    """Start a runner; prints its job and worker ids."""
+    """Start a runner; prints its job and worker ids. The broker's API secret is read from
+    RUNNER_API_SECRET, or asked for (never from the command line, where `ps` shows it); the
+    paper broker needs none."""
     parameters: dict[str, Any] = {}
     for item in param:
         key, sep, raw = item.partition("=")
@@ -172,6 +224,13 @@ def start(
             parameters[key] = json.loads(raw)
         except ValueError:
             parameters[key] = raw
+    api_secret = os.environ.get("RUNNER_API_SECRET") or (
+        "paper-secret" if broker == "paper" else
+        typer.prompt(f"API secret for {broker}", hide_input=True))
+    risk = {name: value for name, value in (("maxPositionSize", max_position_size),
+                                            ("stopLossPercent", stop_loss_percent),
+                                            ("takeProfitPercent", take_profit_percent))
+            if value is not None}
     body = {
         "strategyId": strategy_id or f"{strategy}-{instrument[0].lower()}",
         "brokerId": broker,
@@ -181,7 +240,9 @@ def start(
             "type": strategy,
             "parameters": parameters,
             "instruments": instrument,
+            **({"riskManagement": risk} if risk else {}),
         },
+        "flattenOnStop": flatten_on_stop,
     }
     if user:
         body["userId"] = user
@@ -200,7 +261,19 @@ def stop(
     token: str | None = token_option,
 ) -> None:
     """Stop a runner (optionally flattening its positions) and wait until it has stopped."""
-    result = _call(token, lambda c: c.stop(worker_id, flatten))
+    async def stopping(client: Any) -> dict[str, Any]:
+        doing = "flattening and stopping" if flatten else "stopping"
+        with console.status(f"{doing} {worker_id}…") as shown:
+            call = asyncio.ensure_future(client.stop(worker_id, flatten))
+            began = asyncio.get_running_loop().time()
+            while not call.done():
+                await asyncio.wait({call}, timeout=1.0)
+                waited = asyncio.get_running_loop().time() - began
+                shown.update(f"{doing} {worker_id}… {waited:.0f} s (a graceful stop, then "
+                             "SIGTERM and SIGKILL after the grace period)")
+            return call.result()
+
+    result = _call(token, stopping)
     console.print(
         f"[green]{result['message']}[/] (flattened positions: {result['flattenedPositions']})"
     )
@@ -209,22 +282,95 @@ def stop(
 @app.command()
 def status(
     user: str | None = typer.Option(None, help="only this user's runners (admin)"),
+    limit: int | None = typer.Option(None, min=1, max=1000,
+                                     help="one page of this many runners, oldest first"),
+    offset: int = typer.Option(0, min=0, help="the page's first runner"),
+    watch: bool = typer.Option(False, "--watch", "-w",
+                               help="a live view, updated from the event stream"),
     as_json: bool = typer.Option(False, "--json"),
     token: str | None = token_option,
 ) -> None:
     """Runners with positions and P&L, and the queue figures."""
     from services.cli.client import status_table
 
-    result = _call(token, lambda c: c.status(user))
+    if watch:
+        from services.cli.watch import watch_status
+
+        settings = Settings()
+        try:
+            asyncio.run(watch_status(f"http://{settings.http_host}:{settings.http_port}",
+                                     _token(token), console, user=user, limit=limit,
+                                     offset=offset))
+        except KeyboardInterrupt:
+            pass
+        return
+    result = _call(token, lambda c: c.status(user, offset=offset, limit=limit))
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        console.print(status_table(result))
+        console.print(status_table(result, page=result.get("page")))
 
 
-users_app = typer.Typer(no_args_is_help=True, help="Users and their tokens (admin).")
-entitlements_app = typer.Typer(no_args_is_help=True, help="Subscription tiers (admin).")
-topology_app = typer.Typer(no_args_is_help=True, help="The RabbitMQ topology.")
+@app.command()
+def hosts(token: str | None = token_option) -> None:
+    """The worker-hosts: capacity, when last heard of, lost or online (admin)."""
+    from rich.table import Table
+
+    from services.cli.client import when
+
+    result = _call(token, lambda c: c.hosts())
+    table = Table(title="Worker-hosts")
+    for column in ("host", "hostname", "capacity", "online since", "last seen", "state"):
+        table.add_column(column)
+    for host in result:
+        table.add_row(host["hostId"], host.get("hostname") or "–", str(host.get("capacity")),
+                      when(host.get("onlineAt")), when(host.get("lastSeen")),
+                      "[red]lost[/]" if host.get("lost") else "[green]online[/]")
+    console.print(table)
+
+
+@app.command()
+def strategies() -> None:
+    """The installed strategies and their parameters (name, type, default, limits)."""
+    from rich.table import Table
+
+    from services.gateway.strategy_schemas import describe
+    from services.worker.strategies import available_strategies
+
+    found = describe(available_strategies())
+    for name, strategy in found.strategies.items():
+        console.print(f"\n[bold]{name}[/]: {strategy.description}", highlight=False)
+        table = Table()
+        for column in ("parameter", "type", "default", "limits"):
+            table.add_column(column)
+        for parameter, schema in strategy.parameters.get("properties", {}).items():
+            table.add_row(parameter, *_describe(schema))
+        console.print(table)
+    console.print("Risk limits (--max-position-size, --stop-loss-percent, "
+                  "--take-profit-percent): " + ", ".join(
+                      f"{k} [{v.get('default')}]"
+                      for k, v in found.riskManagement["properties"].items()))
+
+
+def _describe(schema: dict[str, Any]) -> tuple[str, str, str]:
+    """(type, default, limits) of a parameter's JSON schema."""
+    options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
+    kind = options[0] if options else {}
+    type_name = " | ".join(o.get("type", "?") for o in options) or "any"
+    if "enum" in kind:
+        type_name = " | ".join(map(str, kind["enum"]))
+    limits = ", ".join(f"{word} {kind[key]}" for key, word in (
+        ("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"),
+        ("exclusiveMaximum", "<")) if key in kind)
+    return type_name, json.dumps(schema.get("default")), limits or "–"
+
+
+users_app = typer.Typer(no_args_is_help=True, help="Users and their tokens (admin).",
+                        rich_markup_mode=None)
+entitlements_app = typer.Typer(no_args_is_help=True, help="Subscription tiers (admin).",
+                               rich_markup_mode=None)
+topology_app = typer.Typer(no_args_is_help=True, help="The RabbitMQ topology.",
+                           rich_markup_mode=None)
 app.add_typer(users_app, name="users")
 app.add_typer(entitlements_app, name="entitlements")
 app.add_typer(topology_app, name="topology")
@@ -237,12 +383,23 @@ def users_add(user_id: str, token: str | None = token_option) -> None:
     console.print(f"user {user_id} token: [bold]{user_token}[/]")
 
 
+@users_app.command("list")
+def users_list(token: str | None = token_option) -> None:
+    """Every user's id (admin)."""
+    for user_id in _call(token, lambda c: c.users()):
+        typer.echo(user_id)
+
+
 @entitlements_app.command("upgrade")
 def entitlements_upgrade(
-    user_id: str, tier: str, days: float = typer.Option(30.0), token: str | None = token_option
+    user_id: str,
+    tier: TierName = typer.Argument(..., help="free (1 worker), basic (3), pro (10), "
+                                              "enterprise (50)"),
+    days: float = typer.Option(30.0, help="how long, in days (fractions allowed)"),
+    token: str | None = token_option,
 ) -> None:
     """Put a user on a tier for a number of days (fractions allowed)."""
-    result = _call(token, lambda c: c.upgrade(user_id, tier, days))
+    result = _call(token, lambda c: c.upgrade(user_id, tier.value, days))
     console.print(
         f"{user_id}: {result['tier']} ({result['maxWorkers']} workers) until {result['expiresAt']}"
     )
@@ -263,6 +420,17 @@ def topology_export(
     from services.topology import definitions
 
     output.write_text(json.dumps(definitions(vhost), indent=2) + "\n")
+    console.print(f"wrote {output}")
+
+
+@topology_app.command("asyncapi")
+def topology_asyncapi(
+    output: Path = typer.Option(Path("docs/asyncapi.json"), "--output", "-o"),
+) -> None:
+    """Write the bus as an AsyncAPI 3 document (channels, operations, every message's schema)."""
+    from services.asyncapi import document
+
+    output.write_text(json.dumps(document(), indent=2, ensure_ascii=False) + "\n")
     console.print(f"wrote {output}")
 
 

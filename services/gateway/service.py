@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from events import (
@@ -48,7 +49,15 @@ from events.queries import (
     WorkerQuery,
 )
 from projections import ENDED
+from services import logs
 from services.bus import PublishFailed, RpcError, RpcTimeout
+from services.gateway import (
+    answers,
+    dashboard,
+    events_stream,
+    observability_routes,
+    strategy_schemas,
+)
 from services.gateway.models import (
     CreateUserRequest,
     StartRequest,
@@ -117,6 +126,7 @@ class GatewayService(Service):
         self.strategies = available_strategies()  # plugins installed later: seen at restart
         self.waiters = Waiters()
         self.unseen = Unseen()
+        self.tail = events_stream.log_tail(self.bus, settings)
         self.app = create_app(self)
         self._server: _QuietServer | None = None
 
@@ -130,6 +140,7 @@ class GatewayService(Service):
         self.bus.consume_batches(waits, self.waiters.deliver, max_batch=100)
 
     async def started(self) -> None:
+        self.background(self.tail.run(), "event-log-tail")
         config = uvicorn.Config(
             self.app,
             host=self.settings.http_host,
@@ -153,6 +164,7 @@ class GatewayService(Service):
         )
 
     async def drain(self) -> None:
+        self.tail.close()  # open event streams end, so the HTTP server can
         if self._server is not None:
             self._server.should_exit = True
             await asyncio.wait({self._http}, timeout=5)
@@ -174,6 +186,7 @@ class GatewayService(Service):
                 f"available: {', '.join(sorted(self.strategies))}",
             )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
+        logs.correlation.set(job_id)  # this request's log lines (its own task's context)
         command = StartRunner(
             job_id=job_id,
             worker_id=worker_id,
@@ -214,6 +227,7 @@ class GatewayService(Service):
             _acting_user(caller, body.user_id)
         entry = await self._owned_worker(caller, body.worker_id)
         worker = entry["worker"]
+        logs.correlation.set(worker["jobId"])
         if worker["status"] in ENDED:
             return ok(
                 message=f"worker {body.worker_id} already {worker['status']}", flattenedPositions=0
@@ -347,12 +361,17 @@ def _acting_user(caller: Caller, user_id: str | None) -> str:
     return caller.user_id
 
 
-async def caller(request: Request) -> Caller:
+bearer = HTTPBearer(auto_error=False, description="a user's token, or the admin's")
+
+
+async def caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
     """The bearer token's owner: the admin or a user; 401 otherwise."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if credentials is None or not credentials.credentials.strip():
         raise ApiError(401, "missing bearer token")
-    found = await request.app.state.gateway.users.identify(token.strip())
+    found = await request.app.state.gateway.users.identify(credentials.credentials.strip())
     if found is None:
         raise ApiError(401, "invalid token")
     return found
@@ -405,16 +424,20 @@ def create_app(gateway: GatewayService) -> FastAPI:
         log.warning("bus unavailable: %s", exc)
         return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503)
 
-    @app.post("/runner/start")
+    @app.post("/runner/start", responses={
+        200: {"model": answers.Started}, 403: {"model": answers.Rejected},
+        429: {"model": answers.Rejected}, **answers.failures(401, 422, 503, 504)})
     async def start(body: StartRequest, who: Who) -> JSONResponse:
         status, payload = await gateway.start_runner(who, body)
         return JSONResponse(payload, status_code=status)
 
-    @app.post("/runner/stop")
+    @app.post("/runner/stop", responses={200: {"model": answers.Stopped},
+                                          **answers.failures(401, 403, 404, 422, 503, 504)})
     async def stop(body: StopRequest, who: Who) -> dict[str, Any]:
         return await gateway.stop_runner(who, body)
 
-    @app.get("/runner/status")
+    @app.get("/runner/status", responses={200: {"model": answers.Status},
+                                           **answers.failures(401, 403, 503)})
     async def status(
         request: Request,
         who: Who,
@@ -430,32 +453,47 @@ def create_app(gateway: GatewayService) -> FastAPI:
         headers = {"Vary": "Accept-Encoding"} | ({"Content-Encoding": encoding} if encoding else {})
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.post("/entitlements/{user_id}/upgrade")
+    @app.post("/entitlements/{user_id}/upgrade", responses={
+        200: {"model": answers.Upgraded}, **answers.failures(401, 403, 422, 504)})
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:
         return await gateway.upgrade(user_id, body)
 
-    @app.get("/entitlements/{user_id}")
+    @app.get("/entitlements/{user_id}", responses={
+        200: {"model": answers.Entitlement}, **answers.failures(401, 403, 503)})
     async def check(user_id: str, who: Who) -> dict[str, Any]:
         if not who.may_act_for(user_id):
             raise ApiError(403, "admin token required")
         return await gateway.check(user_id)
 
-    @app.post("/admin/users", status_code=201)
+    @app.post("/admin/users", status_code=201, responses={
+        201: {"model": answers.UserCreated}, **answers.failures(401, 403, 409, 422)})
     async def create_user(body: CreateUserRequest, _: Admin) -> dict[str, Any]:
         token = await gateway.users.create(body.user_id, now())
         if token is None:
             raise ApiError(409, f"user {body.user_id!r} exists")
         return {"userId": body.user_id, "token": token}
 
-    @app.get("/admin/users")
+    @app.get("/admin/users", responses={200: {"model": answers.Users},
+                                         **answers.failures(401, 403)})
     async def list_users(_: Admin) -> dict[str, Any]:
         return ok(users=await gateway.users.list())
 
-    @app.get("/admin/hosts")
+    @app.get("/me", responses={200: {"model": answers.Me}, **answers.failures(401)})
+    async def me(who: Who) -> dict[str, Any]:
+        """Whom the token names: a user, or the admin."""
+        return ok(userId=who.user_id, admin=who.admin)
+
+    @app.get("/admin/hosts", responses={200: {"model": answers.Hosts},
+                                         **answers.failures(401, 403, 503)})
     async def list_hosts(_: Admin) -> dict[str, Any]:
         return ok(hosts=await gateway.bus.request(MONITOR_RPC, HostsQuery()))
 
-    @app.get("/health")
+    events_stream.add_routes(app, gateway.tail, gateway.settings, Who)
+    strategy_schemas.add_routes(app, gateway.strategies, Who)
+    dashboard.add_routes(app)
+    observability_routes.add_routes(app, gateway)
+
+    @app.get("/health", responses={200: {"model": answers.Health}})
     async def health() -> dict[str, Any]:
         return ok(connected=gateway.bus.connected())
 

@@ -32,8 +32,16 @@ from events import (
     WorkerHeartbeat,
     WorkerHeartbeats,
 )
-from events.queries import HostsQuery, LogQuery, NotFound, StatusQuery, WorkerQuery
+from events.queries import (
+    HeadQuery,
+    HostsQuery,
+    LogQuery,
+    NotFound,
+    StatusQuery,
+    WorkerQuery,
+)
 from projections import ENDED, Projections, folds
+from services import metrics
 from services.bus import RawJson
 from services.monitor import views
 from services.monitor.liveness import Hosts, Liveness
@@ -94,7 +102,9 @@ class MonitorService(Service):
                                  linger=LOG_LINGER)
         self.bus.subscribe_telemetry(MONITOR_TELEMETRY, self._on_telemetry)
         self.bus.serve(MONITOR_RPC, {StatusQuery: self.status, WorkerQuery: self.worker,
-                                     LogQuery: self.page, HostsQuery: self.host_list})
+                                     LogQuery: self.page, HeadQuery: self.head,
+                                     HostsQuery: self.host_list})
+        views.watch_metrics(lambda: self.folded)
 
     async def started(self) -> None:
         self.background(self._watch(), "monitor-watchdog")
@@ -136,6 +146,7 @@ class MonitorService(Service):
             return
         if self.folded.fold([envelope for _, envelope in recorded], recorded[-1][0]):
             self._forget_workers_gone()
+        metrics.log_recorded(recorded)
         self._snapshot_when_due()
         moment = self.clock()
         for _, envelope in recorded:
@@ -233,8 +244,13 @@ class MonitorService(Service):
                                          self._entries, query.offset, query.limit))
 
     async def page(self, query: LogQuery) -> list[dict[str, Any]]:
+        """A page of the log; with a `wait`, once it has rows after `after` (a long poll)."""
+        await self._until(lambda: self.folded.position > query.after, query.wait)
         rows = await self.log.page(query.after, query.limit)
         return [{"position": p, "envelope": json.loads(body)} for p, body in rows]
+
+    async def head(self, query: HeadQuery) -> dict[str, int]:
+        return {"position": self.folded.position}
 
     async def host_list(self, query: HostsQuery) -> Any:
         return views.hosts(self.hosts, self.liveness)

@@ -6,15 +6,20 @@ replay prints is exactly what the live status said at that point.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from events.envelope import as_utc
 from projections import Projections, TradingStats, WorkerView, queue_stats
+from services import metrics
 from services.monitor.liveness import Hosts, Liveness, WorkerBeat
+
+if TYPE_CHECKING:
+    from services.monitor.replay import Folded
 
 NO_BEATS: Mapping[str, WorkerBeat] = {}
 
@@ -131,3 +136,17 @@ def hosts(known: Hosts, liveness: Liveness | None = None) -> list[dict[str, Any]
             "lost": host.lost or reported,
         })
     return entries
+
+
+def workers_by_host_and_state(state: Projections) -> list[tuple[tuple[str, str], float]]:
+    """How many workers each host has in each status (`-`: not placed on a host)."""
+    counts = Counter((w.host_id or "-", str(w.status)) for w in state.workers.values())
+    return [(labels, float(n)) for labels, n in sorted(counts.items())]
+
+
+def watch_metrics(folded: Callable[[], Folded]) -> None:
+    """The monitor's gauges, read from its folded state at each scrape."""
+    metrics.watch("runner_workers", "Workers known to the monitor, by host and status",
+                  ("host", "state"), lambda: workers_by_host_and_state(folded().state))
+    metrics.watch("runner_log_position", "The last position recorded in the event log", (),
+                  lambda: [((), float(folded().position))])

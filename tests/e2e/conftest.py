@@ -60,6 +60,12 @@ class System(LocalSystem):
         return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=self.env,
                               capture_output=True, text=True, timeout=60, check=check)
 
+    def runner_with(self, env: dict[str, str], *args: str,
+                    check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`runner` with an environment of its own (a user's token, …)."""
+        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=check)
+
     def replay(self) -> dict[str, Any]:
         """`runner replay --json`: the projections rebuilt from the log."""
         return json.loads(self.runner("replay", "--json").stdout)

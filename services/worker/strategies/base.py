@@ -47,6 +47,8 @@ class Strategy:
     """
 
     tick_interval: float = 1.0
+    # the model of `config.parameters` (its JSON schema is what `GET /strategies` shows)
+    parameters_model: type[StrategyParameters] = StrategyParameters
 
     @property
     def acts_on_ticks(self) -> bool:

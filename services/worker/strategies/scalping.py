@@ -72,6 +72,8 @@ def decide(
 class Scalping(Strategy):
     """Trades each instrument on its own; positions are never larger than maxPositionSize."""
 
+    parameters_model: type[ScalpingParameters] = ScalpingParameters
+
     def __init__(
         self,
         config: StrategyConfig,
@@ -79,7 +81,7 @@ class Scalping(Strategy):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(config, broker)
-        self.parameters = ScalpingParameters.model_validate(config.parameters)
+        self.parameters = self.parameters_model.model_validate(config.parameters)
         self.clock = clock
         width = parse_timeframe(self.parameters.timeframe)
         # Several ticks per candle, but never a busy loop nor a sleepy one.
