@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from services.cli.local import rabbitmqctl
 from services.settings import Settings
+from tests.exchanges.deribit import LocalDeribit
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
@@ -68,3 +70,12 @@ def settings(amqp_url: str, data_dir: Path) -> Settings:
         request_timeout=10.0,
         handler_attempts=3,
     )
+
+
+@pytest_asyncio.fixture
+async def deribit() -> AsyncIterator[LocalDeribit]:
+    """A local Deribit (tests/exchanges/deribit.py) on a free port, for the real ccxt client."""
+    exchange = LocalDeribit()
+    await exchange.start()
+    yield exchange
+    await exchange.stop()
