@@ -405,9 +405,11 @@ def _(event: WorkerSpawned | WorkerRestarted, draft: Draft, envelope: Envelope) 
 
 @_on.register
 def _(event: WorkerSpawnFailed, draft: Draft, envelope: Envelope) -> None:
+    """A permanent failure's error is the user's reason as it is ("exchange rejected the API
+    key"); the event that ends the job follows."""
     if not _is_stale(draft, event.worker_id, event.attempt):
-        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None,
-                            reason=f"spawn failed: {event.error}")
+        reason = event.error if event.permanent else f"spawn failed: {event.error}"
+        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None, reason=reason)
 
 
 @_on.register

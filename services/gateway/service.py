@@ -52,7 +52,7 @@ from services.gateway.waiters import Unseen, Waiters
 from services.secrets import Sealer, admin_token, secret_key
 from services.service import Service, now
 from services.topology import GATEWAY_WAITS, QueueSpec
-from services.worker.brokers import BROKERS
+from services.worker.brokers import UnknownBroker, broker_spec
 from services.worker.strategies.base import available_strategies
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,10 @@ class GatewayService(Service):
 
     async def start_runner(self, caller: Caller, body: StartRequest) -> tuple[int, dict[str, Any]]:
         user_id = _acting_user(caller, body.user_id)
-        if body.broker_id not in BROKERS:
-            raise ApiError(
-                422,
-                f"brokerId: unknown broker {body.broker_id!r}; "
-                f"available: {', '.join(sorted(BROKERS))}",
-            )
+        try:
+            broker_spec(body.broker_id)
+        except UnknownBroker as exc:
+            raise ApiError(422, f"brokerId: {exc}") from None
         if body.config.type not in self.strategies:
             raise ApiError(
                 422,

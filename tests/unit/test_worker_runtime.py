@@ -257,7 +257,8 @@ async def test_flatten_failure_never_carries_the_credentials_to_the_host(
     writer.write(protocol.encode(protocol.Stop(flatten=True)))
     lines = [protocol.decode(raw) async for raw in reader]
     assert await asyncio.wait_for(running, 5) == EXIT_OK
-    [report] = [line for line in lines if isinstance(line, protocol.Report)]
+    [report] = [line for line in lines
+                if isinstance(line, protocol.Report) and line.event == "FlattenFailed"]
     failed = FlattenFailed.model_validate(report.payload)
     assert failed.error == f"closing {BTC}: 401 for apiKey=[redacted]"
     assert KEY not in json.dumps(report.payload)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,38 @@ class BrokerError(Exception):
 
 class UnknownBroker(LookupError):
     """No adapter is registered under this broker id."""
+
+
+class CredentialsRejected(BrokerError):
+    """The exchange rejected the account's API key: restarting cannot help."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The exchange could not be reached (or kept answering "busy") within the retry budget."""
+
+
+class Refusal(BaseModel):
+    """An order that was not placed, and why: refused for good by the exchange (`by`
+    "exchange": insufficient funds, invalid amount, ...) or by the runtime's risk limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instrument: str
+    side: OrderSide
+    amount: float
+    order_type: Literal["market", "limit"] = "market"
+    reason: str
+    by: Literal["exchange", "risk"] = "exchange"
+
+
+class OrderRefused(BrokerError):
+    """An order was refused for good (see `refusal`); it is already reported, and the strategy
+    told (`Strategy.on_order_refused`). A strategy may catch it and go on."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.side} {refusal.amount:g} {refusal.instrument} refused by "
+                         f"the {refusal.by}: {refusal.reason}")
+        self.refusal = refusal
 
 
 class OpenOrder(BaseModel):
@@ -86,14 +118,15 @@ def unrealized_pnl(position: Position, mark: float) -> float:
     return (mark - position.entry_price) * position.amount * direction(position.side)
 
 
-def mark_position(position: Position, mark: float) -> PositionMark:
+def mark_position(position: Position, mark: float, pnl: float | None = None) -> PositionMark:
+    """The position at `mark`; its P&L linear in price unless the broker gives it (`pnl`)."""
     return PositionMark(
         instrument=position.instrument,
         side=position.side,
         amount=position.amount,
         entry_price=position.entry_price,
         mark_price=mark,
-        unrealized_pnl=unrealized_pnl(position, mark),
+        unrealized_pnl=unrealized_pnl(position, mark) if pnl is None else pnl,
     )
 
 
@@ -103,10 +136,31 @@ def check_amount(amount: float) -> None:
 
 
 class Broker(ABC):
-    """One trading account. Methods are async because real exchanges are network calls."""
+    """One trading account. Methods are async because real exchanges are network calls.
+
+    `live_market`: its prices move on their own (an exchange), so a strategy that does not act
+    on ticks need not step them (the simulator's `MarketClock`).
+    """
+
+    live_market: bool = False
 
     def __init__(self, sink: EventSink = discard) -> None:
         self.sink = sink
+
+    async def connect(self) -> None:
+        """Reach the account before the worker says hello: check its credentials (raise
+        CredentialsRejected) and settle what a previous run left in flight. Nothing to do for
+        an account without a remote side."""
+        return None
+
+    def pnl(self, position: Position, price: float) -> float:
+        """The P&L of `position` at `price`, in the account's currency (linear by default)."""
+        return unrealized_pnl(position, price)
+
+    def known_positions(self) -> list[Position]:
+        """The positions the account showed last, without asking it (what a flatten that could
+        not read them reports as still open)."""
+        return []
 
     @classmethod
     @abstractmethod
