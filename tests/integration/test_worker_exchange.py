@@ -191,3 +191,22 @@ async def test_the_plugin_is_held_to_its_limits_on_paper_too(spawn: Spawn) -> No
     await worker.send(Stop(flatten=True))
     await worker.rest()
     assert await worker.exit_code() == 0
+
+
+async def test_paper_deribit_is_priced_by_the_exchanges_public_data(
+        spawn: Spawn, deribit: LocalDeribit) -> None:
+    worker = await spawn(strategy(amount=2), **on(deribit, BROKER_ID="paper-deribit"))
+    await worker.until(lambda line: bool(reports(worker.received, "OrderFilled")))
+    [fill] = events_of(worker.received, "OrderFilled")
+    assert (fill["amount"], fill["price"]) == (2, 50_000.5), "bought at the exchange's ask"
+    assert fill["fee"] == pytest.approx(2 * 50_000.5 * 0.0005), "at the exchange's taker fee"
+    deribit.set_price(BTC, 50_400)
+    await worker.until(lambda line: isinstance(line, Beat) and bool(line.positions)
+                       and line.positions[0].mark_price == 50_400)
+    await worker.send(Stop(flatten=True))
+    tail = await worker.rest()
+    assert await worker.exit_code() == 0
+    [closed] = events_of(tail, "TradeClosed")
+    assert closed["exit_price"] == 50_399.5, "sold at the bid"
+    assert not any(call.startswith("private/") for call in deribit.calls), "no keys, no orders"
+    assert deribit.accounts == {}

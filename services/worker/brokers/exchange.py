@@ -129,6 +129,7 @@ class Dialect:
 
     resend_guarded: tuple[str, ...] = ()  # URL path endings of GET calls that place orders
     amounts_in_quote = False  # inverse contracts sized in the quote currency (not contracts)
+    burst = 1  # calls (of ccxt's cost 1) the rate limiter lets through at once: ccxt's default
 
     def order_params(self, label: str) -> dict[str, Any]:
         return {"clientOrderId": label}
@@ -154,6 +155,9 @@ class DeribitDialect(Dialect):
 
     resend_guarded = ("/private/buy", "/private/sell", "/private/edit")
     amounts_in_quote = True
+    # Deribit's credits allow a burst of 100 calls (then 20/s, ccxt's 50 ms a cost unit): a
+    # worker's start (markets, balance, positions) need not queue behind the limiter.
+    burst = 10
 
     def order_params(self, label: str) -> dict[str, Any]:
         return {"label": label}
@@ -218,7 +222,9 @@ def make_client(spec: BrokerSpec, credentials: Credentials | None,
     """A ccxt client for `spec`: sandbox for `-testnet`, then `urls` (RUNNER_BROKER_URLS, by
     broker id or exchange id) applied over whichever API URLs that left; rate limiter on."""
     assert spec.exchange is not None
-    config: dict[str, Any] = {"enableRateLimit": True, "timeout": REQUEST_TIMEOUT_MS}
+    burst = DIALECTS.get(spec.exchange, Dialect).burst
+    config: dict[str, Any] = {"enableRateLimit": True, "timeout": REQUEST_TIMEOUT_MS,
+                              "tokenBucket": {"capacity": burst, "tokens": burst}}
     if credentials is not None:
         config |= {"apiKey": credentials.api_key, "secret": credentials.api_secret}
     client = client_class(spec.exchange)(config)
@@ -274,12 +280,7 @@ class ExchangeBroker(Broker):
         """Markets, then the balance (the credentials' check), then settle what a previous run
         left in flight; raises CredentialsRejected, BrokerUnavailable, or BrokerError naming an
         instrument the exchange does not list."""
-        if self._session is None:
-            self._session = self.client.session = http_session(self.dialect)
-        params = self.dialect.markets_params(self.instruments)
-        await self._call(lambda: self.client.load_markets(False, params), "loading markets")
-        for instrument in self.instruments:
-            self.markets[instrument] = self._market(instrument)
+        await self.load_markets()
         try:
             await self._call(lambda: self.client.fetch_balance(self._balance_params()),
                              "reading the balance")
@@ -289,6 +290,15 @@ class ExchangeBroker(Broker):
         for intent in list(self.journal.state.pending.values()):
             seen = await self._settle_leftover(intent, seen)
         self._warn_about_foreign_positions(seen, await self.positions())
+
+    async def load_markets(self) -> None:
+        """The HTTP session and the instruments' markets (public calls only)."""
+        if self._session is None:
+            self._session = self.client.session = http_session(self.dialect)
+        params = self.dialect.markets_params(self.instruments)
+        await self._call(lambda: self.client.load_markets(False, params), "loading markets")
+        for instrument in self.instruments:
+            self.markets[instrument] = self._market(instrument)
 
     def _market(self, instrument: str) -> dict[str, Any]:
         found = self.client.markets_by_id.get(instrument) if self.client.markets_by_id else None
@@ -530,10 +540,13 @@ class ExchangeBroker(Broker):
         return self.held.get(instrument) or Position(
             instrument=instrument, side="long", amount=0.0, entry_price=0.0)
 
-    async def mark(self, instrument: str) -> float:
+    async def ticker(self, instrument: str) -> dict[str, Any]:
         market = self.markets[instrument]
-        ticker = await self._call(lambda: self.client.fetch_ticker(market["symbol"]),
-                                  f"reading the price of {instrument}")
+        return await self._call(lambda: self.client.fetch_ticker(market["symbol"]),
+                                f"reading the price of {instrument}")
+
+    async def mark(self, instrument: str) -> float:
+        ticker = await self.ticker(instrument)
         for key in ("markPrice", "last", "close"):
             if ticker.get(key):
                 return float(ticker[key])
