@@ -74,6 +74,7 @@ from services.worker.brokers.base import (
     mark_position,
 )
 from services.worker.flatten import DEFAULT_FLATTEN_TIMEOUT, flatten
+from services.worker.prices import FeedPrices
 from services.worker.protocol import Beat, CannotStart, Hello, Lease, Report, Stop
 from services.worker.risk import GuardedBroker, Hit, exit_due
 from services.worker.strategies.base import Strategy, load_strategy
@@ -117,6 +118,7 @@ class WorkerEnv:
     broker_urls: Mapping[str, str] = field(default_factory=dict)
     mode: str = "trade"
     flatten_timeout: float = DEFAULT_FLATTEN_TIMEOUT
+    feed_socket: Path | None = None
     credentials: Credentials = field(default_factory=Credentials, repr=False)
 
     @classmethod
@@ -187,6 +189,8 @@ class WorkerEnv:
             broker_urls=broker_urls(env.get(protocol.ENV_BROKER_URLS, "")),
             mode=mode,
             flatten_timeout=flatten_timeout,
+            feed_socket=Path(feed) if (feed := env.get(protocol.ENV_FEED_SOCKET, "").strip())
+            else None,
             credentials=Credentials(
                 api_key=env.get(protocol.ENV_API_KEY, ""),
                 api_secret=env.get(protocol.ENV_API_SECRET, ""),
@@ -435,6 +439,11 @@ class WorkerRuntime:
         for position in reached:  # what the account really holds, whatever was reported before
             broker.sink(position)
         await channel.flush()
+        prices = None
+        if env.feed_socket is not None and (keys := broker.price_keys()):
+            prices = FeedPrices(env.feed_socket)
+            if await prices.start(keys):
+                broker.prices = prices
         log.info(
             "started: %s %s (%s) on broker %s, instruments %s, holding %s",
             "flatten-only run of" if strategy is None else "strategy",
@@ -500,6 +509,8 @@ class WorkerRuntime:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             await _cancel(beating, listening, work, leasing)
+            if prices is not None:
+                await prices.close()
 
     async def _connect(self, broker: Broker, channel: Channel) -> list[Position] | int:
         """The account reached and its positions read; or, when it cannot be, a CannotStart

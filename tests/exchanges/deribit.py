@@ -11,9 +11,14 @@ It keeps each account's balance, positions (inverse perpetuals sized in USD, in 
 the contract size), orders (labels are not unique: a second order with a label is placed, as on
 Deribit) and trades, and fills market orders at the bid or ask around a price the test sets.
 
+Public tickers are also served over Deribit's WebSocket JSON-RPC (`/ws/api/v2`,
+`public/subscribe` to `ticker.<instrument>.<interval>`, notifications on every price change),
+as ccxt.pro's client uses it.
+
 Test controls: `set_price`, `fail_next` (rate limited, dropped connection before or after the
 call was carried out, busy), `down`/`up`, an account's `equity` (insufficient funds), and
-`orders_labelled` / `calls` to count what reached it.
+`orders_labelled` / `calls` / `public_peers` to count what reached it and over how many
+connections.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+import json
 import math
 import time
 from collections import Counter, deque
@@ -135,6 +141,8 @@ class LocalDeribit:
         self.signed_by: list[tuple[str, str]] = []  # (method, key) of each authenticated call
         self.public_peers: set[tuple[str, int]] = set()  # client connections of public calls
         self.is_down = False
+        self.tickers: dict[str, set[tuple[web.WebSocketResponse, str]]] = {}  # ws subscribers
+        self._pushes: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -156,6 +164,8 @@ class LocalDeribit:
         """Move the market; resting limit orders it crosses fill (as maker) at their price."""
         market = self.instruments[instrument]
         market.price = price
+        for ws, channel in list(self.tickers.get(instrument, ())):
+            self._push(ws, channel, market)
         for account in self.accounts.values():
             for order in list(account.orders.values()):
                 if order["instrument_name"] != instrument or order["order_state"] != "open":
@@ -196,6 +206,7 @@ class LocalDeribit:
     async def start(self, port: int = 0) -> str:
         app = web.Application()
         app.router.add_get("/api/v2/{api}/{method}", self._handle)
+        app.router.add_get("/ws/api/v2", self._websocket)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -206,6 +217,9 @@ class LocalDeribit:
         return self.url
 
     async def stop(self) -> None:
+        for subscribers in self.tickers.values():
+            for ws, _ in list(subscribers):
+                await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -249,6 +263,44 @@ class LocalDeribit:
         if fault == "lost_answer":
             return self._drop(request)
         return self._answer({"jsonrpc": "2.0", "result": result}, started)
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """Deribit's JSON-RPC over WebSocket, public tickers only."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.public_peers.add(tuple(peer[:2]))
+        try:
+            async for message in ws:
+                call = json.loads(message.data)
+                method, params = call.get("method"), call.get("params") or {}
+                answer: dict[str, Any] = {"jsonrpc": "2.0", "id": call.get("id")}
+                if method == "public/subscribe":
+                    channels = params.get("channels") or []
+                    answer["result"] = channels
+                    await ws.send_str(json.dumps(answer))
+                    for channel in channels:
+                        kind, _, rest = channel.partition(".")
+                        name = rest.rsplit(".", 1)[0]
+                        if kind == "ticker" and name in self.instruments:
+                            self.calls["ws/ticker"] += 1
+                            self.tickers.setdefault(name, set()).add((ws, channel))
+                            self._push(ws, channel, self.instruments[name])
+                    continue
+                answer["result"] = "ok" if method else None
+                await ws.send_str(json.dumps(answer))
+        finally:
+            for subscribers in self.tickers.values():
+                subscribers.difference_update({s for s in subscribers if s[0] is ws})
+        return ws
+
+    def _push(self, ws: web.WebSocketResponse, channel: str, market: Instrument) -> None:
+        note = {"jsonrpc": "2.0", "method": "subscription",
+                "params": {"channel": channel, "data": self._ticker(market)}}
+        task = asyncio.ensure_future(ws.send_str(json.dumps(note)))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     def _take_fault(self, name: str) -> Fault | None:
         for index, (fault, method) in enumerate(self.faults):

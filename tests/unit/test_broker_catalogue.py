@@ -52,13 +52,17 @@ def test_the_catalogue_matches_the_installed_ccxt() -> None:
     assert json.loads(CATALOGUE_FILE.read_text()) == generate()
 
 
-def test_a_base_url_replaces_every_rest_urls_origin_and_keeps_their_paths() -> None:
+def test_a_base_url_replaces_every_urls_origin_and_keeps_their_paths() -> None:
     urls = {"rest": "https://test.deribit.com",
             "fapiPublic": "https://fapi.binance.com/fapi/v1",
-            "nested": {"private": "https://api.x.com/v2/private?x=1"}, "ws": "wss://ws.x.com"}
+            "nested": {"private": "https://api.x.com/v2/private?x=1"},
+            "ws": "wss://www.deribit.com/ws/api/v2", "logo": "deribit.png"}
     assert override_urls(urls, "http://127.0.0.1:9000/") == {
         "rest": "http://127.0.0.1:9000", "fapiPublic": "http://127.0.0.1:9000/fapi/v1",
-        "nested": {"private": "http://127.0.0.1:9000/v2/private?x=1"}, "ws": "wss://ws.x.com"}
+        "nested": {"private": "http://127.0.0.1:9000/v2/private?x=1"},
+        "ws": "ws://127.0.0.1:9000/ws/api/v2", "logo": "deribit.png"}
+    assert override_urls({"ws": "wss://a.b/ws"}, "https://gw.example")["ws"] == (
+        "wss://gw.example/ws")
 
 
 @pytest.mark.parametrize(("error", "transient", "key"), [

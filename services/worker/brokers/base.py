@@ -19,6 +19,7 @@ from events.values import Fill, OrderSide, Position, PositionMark, Side
 
 if TYPE_CHECKING:
     from events.values import StrategyConfig
+    from services.worker.prices import FeedPrices
 
 # Amounts below this are float dust: a position this small is flat.
 AMOUNT_EPSILON = 1e-9
@@ -143,9 +144,14 @@ class Broker(ABC):
     """
 
     live_market: bool = False
+    prices: FeedPrices | None = None  # the host's market-data feed, when the runtime has one
 
     def __init__(self, sink: EventSink = discard) -> None:
         self.sink = sink
+
+    def price_keys(self) -> list[tuple[str, str]]:
+        """The (source, instrument) prices this account would take from the host's feed."""
+        return []
 
     async def connect(self) -> None:
         """Reach the account before the worker says hello: check its credentials (raise

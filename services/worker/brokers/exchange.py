@@ -199,14 +199,18 @@ DIALECTS: dict[str, type[Dialect]] = {"deribit": DeribitDialect}
 
 
 def override_urls(urls: Any, base: str) -> Any:
-    """Every REST URL under `urls` (ccxt's `urls['api']`) moved to `base`: its scheme and host
-    (and a path prefix, if `base` has one) replace theirs; their own paths stay."""
+    """Every URL under `urls` (ccxt's `urls['api']`) moved to `base`: its host (and a path
+    prefix, if `base` has one) replace theirs, their own paths stay; a WebSocket URL takes
+    `base`'s scheme as ws or wss."""
     if isinstance(urls, dict):
         return {key: override_urls(value, base) for key, value in urls.items()}
-    if isinstance(urls, str) and urls.startswith(("http://", "https://")):
+    if isinstance(urls, str) and urls.startswith(("http://", "https://", "ws://", "wss://")):
         path = urlsplit(urls)
         tail = path.path + (f"?{path.query}" if path.query else "")
-        return base.rstrip("/") + tail
+        target = base.rstrip("/")
+        if path.scheme in ("ws", "wss"):
+            target = "ws" + target.removeprefix("http")
+        return target + tail
     return urls
 
 
@@ -540,12 +544,22 @@ class ExchangeBroker(Broker):
         return self.held.get(instrument) or Position(
             instrument=instrument, side="long", amount=0.0, entry_price=0.0)
 
+    @property
+    def source(self) -> str:
+        """Whose prices these are: the exchange, or its sandbox."""
+        return f"{self.spec.exchange}{'-testnet' if self.spec.testnet else ''}"
+
+    def price_keys(self) -> list[tuple[str, str]]:
+        return [(self.source, instrument) for instrument in self.instruments]
+
     async def ticker(self, instrument: str) -> dict[str, Any]:
         market = self.markets[instrument]
         return await self._call(lambda: self.client.fetch_ticker(market["symbol"]),
                                 f"reading the price of {instrument}")
 
     async def mark(self, instrument: str) -> float:
+        if self.prices is not None and (quote := self.prices.latest(self.source, instrument)):
+            return quote.mark
         ticker = await self.ticker(instrument)
         for key in ("markPrice", "last", "close"):
             if ticker.get(key):

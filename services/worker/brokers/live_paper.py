@@ -78,8 +78,15 @@ class LivePaperBroker(PaperBroker):
             return MAKER_FEE if maker else TAKER_FEE
         return float(rate)
 
+    def price_keys(self) -> list[tuple[str, str]]:
+        return self.exchange.price_keys()
+
     async def _quote(self, instrument: str) -> Quote:
-        quote = quote_of(await self.exchange.ticker(instrument))
+        fed = self.prices.latest(self.exchange.source, instrument) if self.prices else None
+        if fed is not None:
+            quote = Quote(fed.bid, fed.ask, fed.mark)
+        else:
+            quote = quote_of(await self.exchange.ticker(instrument))
         self.quotes[instrument] = quote
         self.account.marks[instrument] = quote.mark
         return quote
