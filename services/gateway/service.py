@@ -40,6 +40,7 @@ from projections import ENDED
 from services.bus import PublishFailed, RpcError, RpcTimeout
 from services.gateway.models import (
     CreateUserRequest,
+    HaltRequest,
     StartRequest,
     StopRequest,
     UpgradeRequest,
@@ -247,6 +248,40 @@ class GatewayService(Service):
         )
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
 
+    async def halt(self, caller: Caller, body: HaltRequest) -> dict[str, Any]:
+        """The kill switch: every runner in scope (not yet ended) stopped with flatten, all at
+        once; answers when each has stopped, with how many positions were flattened and the
+        runners whose stop or flatten failed."""
+        if body.everyone:
+            if not caller.admin or body.user_id is not None:
+                raise ApiError(403 if not caller.admin else 422,
+                               "all: admin only, and without userId")
+            scope = None
+        else:
+            scope = _acting_user(caller, body.user_id)
+        found = await self.bus.request("monitor.rpc", {"op": "status", "user_id": scope,
+                                                       "offset": 0, "limit": None})
+        targets = [entry["worker"]["workerId"] for entry in found["workers"]
+                   if entry["worker"]["status"] not in ENDED]
+
+        async def stop(worker_id: str) -> dict[str, Any]:
+            try:
+                return await self.stop_runner(
+                    caller, StopRequest(worker_id=worker_id, flatten_positions=True))
+            except ApiError as exc:
+                return failed(exc.error)
+
+        answers = await asyncio.gather(*(stop(worker_id) for worker_id in targets))
+        problems = {w: a["error"] for w, a in zip(targets, answers, strict=True)
+                    if not a["success"]}
+        figures = dict(halted=targets, failed=problems,
+                       flattenedPositions=sum(a.get("flattenedPositions", 0) for a in answers))
+        if problems:
+            return failed(f"{len(problems)} of {len(targets)} runners not halted cleanly: "
+                          + "; ".join(f"{w}: {e}" for w, e in problems.items()), **figures)
+        return ok(message=f"{len(targets)} runner{'s' if len(targets) != 1 else ''} halted",
+                  **figures)
+
     async def status(self, caller: Caller, user_id: str | None, offset: int = 0,
                      limit: int | None = None, *,
                      deflate_ok: bool = False) -> tuple[bytes, str | None]:
@@ -399,6 +434,12 @@ def create_app(gateway: GatewayService) -> FastAPI:
     @app.post("/runner/stop")
     async def stop(body: StopRequest, who: Who) -> dict[str, Any]:
         return await gateway.stop_runner(who, body)
+
+    @app.post("/runner/halt")
+    async def halt(body: HaltRequest, who: Who) -> dict[str, Any]:
+        """Kill switch: stop every runner of a user (admin: any user, or all without userId;
+        a user: their own) with flatten."""
+        return await gateway.halt(who, body)
 
     @app.get("/runner/status")
     async def status(
