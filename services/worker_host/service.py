@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -309,6 +310,9 @@ class WorkerHostService(Service):
                 heartbeat_interval=self.settings.heartbeat_interval,
                 state_file=self.workers_dir / f"{worker_id}.state.json",
                 lease_until=self._lease_until(),
+                broker_urls=json.dumps(self.settings.broker_urls) if self.settings.broker_urls
+                else None,
+                flatten_timeout=self.settings.flatten_timeout,
             )
             worker = await self.spawner.spawn(
                 SpawnRequest(
@@ -333,6 +337,7 @@ class WorkerHostService(Service):
                         host_id=self.host_id,
                         attempt=row.attempt,
                         error=str(exc),
+                        permanent=isinstance(exc, SpawnError) and exc.permanent,
                     ),
                     stream=job_stream(row.job_id),
                     user_id=row.user_id,
