@@ -29,6 +29,7 @@ SUITE = (
     "bench.density",
     "bench.start_path",
     "bench.recovery",
+    "bench.markets",
 )
 
 

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 SLOW_SUBSCRIBER_BYTES = 1 << 20
 RETRY_DELAY = (0.5, 10.0)  # seconds: first, ceiling (doubling) after a failed watch or poll
 LINE_MAX = 1 << 16
+# Connections waiting to be accepted: a host starting hundreds of workers at once would see
+# its later workers' connects refused (EAGAIN on a Unix socket) past asyncio's default of 100.
+BACKLOG = 4096
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,10 @@ def feed_client(source: str, urls: Mapping[str, str], websocket: bool) -> tuple[
     if cls is None:
         cls = getattr(importlib.import_module(f"ccxt.async_support.{spec.exchange}"),
                       spec.exchange)
-    # One connection for all REST calls: the feed polls one instrument after the other.
-    client = cls({"enableRateLimit": True,
-                  "session": aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))})
+    # One connection for all REST calls: the feed polls one instrument after the other. Over
+    # a WebSocket, REST only loads the markets: that connection is not kept.
+    connector = aiohttp.TCPConnector(limit=1, force_close=is_websocket)
+    client = cls({"enableRateLimit": True, "session": aiohttp.ClientSession(connector=connector)})
     if spec.testnet:
         client.set_sandbox_mode(True)
     base = urls.get(source) or urls.get(spec.exchange)
@@ -202,7 +206,7 @@ class MarketFeed:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                       limit=LINE_MAX)
+                                                       limit=LINE_MAX, backlog=BACKLOG)
         self.path.chmod(0o600)
 
     async def close(self) -> None:

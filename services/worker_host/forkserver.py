@@ -67,6 +67,7 @@ def preload() -> None:
     for name in BUILTIN_STRATEGIES:
         load_strategy(name)
     exchange.client_class("deribit")({})  # a client's first construction fills ccxt's caches
+    exchange.tls_context()
     rehearse()  # what the runtime runs, and asyncio sets up on first use, is shared too
     # Objects made so far are shared with every child: keep the collector from touching (and so
     # copying) their pages.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import ssl
@@ -228,7 +229,8 @@ def make_client(spec: BrokerSpec, credentials: Credentials | None,
     assert spec.exchange is not None
     burst = DIALECTS.get(spec.exchange, Dialect).burst
     config: dict[str, Any] = {"enableRateLimit": True, "timeout": REQUEST_TIMEOUT_MS,
-                              "tokenBucket": {"capacity": burst, "tokens": burst}}
+                              "tokenBucket": {"capacity": burst, "tokens": burst},
+                              "ssl_context": tls_context()}
     if credentials is not None:
         config |= {"apiKey": credentials.api_key, "secret": credentials.api_secret}
     client = client_class(spec.exchange)(config)
@@ -240,11 +242,17 @@ def make_client(spec: BrokerSpec, credentials: Credentials | None,
     return client
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """ccxt's TLS roots (certifi's), loaded once per process: loading them takes tens of
+    milliseconds, so the fork-server loads them for every worker it forks."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def http_session(dialect: Dialect) -> aiohttp.ClientSession:
-    """The HTTP session ccxt uses (passed as its `session`): its own TLS roots (certifi, as
-    ccxt's) and the resend guard."""
-    context = ssl.create_default_context(cafile=certifi.where())
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context),
+    """The HTTP session ccxt uses (passed as its `session`): the shared TLS context and the
+    resend guard."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls_context()),
                                  middlewares=(ResendGuard(dialect.resend_guarded),))
 
 
