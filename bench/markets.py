@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -150,26 +149,6 @@ async def raw_round_trips(exchange: LocalDeribit, count: int) -> float:
     return statistics.median(latencies)
 
 
-def exchange_connections(pid: int, port: int) -> int:
-    """Established TCP connections from process `pid` to 127.0.0.1:`port`."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    count = 0
-    with open("/proc/net/tcp") as table_:
-        for row in list(table_)[1:]:
-            fields = row.split()
-            remote_port = int(fields[2].split(":")[1], 16)
-            if remote_port == port and fields[3] == "01" and fields[9] in inodes:
-                count += 1
-    return count
-
-
 async def feed_latency(exchange: LocalDeribit, workdir: Path, subscribers: int,
                        rounds: int) -> tuple[float, float, int]:
     """(p50 ms, p99 ms, connections to the exchange) for price → every subscriber."""
@@ -187,7 +166,7 @@ async def feed_latency(exchange: LocalDeribit, workdir: Path, subscribers: int,
             stdout=asyncio.subprocess.PIPE, limit=1 << 26)
         assert clients.stdout is not None
         assert await asyncio.wait_for(clients.stdout.readline(), 60) == b"ready\n"
-        connections = exchange_connections(feed.pid, exchange.port)
+        connections = exchange.connections_from(feed.pid)
         sent: dict[float, float] = {}
         for step in range(rounds):
             await asyncio.sleep(0.05)

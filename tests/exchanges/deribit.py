@@ -24,11 +24,13 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
 import json
 import math
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -200,6 +202,20 @@ class LocalDeribit:
 
     def orders_of(self, key: str) -> list[dict[str, Any]]:
         return list(self.accounts[key].orders.values())
+
+    def connections_from(self, pid: int) -> int:
+        """TCP connections process `pid` has open to this exchange now (from /proc)."""
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        with open("/proc/net/tcp") as table:
+            rows = [row.split() for row in list(table)[1:]]
+        return sum(1 for row in rows  # remote port, ESTABLISHED, one of its sockets
+                   if int(row[2].split(":")[1], 16) == self.port and row[3] == "01"
+                   and row[9] in inodes)
 
     # -- serving ---------------------------------------------------------------------------
 
