@@ -166,3 +166,6 @@ class GuardedBroker(Broker):
 
     def known_positions(self) -> list[Position]:
         return self.account.known_positions()
+
+    def at_start(self, positions: list[Position]) -> list[Position]:
+        return self.account.at_start(positions)

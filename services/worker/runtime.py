@@ -436,7 +436,7 @@ class WorkerRuntime:
             loop.add_signal_handler(signum, settle, Stop(flatten=False))
 
         channel.send(Hello(pid=os.getpid()))
-        for position in reached:  # what the account really holds, whatever was reported before
+        for position in broker.at_start(reached):  # what the account really holds now
             broker.sink(position)
         await channel.flush()
         prices = None

@@ -276,3 +276,17 @@ def test_labels_continue_across_restarts_and_differ_across_journals(tmp_path: Pa
     assert elsewhere.next_label() not in labels, "a new journal never reuses an old label"
     assert all(len(label) <= 64 for label in labels)
     assert len(Journal("w" * 100, None).next_label()) <= 64
+
+
+async def test_a_position_closed_while_the_runner_was_down_is_reported_flat_at_start(
+        deribit: LocalDeribit, alice: None, tmp_path: Path) -> None:
+    first = await account(deribit, tmp_path)
+    await first.connect()
+    await first.market_order(BTC, "buy", 20)
+    await first.close()
+    await place_directly(deribit, "sell", 20, "closed-by-hand")
+    second = await account(deribit, tmp_path)
+    await second.connect()
+    reached = second.at_start(await second.positions())
+    await second.close()
+    assert reached == [Position(instrument=BTC, side="long", amount=0, entry_price=0)]

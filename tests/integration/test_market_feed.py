@@ -75,10 +75,27 @@ async def test_a_late_subscriber_gets_the_latest_price_at_once(
     await late.close()
 
 
-async def test_a_worker_without_its_feed_asks_the_exchange(tmp_path: Path) -> None:
-    prices = FeedPrices(tmp_path / "no-feed.sock")
+async def test_a_worker_asks_the_exchange_until_its_feed_is_back(
+        deribit: LocalDeribit, tmp_path: Path) -> None:
+    path = tmp_path / "feed.sock"
+    prices = FeedPrices(path)
     assert not await prices.start([KEY])
     assert prices.latest(*KEY) is None
+    feed = MarketFeed(path, {"deribit": deribit.url})
+    await feed.start()
+    try:
+        await until_price(prices, KEY, 50_000)
+        await feed.close()  # the feed goes away: no stale prices
+        async with asyncio.timeout(5):
+            while prices.latest(*KEY) is not None:
+                await asyncio.sleep(0.02)
+        feed = MarketFeed(path, {"deribit": deribit.url})
+        await feed.start()
+        deribit.set_price(BTC, 51_000)
+        await until_price(prices, KEY, 51_000)
+    finally:
+        await prices.close()
+        await feed.close()
 
 
 async def test_the_feed_as_its_own_process(deribit: LocalDeribit, tmp_path: Path) -> None:

@@ -168,6 +168,11 @@ class Broker(ABC):
         not read them reports as still open)."""
         return []
 
+    def at_start(self, positions: list[Position]) -> list[Position]:
+        """What a starting worker reports: the open `positions`, and a flat one (amount 0) for
+        each instrument an earlier run saw open that is flat now (closed meanwhile)."""
+        return positions
+
     @classmethod
     @abstractmethod
     def open(

@@ -275,6 +275,7 @@ class ExchangeBroker(Broker):
         self.markets: dict[str, dict[str, Any]] = {}
         self.held: dict[str, Position] = {}  # the positions the exchange last showed
         self.resting: dict[str, OpenOrder] = {}  # our limit orders not yet seen filled
+        self.seen_before: dict[str, float] = {}  # the positions an earlier run last saw
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -301,7 +302,16 @@ class ExchangeBroker(Broker):
         seen = dict(self.journal.state.seen)
         for intent in list(self.journal.state.pending.values()):
             seen = await self._settle_leftover(intent, seen)
+        self.seen_before = seen
         self._warn_about_foreign_positions(seen, await self.positions())
+
+    def at_start(self, positions: list[Position]) -> list[Position]:
+        held = {p.instrument for p in positions}
+        closed = [Position(instrument=name, side="long" if amount > 0 else "short", amount=0.0,
+                           entry_price=0.0)
+                  for name, amount in self.seen_before.items()
+                  if amount and name not in held and name in self.instruments]
+        return positions + closed
 
     async def load_markets(self) -> None:
         """The HTTP session and the instruments' markets (public calls only)."""
