@@ -441,9 +441,8 @@ class WorkerRuntime:
         await channel.flush()
         prices = None
         if env.feed_socket is not None and (keys := broker.price_keys()):
-            prices = FeedPrices(env.feed_socket)
-            if await prices.start(keys):
-                broker.prices = prices
+            prices = broker.prices = FeedPrices(env.feed_socket)
+            await prices.start(keys)  # it gives no price while the feed is not there
         log.info(
             "started: %s %s (%s) on broker %s, instruments %s, holding %s",
             "flatten-only run of" if strategy is None else "strategy",
