@@ -31,6 +31,7 @@ SUITE = (
     "bench.recovery",
     "bench.sse",
     "bench.metrics_cost",
+    "bench.markets",
 )
 
 

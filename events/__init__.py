@@ -41,7 +41,13 @@ from events.jobs import (
     WorkerStopped,
 )
 from events.telemetry import HostHeartbeat, WorkerHeartbeat, WorkerHeartbeats
-from events.trading import OrderFilled, PositionChanged, TradeClosed
+from events.trading import (
+    OrderFilled,
+    OrderRejected,
+    PositionChanged,
+    RiskLimitHit,
+    TradeClosed,
+)
 from events.values import (
     CrashReason,
     Fill,

@@ -70,9 +70,13 @@ class WorkerSpawned(_WorkerEvent):
 
 
 class WorkerSpawnFailed(_WorkerEvent):
+    """The worker did not come up. `permanent`: restarting cannot help (e.g. the exchange
+    rejected the API key); `error` is then the reason the user reads in status."""
+
     host_id: str
     attempt: int = 0
     error: str
+    permanent: bool = False
 
 
 class HeartbeatMissed(_WorkerEvent):

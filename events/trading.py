@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from events.base import Event
 from events.values import OrderSide, Side
 
@@ -37,3 +39,28 @@ class TradeClosed(_TradingEvent):
     entry_price: float
     exit_price: float
     realized_pnl: float
+
+
+class OrderRejected(_TradingEvent):
+    """The exchange refused an order for good (insufficient funds, invalid amount, ...): it was
+    not placed, and retrying it as it is cannot help. `reason` is the exchange's."""
+
+    instrument: str
+    side: OrderSide
+    amount: float
+    order_type: Literal["market", "limit"] = "market"
+    reason: str
+
+
+class RiskLimitHit(_TradingEvent):
+    """The runtime enforced a risk limit: an order refused before it reached the exchange
+    (`action` "refused") or a position closed at market (`action` "closed"). `limit` and
+    `value` are the rule's figures (e.g. maxPositionSize and the position the order would have
+    made; the stop price and the mark)."""
+
+    rule: Literal["max_position_size", "order_rate", "stop_loss", "take_profit"]
+    action: Literal["refused", "closed"]
+    instrument: str
+    limit: float
+    value: float
+    detail: str = ""

@@ -53,6 +53,7 @@ class RiskManagement(_CamelValue):
     max_position_size: float = Field(default=100.0, gt=0, le=1e9)
     stop_loss_percent: float = Field(default=2.0, gt=0, le=100)
     take_profit_percent: float = Field(default=3.0, gt=0, le=1000)
+    max_orders_per_minute: int = Field(default=60, ge=1, le=6000)
 
 
 class StrategyConfig(_CamelValue):

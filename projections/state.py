@@ -405,9 +405,11 @@ def _(event: WorkerSpawned | WorkerRestarted, draft: Draft, envelope: Envelope) 
 
 @_on.register
 def _(event: WorkerSpawnFailed, draft: Draft, envelope: Envelope) -> None:
+    """A permanent failure's error is the user's reason as it is ("exchange rejected the API
+    key"); the event that ends the job follows."""
     if not _is_stale(draft, event.worker_id, event.attempt):
-        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None,
-                            reason=f"spawn failed: {event.error}")
+        reason = event.error if event.permanent else f"spawn failed: {event.error}"
+        draft.update_worker(event.worker_id, status=JobStatus.CRASHED, pid=None, reason=reason)
 
 
 @_on.register
@@ -435,14 +437,12 @@ def _(event: WorkerRestartScheduled, draft: Draft, envelope: Envelope) -> None:
 
 @_on.register
 def _(event: RestartsExhausted, draft: Draft, envelope: Envelope) -> None:
+    """Failed for good: after its restarts, or at once (no restart tried) with why."""
     reason = f"restarts exhausted after {event.attempts} attempts"
-    draft.end_worker(
-        event.worker_id,
-        envelope.occurred_at,
-        status=JobStatus.FAILED,
-        pid=None,
-        reason=f"{reason}: {event.detail}" if event.detail else reason,
-    )
+    if event.detail:
+        reason = event.detail if event.attempts == 0 else f"{reason}: {event.detail}"
+    draft.end_worker(event.worker_id, envelope.occurred_at, status=JobStatus.FAILED, pid=None,
+                     reason=reason)
 
 
 @_on.register

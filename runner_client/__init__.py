@@ -20,6 +20,7 @@ from runner_client.models import (
 __all__ = [
     "Entitlement",
     "Event",
+    "Halted",
     "Host",
     "Position",
     "QueueStats",

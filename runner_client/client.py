@@ -12,6 +12,7 @@ import httpx
 from runner_client.models import (
     Entitlement,
     Event,
+    Halted,
     Host,
     Started,
     Status,
@@ -96,6 +97,13 @@ class RunnerClient:
         if user_id is not None:
             body["userId"] = user_id
         return Stopped.model_validate(await self.call("POST", "/runner/stop", json=body))
+
+    async def halt(self, *, user_id: str | None = None, everyone: bool = False) -> Halted:
+        """The kill switch: stop every runner of a user (by default the caller; the admin: any
+        user, or all of them with `everyone`) with flatten, at once."""
+        body: dict[str, Any] = {"all": True} if everyone else (
+            {"userId": user_id} if user_id else {})
+        return Halted.model_validate(await self.call("POST", "/runner/halt", json=body))
 
     async def status(self, *, user_id: str | None = None, offset: int = 0,
                      limit: int | None = None) -> Status:

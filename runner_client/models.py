@@ -84,6 +84,15 @@ class Stopped(_Answer):
     flattened_positions: int = 0
 
 
+class Halted(_Answer):
+    """The runners the kill switch stopped with flatten, and those it could not stop cleanly."""
+
+    message: str = ""
+    halted: list[str] = []
+    failed: dict[str, str] = {}
+    flattened_positions: int = 0
+
+
 class Entitlement(_Answer):
     is_entitled: bool
     tier: str

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
 
     host_id: str | None = None
     host_capacity: int = 100
+    broker_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object overriding an exchange's API base URL, by exchange id (or "
+        'broker id), e.g. {"deribit": "http://127.0.0.1:9000"}: private gateways, the tests\' '
+        "local exchange. Applied after a `-testnet` id's sandbox URLs",
+    )
 
     handler_attempts: int = Field(
         default=5, description="deliveries before a failing message is dead-lettered"
@@ -124,6 +130,20 @@ class Settings(BaseSettings):
             # one shared database would mix the services' outbox, timers and ledgers
             raise ValueError("must contain '{service}' (each service keeps its own database)")
         return async_driver(url)
+
+    @field_validator("broker_urls")
+    @classmethod
+    def _http_urls(cls, urls: dict[str, str]) -> dict[str, str]:
+        for name, url in urls.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name}: {url!r} is not an http(s) URL")
+        return urls
+
+    @property
+    def flatten_timeout(self) -> float:
+        """Seconds a worker's flatten may take: a stopping worker is sent SIGKILL two stop
+        graces after its Stop, and it must report before that."""
+        return 1.5 * self.stop_grace
 
     @property
     def lease_check_interval(self) -> float:

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from services.cli.local import rabbitmqctl
 from services.settings import Settings
+from tests.exchanges.deribit import LocalDeribit
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
@@ -87,3 +89,12 @@ async def no_leaked_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]
     for task in leaked:
         task.cancel()
     assert not leaked, f"tasks left running: {sorted(t.get_name() for t in leaked)}"
+
+
+@pytest_asyncio.fixture
+async def deribit() -> AsyncIterator[LocalDeribit]:
+    """A local Deribit (tests/exchanges/deribit.py) on a free port, for the real ccxt client."""
+    exchange = LocalDeribit()
+    await exchange.start()
+    yield exchange
+    await exchange.stop()

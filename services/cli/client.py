@@ -54,6 +54,11 @@ class GatewayClient:
             "POST", "/runner/stop", json={"workerId": worker_id, "flattenPositions": flatten}
         )
 
+    async def halt(self, user_id: str | None = None, everyone: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"userId": user_id} if user_id else {}
+        return await self.call("POST", "/runner/halt", json=body | (
+            {"all": True} if everyone else {}))
+
     async def status(self, user_id: str | None = None, *, offset: int = 0,
                      limit: int | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"userId": user_id} if user_id else {}

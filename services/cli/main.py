@@ -280,6 +280,21 @@ def stop(
 
 
 @app.command()
+def halt(
+    user: str | None = typer.Option(None, help="this user's runners (admin token)"),
+    everyone: bool = typer.Option(False, "--all", help="every user's runners (admin token)"),
+    token: str | None = token_option,
+) -> None:
+    """Kill switch: stop every runner in scope at once, flattening its positions (a user's
+    token: their own runners; an admin's: --user's, or --all users')."""
+    if user and everyone:
+        fail("--user and --all exclude each other")
+    result = _call(token, lambda c: c.halt(user, everyone))
+    console.print(f"[green]{result['message']}[/] (flattened positions: "
+                  f"{result['flattenedPositions']})")
+
+
+@app.command()
 def status(
     user: str | None = typer.Option(None, help="only this user's runners (admin)"),
     limit: int | None = typer.Option(None, min=1, max=1000,

@@ -45,6 +45,15 @@ class Stopped(Answer):
     flattened_positions: int
 
 
+class Halted(Answer):
+    """The kill switch's outcome: the runners stopped (with flatten), and any that were not."""
+
+    message: str
+    halted: list[str]
+    failed: dict[str, str]
+    flattened_positions: int
+
+
 class Worker(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 

@@ -58,6 +58,14 @@ class StopRequest(CamelModel):
     flatten_positions: bool = False
 
 
+class HaltRequest(CamelModel):
+    """The kill switch's scope: a user (admin: any; a user: themselves, the default), or every
+    user's runners (`all`, admin only)."""
+
+    user_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    everyone: bool = Field(default=False, alias="all")
+
+
 class UpgradeRequest(CamelModel):
     tier: Tier
     days: float = Field(gt=0, le=3660)

@@ -60,6 +60,7 @@ from services.gateway import (
 )
 from services.gateway.models import (
     CreateUserRequest,
+    HaltRequest,
     StartRequest,
     StopRequest,
     UpgradeRequest,
@@ -72,7 +73,7 @@ from services.gateway.waiters import Unseen, Waiters
 from services.secrets import Sealer, admin_token, secret_key
 from services.service import Service, now
 from services.topology import ENTITLEMENT_RPC, GATEWAY_WAITS, MONITOR_RPC, QueueSpec
-from services.worker.brokers import BROKERS
+from services.worker.brokers import UnknownBroker, broker_spec
 from services.worker.strategies.base import available_strategies
 
 log = logging.getLogger(__name__)
@@ -173,12 +174,10 @@ class GatewayService(Service):
 
     async def start_runner(self, caller: Caller, body: StartRequest) -> tuple[int, dict[str, Any]]:
         user_id = _acting_user(caller, body.user_id)
-        if body.broker_id not in BROKERS:
-            raise ApiError(
-                422,
-                f"brokerId: unknown broker {body.broker_id!r}; "
-                f"available: {', '.join(sorted(BROKERS))}",
-            )
+        try:
+            broker_spec(body.broker_id)
+        except UnknownBroker as exc:
+            raise ApiError(422, f"brokerId: {exc}") from None
         if body.config.type not in self.strategies:
             raise ApiError(
                 422,
@@ -272,6 +271,39 @@ class GatewayService(Service):
             else ""
         )
         return ok(message=f"worker {wid} stopped{closed}", flattenedPositions=flattened)
+
+    async def halt(self, caller: Caller, body: HaltRequest) -> dict[str, Any]:
+        """The kill switch: every runner in scope (not yet ended) stopped with flatten, all at
+        once; answers when each has stopped, with how many positions were flattened and the
+        runners whose stop or flatten failed."""
+        if body.everyone:
+            if not caller.admin or body.user_id is not None:
+                raise ApiError(403 if not caller.admin else 422,
+                               "all: admin only, and without userId")
+            scope = None
+        else:
+            scope = _acting_user(caller, body.user_id)
+        found = await self.bus.request(MONITOR_RPC, StatusQuery(user_id=scope))
+        targets = [entry["worker"]["workerId"] for entry in found["workers"]
+                   if entry["worker"]["status"] not in ENDED]
+
+        async def stop(worker_id: str) -> dict[str, Any]:
+            try:
+                return await self.stop_runner(
+                    caller, StopRequest(worker_id=worker_id, flatten_positions=True))
+            except ApiError as exc:
+                return failed(exc.error)
+
+        answers = await asyncio.gather(*(stop(worker_id) for worker_id in targets))
+        problems = {w: a["error"] for w, a in zip(targets, answers, strict=True)
+                    if not a["success"]}
+        figures = dict(halted=targets, failed=problems,
+                       flattenedPositions=sum(a.get("flattenedPositions", 0) for a in answers))
+        if problems:
+            return failed(f"{len(problems)} of {len(targets)} runners not halted cleanly: "
+                          + "; ".join(f"{w}: {e}" for w, e in problems.items()), **figures)
+        return ok(message=f"{len(targets)} runner{'s' if len(targets) != 1 else ''} halted",
+                  **figures)
 
     async def status(self, caller: Caller, user_id: str | None, offset: int = 0,
                      limit: int | None = None, *,
@@ -435,6 +467,13 @@ def create_app(gateway: GatewayService) -> FastAPI:
                                           **answers.failures(401, 403, 404, 422, 503, 504)})
     async def stop(body: StopRequest, who: Who) -> dict[str, Any]:
         return await gateway.stop_runner(who, body)
+
+    @app.post("/runner/halt", responses={200: {"model": answers.Halted},
+                                          **answers.failures(401, 403, 422, 503, 504)})
+    async def halt(body: HaltRequest, who: Who) -> dict[str, Any]:
+        """Kill switch: stop every runner of a user (admin: any user, or all without userId;
+        a user: their own) with flatten."""
+        return await gateway.halt(who, body)
 
     @app.get("/runner/status", responses={200: {"model": answers.Status},
                                            **answers.failures(401, 403, 503)})

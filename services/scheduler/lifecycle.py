@@ -174,6 +174,10 @@ def _crashed(job: Job, crash: WorkerCrashed | WorkerSpawnFailed, now: datetime,
                           reason="stopped (the worker died while stopping)"),))
     if job.state not in (State.DISPATCHED, State.RUNNING):
         return Decision(job)
+    if isinstance(crash, WorkerSpawnFailed) and crash.permanent:  # restarting cannot help
+        return Decision(job.ended(State.FAILED, now), (
+            RestartsExhausted(job_id=job.job_id, worker_id=job.worker_id, attempts=job.streak,
+                              detail=crash.error),))
     host_lost = isinstance(crash, WorkerCrashed) and crash.reason == CrashReason.HOST_LOST
     return replace(_restart_or_give_up(job, now, settings, entitled, crashed_at=occurred_at),
                    strategy_failed=not host_lost)

@@ -1,7 +1,8 @@
-"""Closing every open position at market when a stop asks for it."""
+"""Closing every open position at market when a stop asks for it (or a flatten-only run)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -11,6 +12,9 @@ from services.worker.brokers.base import Broker, BrokerFact, ClosedTrade, closin
 
 T = TypeVar("T")
 
+FLATTEN_ROUNDS = 3  # close-and-read rounds before giving up on what is still open
+DEFAULT_FLATTEN_TIMEOUT = 15.0  # seconds (the host kills a worker 2 × its stop grace after Stop)
+
 
 async def _attempt(call: Awaitable[T], what: str, errors: list[str]) -> T | None:
     """Await `call`; a failure of any kind is recorded in `errors` (a flatten that cannot
@@ -18,21 +22,33 @@ async def _attempt(call: Awaitable[T], what: str, errors: list[str]) -> T | None
     try:
         return await call
     except Exception as exc:
-        errors.append(f"{what}: {exc}")
+        error = f"{what}: {exc}"
+        if error not in errors:
+            errors.append(error)
         return None
 
 
 async def flatten(
-    broker: Broker, *, job_id: str, worker_id: str
+    broker: Broker,
+    *,
+    job_id: str,
+    worker_id: str,
+    rounds: int = FLATTEN_ROUNDS,
+    timeout: float | None = None,
 ) -> PositionsFlattened | FlattenFailed:
     """Cancel resting orders (they could reopen a position), then close each open position with
-    a reduce-only market order, one attempt each.
+    a reduce-only market order and read the positions again, until the account shows none: at
+    most `rounds` rounds, within `timeout` seconds.
 
-    Every position flat and no order left: PositionsFlattened (count = positions closed, their
-    fills, the realized P&L of those closes). Anything else: FlattenFailed naming the errors and
-    the positions still open; nothing is swallowed.
+    Every position flat: PositionsFlattened (count = positions open at the first read, their
+    closing fills, the realized P&L of those closes). Anything else: FlattenFailed naming the
+    errors and the positions still open (the last ones read; when no read succeeded after the
+    closes, those whose close did not fill; when none succeeded at all, the positions the account
+    showed last); nothing is swallowed.
     """
     closed: list[ClosedTrade] = []
+    fills: list[Fill] = []
+    errors: list[str] = []
     report = broker.sink
 
     def recording(fact: BrokerFact) -> None:
@@ -40,36 +56,42 @@ async def flatten(
             closed.append(fact)
         report(fact)
 
+    opened: list[Position] | None = None
+    current: list[Position] | None = None
     broker.sink = recording
-    errors: list[str] = []
     try:
-        await _attempt(broker.cancel_all(), "cancelling open orders", errors)
-        opened = await _attempt(broker.positions(), "reading positions", errors)
-        if opened is None:
-            return FlattenFailed(job_id=job_id, worker_id=worker_id, error="; ".join(errors))
-        fills: list[Fill] = []
-        for position in opened:
-            order = broker.market_order(
-                position.instrument, closing_side(position), position.amount, reduce_only=True
-            )
-            fill = await _attempt(order, f"closing {position.instrument}", errors)
-            if fill is not None:
-                fills.append(fill)
-        remaining: list[Position] | None = await _attempt(
-            broker.positions(), "reading positions after closing", errors
-        )
+        async with asyncio.timeout(timeout):
+            await _attempt(broker.cancel_all(), "cancelling open orders", errors)
+            current = opened = await _attempt(broker.positions(), "reading positions", errors)
+            for _ in range(rounds):
+                if not current:
+                    break
+                for position in current:
+                    order = broker.market_order(position.instrument, closing_side(position),
+                                                position.amount, reduce_only=True)
+                    fill = await _attempt(order, f"closing {position.instrument}", errors)
+                    if fill is not None:
+                        fills.append(fill)
+                read = await _attempt(broker.positions(), "reading positions after closing",
+                                      errors)
+                if read is None:  # unknown for sure: assume each close that did not fill failed
+                    filled = {fill.instrument for fill in fills}
+                    current = [p for p in current if p.instrument not in filled]
+                    break
+                current = read
+    except TimeoutError:
+        errors.append(f"gave up after {timeout:g}s")
     finally:
         broker.sink = report
-    if remaining is None:
-        # Unknown for sure: assume each order that did not fill left its position open.
-        flattened = {fill.instrument for fill in fills}
-        remaining = [position for position in opened if position.instrument not in flattened]
-    if errors or remaining:
+    if opened is None:  # never read: what the account last showed is what is still open
+        return FlattenFailed(job_id=job_id, worker_id=worker_id, error="; ".join(errors),
+                             remaining=tuple(broker.known_positions()))
+    if current:
         return FlattenFailed(
             job_id=job_id,
             worker_id=worker_id,
             error="; ".join(errors) or "positions still open after closing them at market",
-            remaining=tuple(remaining),
+            remaining=tuple(current),
         )
     return PositionsFlattened(
         job_id=job_id,

@@ -3,8 +3,12 @@
 JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker.
 The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
 
-worker -> host: `Hello` once ready, a `Beat` every heartbeat interval, a `Report` for every
-trading fact (OrderFilled, PositionChanged, TradeClosed, PositionsFlattened, FlattenFailed).
+worker -> host: `Hello` once ready (for a real exchange: once its credentials are checked and
+its positions read), a `Beat` every heartbeat interval, a `Report` for every trading fact
+(OrderFilled, PositionChanged, TradeClosed, OrderRejected, RiskLimitHit, PositionsFlattened,
+FlattenFailed). A worker that cannot start sends `CannotStart` instead of `Hello` (its reason,
+never a secret) and exits: with `EXIT_CREDENTIALS_REJECTED` when the exchange rejected its keys
+(`permanent`: restarting cannot help).
 host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
 flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
 exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
@@ -27,6 +31,7 @@ from events.values import PositionMark
 
 EXIT_HOST_GONE = 3
 EXIT_LEASE_LAPSED = 4
+EXIT_CREDENTIALS_REJECTED = 5
 
 # Environment of a worker process: the seed's per-worker variables ...
 ENV_USER_ID = "USER_ID"
@@ -43,6 +48,10 @@ ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
 ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper-broker account state, kept across restarts
 ENV_PAPER_SEED = "RUNNER_PAPER_SEED"
 ENV_LEASE_UNTIL = "RUNNER_LEASE_UNTIL"  # time.monotonic() instant; unset: no lease (no host)
+ENV_BROKER_URLS = "RUNNER_BROKER_URLS"  # JSON {exchange or broker id: API base URL}
+ENV_WORKER_MODE = "RUNNER_WORKER_MODE"  # "trade" (default) or "flatten": close all, then exit
+ENV_FLATTEN_TIMEOUT = "RUNNER_FLATTEN_TIMEOUT"  # seconds a flatten may take before it gives up
+ENV_FEED_SOCKET = "RUNNER_FEED_SOCKET"  # the host's market-data feed (feed.py); unset: none
 
 
 class _Line(BaseModel):
@@ -52,6 +61,15 @@ class _Line(BaseModel):
 class Hello(_Line):
     type: Literal["hello"] = "hello"
     pid: int
+
+
+class CannotStart(_Line):
+    """The worker will not say hello: why (readable by the user, no secret in it), and whether
+    a restart could help."""
+
+    type: Literal["cannot_start"] = "cannot_start"
+    reason: str
+    permanent: bool = False
 
 
 class Beat(_Line):
@@ -65,7 +83,13 @@ class Report(_Line):
 
     type: Literal["event"] = "event"
     event: Literal[
-        "OrderFilled", "PositionChanged", "TradeClosed", "PositionsFlattened", "FlattenFailed"
+        "OrderFilled",
+        "PositionChanged",
+        "TradeClosed",
+        "OrderRejected",
+        "RiskLimitHit",
+        "PositionsFlattened",
+        "FlattenFailed",
     ]
     payload: dict[str, Any]
 
@@ -82,7 +106,7 @@ class Lease(_Line):
     until: float
 
 
-Line = Annotated[Hello | Beat | Report | Stop | Lease, Field(discriminator="type")]
+Line = Annotated[Hello | CannotStart | Beat | Report | Stop | Lease, Field(discriminator="type")]
 LINE = TypeAdapter(Line)
 
 
@@ -90,5 +114,5 @@ def encode(line: _Line) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
-def decode(raw: bytes | str) -> Hello | Beat | Report | Stop | Lease:
+def decode(raw: bytes | str) -> Hello | CannotStart | Beat | Report | Stop | Lease:
     return LINE.validate_json(raw)

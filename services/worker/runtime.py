@@ -12,6 +12,17 @@ Exit paths (what the host can rely on):
 - The environment cannot be used (a variable missing or malformed, invalid CONFIG, unknown
   broker or strategy, invalid parameters): one line on stderr, no Hello; exit `EXIT_BAD_CONFIG`
   (2). Restarting cannot help.
+- The exchange rejects the credentials (checked before Hello, by reading the balance): a
+  `CannotStart` line ("exchange rejected the API key", permanent), exit
+  `EXIT_CREDENTIALS_REJECTED` (5). An exchange unreachable at start: `CannotStart`, exit 1.
+
+Before its Hello the worker reaches its account (`Broker.connect`) and reads its open positions;
+after the Hello it reports each as PositionChanged: the exchange, not the last run, is the
+source of truth. Its strategy trades through `GuardedBroker` (risk.py), which enforces
+`riskManagement`; each heartbeat's marks are checked against the stop-loss and take-profit.
+
+`RUNNER_WORKER_MODE=flatten`: a flatten-only run (a stopped job whose worker is not running):
+connect, read, Hello, close everything, report PositionsFlattened or FlattenFailed, exit 0.
 
 Credentials are read once into `Credentials` (hidden from `repr`), handed only to the broker
 adapter, and scrubbed from every log line and from the free-text error of FlattenFailed.
@@ -21,35 +32,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from pydantic import ValidationError
 
 from events.base import Event
-from events.jobs import FlattenFailed
-from events.trading import OrderFilled, PositionChanged, TradeClosed
+from events.jobs import FlattenFailed, PositionsFlattened
+from events.trading import (
+    OrderFilled,
+    OrderRejected,
+    PositionChanged,
+    RiskLimitHit,
+    TradeClosed,
+)
 from events.values import Fill, Position, PositionMark, StrategyConfig
 from services.worker import protocol
 from services.worker.brokers import open_broker
 from services.worker.brokers.base import (
     Broker,
+    BrokerError,
     BrokerFact,
+    BrokerUnavailable,
     ClosedTrade,
     Credentials,
+    CredentialsRejected,
+    OrderRefused,
+    Refusal,
+    closing_side,
     mark_position,
 )
-from services.worker.flatten import flatten
-from services.worker.protocol import Beat, Hello, Lease, Report, Stop
+from services.worker.flatten import DEFAULT_FLATTEN_TIMEOUT, flatten
+from services.worker.prices import FeedPrices
+from services.worker.protocol import Beat, CannotStart, Hello, Lease, Report, Stop
+from services.worker.risk import GuardedBroker, Hit, exit_due
 from services.worker.strategies.base import Strategy, load_strategy
 
 log = logging.getLogger("services.worker")
@@ -59,6 +86,9 @@ EXIT_CRASHED = 1
 EXIT_BAD_CONFIG = 2
 EXIT_HOST_GONE = protocol.EXIT_HOST_GONE
 EXIT_LEASE_LAPSED = protocol.EXIT_LEASE_LAPSED
+EXIT_CREDENTIALS_REJECTED = protocol.EXIT_CREDENTIALS_REJECTED
+
+MODES = ("trade", "flatten")
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
 REDACTED = "[redacted]"
@@ -85,6 +115,10 @@ class WorkerEnv:
     state_file: Path | None = None
     paper_seed: str | None = None
     lease_until: float | None = None  # time.monotonic(); None: not run by a host
+    broker_urls: Mapping[str, str] = field(default_factory=dict)
+    mode: str = "trade"
+    flatten_timeout: float = DEFAULT_FLATTEN_TIMEOUT
+    feed_socket: Path | None = None
     credentials: Credentials = field(default_factory=Credentials, repr=False)
 
     @classmethod
@@ -128,6 +162,18 @@ class WorkerEnv:
             lease = float(lease_until) if lease_until else None
         except ValueError:
             raise BadEnvironment(f"{protocol.ENV_LEASE_UNTIL} is not a monotonic time") from None
+        mode = env.get(protocol.ENV_WORKER_MODE, "").strip() or "trade"
+        if mode not in MODES:
+            raise BadEnvironment(f"{protocol.ENV_WORKER_MODE} must be one of {', '.join(MODES)}")
+        try:
+            flatten_timeout = float(env.get(protocol.ENV_FLATTEN_TIMEOUT) or
+                                    DEFAULT_FLATTEN_TIMEOUT)
+        except ValueError:
+            raise BadEnvironment(
+                f"{protocol.ENV_FLATTEN_TIMEOUT} is not a number of seconds") from None
+        if not 0 < flatten_timeout < 3600:
+            raise BadEnvironment(
+                f"{protocol.ENV_FLATTEN_TIMEOUT} must be between 0 and 3600 seconds")
         return cls(
             user_id=required(protocol.ENV_USER_ID),
             strategy_id=required(protocol.ENV_STRATEGY_ID),
@@ -140,11 +186,32 @@ class WorkerEnv:
             state_file=Path(state_file) if state_file else None,
             paper_seed=env.get(protocol.ENV_PAPER_SEED) or None,
             lease_until=lease,
+            broker_urls=broker_urls(env.get(protocol.ENV_BROKER_URLS, "")),
+            mode=mode,
+            flatten_timeout=flatten_timeout,
+            feed_socket=Path(feed) if (feed := env.get(protocol.ENV_FEED_SOCKET, "").strip())
+            else None,
             credentials=Credentials(
                 api_key=env.get(protocol.ENV_API_KEY, ""),
                 api_secret=env.get(protocol.ENV_API_SECRET, ""),
             ),
         )
+
+
+def broker_urls(raw: str) -> dict[str, str]:
+    """RUNNER_BROKER_URLS: a JSON object of exchange (or broker) id → API base URL."""
+    if not raw.strip():
+        return {}
+    try:
+        urls = json.loads(raw)
+    except ValueError:
+        urls = None
+    if not (isinstance(urls, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v.startswith(("http://", "https://"))
+            for k, v in urls.items())):
+        raise BadEnvironment(f"{protocol.ENV_BROKER_URLS} must be a JSON object of id → "
+                             "http(s) base URL, e.g. {\"deribit\": \"http://127.0.0.1:9000\"}")
+    return urls
 
 
 def redactor(credentials: Credentials) -> Callable[[str], str]:
@@ -211,7 +278,7 @@ class Channel:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
 
-    def send(self, line: Hello | Beat | Report) -> None:
+    def send(self, line: Hello | CannotStart | Beat | Report) -> None:
         if not self.writer.is_closing():
             self.writer.write(protocol.encode(line))
 
@@ -239,9 +306,16 @@ class _LeaseLapsed:
     """The host's lease ran out before it was renewed."""
 
 
+@dataclass(frozen=True)
+class _Flattened:
+    """A flatten-only run has finished."""
+
+    event: PositionsFlattened | FlattenFailed
+
+
 HOST_GONE = _HostGone()
 LEASE_LAPSED = _LeaseLapsed()
-Outcome = Stop | _HostGone | _LeaseLapsed | _Crashed
+Outcome = Stop | _HostGone | _LeaseLapsed | _Crashed | _Flattened
 
 
 @dataclass
@@ -297,6 +371,8 @@ class WorkerRuntime:
         self.env = env
         self.redact = redactor(env.credentials)
         self.lease = HostLease(env.lease_until)
+        self.strategy: Strategy | None = None  # None in a flatten-only run
+        self.flattening = False
 
     async def run(self) -> int:
         env = self.env
@@ -317,8 +393,11 @@ class WorkerRuntime:
     async def _serve(self, reader: asyncio.StreamReader, channel: Channel) -> int:
         env = self.env
 
+        def emit(event: Event) -> None:
+            channel.send(report_of(event))
+
         def report(fact: BrokerFact) -> None:
-            channel.send(report_of(trading_event(fact, job_id=env.job_id, worker_id=env.worker_id)))
+            emit(trading_event(fact, job_id=env.job_id, worker_id=env.worker_id))
 
         try:
             broker = open_broker(
@@ -329,11 +408,27 @@ class WorkerRuntime:
                 state_file=env.state_file,
                 seed=env.paper_seed,
                 sink=report,
+                urls=env.broker_urls,
             )
-            strategy = load_strategy(env.config.type)(env.config, broker)
+            guarded = GuardedBroker(broker, env.config.risk_management,
+                                    self._on_refused(emit), time.monotonic)
+            if env.mode == "trade":
+                self.strategy = load_strategy(env.config.type)(env.config, guarded)
         except (LookupError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             return EXIT_BAD_CONFIG
+        try:
+            return await self._run(broker, guarded, reader, channel, emit)
+        finally:
+            with contextlib.suppress(Exception):
+                await broker.close()
+
+    async def _run(self, broker: Broker, guarded: GuardedBroker, reader: asyncio.StreamReader,
+                   channel: Channel, emit: Callable[[Event], None]) -> int:
+        env, strategy = self.env, self.strategy
+        reached = await self._connect(broker, channel)
+        if isinstance(reached, int):
+            return reached
 
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Outcome] = loop.create_future()
@@ -346,30 +441,50 @@ class WorkerRuntime:
             loop.add_signal_handler(signum, settle, Stop(flatten=False))
 
         channel.send(Hello(pid=os.getpid()))
+        for position in broker.at_start(reached):  # what the account really holds now
+            broker.sink(position)
         await channel.flush()
+        prices = None
+        if env.feed_socket is not None and (keys := broker.price_keys()):
+            prices = broker.prices = FeedPrices(env.feed_socket)
+            await prices.start(keys)  # it gives no price while the feed is not there
         log.info(
-            "started: strategy %s (%s) on broker %s, instruments %s",
+            "started: %s %s (%s) on broker %s, instruments %s, holding %s",
+            "flatten-only run of" if strategy is None else "strategy",
             env.strategy_id,
             env.config.type,
             env.broker_id,
             ",".join(env.config.instruments),
+            ", ".join(f"{p.side} {p.amount:g} {p.instrument}" for p in reached) or "nothing",
         )
 
         # The first beat goes out before the strategy starts: it tells the host "alive" at once.
-        market = None if strategy.acts_on_ticks else MarketClock(broker, strategy.tick_interval)
-        beating = asyncio.create_task(self._beat(broker, channel, market), name="heartbeat")
-        trading = asyncio.create_task(self._trade(strategy, broker), name="strategy")
+        simulated = strategy is not None and not strategy.acts_on_ticks and not broker.live_market
+        market = MarketClock(broker, strategy.tick_interval) if simulated else None
+        beating = asyncio.create_task(self._beat(broker, channel, market, emit), name="heartbeat")
+        if strategy is None:
+            work = asyncio.create_task(self._flatten(broker), name="flatten")
+        else:
+            work = asyncio.create_task(self._trade(strategy, guarded), name="strategy")
         leasing = asyncio.create_task(self.lease.watch(settle), name="lease")
 
-        def on_trading_done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and (error := task.exception()) is not None:
+        def on_work_done(task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                return
+            if (error := task.exception()) is not None:
                 settle(_Crashed(error))
+            elif strategy is None:
+                settle(_Flattened(task.result()))
 
-        trading.add_done_callback(on_trading_done)
+        work.add_done_callback(on_work_done)
         listening = asyncio.create_task(self._listen(reader, settle), name="control")
         try:
             result = await outcome
-            await _cancel(trading)
+            if strategy is None and isinstance(result, Stop):  # already flattening: finish it
+                with contextlib.suppress(Exception):
+                    result = _Flattened(await work)
+            if not isinstance(result, _Flattened):
+                await _cancel(work)
             if isinstance(result, _Crashed):
                 log.error("strategy %s crashed", env.config.type, exc_info=result.error)
                 return EXIT_CRASHED
@@ -379,17 +494,17 @@ class WorkerRuntime:
             if isinstance(result, _LeaseLapsed):
                 log.warning("the host's lease lapsed: exiting without touching positions")
                 return EXIT_LEASE_LAPSED
-            if result.flatten:
+            if isinstance(result, _Flattened):
+                emit(result.event)
+                log.info("flatten-only run: %s", result.event.type_name())
+            elif result.flatten:
                 if market is not None:  # close at today's prices, not the start's
                     try:
                         await market.catch_up()
                     except Exception:
                         log.warning("could not move the market before flattening", exc_info=True)
-                event = await flatten(broker, job_id=env.job_id, worker_id=env.worker_id)
-                if isinstance(event, FlattenFailed):
-                    # Adapter error text is free-form: it must not carry the credentials out.
-                    event = event.model_copy(update={"error": self.redact(event.error)})
-                channel.send(report_of(event))
+                event = await self._flatten(broker)
+                emit(event)
                 log.info("stop: %s", event.type_name())
             else:
                 log.info("stop: positions left open")
@@ -397,24 +512,81 @@ class WorkerRuntime:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await _cancel(beating, listening, trading, leasing)
-            with contextlib.suppress(Exception):
-                await broker.close()
+            await _cancel(beating, listening, work, leasing)
+            if prices is not None:
+                await prices.close()
+
+    async def _connect(self, broker: Broker, channel: Channel) -> list[Position] | int:
+        """The account reached and its positions read; or, when it cannot be, a CannotStart
+        line sent and the exit code."""
+        try:
+            await broker.connect()
+            return await broker.positions()
+        except CredentialsRejected as exc:
+            reason, permanent, code = str(exc), True, EXIT_CREDENTIALS_REJECTED
+        except BrokerUnavailable as exc:
+            reason, permanent, code = f"exchange unreachable: {exc}", False, EXIT_CRASHED
+        except BrokerError as exc:
+            reason, permanent, code = str(exc), True, EXIT_BAD_CONFIG
+        except Exception as exc:
+            log.warning("could not reach the account", exc_info=True)
+            reason, permanent, code = f"could not reach the account: {exc}", False, EXIT_CRASHED
+        reason = self.redact(reason)
+        log.error("cannot start: %s", reason)
+        channel.send(CannotStart(reason=reason, permanent=permanent))
+        await channel.flush()
+        return code
+
+    def _on_refused(self, emit: Callable[[Event], None]) -> Callable[[Refusal, Hit | None],
+                                                                     Awaitable[None]]:
+        ids = {"job_id": self.env.job_id, "worker_id": self.env.worker_id}
+
+        async def on_refused(refusal: Refusal, hit: Hit | None) -> None:
+            """Report a refused order (RiskLimitHit or OrderRejected) and tell the strategy."""
+            if hit is not None:
+                emit(RiskLimitHit(**ids, rule=hit.rule, action="refused",
+                                  instrument=hit.instrument, limit=hit.limit, value=hit.value,
+                                  detail=hit.detail))
+            else:
+                emit(OrderRejected(**ids, instrument=refusal.instrument, side=refusal.side,
+                                   amount=refusal.amount, order_type=refusal.order_type,
+                                   reason=self.redact(refusal.reason)))
+            log.warning("order refused by the %s: %s %g %s: %s", refusal.by, refusal.side,
+                        refusal.amount, refusal.instrument, self.redact(refusal.reason))
+            if self.strategy is not None:
+                await self.strategy.on_order_refused(refusal)
+
+        return on_refused
+
+    async def _flatten(self, broker: Broker) -> PositionsFlattened | FlattenFailed:
+        self.flattening = True  # the risk watch closes nothing from now on
+        event = await flatten(broker, job_id=self.env.job_id, worker_id=self.env.worker_id,
+                              timeout=self.env.flatten_timeout)
+        if isinstance(event, FlattenFailed):
+            # Adapter error text is free-form: it must not carry the credentials out.
+            event = event.model_copy(update={"error": self.redact(event.error)})
+        return event
 
     async def _trade(self, strategy: Strategy, broker: Broker) -> None:
-        await strategy.start()
+        """The strategy's start, then its ticks. An order refused for good (`OrderRefused`) is
+        reported and the strategy told already: it ends that call, not the worker."""
+        with contextlib.suppress(OrderRefused):
+            await strategy.start()
         if not strategy.acts_on_ticks:
-            return  # its market moves by `MarketClock` when looked at
+            return  # its market moves by `MarketClock` when looked at (or on its own)
         while True:
             await asyncio.sleep(strategy.tick_interval)
             if self.lease.lapsed():  # e.g. resumed after a long stall: the watcher settles
                 return
             await broker.tick()
-            await strategy.on_tick()
+            with contextlib.suppress(OrderRefused):
+                await strategy.on_tick()
 
-    async def _beat(self, broker: Broker, channel: Channel, market: MarketClock | None) -> None:
+    async def _beat(self, broker: Broker, channel: Channel, market: MarketClock | None,
+                    emit: Callable[[Event], None]) -> None:
         """A Beat at once (the host learns it is alive without waiting an interval), then every
-        interval on a fixed cadence (a late one does not shift the next)."""
+        interval on a fixed cadence (a late one does not shift the next). Each beat's marks are
+        then checked against the stop-loss and take-profit."""
         loop = asyncio.get_running_loop()
         interval = self.env.heartbeat_interval
         due = loop.time()
@@ -423,20 +595,41 @@ class WorkerRuntime:
             if (delay := due - loop.time()) > 0:
                 await asyncio.sleep(delay)
             due = max(due + interval, loop.time())
+            priced: list[tuple[Position, float]] = []
             try:
                 if market is not None:
                     await market.catch_up()
-                marks = tuple(
-                    [
-                        mark_position(p, await broker.mark(p.instrument))
-                        for p in await broker.positions()
-                    ]
-                )
+                priced = [(p, await broker.mark(p.instrument)) for p in await broker.positions()]
+                marks = tuple(mark_position(p, price, broker.pnl(p, price)) for p, price in priced)
             except Exception:
                 # The heartbeat proves the worker is alive; stale marks beat a missing beat.
                 log.warning("could not mark positions; repeating the last marks", exc_info=True)
             channel.send(Beat(at=datetime.now(UTC), positions=marks))
             await channel.flush()
+            await self._enforce_exits(broker, priced, emit)
+
+    async def _enforce_exits(self, broker: Broker, priced: list[tuple[Position, float]],
+                             emit: Callable[[Event], None]) -> None:
+        """Close at market each position past its stop-loss or take-profit (RiskLimitHit
+        "closed"); a close that fails is tried again at the next beat."""
+        limits = self.env.config.risk_management
+        for position, price in priced:
+            hit = exit_due(limits, position, price)
+            if hit is None or self.flattening:
+                continue
+            log.warning("%s: %s; closing at market", position.instrument, hit.detail)
+            try:
+                await broker.market_order(position.instrument, closing_side(position),
+                                          position.amount, reduce_only=True)
+            except Exception:
+                log.warning("could not close %s; trying again at the next beat",
+                            position.instrument, exc_info=True)
+                continue
+            emit(RiskLimitHit(job_id=self.env.job_id, worker_id=self.env.worker_id,
+                              rule=hit.rule, action="closed", instrument=hit.instrument,
+                              limit=hit.limit, value=hit.value, detail=hit.detail))
+            if self.strategy is not None:
+                await self.strategy.on_forced_close(position.instrument, hit.rule, hit.detail)
 
     async def _listen(
         self, reader: asyncio.StreamReader, settle: Callable[[Outcome], None]

@@ -57,13 +57,17 @@ def encode(message: dict) -> bytes:
 
 
 def preload() -> None:
-    """Import (and warm) everything a worker needs, so a forked child only runs."""
+    """Import (and warm) everything a worker needs, so a forked child only runs: the paper
+    broker, and the exchange adapter with ccxt (whose package imports all of its exchanges:
+    shared here once, not imported by each worker)."""
     from services.worker import runtime  # noqa: F401
-    from services.worker.brokers import paper  # noqa: F401
+    from services.worker.brokers import exchange, live_paper, paper  # noqa: F401
     from services.worker.strategies.base import BUILTIN_STRATEGIES, load_strategy
 
     for name in BUILTIN_STRATEGIES:
         load_strategy(name)
+    exchange.client_class("deribit")({})  # a client's first construction fills ccxt's caches
+    exchange.tls_context()
     rehearse()  # what the runtime runs, and asyncio sets up on first use, is shared too
     # Objects made so far are shared with every child: keep the collector from touching (and so
     # copying) their pages.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -224,7 +225,10 @@ class WorkerHostService(Service):
                     credentials=self.sealer.open(row.credentials_sealed),
                     config_json=row.config, heartbeat_interval=self.settings.heartbeat_interval,
                     state_file=self.workers_dir / f"{worker_id}.state.json",
-                    lease_until=self.lease.until()),
+                    lease_until=self.lease.until(),
+                    broker_urls=json.dumps(self.settings.broker_urls)
+                    if self.settings.broker_urls else None,
+                    flatten_timeout=self.settings.flatten_timeout),
                 log_file=self.workers_dir / f"{worker_id}.log",
                 hello_timeout=max(10.0, self.settings.heartbeat_timeout)))
         except (SpawnError, SealError, OSError) as exc:
@@ -232,7 +236,9 @@ class WorkerHostService(Service):
                 await rows.forget(uow, worker_id)
                 uow.emit(WorkerSpawnFailed(job_id=row.job_id, worker_id=worker_id,
                                            host_id=self.host_id, attempt=row.attempt,
-                                           error=str(exc)),
+                                           error=str(exc),
+                                           permanent=isinstance(exc, SpawnError)
+                                           and exc.permanent),
                          stream=job_stream(row.job_id), user_id=row.user_id,
                          correlation_id=row.job_id)
             return

@@ -31,6 +31,7 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV"
 # no 1,000 kernel threads. libuv reads it once per process, at its first loop: the fork-server's
 # first (its rehearsal's) decides for the children it forks.
 WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
+CANNOT_START_EXIT_WAIT = 2.0  # seconds a worker that cannot start has to exit by itself
 
 
 def base_environment() -> dict[str, str]:
@@ -40,7 +41,13 @@ def base_environment() -> dict[str, str]:
 
 
 class SpawnError(RuntimeError):
-    """The worker did not come up (no hello in time, or exited at once)."""
+    """The worker did not come up (no hello in time, or exited at once). `permanent`: it said
+    restarting cannot help (e.g. the exchange rejected its API key); the message is then the
+    reason the user reads."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class OsProcess(Protocol):
@@ -157,8 +164,15 @@ def worker_environment(
     heartbeat_interval: float,
     state_file: Path,
     lease_until: float | None = None,
+    broker_urls: str | None = None,
+    flatten_timeout: float | None = None,
+    feed_socket: Path | None = None,
+    mode: str | None = None,
 ) -> dict[str, str]:
-    """The seed's per-worker environment plus the runtime's own."""
+    """The seed's per-worker environment plus the runtime's own. `broker_urls`: the raw JSON of
+    RUNNER_BROKER_URLS; `flatten_timeout`: seconds a flatten may take (the runtime's default
+    when None); `feed_socket`: the host's market-data feed; `mode` "flatten": a flatten-only
+    run."""
     env = base_environment() | {
         protocol.ENV_USER_ID: user_id,
         protocol.ENV_STRATEGY_ID: strategy_id,
@@ -173,13 +187,23 @@ def worker_environment(
     }
     if lease_until is not None:
         env[protocol.ENV_LEASE_UNTIL] = repr(lease_until)
+    if broker_urls:
+        env[protocol.ENV_BROKER_URLS] = broker_urls
+    if flatten_timeout is not None:
+        env[protocol.ENV_FLATTEN_TIMEOUT] = repr(flatten_timeout)
+    if feed_socket is not None:
+        env[protocol.ENV_FEED_SOCKET] = str(feed_socket)
+    if mode is not None:
+        env[protocol.ENV_WORKER_MODE] = mode
     return env
 
 
 async def greeted(
     request: SpawnRequest, process: OsProcess, host_end: socket.socket
 ) -> WorkerProcess:
-    """The worker once it has said hello on its channel; killed and SpawnError otherwise."""
+    """The worker once it has said hello on its channel; killed and SpawnError otherwise. A
+    worker that says why it cannot start (`CannotStart`) is waited for briefly, then killed:
+    its reason is the error, permanent when it says so or exits EXIT_CREDENTIALS_REJECTED."""
     reader, writer = await asyncio.open_unix_connection(sock=host_end)
     worker = WorkerProcess(
         request.worker_id, request.job_id, request.user_id, request.attempt, process, reader, writer
@@ -190,10 +214,17 @@ async def greeted(
     except (TimeoutError, ValueError):
         hello = None
     if not isinstance(hello, protocol.Hello):
+        if isinstance(hello, protocol.CannotStart):
+            with contextlib.suppress(TimeoutError):  # it exits on its own right after
+                await asyncio.wait_for(process.wait(), timeout=CANNOT_START_EXIT_WAIT)
         worker.signal(signal.SIGKILL)
         code = await process.wait()
         writer.close()
-        raise SpawnError(f"worker did not start (exit code {code}; see {request.log_file.name})")
+        if isinstance(hello, protocol.CannotStart):
+            permanent = hello.permanent or code == protocol.EXIT_CREDENTIALS_REJECTED
+            raise SpawnError(hello.reason, permanent=permanent)
+        raise SpawnError(f"worker did not start (exit code {code}; see {request.log_file.name})",
+                         permanent=code == protocol.EXIT_CREDENTIALS_REJECTED)
     return worker
 
 

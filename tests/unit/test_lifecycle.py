@@ -342,3 +342,13 @@ def test_a_strategy_failing_repeatedly_opens_its_circuit_until_the_cool_down() -
     assert circuit_cooled(circuit, NOW) == (circuit, ())  # not yet
     closed, events_ = circuit_cooled(circuit, until)
     assert closed.open_until is None and events_ == (CircuitClosed(strategy_id="s-1"),)
+
+
+def test_a_permanent_spawn_failure_fails_the_job_at_once_with_its_reason() -> None:
+    refused = WorkerSpawnFailed(**IDS, host_id="h-1", attempt=0, permanent=True,
+                                error="exchange rejected the API key")
+    decision = when(given(ACCEPTED, PLACED), refused)
+    assert (decision.job.state, decision.job.ended_at) == (State.FAILED, NOW)
+    assert decision.events == (RestartsExhausted(**IDS, attempts=0,
+                                                 detail="exchange rejected the API key"),)
+    assert not decision.strategy_failed and decision.timers == ()

@@ -296,6 +296,16 @@ def test_spawn_failure_is_a_crash_with_the_error() -> None:
     )
 
 
+def test_permanent_spawn_failure_shows_its_reason_as_it_is() -> None:
+    view = worker(
+        *queued(1),
+        dispatched(1, "h-1"),
+        WorkerSpawnFailed(**ids(1), host_id="h-1", error="exchange rejected the API key",
+                          permanent=True),
+    )
+    assert (view.status, view.reason) == (JobStatus.CRASHED, "exchange rejected the API key")
+
+
 def test_restarts_exhausted_fails_the_job() -> None:
     steps = [*running(1), crashed(1)]
     for attempt in (1, 2, 3):

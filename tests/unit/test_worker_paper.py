@@ -310,5 +310,5 @@ def test_misspelt_fault_is_a_configuration_error() -> None:
 def test_unknown_broker_is_named_with_the_known_ones() -> None:
     config = StrategyConfig(name="t", type="hold")
     assert set(BROKERS) == {"paper"}
-    with pytest.raises(UnknownBroker, match=r"'deribit'.*available: paper"):
-        open_broker("deribit", worker_id="w", config=config)
+    with pytest.raises(UnknownBroker, match=r"'nasdaq'.*available: paper, deribit"):
+        open_broker("nasdaq", worker_id="w", config=config)

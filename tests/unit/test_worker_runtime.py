@@ -72,6 +72,15 @@ def test_environment_is_parsed() -> None:
     assert env.credentials == Credentials(api_key=KEY, api_secret=SECRET)
 
 
+def test_exchange_environment_is_parsed() -> None:
+    env = WorkerEnv.parse(environment(
+        RUNNER_BROKER_URLS='{"deribit": "http://127.0.0.1:9000"}', RUNNER_WORKER_MODE="flatten",
+        RUNNER_FLATTEN_TIMEOUT="4.5", RUNNER_FEED_SOCKET="/run/feed.sock"))
+    assert env.broker_urls == {"deribit": "http://127.0.0.1:9000"}
+    assert (env.mode, env.flatten_timeout, str(env.feed_socket)) == (
+        "flatten", 4.5, "/run/feed.sock")
+
+
 def test_environment_defaults() -> None:
     env = WorkerEnv.parse(environment(RUNNER_HEARTBEAT_INTERVAL=""))
     assert env.heartbeat_interval == 5.0
@@ -95,6 +104,10 @@ def test_credentials_never_show_in_repr() -> None:
         ({"RUNNER_CONTROL_FD": "three"}, "RUNNER_CONTROL_FD"),
         ({"RUNNER_HEARTBEAT_INTERVAL": "-1"}, "RUNNER_HEARTBEAT_INTERVAL"),
         ({"RUNNER_HEARTBEAT_INTERVAL": "soon"}, "RUNNER_HEARTBEAT_INTERVAL"),
+        ({"RUNNER_WORKER_MODE": "yolo"}, "RUNNER_WORKER_MODE must be one of trade, flatten"),
+        ({"RUNNER_FLATTEN_TIMEOUT": "0"}, "RUNNER_FLATTEN_TIMEOUT"),
+        ({"RUNNER_FLATTEN_TIMEOUT": "later"}, "RUNNER_FLATTEN_TIMEOUT"),
+        ({"RUNNER_BROKER_URLS": "{"}, "RUNNER_BROKER_URLS"),
     ],
 )
 def test_bad_environment_names_the_variable(overrides: dict[str, str], message: str) -> None:
@@ -257,7 +270,8 @@ async def test_flatten_failure_never_carries_the_credentials_to_the_host(
     writer.write(protocol.encode(protocol.Stop(flatten=True)))
     lines = [protocol.decode(raw) async for raw in reader]
     assert await asyncio.wait_for(running, 5) == EXIT_OK
-    [report] = [line for line in lines if isinstance(line, protocol.Report)]
+    [report] = [line for line in lines
+                if isinstance(line, protocol.Report) and line.event == "FlattenFailed"]
     failed = FlattenFailed.model_validate(report.payload)
     assert failed.error == f"closing {BTC}: 401 for apiKey=[redacted]"
     assert KEY not in json.dumps(report.payload)

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,6 +19,7 @@ from events.values import Fill, OrderSide, Position, PositionMark, Side
 
 if TYPE_CHECKING:
     from events.values import StrategyConfig
+    from services.worker.prices import FeedPrices
 
 # Amounts below this are float dust: a position this small is flat.
 AMOUNT_EPSILON = 1e-9
@@ -30,6 +31,38 @@ class BrokerError(Exception):
 
 class UnknownBroker(LookupError):
     """No adapter is registered under this broker id."""
+
+
+class CredentialsRejected(BrokerError):
+    """The exchange rejected the account's API key: restarting cannot help."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The exchange could not be reached (or kept answering "busy") within the retry budget."""
+
+
+class Refusal(BaseModel):
+    """An order that was not placed, and why: refused for good by the exchange (`by`
+    "exchange": insufficient funds, invalid amount, ...) or by the runtime's risk limits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    instrument: str
+    side: OrderSide
+    amount: float
+    order_type: Literal["market", "limit"] = "market"
+    reason: str
+    by: Literal["exchange", "risk"] = "exchange"
+
+
+class OrderRefused(BrokerError):
+    """An order was refused for good (see `refusal`); it is already reported, and the strategy
+    told (`Strategy.on_order_refused`). A strategy may catch it and go on."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.side} {refusal.amount:g} {refusal.instrument} refused by "
+                         f"the {refusal.by}: {refusal.reason}")
+        self.refusal = refusal
 
 
 class OpenOrder(BaseModel):
@@ -86,14 +119,15 @@ def unrealized_pnl(position: Position, mark: float) -> float:
     return (mark - position.entry_price) * position.amount * direction(position.side)
 
 
-def mark_position(position: Position, mark: float) -> PositionMark:
+def mark_position(position: Position, mark: float, pnl: float | None = None) -> PositionMark:
+    """The position at `mark`; its P&L linear in price unless the broker gives it (`pnl`)."""
     return PositionMark(
         instrument=position.instrument,
         side=position.side,
         amount=position.amount,
         entry_price=position.entry_price,
         mark_price=mark,
-        unrealized_pnl=unrealized_pnl(position, mark),
+        unrealized_pnl=unrealized_pnl(position, mark) if pnl is None else pnl,
     )
 
 
@@ -103,10 +137,41 @@ def check_amount(amount: float) -> None:
 
 
 class Broker(ABC):
-    """One trading account. Methods are async because real exchanges are network calls."""
+    """One trading account. Methods are async because real exchanges are network calls.
+
+    `live_market`: its prices move on their own (an exchange), so a strategy that does not act
+    on ticks need not step them (the simulator's `MarketClock`).
+    """
+
+    live_market: bool = False
+    prices: FeedPrices | None = None  # the host's market-data feed, when the runtime has one
 
     def __init__(self, sink: EventSink = discard) -> None:
         self.sink = sink
+
+    def price_keys(self) -> list[tuple[str, str]]:
+        """The (source, instrument) prices this account would take from the host's feed."""
+        return []
+
+    async def connect(self) -> None:
+        """Reach the account before the worker says hello: check its credentials (raise
+        CredentialsRejected) and settle what a previous run left in flight. Nothing to do for
+        an account without a remote side."""
+        return None
+
+    def pnl(self, position: Position, price: float) -> float:
+        """The P&L of `position` at `price`, in the account's currency (linear by default)."""
+        return unrealized_pnl(position, price)
+
+    def known_positions(self) -> list[Position]:
+        """The positions the account showed last, without asking it (what a flatten that could
+        not read them reports as still open)."""
+        return []
+
+    def at_start(self, positions: list[Position]) -> list[Position]:
+        """What a starting worker reports: the open `positions`, and a flat one (amount 0) for
+        each instrument an earlier run saw open that is flat now (closed meanwhile)."""
+        return positions
 
     @classmethod
     @abstractmethod

@@ -207,6 +207,9 @@ class PaperBroker(Broker):
     async def open_orders(self) -> list[OpenOrder]:
         return list(self.account.orders.values())
 
+    def known_positions(self) -> list[Position]:
+        return list(self.account.positions.values())
+
     async def mark(self, instrument: str) -> float:
         return self._market(instrument)
 

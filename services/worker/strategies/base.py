@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from events.values import OrderSide, Position, StrategyConfig
-from services.worker.brokers.base import AMOUNT_EPSILON, Broker, direction
+from services.worker.brokers.base import AMOUNT_EPSILON, Broker, Refusal, direction
 
 ENTRY_POINT_GROUP = "runner.strategies"
 
@@ -43,7 +43,13 @@ class Strategy:
     market data and calls `on_tick()`. For a strategy without an `on_tick` of its own the
     runtime does not wake for ticks: it moves the market by as many steps as are due whenever it
     looks at it (`MarketClock`). A stop cancels it at any `await`; an exception ends the worker
-    with exit code 1.
+    with exit code 1, except `OrderRefused`: the order was refused for good (by the exchange or
+    by the runtime's risk limits), already reported, and `on_order_refused` told; the worker
+    goes on with the next tick.
+
+    The runtime enforces `riskManagement` itself (services/worker/risk.py): an order that would
+    take a position past `maxPositionSize` is refused, and a position past its stop-loss or
+    take-profit is closed at market (`on_forced_close` tells).
     """
 
     tick_interval: float = 1.0
@@ -64,6 +70,14 @@ class Strategy:
 
     async def on_tick(self) -> None:
         """Called every `tick_interval` seconds after the market data moved."""
+
+    async def on_order_refused(self, refusal: Refusal) -> None:
+        """An order of this strategy was refused for good (`refusal.by`: "exchange" or
+        "risk"); the call that placed it raises OrderRefused next."""
+
+    async def on_forced_close(self, instrument: str, rule: str, detail: str) -> None:
+        """The runtime closed this strategy's position on `instrument` at market (`rule`:
+        "stop_loss" or "take_profit")."""
 
 
 def order_towards(held: Position | None, target: float) -> tuple[OrderSide, float] | None:

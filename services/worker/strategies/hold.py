@@ -3,10 +3,12 @@ tests and demos."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pydantic import Field
 
 from events.values import Side, StrategyConfig
-from services.worker.brokers.base import Broker
+from services.worker.brokers.base import Broker, OrderRefused
 from services.worker.strategies.base import (
     Strategy,
     StrategyParameters,
@@ -24,7 +26,8 @@ class Hold(Strategy):
     """At start, brings each instrument's position to `side` × min(`amount`, maxPositionSize).
 
     Idempotent across restarts: a restored position already at the target places no order (one
-    that differs is topped up or trimmed, never doubled).
+    that differs is topped up or trimmed, never doubled). An order refused for good leaves that
+    instrument as it is (the refusal is reported); the others are still brought to the target.
     """
 
     parameters_model: type[HoldParameters] = HoldParameters
@@ -44,4 +47,5 @@ class Hold(Strategy):
             order = order_towards(held.get(instrument), self.target)
             if order is not None:
                 side, amount = order
-                await self.broker.market_order(instrument, side, amount)
+                with contextlib.suppress(OrderRefused):  # reported; the rest still trade
+                    await self.broker.market_order(instrument, side, amount)
