@@ -62,6 +62,35 @@ class Settings(BaseSettings):
     host_id: str | None = None
     host_capacity: int = 100
 
+    # Worker isolation (docs/SECURITY.md)
+    worker_uids: str = Field(
+        default="60000-60999",
+        description="uid range for workers, each under a uid (and gid) of its own while it runs, "
+        "where the host can switch ids (root, or CAP_SETUID and CAP_SETGID); worker-hosts on one "
+        "machine need ranges of their own; empty: workers run under the host's uid",
+    )
+    worker_address_space_mb: int = Field(
+        default=4096, ge=0, description="a worker's address space limit in MiB (0: none)"
+    )
+    worker_open_files: int = Field(
+        default=256, ge=0, description="a worker's open files (0: as inherited)"
+    )
+    worker_processes: int = Field(
+        default=64, ge=0,
+        description="processes and threads under a worker's uid (0: no limit; not applied "
+        "where workers share the host's uid)",
+    )
+    worker_sandbox: bool = Field(
+        default=True,
+        description="Landlock, where the kernel has it: a worker writes only in its directory, "
+        "connects only to `worker_tcp_ports`, signals nothing outside itself",
+    )
+    worker_tcp_ports: str = Field(
+        default="443",
+        description="TCP ports a sandboxed worker may connect to (comma-separated), besides the "
+        "ports of RUNNER_BROKER_URLS",
+    )
+
     handler_attempts: int = Field(
         default=5, description="deliveries before a failing message is dead-lettered"
     )

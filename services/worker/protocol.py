@@ -3,6 +3,11 @@
 JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker.
 The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
 
+host -> worker, first: `Credentials`, the user's broker credentials (the seed's `API_KEY` and
+`API_SECRET`), written by the host the moment the worker's process exists, and read by the worker
+before it opens its broker. They never travel in an environment (readable in /proc, inherited
+by every child) nor through the fork-server, and so never sit in the memory later workers are
+forked from.
 worker -> host: `Hello` once ready, a `Beat` every heartbeat interval, a `Report` for every
 trading fact (OrderFilled, PositionChanged, TradeClosed, PositionsFlattened, FlattenFailed).
 host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
@@ -28,19 +33,18 @@ from events.values import PositionMark
 EXIT_HOST_GONE = 3
 EXIT_LEASE_LAPSED = 4
 
-# Environment of a worker process: the seed's per-worker variables ...
+# Environment of a worker process: the seed's per-worker variables (its API_KEY and API_SECRET
+# come as the `Credentials` line instead) ...
 ENV_USER_ID = "USER_ID"
 ENV_STRATEGY_ID = "STRATEGY_ID"
 ENV_BROKER_ID = "BROKER_ID"
-ENV_API_KEY = "API_KEY"
-ENV_API_SECRET = "API_SECRET"
 ENV_CONFIG = "CONFIG"  # the StrategyConfig as camelCase JSON, as in the seed
 # ... and the runtime's own.
 ENV_WORKER_ID = "RUNNER_WORKER_ID"
 ENV_JOB_ID = "RUNNER_JOB_ID"
 ENV_CONTROL_FD = "RUNNER_CONTROL_FD"
 ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
-ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper-broker account state, kept across restarts
+ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper account state, relative to its directory (its cwd)
 ENV_PAPER_SEED = "RUNNER_PAPER_SEED"
 ENV_LEASE_UNTIL = "RUNNER_LEASE_UNTIL"  # time.monotonic() instant; unset: no lease (no host)
 
@@ -70,6 +74,14 @@ class Report(_Line):
     payload: dict[str, Any]
 
 
+class Credentials(_Line):
+    """The seed's API_KEY and API_SECRET, for this worker's broker account only."""
+
+    type: Literal["credentials"] = "credentials"
+    api_key: str = Field(default="", repr=False)
+    api_secret: str = Field(default="", repr=False)
+
+
 class Stop(_Line):
     type: Literal["stop"] = "stop"
     flatten: bool = False
@@ -82,7 +94,7 @@ class Lease(_Line):
     until: float
 
 
-Line = Annotated[Hello | Beat | Report | Stop | Lease, Field(discriminator="type")]
+Line = Annotated[Hello | Beat | Report | Credentials | Stop | Lease, Field(discriminator="type")]
 LINE = TypeAdapter(Line)
 
 
@@ -90,5 +102,5 @@ def encode(line: _Line) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
-def decode(raw: bytes | str) -> Hello | Beat | Report | Stop | Lease:
+def decode(raw: bytes | str) -> Hello | Beat | Report | Credentials | Stop | Lease:
     return LINE.validate_json(raw)

@@ -4,6 +4,11 @@ Two spawners give the same `WorkerProcess`: `ExecSpawner` runs `python -m servic
 worker (a fresh interpreter importing everything), `ForkSpawner` (fork_spawner.py) asks a
 pre-imported fork-server to fork one (an order of magnitude faster, most pages shared; figures
 in bench/spawn.py). `RUNNER_SPAWN_MODE` picks one (default fork).
+
+Either way a worker runs in a directory of its own (its log and its state), as the spawner's
+`Isolation` places and confines it (isolation.py: its own uid where the host can switch ids),
+and gets its credentials over its channel as soon as its process exists, never in its
+environment.
 """
 
 from __future__ import annotations
@@ -16,11 +21,19 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from services.worker import protocol
+from services.worker.confinement import ENV_CONFINEMENT
+from services.worker_host.isolation import (
+    LOG_NAME,
+    STATE_NAME,
+    Isolation,
+    Placement,
+    PoolExhausted,
+)
 
 # The only variables of the host's own environment a worker (or the fork-server) inherits: never
 # the host's secrets (no deployment key, no admin token, no broker URL).
@@ -128,16 +141,27 @@ class WorkerProcess:
 
 @dataclass(frozen=True)
 class SpawnRequest:
+    """One worker to start: its environment (no secret in it), its own `directory` (made and
+    given to it: its log `worker.log` and its state live there) and its `credentials` (the
+    seed's apiKey and apiSecret), which reach it over its channel only."""
+
     worker_id: str
     job_id: str
     user_id: str
     attempt: int
     env: dict[str, str]
-    log_file: Path
+    directory: Path
     hello_timeout: float
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / LOG_NAME
 
 
 class Spawner(Protocol):
+    isolation: Isolation
+
     async def start(self) -> None: ...
 
     async def spawn(self, request: SpawnRequest) -> WorkerProcess: ...
@@ -152,28 +176,59 @@ def worker_environment(
     user_id: str,
     strategy_id: str,
     broker_id: str,
-    credentials: Mapping[str, str],
     config_json: str,
     heartbeat_interval: float,
-    state_file: Path,
     lease_until: float | None = None,
 ) -> dict[str, str]:
-    """The seed's per-worker environment plus the runtime's own."""
+    """The seed's per-worker environment (but its credentials) plus the runtime's own."""
     env = base_environment() | {
         protocol.ENV_USER_ID: user_id,
         protocol.ENV_STRATEGY_ID: strategy_id,
         protocol.ENV_BROKER_ID: broker_id,
-        protocol.ENV_API_KEY: credentials.get("apiKey", ""),
-        protocol.ENV_API_SECRET: credentials.get("apiSecret", ""),
         protocol.ENV_CONFIG: config_json,
         protocol.ENV_WORKER_ID: worker_id,
         protocol.ENV_JOB_ID: job_id,
         protocol.ENV_HEARTBEAT_INTERVAL: str(heartbeat_interval),
-        protocol.ENV_STATE_FILE: str(state_file),
+        protocol.ENV_STATE_FILE: STATE_NAME,
     }
     if lease_until is not None:
         env[protocol.ENV_LEASE_UNTIL] = repr(lease_until)
     return env
+
+
+def send_credentials(host_end: socket.socket, credentials: Mapping[str, str]) -> None:
+    """The worker's first line, written into its channel (a few hundred bytes: the socket's
+    buffer holds them until the worker reads)."""
+    line = protocol.Credentials(
+        api_key=credentials.get("apiKey", ""), api_secret=credentials.get("apiSecret", "")
+    )
+    host_end.sendall(protocol.encode(line))
+
+
+class PlacingSpawner:
+    """What both spawners share: each worker placed by `isolation` (a uid, its directory, its
+    log) before it starts, and its uid given back once it has ended (isolation.py)."""
+
+    isolation: Isolation
+
+    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+        if request.directory.name != request.worker_id or request.worker_id in (".", ".."):
+            raise SpawnError(f"worker {request.worker_id!r}: its directory must be named so")
+        try:
+            placement = self.isolation.place(request.worker_id, request.directory)
+        except PoolExhausted as exc:
+            raise SpawnError(str(exc)) from None
+        try:
+            worker = await self._start(request, placement)
+        except BaseException:
+            self.isolation.release_when_gone(placement, None)
+            raise
+        self.isolation.release_when_gone(placement, worker.wait())
+        return worker
+
+    async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
+        """Start the worker of `placement` (closing its `log_fd`) and greet it."""
+        raise NotImplementedError
 
 
 async def greeted(
@@ -197,36 +252,52 @@ async def greeted(
     return worker
 
 
-class ExecSpawner:
-    """`python -m services.worker` in its own session per worker."""
+class ExecSpawner(PlacingSpawner):
+    """`python -m services.worker` in its own session per worker: switched to its identity and
+    into its directory before the exec, confined by itself right after (`RUNNER_CONFINEMENT`).
+    `-P`: its directory, its working one, is not on its import path."""
+
+    def __init__(self, isolation: Isolation | None = None) -> None:
+        self.isolation = isolation or Isolation()
 
     async def start(self) -> None:
-        pass
+        await self.isolation.start()
 
     async def close(self) -> None:
-        pass
+        await self.isolation.close()
 
-    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+    async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
         host_end, child_end = socket.socketpair()
-        request.log_file.parent.mkdir(parents=True, exist_ok=True)
+        identity = placement.identity
+        # Its uid and its directory are set before the exec; the rest it takes itself after.
+        after_exec = replace(self.isolation.confinement(placement), directory=None, uid=None,
+                             gid=None)
         try:
-            with open(request.log_file, "ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "services.worker",
-                    env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno())},
-                    pass_fds=(child_end.fileno(),),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",
+                "-m",
+                "services.worker",
+                env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno()),
+                                   ENV_CONFINEMENT: after_exec.to_json()},
+                pass_fds=(child_end.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=placement.log_fd,
+                stderr=placement.log_fd,
+                start_new_session=True,
+                cwd=placement.directory,
+                umask=0o077,
+                user=identity.uid if identity else None,
+                group=identity.gid if identity else None,
+                extra_groups=[] if identity else None,
+            )
+            send_credentials(host_end, request.credentials)
         except BaseException:
             host_end.close()
             raise
         finally:
             child_end.close()
+            os.close(placement.log_fd)
         return await greeted(request, ExecProcess(process), host_end)
 
 
@@ -241,12 +312,13 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def make_spawner(mode: str, workdir: Path) -> Spawner:
-    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"."""
+def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None) -> Spawner:
+    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"; its workers placed and
+    confined by `isolation` (a host passes `Isolation.from_settings(settings)`)."""
     if mode == "exec":
-        return ExecSpawner()
+        return ExecSpawner(isolation)
     if mode == "fork":
         from services.worker_host.fork_spawner import ForkSpawner
 
-        return ForkSpawner(workdir)
+        return ForkSpawner(workdir, isolation)
     raise ValueError(f"unknown spawn mode {mode!r} (fork or exec)")

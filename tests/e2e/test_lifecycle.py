@@ -57,7 +57,7 @@ async def test_start_spawns_a_worker_process_with_the_injected_environment(runni
     assert niceness == {"monitor": 5, "entitlement": 0, "scheduler": 5,
                         "worker-host host-1": 5, "gateway": 0}
     assert os.getpriority(os.PRIO_PROCESS, worker["pid"]) == 5
-    [log] = running.data_dir.glob(f"worker-host-*/{started['workerId']}.log")
+    [log] = running.data_dir.glob(f"**/worker-host-*/{started['workerId']}/worker.log")
     assert (
         f"worker={started['workerId']} services.worker: started: strategy {body['strategyId']} "
         "(hold) on broker paper, instruments BTC-PERPETUAL,ETH-PERPETUAL"

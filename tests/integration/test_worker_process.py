@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from events import REGISTRY, FlattenFailed, OrderFilled, PositionChanged, Positi
 from events.values import Position
 from services.worker import protocol
 from services.worker.brokers.paper import PaperBroker
-from services.worker.protocol import Beat, Hello, Lease, Report, Stop
+from services.worker.protocol import Beat, Credentials, Hello, Lease, Report, Stop
 
 REPO = Path(__file__).resolve().parents[2]
 BTC = "BTC-PERPETUAL"
@@ -29,6 +30,7 @@ ETH = "ETH-USD"
 API_KEY = "ak-live-5D1E-integration"
 API_SECRET = "sk-live-9F2C-integration"
 BEAT = 0.2
+CREDENTIALS = Credentials(api_key=API_KEY, api_secret=API_SECRET)
 TIMEOUT = 5.0
 
 
@@ -124,7 +126,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     numbers = itertools.count(1)
 
     async def start(
-        config: dict[str, Any], *, state_file: Path | None = None, **extra_env: str
+        config: dict[str, Any], *, state_file: Path | None = None,
+        first: protocol.Line | None = CREDENTIALS, **extra_env: str
     ) -> Worker:
         number = next(numbers)
         host_end, worker_end = socket.socketpair()
@@ -136,8 +139,6 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             "USER_ID": "user-7",
             "STRATEGY_ID": "integration",
             "BROKER_ID": "paper",
-            "API_KEY": API_KEY,
-            "API_SECRET": API_SECRET,
             "CONFIG": json.dumps(config),
             "RUNNER_WORKER_ID": worker_id,
             "RUNNER_JOB_ID": job_id,
@@ -160,6 +161,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
                 pass_fds=(worker_end.fileno(),),
             )
         worker_end.close()
+        if first is not None:
+            host_end.sendall(protocol.encode(first))
         reader, writer = await asyncio.open_unix_connection(sock=host_end)
         worker = Worker(process, reader, writer, worker_id, job_id, state_file, log_file, env)
         workers.append(worker)
@@ -372,6 +375,31 @@ async def test_strategy_failure_exits_1_with_the_error_on_stderr(spawn: Spawn) -
     assert [type(line) for line in tail] in ([], [Beat])  # the immediate first beat, no report
     log = worker.log()
     assert "strategy hold crashed" in log and "BrokerError" in log and "rejectOrders" in log
+
+
+async def test_credentials_come_over_the_channel_first_and_never_in_the_environment(
+    spawn: Spawn,
+) -> None:
+    worker = await spawn(hold())
+    assert isinstance(await worker.line(), Hello)
+    with open(f"/proc/{worker.process.pid}/environ", "rb") as environ:
+        assert API_SECRET.encode() not in environ.read()
+    await worker.send(Stop())
+    assert await worker.exit_code() == 0
+
+
+async def test_host_gone_before_the_credentials_exits_3_before_hello(spawn: Spawn) -> None:
+    worker = await spawn(hold(), first=None)
+    worker.writer.close()
+    assert await worker.exit_code() == protocol.EXIT_HOST_GONE
+    assert "closed before the credentials came" in worker.log()
+
+
+async def test_a_first_line_other_than_the_credentials_exits_2_before_hello(spawn: Spawn) -> None:
+    worker = await spawn(hold(), first=Beat(at=datetime.now(UTC)))
+    assert await worker.exit_code() == 2
+    assert await worker.rest() == []
+    assert "first line was not the credentials" in worker.log()
 
 
 async def test_unusable_configuration_exits_2_before_hello(spawn: Spawn) -> None:
