@@ -61,6 +61,7 @@ from services.store import UnitOfWork, UtcDateTime
 from services.topology import host_inbox
 from services.worker import protocol
 from services.worker_host.beats import BeatRelay
+from services.worker_host.isolation import Isolation
 from services.worker_host.spawner import (
     SpawnError,
     SpawnRequest,
@@ -148,7 +149,8 @@ class WorkerHostService(Service):
         self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
         self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
-        self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
+        self.spawner = make_spawner(settings.spawn_mode, self.workers_dir,
+                                    Isolation.from_settings(settings))
 
     @property
     def store_name(self) -> str:
@@ -304,10 +306,8 @@ class WorkerHostService(Service):
                 user_id=row.user_id,
                 strategy_id=row.strategy_id,
                 broker_id=row.broker_id,
-                credentials=credentials,
                 config_json=row.config,
                 heartbeat_interval=self.settings.heartbeat_interval,
-                state_file=self.workers_dir / f"{worker_id}.state.json",
                 lease_until=self._lease_until(),
             )
             worker = await self.spawner.spawn(
@@ -317,8 +317,9 @@ class WorkerHostService(Service):
                     user_id=row.user_id,
                     attempt=row.attempt,
                     env=env,
-                    log_file=self.workers_dir / f"{worker_id}.log",
+                    directory=self.workers_dir / worker_id,
                     hello_timeout=max(10.0, self.settings.heartbeat_timeout),
+                    credentials=credentials,
                 )
             )
         except (SpawnError, SealError, OSError) as exc:
