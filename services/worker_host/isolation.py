@@ -20,7 +20,9 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 from yarl import URL
 
 from services.worker.confinement import Confinement, Limits, landlock_abi
+from services.worker_host import children
 
 log = logging.getLogger(__name__)
 
@@ -275,18 +278,20 @@ class Isolation:
             identity, claim = self._take()  # claimed: no other host sweeps it meanwhile
         except PoolExhausted:
             return False, "every uid of RUNNER_WORKER_UIDS is used by another worker-host here"
-        try:
-            probe = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", PROBE, cwd="/", stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-                user=identity.uid, group=identity.gid, extra_groups=[],
-            )
-            _, err = await probe.communicate()
-        finally:
-            self.pool.give_back(identity.uid)
-            claim.close()
-        if probe.returncode != 0:
-            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        with tempfile.TemporaryFile() as err:
+            try:
+                code = await children.run(
+                    [sys.executable, "-c", PROBE], cwd="/", stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=err, user=identity.uid, group=identity.gid,
+                    extra_groups=[],
+                )
+            finally:
+                self.pool.give_back(identity.uid)
+                claim.close()
+            err.seek(0)
+            said = err.read().decode(errors="replace")
+        if code != 0:
+            last = said.strip().splitlines()[-1:] or [f"exit code {code}"]
             return False, (f"uid {identity.uid} cannot run {sys.executable} with this project "
                            f"({last[0]}): build the venv from a Python every uid can read "
                            "(make clean; make)")
@@ -426,17 +431,12 @@ def open_log(path: Path, identity: Identity | None) -> int:
 
 async def sweep(identity: Identity) -> bool:
     """End every process running under `identity`'s uid; True once none is left."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", "-c", SWEEP, cwd="/", stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        user=identity.uid, group=identity.gid, extra_groups=[],
+    code = await children.run(
+        [sys.executable, "-I", "-S", "-c", SWEEP], cwd="/", stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=identity.uid,
+        group=identity.gid, extra_groups=[],
     )
-    try:
-        return await process.wait() == 0
-    except asyncio.CancelledError:  # the host is closing: no sweeper outlives it
-        process.kill()
-        await process.wait()
-        raise
+    return code == 0
 
 
 def leftover_uids(uids: range) -> set[int]:

@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import Protocol
 
 from services.worker import protocol
 from services.worker.confinement import ENV_CONFINEMENT
+from services.worker_host.children import Child
 from services.worker_host.isolation import (
     LOG_NAME,
     STATE_NAME,
@@ -71,22 +73,6 @@ class OsProcess(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ExecProcess:
-    """An exec'd worker: a child of the host, reaped by asyncio."""
-
-    process: asyncio.subprocess.Process
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process.returncode is None
-
-    async def wait(self) -> int | None:
-        return await self.process.wait()
 
 
 @dataclass
@@ -255,7 +241,8 @@ async def greeted(
 class ExecSpawner(PlacingSpawner):
     """`python -m services.worker` in its own session per worker: switched to its identity and
     into its directory before the exec, confined by itself right after (`RUNNER_CONFINEMENT`).
-    `-P`: its directory, its working one, is not on its import path."""
+    `-P`: its directory, its working one, is not on its import path. Started by Popen, since
+    uvloop's subprocess_exec cannot switch ids (children.py)."""
 
     def __init__(self, isolation: Isolation | None = None) -> None:
         self.isolation = isolation or Isolation()
@@ -273,15 +260,12 @@ class ExecSpawner(PlacingSpawner):
         after_exec = replace(self.isolation.confinement(placement), directory=None, uid=None,
                              gid=None)
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-P",
-                "-m",
-                "services.worker",
+            process = Child.start(
+                [sys.executable, "-P", "-m", "services.worker"],
                 env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno()),
                                    ENV_CONFINEMENT: after_exec.to_json()},
                 pass_fds=(child_end.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 stdout=placement.log_fd,
                 stderr=placement.log_fd,
                 start_new_session=True,
@@ -298,7 +282,7 @@ class ExecSpawner(PlacingSpawner):
         finally:
             child_end.close()
             os.close(placement.log_fd)
-        return await greeted(request, ExecProcess(process), host_end)
+        return await greeted(request, process, host_end)
 
 
 def raise_open_files_limit() -> int:
