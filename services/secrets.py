@@ -24,7 +24,7 @@ def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
     """Read a secret file, or create it with mode 0600. Returns (value, created). Services that
     start together race to create it: the value is written to a file of our own first and then
     linked into place, so the file appears complete or not at all, and the first link wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.exists():
         return path.read_text().strip(), False
     value = make()
@@ -45,7 +45,8 @@ def secret_key(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
     return _read_or_create(
-        settings.data_dir / "secret.key", lambda: Fernet.generate_key().decode()
+        settings.secret_key_file or settings.data_dir / "secret.key",
+        lambda: Fernet.generate_key().decode(),
     )[0]
 
 

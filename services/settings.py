@@ -37,8 +37,13 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     secret_key: str | None = Field(
         default=None,
-        description="Fernet key sealing credentials (gateway and worker-hosts only). "
-        "Generated at first start and kept in the data dir when unset.",
+        description="Fernet key sealing credentials (gateway and worker-hosts only); several, "
+        "comma-separated, newest first, while keys rotate. When unset: the key file.",
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="file of Fernet keys, one per line, newest first (0600; generated with one "
+        "key at first start) [<data dir>/secret.key]",
     )
 
     heartbeat_interval: float = 5.0
@@ -129,6 +134,14 @@ class Settings(BaseSettings):
             # one shared database would mix the services' outbox, timers and ledgers
             raise ValueError("must contain '{service}' (each service keeps its own database)")
         return async_driver(url)
+
+    def own(self, service: str) -> Settings:
+        """These settings as `service` has them under `runner up`, which gives each service a
+        data directory of its own beneath the data dir (`service` names it: "monitor",
+        "gateway", "worker-host-<host id>"); unchanged where there is none (compose, a single
+        service), so that a tool finds the monitor's log or the admin token either way."""
+        own = self.data_dir / service
+        return self.model_copy(update={"data_dir": own}) if own.is_dir() else self
 
     @property
     def lease_check_interval(self) -> float:
