@@ -293,6 +293,9 @@ def _register_optional_commands() -> None:
         from services.cli import log_commands
     except ImportError:  # pragma: no cover - during bootstrap
         return
+    from services.cli.keys import keys_app
+
+    app.add_typer(keys_app, name="keys")
     app.add_typer(log_commands.events_app, name="events")
     app.add_typer(log_commands.audit_app, name="audit")
     app.command("replay")(log_commands.replay_command)

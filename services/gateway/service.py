@@ -49,7 +49,7 @@ from services.gateway.models import (
 )
 from services.gateway.users import Caller, UserDirectory, UserRow
 from services.gateway.waiters import Unseen, Waiters
-from services.secrets import Sealer, admin_token, secret_key
+from services.secrets import Sealer, admin_token
 from services.service import Service, now
 from services.topology import GATEWAY_WAITS, QueueSpec
 from services.worker.brokers import BROKERS
@@ -102,7 +102,7 @@ class GatewayService(Service):
                 flush=True,
             )
         self.users = UserDirectory(self.store, token)
-        self.sealer = Sealer(secret_key(settings))
+        self.sealer = Sealer.for_settings(settings)
         self.strategies = available_strategies()  # plugins installed later: seen at restart
         self.waiters = Waiters()
         self.unseen = Unseen()
@@ -168,7 +168,8 @@ class GatewayService(Service):
             worker_id=worker_id,
             strategy_id=body.strategy_id,
             broker_id=body.broker_id,
-            credentials_sealed=self.sealer.seal(body.credentials.reveal()),
+            credentials_sealed=self.sealer.seal(body.credentials.reveal(), user_id=user_id,
+                                                worker_id=worker_id),
             config=body.config,
             flatten_on_stop=body.flatten_on_stop,
         )

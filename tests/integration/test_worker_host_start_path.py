@@ -62,7 +62,8 @@ async def host(tmp_path: Path) -> AsyncIterator[tuple[WorkerHostService, Batch]]
 def dispatched(service: WorkerHostService, n: int, attempt: int = 0) -> Delivery:
     message = JobDispatched(
         job_id=f"j-{n}", worker_id=f"w-{n}", host_id=HOST, attempt=attempt, strategy_id="s-1",
-        broker_id="paper", credentials_sealed=service.sealer.seal(CREDENTIALS),
+        broker_id="paper",
+        credentials_sealed=service.sealer.seal(CREDENTIALS, user_id="u-1", worker_id=f"w-{n}"),
         config=StrategyConfig(name="hold", type="hold", parameters={}),
         host_incarnation=service.incarnation)
     return delivery(message)
