@@ -55,7 +55,7 @@ from events import (
     WorkerStopped,
     model_for,
 )
-from services.secrets import Sealer, SealError, secret_key
+from services.secrets import Sealer, SealError
 from services.service import Service, now
 from services.store import UnitOfWork, UtcDateTime
 from services.topology import host_inbox
@@ -142,7 +142,7 @@ class WorkerHostService(Service):
         self.host_id = settings.host_id or socket.gethostname()
         super().__init__(settings)
         self.capacity = settings.host_capacity
-        self.sealer = Sealer(secret_key(settings))
+        self.sealer = Sealer.for_settings(settings)
         self.live: dict[str, WorkerProcess] = {}
         self.beats = BeatRelay(self.host_id, self._send_telemetry, BEAT_RELAY_WINDOW)
         self._lease_renewed: float | None = None  # time.monotonic() the last confirmed beat left
@@ -299,7 +299,8 @@ class WorkerHostService(Service):
                 raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
             if self._lease_expired() or epoch != self._epoch:
                 raise SpawnError(f"host {self.host_id} was fenced since this dispatch")
-            credentials = self.sealer.open(row.credentials_sealed)
+            credentials = self.sealer.open(row.credentials_sealed, user_id=row.user_id,
+                                           worker_id=worker_id)
             env = worker_environment(
                 worker_id=worker_id,
                 job_id=row.job_id,
