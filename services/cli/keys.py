@@ -19,8 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.secrets import (
-    SealError,
     Sealer,
+    SealError,
     fingerprint,
     key_file,
     new_key,
