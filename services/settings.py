@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -124,6 +125,17 @@ class Settings(BaseSettings):
         description="recorded events between the monitor's snapshots of its folded state (a "
         "restart folds only the log after the latest); 0: no snapshots, a restart replays all",
     )
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id_names_files(cls, host_id: str | None) -> str | None:
+        from events.values import ID_PATTERN
+
+        if host_id and not re.fullmatch(ID_PATTERN, host_id):
+            # it names the host's store and data dir, and is an Id in every event
+            raise ValueError("letters, digits, '.', '_' and '-' only, 100 at most, starting "
+                             "with a letter or digit")
+        return host_id
 
     @field_validator("database_url")
     @classmethod

@@ -421,7 +421,7 @@ class WorkerRuntime:
                 return EXIT_HOST_GONE
             try:
                 line = protocol.decode(raw)
-            except ValidationError:
+            except protocol.ProtocolViolation:
                 line = None
             if isinstance(line, protocol.Credentials):
                 credentials = Credentials(api_key=line.api_key, api_secret=line.api_secret)
@@ -486,7 +486,7 @@ class WorkerRuntime:
                 return
             try:
                 line = protocol.decode(raw)
-            except ValidationError:
+            except protocol.ProtocolViolation:
                 log.warning("ignoring an unreadable control line (%d bytes)", len(raw))
                 continue
             if isinstance(line, Stop):

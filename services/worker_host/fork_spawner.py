@@ -283,7 +283,8 @@ class ForkSpawner(PlacingSpawner):
         except OSError:
             host_end.close()
             raise SpawnError("the fork-server died while forking this worker") from None
-        reader, writer = await asyncio.open_unix_connection(sock=host_end)
+        reader, writer = await asyncio.open_unix_connection(sock=host_end,
+                                                            limit=protocol.MAX_LINE)
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=request.hello_timeout)
             hello = protocol.decode(line) if line else None

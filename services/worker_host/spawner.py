@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from events.values import ID_PATTERN
 from services.worker import protocol
 from services.worker.confinement import ENV_CONFINEMENT
 from services.worker_host.children import Child
@@ -89,8 +91,10 @@ class WorkerProcess:
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     beating: bool = False  # a heartbeat of it has been relayed
     end_reason: str | None = (
-        None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain"
+        None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain", "protocol"
     )
+    end_detail: str = ""  # what it did wrong, when it broke the protocol
+    budget: protocol.LineBudget = field(default_factory=protocol.LineBudget)
 
     @property
     def pid(self) -> int:
@@ -98,6 +102,28 @@ class WorkerProcess:
 
     async def wait(self) -> int | None:
         return await self.process.wait()
+
+    async def next_line(self) -> bytes:
+        """Its next control line, b"" at the end; ProtocolViolation for a line over
+        `protocol.MAX_LINE` or one beyond its `budget` of lines a second (the caller then
+        ends it: `violated`)."""
+        try:
+            line = await self.reader.readline()
+        except ValueError:  # the reader's limit: a line that long is cut off
+            raise protocol.ProtocolViolation(
+                f"a line over {protocol.MAX_LINE} bytes") from None
+        if line and not self.budget.take(asyncio.get_running_loop().time()):
+            raise protocol.ProtocolViolation(
+                f"more than {self.budget.rate:g} lines a second (after {self.budget.burst:g})")
+        return line
+
+    def violated(self, violation: protocol.ProtocolViolation) -> None:
+        """It broke the protocol: killed, and its end reported as that (end_reason
+        "protocol", end_detail what it did)."""
+        self.end_reason = self.end_reason or "protocol"
+        self.end_detail = str(violation)
+        self.signal(signal.SIGKILL)
+        self.signal(signal.SIGCONT)
 
     def send(self, line: protocol.Stop | protocol.Lease) -> None:
         """Best effort, straight to the socket rather than through the stream's transport: a
@@ -198,8 +224,9 @@ class PlacingSpawner:
     isolation: Isolation
 
     async def spawn(self, request: SpawnRequest) -> WorkerProcess:
-        if request.directory.name != request.worker_id or request.worker_id in (".", ".."):
-            raise SpawnError(f"worker {request.worker_id!r}: its directory must be named so")
+        if not re.fullmatch(ID_PATTERN, request.worker_id) or (
+                request.directory.name != request.worker_id):
+            raise SpawnError(f"worker {request.worker_id!r}: not an id, or not its directory")
         try:
             placement = self.isolation.place(request.worker_id, request.directory)
         except PoolExhausted as exc:
@@ -221,7 +248,7 @@ async def greeted(
     request: SpawnRequest, process: OsProcess, host_end: socket.socket
 ) -> WorkerProcess:
     """The worker once it has said hello on its channel; killed and SpawnError otherwise."""
-    reader, writer = await asyncio.open_unix_connection(sock=host_end)
+    reader, writer = await asyncio.open_unix_connection(sock=host_end, limit=protocol.MAX_LINE)
     worker = WorkerProcess(
         request.worker_id, request.job_id, request.user_id, request.attempt, process, reader, writer
     )
