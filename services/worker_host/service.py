@@ -387,12 +387,16 @@ class WorkerHostService(Service):
         most `REPORTS_IN_FLIGHT` wait."""
         committing: deque[tuple[Message, asyncio.Future[None]]] = deque()
         try:
-            while line := await worker.reader.readline():
+            while line := await worker.next_line():
                 if (report := self._relay(worker, line)) is not None:
                     committing.append(report)
                 while committing and (committing[0][1].done()
                                       or len(committing) > REPORTS_IN_FLIGHT):
                     await _committed(worker, *committing.popleft())
+        except protocol.ProtocolViolation as violation:
+            log.warning("worker %s broke the control protocol (%s): killed", worker.worker_id,
+                        violation)
+            worker.violated(violation)
         except (ConnectionError, OSError):
             pass
         for report in committing:
@@ -405,12 +409,9 @@ class WorkerHostService(Service):
     def _relay(
         self, worker: WorkerProcess, raw: bytes
     ) -> tuple[Message, asyncio.Future[None]] | None:
-        """Relays one line of the worker's; a report is returned with its commit, queued."""
-        try:
-            line = protocol.decode(raw)
-        except ValidationError:
-            log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
-            return None
+        """Relays one line of the worker's; a report is returned with its commit, queued.
+        Raises ProtocolViolation for a line a worker may not send."""
+        line = protocol.decode(raw)
         if isinstance(line, protocol.Beat):
             self.beats.add(
                 WorkerHeartbeat(
@@ -429,10 +430,7 @@ class WorkerHostService(Service):
             try:
                 event = model_for(line.event).model_validate(payload)
             except ValidationError:
-                log.warning(
-                    "worker %s reported an invalid %s (ignored)", worker.worker_id, line.event
-                )
-                return None
+                raise protocol.ProtocolViolation(f"an invalid {line.event} report") from None
 
             async def record_report(uow: UnitOfWork) -> None:
                 uow.emit(
@@ -443,6 +441,9 @@ class WorkerHostService(Service):
                 )
 
             return event, self.store.queue_grouped(record_report)
+        else:
+            raise protocol.ProtocolViolation(
+                f"a {line.type} line where only heartbeats and reports may come")
         return None
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
@@ -479,6 +480,8 @@ class WorkerHostService(Service):
                 ),
                 "fenced": (CrashReason.HOST_LOST, f"fenced on host {self.host_id}; {how}"),
                 "drain": (CrashReason.HOST_LOST, f"host {self.host_id} shut down; {how}"),
+                "protocol": (CrashReason.EXITED,
+                             f"broke the control protocol ({worker.end_detail}); {how}"),
             }.get(
                 worker.end_reason or "",
                 (CrashReason.EXITED, "" if code is not None and code >= 0 else how),
