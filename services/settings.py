@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     circuit_window: float = 600.0
     circuit_cooldown: float = 300.0
     spawn_concurrency: int = 1
+    enable_chaos: bool = Field(
+        default=False,
+        description="offer and run the fault-drill strategies (`chaos`): for tests and drills, "
+        "never for users",
+    )
     spawn_mode: str = "fork"
     max_system_workers: int = 1000
     stop_grace: float = 10.0

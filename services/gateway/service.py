@@ -103,7 +103,8 @@ class GatewayService(Service):
             )
         self.users = UserDirectory(self.store, token)
         self.sealer = Sealer.for_settings(settings)
-        self.strategies = available_strategies()  # plugins installed later: seen at restart
+        # plugins installed later: seen at restart; the fault drills only where enabled
+        self.strategies = available_strategies(drills=settings.enable_chaos)
         self.waiters = Waiters()
         self.unseen = Unseen()
         self.app = create_app(self)

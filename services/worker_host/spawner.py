@@ -41,7 +41,8 @@ from services.worker_host.isolation import (
 
 # The only variables of the host's own environment a worker (or the fork-server) inherits: never
 # the host's secrets (no deployment key, no admin token, no broker URL).
-INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
+INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT",
+             "RUNNER_ENABLE_CHAOS")
 # libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread polling
 # it, for file operations a worker never makes through its loop. Without them a worker's start
 # took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and 1,000 workers hold

@@ -415,9 +415,16 @@ async def test_unknown_broker_exits_2(spawn: Spawn) -> None:
     assert "unknown broker 'deribit'" in worker.log()
 
 
+async def test_chaos_is_refused_where_fault_drills_are_not_enabled(spawn: Spawn) -> None:
+    worker = await spawn({**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3}})
+    assert await worker.exit_code() == 2
+    assert "'chaos' is a fault drill" in worker.log()
+
+
 async def test_chaos_crash_exits_with_the_configured_code(spawn: Spawn) -> None:
     worker = await spawn(
-        {**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3, "exitCode": 42}}
+        {**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3, "exitCode": 42}},
+        RUNNER_ENABLE_CHAOS="1",
     )
     await worker.opened(1)
     assert await worker.exit_code() == 42
@@ -425,7 +432,8 @@ async def test_chaos_crash_exits_with_the_configured_code(spawn: Spawn) -> None:
 
 
 async def test_chaos_hang_stops_the_heartbeats(spawn: Spawn) -> None:
-    worker = await spawn({**hold(), "type": "chaos", "parameters": {"hangAfter": 0.5}})
+    worker = await spawn({**hold(), "type": "chaos", "parameters": {"hangAfter": 0.5}},
+                         RUNNER_ENABLE_CHAOS="1")
     await worker.until(lambda line: isinstance(line, Beat))
     loop = asyncio.get_running_loop()
     last_beat = loop.time()
