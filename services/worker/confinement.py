@@ -5,20 +5,26 @@ In order: it enters its own directory; drops to its own uid and gid with no supp
 its spawner before the exec); takes resource limits (address space, open files, processes, no
 core files); can gain no privileges again (`PR_SET_NO_NEW_PRIVS`) and cannot be read or traced
 by its peers (`PR_SET_DUMPABLE 0`, which an exec resets, so it is set here, after any exec); and,
-where the kernel has Landlock, may write only beneath its directory, connect only to the TCP
-ports it is allowed, bind no TCP port, and signal or reach over abstract unix sockets no process
-outside itself and its children.
+sandboxed, where the kernel has Landlock, may write only beneath its directory, connect only to
+the TCP ports it is allowed, bind no TCP port, and signal or reach over abstract unix sockets no
+process outside itself and its children; and, with seccomp (through libseccomp), may open no
+unix socket (a path's socket is Landlock's blind spot: a local database trusting local users
+would let it in) and make none of the system calls a strategy has no use for that widen the
+kernel's surface (tracing, namespaces, keyrings, BPF, perf, userfaultfd, io_uring).
 
-Only the standard library (ctypes for prctl and Landlock): a fork-server imports this before it
-forks, an exec'd worker before anything else.
+Only the standard library (ctypes for prctl, Landlock and libseccomp): a fork-server imports this
+before it forks, an exec'd worker before anything else.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import errno
 import json
 import os
 import resource
+import socket
 from dataclasses import asdict, dataclass, field
 
 PR_SET_DUMPABLE = 4
@@ -48,6 +54,16 @@ NET_BIND_TCP = 1 << 0  # ABI 4
 NET_CONNECT_TCP = 1 << 1  # ABI 4
 SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
 SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+# seccomp (seccomp.h): what a sandboxed worker is refused (EPERM), besides socket(AF_UNIX, ...).
+# socketpair(2) stays: an event loop makes its wake-up pair with it.
+REFUSED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "unshare", "setns", "mount",
+    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+)
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ = 4
 
 ENV_CONFINEMENT = "RUNNER_CONFINEMENT"  # an exec'd worker's Confinement, as JSON (no secret)
 
@@ -220,6 +236,53 @@ def sandbox(tcp_ports: tuple[int, ...]) -> list[str]:
     return [f"landlock v{abi}: " + "; ".join(taken)]
 
 
+class _ArgCmp(ctypes.Structure):
+    _fields_ = (("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64))
+
+
+def _libseccomp() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("seccomp")
+    if name is None:
+        return None
+    lib = ctypes.CDLL(name, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+    lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
+    lib.seccomp_rule_add_array.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp))
+    lib.seccomp_load.argtypes = (ctypes.c_void_p,)
+    lib.seccomp_release.argtypes = (ctypes.c_void_p,)
+    return lib
+
+
+def refuse_syscalls() -> list[str]:
+    """A seccomp filter over this process and its future children: no unix socket but a pair,
+    none of REFUSED_SYSCALLS (EPERM). Returns what it refused; [] without libseccomp."""
+    lib = _libseccomp()
+    if lib is None:
+        return []
+    refuse = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)
+    context = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not context:
+        raise ConfinementError("seccomp_init failed")
+    try:
+        unix = (_ArgCmp * 1)(_ArgCmp(0, SCMP_CMP_EQ, socket.AF_UNIX, 0))
+        rules = [("socket", 1, unix), *((name, 0, None) for name in REFUSED_SYSCALLS)]
+        for name, count, args in rules:
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number < 0:
+                continue  # not a system call of this architecture
+            if lib.seccomp_rule_add_array(context, refuse, number, count, args) != 0:
+                raise ConfinementError(f"seccomp: cannot refuse {name}")
+        if lib.seccomp_load(context) != 0:
+            raise ConfinementError("seccomp_load failed")
+    finally:
+        lib.seccomp_release(context)
+    return ["seccomp: no unix socket but a pair; no tracing, namespaces, keyrings, bpf, perf, "
+            "userfaultfd or io_uring"]
+
+
 def confine(confinement: Confinement) -> list[str]:
     """Take every layer `confinement` names, in order, in this process; raises
     ConfinementError (or OSError) when one cannot be taken. Returns what was taken, for the
@@ -244,4 +307,5 @@ def confine(confinement: Confinement) -> list[str]:
     taken.append("no new privileges, not dumpable")
     if confinement.sandbox:
         taken += sandbox(confinement.tcp_ports)
+        taken += refuse_syscalls()
     return taken

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes.util
 import json
 import logging
 import os
@@ -310,6 +311,9 @@ class Isolation:
             layers.append(f"landlock v{abi} (writes in its directory, tcp to "
                           f"{','.join(map(str, self.tcp_ports)) or 'no port'})"
                           if abi else "no landlock in this kernel")
+            layers.append("seccomp (no unix socket, no tracing, namespaces, keyrings, bpf, "
+                          "perf, userfaultfd, io_uring)" if ctypes.util.find_library("seccomp")
+                          else "no seccomp (libseccomp missing)")
         return "; ".join(layers)
 
     async def close(self) -> None:
@@ -396,6 +400,8 @@ def prepare_directory(worker_id: str, directory: Path, identity: Identity | None
     directory's content is the worker's doing. A paper account kept by a host before workers had
     directories is moved in."""
     directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.parent.stat().st_uid == os.getuid():  # no worker lists its siblings (`ls ..`)
+        os.chmod(directory.parent, 0o700)
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
     if not stat.S_ISDIR(directory.lstat().st_mode):

@@ -40,7 +40,8 @@ from services.worker_host.isolation import (
 )
 
 # The only variables of the host's own environment a worker (or the fork-server) inherits: never
-# the host's secrets (no deployment key, no admin token, no broker URL).
+# the host's secrets (no deployment key, no admin token, no broker URL). UV_USE_IO_URING=0 is
+# also what a sandboxed worker needs: its io_uring calls are refused (confinement.py).
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT",
              "RUNNER_ENABLE_CHAOS")
 # libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread polling
@@ -115,7 +116,7 @@ class WorkerProcess:
                 f"a line over {protocol.MAX_LINE} bytes") from None
         if line and not self.budget.take(asyncio.get_running_loop().time()):
             raise protocol.ProtocolViolation(
-                f"more than {self.budget.rate:g} lines a second (after {self.budget.burst:g})")
+                f"more than {self.budget.rate:g} lines a second")
         return line
 
     def violated(self, violation: protocol.ProtocolViolation) -> None:
