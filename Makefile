@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@umask 022; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@umask 022; $(BIN)/python -m pip install --quiet --upgrade pip
 	@umask 022; $(BIN)/python -m pip install --quiet -e ".[dev]"
+	@umask 022; $(BIN)/python -m compileall -q events projections services >/dev/null
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -62,6 +62,7 @@ def keep_to_itself(settings: Settings) -> None:
     from services.worker.confinement import set_dumpable
 
     os.umask(0o077)
+    sys.dont_write_bytecode = True  # its own (0600) would be unreadable to the workers' uids
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         os.chmod(settings.data_dir, 0o700)

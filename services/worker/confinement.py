@@ -19,8 +19,8 @@ before it forks, an exec'd worker before anything else.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import json
 import os
 import resource
@@ -241,11 +241,13 @@ class _ArgCmp(ctypes.Structure):
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64))
 
 
-def _libseccomp() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp")
-    if name is None:
+@functools.cache
+def libseccomp() -> ctypes.CDLL | None:
+    """libseccomp, loaded once (a fork-server loads it before it forks); None without it."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
         return None
-    lib = ctypes.CDLL(name, use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = (ctypes.c_uint32,)
     lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
@@ -259,7 +261,7 @@ def _libseccomp() -> ctypes.CDLL | None:
 def refuse_syscalls() -> list[str]:
     """A seccomp filter over this process and its future children: no unix socket but a pair,
     none of REFUSED_SYSCALLS (EPERM). Returns what it refused; [] without libseccomp."""
-    lib = _libseccomp()
+    lib = libseccomp()
     if lib is None:
         return []
     refuse = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)

@@ -64,10 +64,12 @@ def preload() -> None:
     """Import (and warm) everything a worker needs, so a forked child only runs."""
     from services.worker import runtime  # noqa: F401
     from services.worker.brokers import paper  # noqa: F401
+    from services.worker.confinement import libseccomp
     from services.worker.strategies.base import BUILTIN_STRATEGIES, find_strategy
 
     for name in BUILTIN_STRATEGIES:
         find_strategy(name)
+    libseccomp()  # loaded (and relocated) once, shared by every worker
     rehearse()  # what the runtime runs, and asyncio sets up on first use, is shared too
     # Objects made so far are shared with every child: keep the collector from touching (and so
     # copying) their pages.

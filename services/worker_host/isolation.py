@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes.util
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any
 
 from yarl import URL
 
-from services.worker.confinement import Confinement, Limits, landlock_abi
+from services.worker.confinement import Confinement, Limits, landlock_abi, libseccomp
 from services.worker_host import children
 
 log = logging.getLogger(__name__)
@@ -312,7 +311,7 @@ class Isolation:
                           f"{','.join(map(str, self.tcp_ports)) or 'no port'})"
                           if abi else "no landlock in this kernel")
             layers.append("seccomp (no unix socket, no tracing, namespaces, keyrings, bpf, "
-                          "perf, userfaultfd, io_uring)" if ctypes.util.find_library("seccomp")
+                          "perf, userfaultfd, io_uring)" if libseccomp()
                           else "no seccomp (libseccomp missing)")
         return "; ".join(layers)
 

@@ -50,12 +50,15 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV"
 # no 1,000 kernel threads. libuv reads it once per process, at its first loop: the fork-server's
 # first (its rehearsal's) decides for the children it forks.
 WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
+# Neither the fork-server nor a worker writes bytecode into the shared tree: written under
+# umask 077 it would be unreadable to every other worker's uid (the Makefile compiles it, 0644).
+NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def base_environment() -> dict[str, str]:
     """What a worker's process, and the fork-server, start from: the host's `INHERITED`
     variables (none of its secrets) and `WORKER_LOOP_ENV`."""
-    return {k: os.environ[k] for k in INHERITED if k in os.environ} | WORKER_LOOP_ENV
+    return {k: os.environ[k] for k in INHERITED if k in os.environ} | WORKER_LOOP_ENV | NO_BYTECODE
 
 
 class SpawnError(RuntimeError):
