@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -363,21 +364,23 @@ class Isolation:
             tcp_ports=self.tcp_ports,
         )
 
-    def release_when_gone(self, placement: Placement, exited: Any) -> None:
-        """Once `exited` (an awaitable: the worker's exit) completes, end whatever still runs
-        under its uid and give the uid back."""
+    def release_when_gone(
+        self, placement: Placement, exited: Callable[[], Awaitable[Any]] | None
+    ) -> None:
+        """Once `exited()` (the worker's exit; None: it never ran) completes, end whatever still
+        runs under its uid and give the uid back."""
+        if placement.identity is None:
+            return  # the host's uid: nothing to give back
         task = asyncio.create_task(self._release(placement, exited),
                                    name=f"release-{placement.worker_id}")
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def release(self, placement: Placement) -> None:
-        """Give the uid of a worker that never ran (or has surely ended) back, swept first."""
-        await self._release(placement, None)
-
-    async def _release(self, placement: Placement, exited: Any) -> None:
+    async def _release(
+        self, placement: Placement, exited: Callable[[], Awaitable[Any]] | None
+    ) -> None:
         if exited is not None:
-            await exited
+            await exited()
         identity = placement.identity
         if identity is None or self.pool is None:
             return

@@ -241,7 +241,7 @@ class PlacingSpawner:
         except BaseException:
             self.isolation.release_when_gone(placement, None)
             raise
-        self.isolation.release_when_gone(placement, worker.wait())
+        self.isolation.release_when_gone(placement, worker.wait)
         return worker
 
     async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
