@@ -194,3 +194,30 @@ async def test_a_worker_breaking_the_protocol_is_killed_and_reported(
     assert crash["reason"] == "exited" and crash["exit_code"] == -signal.SIGKILL
     assert crash["detail"] == f"broke the control protocol ({says}); killed by SIGKILL", crash
     assert "w-mallory" not in service.live  # its slot freed
+
+
+async def spawn_failure_of(service: WorkerHostService, wid: str) -> dict[str, Any] | None:
+    async with service.store.reading() as session:
+        rows = (await session.execute(select(OUTBOX.c.envelope))).scalars()
+        failed = [e["payload"] for e in map(json.loads, rows)
+                  if e["type"] == "WorkerSpawnFailed" and e["payload"]["worker_id"] == wid]
+    return failed[0] if failed else None
+
+
+@pytest.mark.parametrize("host", ["fork"], indirect=True)
+async def test_credentials_copied_into_another_job_are_refused(host: Host) -> None:
+    service, inbox = host
+    secret = f"sk-of-alice-{uuid.uuid4().hex}"
+    alices = service.sealer.seal({"apiKey": "ak-alice", "apiSecret": secret},
+                                 user_id="alice", worker_id="w-alice")
+    message = JobDispatched(
+        job_id="j-w-mallory", worker_id="w-mallory", host_id=HOST, strategy_id="hold",
+        broker_id="paper", credentials_sealed=alices,  # copied from alice's job
+        config=StrategyConfig(name="hold", type="hold"), host_incarnation=service.incarnation)
+    envelope = Envelope.wrap(message, stream="job-j-w-mallory", user_id="mallory",
+                             correlation_id="j-w-mallory")
+    assert await inbox([Delivery(envelope, message)]) == {}
+    failed = await until(lambda: spawn_failure_of(service, "w-mallory"))
+    assert failed["error"] == "these sealed credentials belong to another job: refused"
+    assert "w-mallory" not in service.live
+    assert not (service.workers_dir / "w-mallory").exists()  # nothing was started
