@@ -94,7 +94,13 @@ class Confinement:
     tcp_ports: tuple[int, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        limits = self.limits
+        return json.dumps({
+            "directory": self.directory, "uid": self.uid, "gid": self.gid,
+            "limits": {"address_space": limits.address_space, "open_files": limits.open_files,
+                       "processes": limits.processes},
+            "sandbox": self.sandbox, "tcp_ports": list(self.tcp_ports),
+        }, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Confinement:
@@ -285,6 +291,11 @@ def refuse_syscalls() -> list[str]:
             "userfaultfd or io_uring"]
 
 
+def describe_limits(limits: Limits) -> str:
+    named = [f"{name} {value}" for name, value in asdict(limits).items() if value is not None]
+    return "limits: " + ", ".join([*named, "no core files"])
+
+
 def confine(confinement: Confinement) -> list[str]:
     """Take every layer `confinement` names, in order, in this process; raises
     ConfinementError (or OSError) when one cannot be taken. Returns what was taken, for the
@@ -301,9 +312,7 @@ def confine(confinement: Confinement) -> list[str]:
                     else "no supplementary groups"))
     os.umask(0o077)
     set_limits(confinement.limits)
-    limits = [f"{name} {value}" for name, value in asdict(confinement.limits).items()
-              if value is not None]
-    taken.append("limits: " + ", ".join([*limits, "no core files"]))
+    taken.append(describe_limits(confinement.limits))
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     set_dumpable(False)
     taken.append("no new privileges, not dumpable")

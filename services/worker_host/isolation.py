@@ -31,7 +31,13 @@ from typing import Any
 
 from yarl import URL
 
-from services.worker.confinement import Confinement, Limits, landlock_abi, libseccomp
+from services.worker.confinement import (
+    Confinement,
+    Limits,
+    describe_limits,
+    landlock_abi,
+    libseccomp,
+)
 from services.worker_host import children
 
 log = logging.getLogger(__name__)
@@ -224,6 +230,7 @@ class Isolation:
         self.reason = "workers run under the host's uid"
         self.pool: UidPool | None = None
         self._releases: set[asyncio.Task[None]] = set()
+        self._private: set[Path] = set()  # workers' directories made 0700 already
 
     @classmethod
     def from_settings(cls, settings: Any) -> Isolation:
@@ -302,9 +309,7 @@ class Isolation:
     def describe(self) -> str:
         """One line for the log and for `GET /admin/hosts`: how workers are isolated here."""
         layers = [self.reason if self.switches_ids else "under the host's uid"]
-        limits = [f"{name} {value}" for name, value in vars(self.limits).items()
-                  if value is not None]
-        layers.append("limits: " + ", ".join([*limits, "no core files"]))
+        layers.append(describe_limits(self.limits))
         layers.append("no new privileges, not dumpable")
         if self.sandbox:
             abi = landlock_abi()
@@ -327,10 +332,13 @@ class Isolation:
     def place(self, worker_id: str, directory: Path) -> Placement:
         """A uid for the worker (when switching ids), its directory made and given to it, and
         its log opened. Raises PoolExhausted or OSError; then nothing is held."""
+        if directory.parent not in self._private:
+            make_workers_dir(directory.parent)
+            self._private.add(directory.parent)
         identity, claim = self._take() if self.switches_ids else (None, None)
         try:
-            prepare_directory(worker_id, directory, identity)
-            log_fd = open_log(directory / LOG_NAME, identity)
+            fresh = prepare_directory(worker_id, directory, identity)
+            log_fd = open_log(directory / LOG_NAME, identity, fresh)
         except BaseException:
             if identity is not None:
                 self.pool.give_back(identity.uid)  # type: ignore[union-attr]
@@ -396,39 +404,60 @@ class Isolation:
                         "used again", placement.worker_id, identity.uid)
 
 
-def prepare_directory(worker_id: str, directory: Path, identity: Identity | None) -> None:
+def prepare_directory(worker_id: str, directory: Path, identity: Identity | None) -> bool:
     """The worker's own directory, 0700, and everything in it, given to `identity` (its files
-    may come from an earlier attempt under another uid). Symbolic links are never followed: the
-    directory's content is the worker's doing. A paper account kept by a host before workers had
-    directories is moved in."""
-    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if directory.parent.stat().st_uid == os.getuid():  # no worker lists its siblings (`ls ..`)
-        os.chmod(directory.parent, 0o700)
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-    if not stat.S_ISDIR(directory.lstat().st_mode):
-        raise OSError(f"{directory} is not a directory")
-    legacy = directory.parent / f"{worker_id}.state.json"
-    if legacy.is_file() and not (directory / STATE_NAME).exists():
-        legacy.rename(directory / STATE_NAME)
-    os.chmod(directory, 0o700, follow_symlinks=False)
-    if identity is None:
-        return
-    for root, dirs, files in os.walk(directory):
-        for name in (*dirs, *files):
-            os.chown(os.path.join(root, name), identity.uid, identity.gid, follow_symlinks=False)
-    os.chown(directory, identity.uid, identity.gid, follow_symlinks=False)
-
-
-def open_log(path: Path, identity: Identity | None) -> int:
-    """The worker's log, opened for appending by the host: never through a symbolic link, never
-    anything but a regular file (the worker may have put anything under that name)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                 | os.O_CLOEXEC, 0o600)
+    may come from an earlier attempt under another uid); True when it is new. Symbolic links are
+    never followed: the directory's content is the worker's doing. A paper account kept by a host
+    before workers had directories is moved in. A worker's first start makes two or three system
+    calls here (a burst of starts is bound by its host's share of them)."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
+        os.mkdir(directory, 0o700)
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    if fresh:
+        legacy = directory.parent / f"{worker_id}.state.json"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(legacy, directory / STATE_NAME)
+            if identity is not None:
+                os.chown(directory / STATE_NAME, identity.uid, identity.gid,
+                         follow_symlinks=False)
+    else:  # an earlier attempt's: made by us, but its content is the worker's
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise OSError(f"{directory} is not a directory")
+        os.chmod(directory, 0o700, follow_symlinks=False)
+        if identity is not None:
+            for root, dirs, files in os.walk(directory):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(root, name), identity.uid, identity.gid,
+                             follow_symlinks=False)
+    if identity is not None:
+        os.chown(directory, identity.uid, identity.gid, follow_symlinks=False)
+    return fresh
+
+
+def make_workers_dir(path: Path) -> None:
+    """The host's workers' directory, 0700: no worker lists its siblings (`ls ..`)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
+
+
+def open_log(path: Path, identity: Identity | None, fresh: bool) -> int:
+    """The worker's log, opened for appending by the host. In a `fresh` directory nobody else
+    has written yet; in an earlier attempt's, never through a symbolic link, never anything but
+    a regular file (the worker may have put anything under that name)."""
+    if fresh:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        if not fresh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            os.set_blocking(fd, True)
         if identity is not None:
             os.fchown(fd, identity.uid, identity.gid)
     except BaseException:
