@@ -1,15 +1,22 @@
 # Two commands on a fresh machine (RabbitMQ reachable): `make demo` and `make test`.
-PYTHON ?= python3
+# The distribution's own Python 3.11+ when there is one (with its venv module), else the first
+# `python3` on PATH. Workers run under uids of their own (issue 24; docs/SECURITY.md), so the
+# interpreter and the venv must be readable by every uid: an interpreter under a user's home
+# (pyenv's under /root, mode 0700) is not. An existing venv is kept as it is: `make clean` first
+# to rebuild it from another interpreter.
+PYTHON ?= $(firstword $(foreach p,/usr/bin/python3 python3,$(shell $(p) -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(p))) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-unit bench bench-quick up lint topology clean
 
+# umask 022: the venv is read by the workers' uids too.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@umask 022; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@umask 022; $(BIN)/python -m pip install --quiet --upgrade pip
+	@umask 022; $(BIN)/python -m pip install --quiet -e ".[dev]"
+	@umask 022; $(BIN)/python -m compileall -q events projections services >/dev/null
 	@touch $(STAMP)
 
 demo: $(STAMP)

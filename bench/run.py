@@ -26,6 +26,7 @@ SUITE = (
     "bench.ingest",
     "bench.replay",
     "bench.spawn",
+    "bench.isolation",
     "bench.density",
     "bench.start_path",
     "bench.recovery",

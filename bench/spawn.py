@@ -158,13 +158,12 @@ def our_spawn(spawner, workdir: Path) -> Spawn:
             user_id="bench",
             strategy_id="bench",
             broker_id="paper",
-            credentials={"apiKey": "bench-key", "apiSecret": "bench-secret"},
             config_json=config,
             heartbeat_interval=5.0,
-            state_file=workdir / f"{wid}.state.json",
         )
         worker = await spawner.spawn(
-            SpawnRequest(wid, f"j-{wid}", "bench", 0, env, workdir / f"{wid}.log", 30.0)
+            SpawnRequest(wid, f"j-{wid}", "bench", 0, env, workdir / wid, 30.0,
+                         {"apiKey": "bench-key", "apiSecret": "bench-secret"})
         )
 
         async def drain() -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from events.base import Command
-from events.values import StrategyConfig, Tier
+from events.values import Id, StrategyConfig, Tier
 
 
 class StartRunner(Command):
     """Start `config` for the envelope's user; ids are chosen by the caller so retries dedupe."""
 
-    job_id: str
-    worker_id: str
+    job_id: Id
+    worker_id: Id
     strategy_id: str
     broker_id: str
     credentials_sealed: str
@@ -23,7 +23,7 @@ class StartRunner(Command):
 class StopRunner(Command):
     """Stop a worker (terminate, optionally flattening first)."""
 
-    worker_id: str
+    worker_id: Id
     flatten: bool = False
     reason: str = "stopped by user"
 

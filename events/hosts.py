@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from events.base import Event
+from events.values import Id
 
 
 class _HostEvent(Event):
     category = "host"
-    host_id: str
+    host_id: Id
 
 
 class HostOnline(_HostEvent):

@@ -5,18 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 
 from events.base import Event
-from events.values import CrashReason, Fill, Position, RejectReason, StrategyConfig, Tier
+from events.values import CrashReason, Fill, Id, Position, RejectReason, StrategyConfig, Tier
 
 
 class _JobEvent(Event):
     category = "job"
-    job_id: str
+    job_id: Id
 
 
 class JobRequested(_JobEvent):
     """A user asked for a runner; the entitlement service decides on it."""
 
-    worker_id: str
+    worker_id: Id
     strategy_id: str
     broker_id: str
     credentials_sealed: str
@@ -25,7 +25,7 @@ class JobRequested(_JobEvent):
 
 
 class JobAccepted(_JobEvent):
-    worker_id: str
+    worker_id: Id
     tier: Tier
     max_workers: int
     in_use: int
@@ -38,15 +38,15 @@ class JobRejected(_JobEvent):
 
 
 class JobQueued(_JobEvent):
-    worker_id: str
+    worker_id: Id
 
 
 class JobDispatched(_JobEvent):
     """The scheduler placed the job on a host; `attempt` 0 is the first start. Carries all the
     host needs to spawn the worker (credentials still sealed)."""
 
-    worker_id: str
-    host_id: str
+    worker_id: Id
+    host_id: Id
     attempt: int = 0
     strategy_id: str
     broker_id: str
@@ -57,14 +57,14 @@ class JobDispatched(_JobEvent):
 
 class _WorkerEvent(Event):
     category = "worker"
-    job_id: str
-    worker_id: str
+    job_id: Id
+    worker_id: Id
 
 
 class WorkerSpawned(_WorkerEvent):
     """A worker process is running on a host."""
 
-    host_id: str
+    host_id: Id
     pid: int
     attempt: int = 0
 
@@ -73,21 +73,21 @@ class WorkerSpawnFailed(_WorkerEvent):
     """The worker did not come up. `permanent`: restarting cannot help (e.g. the exchange
     rejected the API key); `error` is then the reason the user reads in status."""
 
-    host_id: str
+    host_id: Id
     attempt: int = 0
     error: str
     permanent: bool = False
 
 
 class HeartbeatMissed(_WorkerEvent):
-    host_id: str
+    host_id: Id
     silent_for: float
 
 
 class WorkerCrashed(_WorkerEvent):
     """The worker's process is gone (or declared gone); `attempt` names which incarnation."""
 
-    host_id: str | None
+    host_id: Id | None
     attempt: int = 0
     reason: CrashReason
     exit_code: int | None = None
@@ -103,7 +103,7 @@ class WorkerRestartScheduled(_WorkerEvent):
 class WorkerRestarted(_WorkerEvent):
     """A crashed worker runs again under the same `worker_id`."""
 
-    host_id: str
+    host_id: Id
     pid: int
     attempt: int
 
@@ -114,7 +114,7 @@ class RestartsExhausted(_WorkerEvent):
 
 
 class StopRequested(_WorkerEvent):
-    host_id: str | None
+    host_id: Id | None
     flatten: bool
     reason: str
 

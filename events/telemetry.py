@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 
 from events.base import Telemetry
-from events.values import PositionMark
+from events.values import Id, PositionMark
 
 
 class WorkerHeartbeat(Telemetry):
-    job_id: str
-    worker_id: str
-    host_id: str
+    job_id: Id
+    worker_id: Id
+    host_id: Id
     pid: int
     at: datetime
     positions: tuple[PositionMark, ...] = ()
@@ -21,12 +21,12 @@ class WorkerHeartbeats(Telemetry):
     """Several workers' heartbeats relayed by their host in one message: a thousand workers
     beating every 5 s are 200 messages a second one by one, a few as batches."""
 
-    host_id: str
+    host_id: Id
     beats: tuple[WorkerHeartbeat, ...]
 
 
 class HostHeartbeat(Telemetry):
-    host_id: str
+    host_id: Id
     capacity: int
-    workers: tuple[str, ...] = ()
+    workers: tuple[Id, ...] = ()
     at: datetime

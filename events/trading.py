@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from events.base import Event
-from events.values import OrderSide, Side
+from events.values import Id, OrderSide, Side
 
 
 class _TradingEvent(Event):
     category = "trading"
-    job_id: str
-    worker_id: str
+    job_id: Id
+    worker_id: Id
 
 
 class OrderFilled(_TradingEvent):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
+
+# A job's, worker's or host's id: one safe path component (a worker's directory, a host's store
+# are named by them), no leading dot or dash, no slash.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 Tier = Literal["free", "basic", "pro", "enterprise"]
 Side = Literal["long", "short"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -37,8 +38,13 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     secret_key: str | None = Field(
         default=None,
-        description="Fernet key sealing credentials (gateway and worker-hosts only). "
-        "Generated at first start and kept in the data dir when unset.",
+        description="Fernet key sealing credentials (gateway and worker-hosts only); several, "
+        "comma-separated, newest first, while keys rotate. When unset: the key file.",
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="file of Fernet keys, one per line, newest first (0600; generated with one "
+        "key at first start) [<data dir>/secret.key]",
     )
 
     heartbeat_interval: float = 5.0
@@ -54,6 +60,11 @@ class Settings(BaseSettings):
     circuit_window: float = 600.0
     circuit_cooldown: float = 300.0
     spawn_concurrency: int = 1
+    enable_chaos: bool = Field(
+        default=False,
+        description="offer and run the fault-drill strategies (`chaos`): for tests and drills, "
+        "never for users",
+    )
     spawn_mode: str = "fork"
     max_system_workers: int = 1000
     stop_grace: float = 10.0
@@ -66,6 +77,35 @@ class Settings(BaseSettings):
         description="JSON object overriding an exchange's API base URL, by exchange id (or "
         'broker id), e.g. {"deribit": "http://127.0.0.1:9000"}: private gateways, the tests\' '
         "local exchange. Applied after a `-testnet` id's sandbox URLs",
+    )
+
+    # Worker isolation (docs/SECURITY.md)
+    worker_uids: str = Field(
+        default="60000-60999",
+        description="uid range for workers, each under a uid (and gid) of its own while it runs, "
+        "where the host can switch ids (root, or CAP_SETUID and CAP_SETGID); worker-hosts on one "
+        "machine need ranges of their own; empty: workers run under the host's uid",
+    )
+    worker_address_space_mb: int = Field(
+        default=4096, ge=0, description="a worker's address space limit in MiB (0: none)"
+    )
+    worker_open_files: int = Field(
+        default=256, ge=0, description="a worker's open files (0: as inherited)"
+    )
+    worker_processes: int = Field(
+        default=64, ge=0,
+        description="processes and threads under a worker's uid (0: no limit; not applied "
+        "where workers share the host's uid)",
+    )
+    worker_sandbox: bool = Field(
+        default=True,
+        description="Landlock, where the kernel has it: a worker writes only in its directory, "
+        "connects only to `worker_tcp_ports`, signals nothing outside itself",
+    )
+    worker_tcp_ports: str = Field(
+        default="443",
+        description="TCP ports a sandboxed worker may connect to (comma-separated), besides the "
+        "ports of RUNNER_BROKER_URLS",
     )
 
     handler_attempts: int = Field(
@@ -121,6 +161,17 @@ class Settings(BaseSettings):
                             description="text, or json: one JSON object per log line")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
+    @field_validator("host_id")
+    @classmethod
+    def _host_id_names_files(cls, host_id: str | None) -> str | None:
+        from events.values import ID_PATTERN
+
+        if host_id and not re.fullmatch(ID_PATTERN, host_id):
+            # it names the host's store and data dir, and is an Id in every event
+            raise ValueError("letters, digits, '.', '_' and '-' only, 100 at most, starting "
+                             "with a letter or digit")
+        return host_id
+
     @field_validator("database_url")
     @classmethod
     def _one_database_per_service(cls, url: str | None) -> str | None:
@@ -144,6 +195,14 @@ class Settings(BaseSettings):
         """Seconds a worker's flatten may take: a stopping worker is sent SIGKILL two stop
         graces after its Stop, and it must report before that."""
         return 1.5 * self.stop_grace
+
+    def own(self, service: str) -> Settings:
+        """These settings as `service` has them under `runner up`, which gives each service a
+        data directory of its own beneath the data dir (`service` names it: "monitor",
+        "gateway", "worker-host-<host id>"); unchanged where there is none (compose, a single
+        service), so that a tool finds the monitor's log or the admin token either way."""
+        own = self.data_dir / service
+        return self.model_copy(update={"data_dir": own}) if own.is_dir() else self
 
     @property
     def lease_check_interval(self) -> float:

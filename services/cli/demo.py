@@ -177,7 +177,8 @@ async def _audit(console: Console, data_dir: Path, live: dict[str, Any], issued:
     from services.monitor.views import status as status_view
 
     await asyncio.sleep(1.0)  # let the last events reach the log
-    event_log = EventLog.at(Settings(data_dir=data_dir).database_for("monitor"), must_exist=True)
+    event_log = EventLog.at(Settings(data_dir=data_dir).own("monitor").database_for("monitor"),
+                            must_exist=True)
     try:
         counts: Counter[str] = Counter()
         folded = await replay(event_log, each=lambda _p, e: counts.update([e.type]))

@@ -20,7 +20,7 @@ from yarl import URL
 
 from events import Envelope
 from services.cli.client import GatewayClient, GatewayError
-from services.cli.supervisor import Supervisor, system
+from services.cli.supervisor import Supervisor, prepare_data_dir, system
 from services.settings import Settings
 
 
@@ -30,8 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rabbitmqctl(*args: str) -> str:
-    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+def rabbitmqctl(*args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
+                            input=stdin)
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -45,7 +46,9 @@ def can_make_vhosts(amqp_url: str) -> bool:
 
 
 class LocalSystem:
-    """Five services (and `hosts` worker-hosts) under a supervisor, on a private vhost."""
+    """Five services (and `hosts` worker-hosts) under a supervisor, on a private vhost; with
+    `own_broker_user`, through a broker user of its own with a random password (deleted at the
+    end), so that a test can look for that password where it must not be."""
 
     def __init__(
         self,
@@ -57,11 +60,16 @@ class LocalSystem:
         log: IO[str] | None = None,
         console: Console | None = None,
         quiet: bool = False,
+        own_broker_user: bool = False,
     ) -> None:
         base = Settings()
         self.vhost = vhost or f"runner-{uuid.uuid4().hex[:10]}"
         self.own_vhost = can_make_vhosts(base.amqp_url)
         amqp = URL(base.amqp_url)
+        self.broker_user: tuple[str, str] | None = None
+        if own_broker_user and self.own_vhost:
+            self.broker_user = (self.vhost, secrets.token_urlsafe(18))
+            amqp = amqp.with_user(self.broker_user[0]).with_password(self.broker_user[1])
         self.amqp_url = str(amqp.with_path(f"/{self.vhost}")) if self.own_vhost else base.amqp_url
         self.data_dir = data_dir
         self.admin_token = secrets.token_urlsafe(24)
@@ -94,12 +102,16 @@ class LocalSystem:
             with contextlib.suppress(RuntimeError):
                 rabbitmqctl("delete_vhost", self.vhost)
             rabbitmqctl("add_vhost", self.vhost)
+            if self.broker_user is not None:
+                with contextlib.suppress(RuntimeError):
+                    rabbitmqctl("delete_user", user)
+                rabbitmqctl("add_user", user, stdin=self.broker_user[1])  # not in `ps`
             rabbitmqctl("set_permissions", "-p", self.vhost, user, ".*", ".*", ".*")
         self._vhost_ready = True
 
     async def start(self, timeout: float = 60.0) -> None:
         self.create_vhost()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(self.data_dir)
         await self.supervisor.start()
         for _ in range(int(timeout * 10)):
             try:
@@ -118,6 +130,9 @@ class LocalSystem:
         if self.own_vhost and not keep_vhost:
             with contextlib.suppress(RuntimeError):
                 rabbitmqctl("delete_vhost", self.vhost)
+        if self.broker_user is not None:
+            with contextlib.suppress(RuntimeError):
+                rabbitmqctl("delete_user", self.broker_user[0])
 
     async def user(
         self, name: str | None = None, tier: str | None = None, days: float = 30
@@ -135,7 +150,8 @@ class LocalSystem:
         from services.monitor.log import EventLog
 
         event_log = EventLog.at(
-            Settings(data_dir=self.data_dir).database_for("monitor"), must_exist=True
+            Settings(data_dir=self.data_dir).own("monitor").database_for("monitor"),
+            must_exist=True,
         )
         try:
             return [e async for _, e in event_log.read()]

@@ -313,7 +313,7 @@ async def _print_live(live: asyncio.Queue[bytes], printer: _Printer, seen: set[s
 
 def _log_url(database: str | None) -> str:
     if database is None:
-        return Settings().database_for("monitor")
+        return Settings().own("monitor").database_for("monitor")
     return async_driver(database) if "://" in database else f"sqlite:///{database}"
 
 

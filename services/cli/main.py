@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import os
 import signal
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,24 @@ async def run_service(service: Any, settings: Settings) -> None:
             server.close()
 
 
+def keep_to_itself(settings: Settings) -> None:
+    """What a service does first: every file it writes is its own (umask 077), in a data
+    directory only its uid can enter (0700), and no other process of its uid may read its
+    memory or environment (not dumpable: a worker under the host's uid, where it cannot switch
+    ids, cannot read the host's secrets through /proc)."""
+    from services.worker.confinement import set_dumpable
+
+    os.umask(0o077)
+    sys.dont_write_bytecode = True  # its own (0600) would be unreadable to the workers' uids
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.chmod(settings.data_dir, 0o700)
+    except PermissionError:
+        logging.getLogger(__name__).warning(
+            "data dir %s is not ours: cannot make it 0700", settings.data_dir)
+    set_dumpable(False)
+
+
 @app.command()
 def service(
     name: str = typer.Argument(
@@ -81,6 +101,7 @@ def service(
     cls = load_service(name)
     settings = Settings()
     configure_logging(name, settings)
+    keep_to_itself(settings)
     try:
         # Services (and workers) run on uvloop, for less CPU per message; imported here, as
         # the other commands run on asyncio's own loop.
@@ -96,11 +117,12 @@ def service(
 @app.command()
 def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
-    from services.cli.supervisor import Supervisor, system
+    from services.cli.supervisor import Supervisor, data_dir_of, prepare_data_dir, system
 
     _broker_or_fail()
 
     async def main() -> None:
+        prepare_data_dir(data_dir_of(os.environ))
         supervisor = Supervisor(os.environ)
         system(supervisor, hosts=hosts)
         await supervisor.start()
@@ -153,7 +175,7 @@ def _token(token: str | None) -> str:
     """The token given, else the admin's (its setting, or its file in the data dir)."""
     settings = Settings()
     if token is None:
-        path = settings.data_dir / "admin.token"
+        path = settings.own("gateway").data_dir / "admin.token"
         token = settings.admin_token or (path.read_text().strip() if path.exists() else None)
     if not token:
         fail("no token: pass --token, set RUNNER_TOKEN, or run where the admin token is")
@@ -455,6 +477,9 @@ def _register_optional_commands() -> None:
         from services.cli import log_commands
     except ImportError:  # pragma: no cover - during bootstrap
         return
+    from services.cli.keys import keys_app
+
+    app.add_typer(keys_app, name="keys")
     app.add_typer(log_commands.events_app, name="events")
     app.add_typer(log_commands.audit_app, name="audit")
     app.command("replay")(log_commands.replay_command)

@@ -1,14 +1,22 @@
-"""`runner up`: every service as its own process, supervised, logs prefixed by service."""
+"""`runner up`: every service as its own process, supervised, logs prefixed by service.
+
+Each service gets a data directory of its own beneath RUNNER_DATA_DIR (0700, as everything it
+writes: umask 077) and only the environment it needs (`service_environment`): the sealing key
+reaches the gateway and the worker-hosts only, the admin token the gateway only, and nothing of
+the caller's environment but what a Python service runs with.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -23,6 +31,58 @@ COLOURS = {
 # Stopped in this order: the edge first, the log last, so the log sees every final event.
 STOP_ORDER = ("gateway", "scheduler", "entitlement", "worker-host", "monitor")
 RESTART_DELAY = 1.0
+
+# What a service may take from the environment it is started from: its settings, and what a
+# Python process, its locale and its TLS and proxies need; but the secrets below only where
+# named, and never the command line's own (a user's token, the credentials of `runner start`).
+PASSED = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV", "SSL_CERT_FILE",
+          "SSL_CERT_DIR", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+          "no_proxy")
+PASSED_PREFIXES = ("RUNNER_", "LC_", "PYTHON")
+SECRETS_FOR = {
+    "RUNNER_SECRET_KEY": {"gateway", "worker-host"},
+    "RUNNER_SECRET_KEY_FILE": {"gateway", "worker-host"},
+    "RUNNER_ADMIN_TOKEN": {"gateway"},
+}
+NEVER_PASSED = ("RUNNER_TOKEN", "RUNNER_API_KEY", "RUNNER_API_SECRET")
+
+
+def service_environment(env: Mapping[str, str], service: str) -> dict[str, str]:
+    """The part of `env` that `service` is started with."""
+    return {
+        name: value
+        for name, value in env.items()
+        if (name in PASSED or name.startswith(PASSED_PREFIXES))
+        and name not in NEVER_PASSED
+        and service in SECRETS_FOR.get(name, {service})
+    }
+
+
+def data_dir_of(env: Mapping[str, str]) -> Path:
+    return Path(env.get("RUNNER_DATA_DIR") or "./var")
+
+
+def prepare_data_dir(root: Path) -> None:
+    """The data dir, 0700. A data dir laid out before each service had its own (one file per
+    service store, the admin token and the sealing key side by side) is moved into the new
+    layout first, so that no store is left behind."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    for store in list(root.glob("*.db")):
+        own = root / store.stem
+        if own.is_dir():  # a worker-host's workers: they now live in its own directory
+            moving = root / f".{store.stem}.moving"
+            own.rename(moving)
+            own.mkdir(mode=0o700)
+            moving.rename(own / store.stem)
+        else:
+            own.mkdir(mode=0o700)
+        for part in list(root.glob(f"{glob.escape(store.name)}*")):  # with its -wal and -shm
+            part.rename(own / part.name)
+    for name, service in (("admin.token", "gateway"), ("secret.key", "keys")):
+        if (root / name).exists() and not (root / service / name).exists():
+            (root / service).mkdir(mode=0o700, exist_ok=True)
+            (root / name).rename(root / service / name)
 
 
 @dataclass
@@ -53,7 +113,8 @@ class Supervisor:
         self._watchers: list[asyncio.Task[None]] = []
 
     def add(self, service: str, label: str | None = None, **env: str) -> Child:
-        child = Child(label or service, service, self.base_env | env)
+        """`service` started with its part of the base environment, and `env`."""
+        child = Child(label or service, service, service_environment(self.base_env, service) | env)
         self.children.append(child)
         return child
 
@@ -73,6 +134,7 @@ class Supervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
+            umask=0o077,
         )
         assert child.process.stdout is not None
         child.pumps = [asyncio.create_task(self._pump(child, child.process.stdout))]
@@ -157,12 +219,37 @@ def system(supervisor: Supervisor, hosts: int = 1) -> None:
     carried out in the time left. At 50 starts/s the POST's p50 was 21–38 ms against 31–96 ms at
     nice 0, four runs each; a burst of starts got about 10 % slower (bench/RESULTS.md)."""
     background = supervisor.base_env.get("RUNNER_NICE") or str(BACKGROUND_NICE)
-    supervisor.add("monitor", RUNNER_NICE=background)
-    supervisor.add("entitlement")
-    supervisor.add("scheduler", RUNNER_NICE=background)
+    root = data_dir_of(supervisor.base_env)
+    keys = {} if {"RUNNER_SECRET_KEY", "RUNNER_SECRET_KEY_FILE"} & set(supervisor.base_env) else {
+        "RUNNER_SECRET_KEY_FILE": str(root / "keys" / "secret.key")}
+
+    def own(name: str) -> str:
+        return str(root / name)
+
+    supervisor.add("monitor", RUNNER_NICE=background, RUNNER_DATA_DIR=own("monitor"))
+    supervisor.add("entitlement", RUNNER_DATA_DIR=own("entitlement"))
+    supervisor.add("scheduler", RUNNER_NICE=background, RUNNER_DATA_DIR=own("scheduler"))
+    uids = supervisor.base_env.get("RUNNER_WORKER_UIDS")
     for n in range(1, hosts + 1):
         host_id = os.environ.get("RUNNER_HOST_ID") if hosts == 1 else None
         host_id = host_id or f"host-{n}"
         supervisor.add("worker-host", label=f"worker-host {host_id}", RUNNER_HOST_ID=host_id,
-                       RUNNER_NICE=background)
-    supervisor.add("gateway")
+                       RUNNER_NICE=background, RUNNER_DATA_DIR=own(f"worker-host-{host_id}"),
+                       **keys, **worker_uids(uids, n, hosts))
+    supervisor.add("gateway", RUNNER_DATA_DIR=own("gateway"), **keys)
+
+
+def worker_uids(uids: str | None, n: int, hosts: int) -> dict[str, str]:
+    """Host `n` of `hosts`' share of the worker uid range (hosts on one machine need their own):
+    the default range, or the one set, cut in `hosts` equal parts."""
+    from services.settings import Settings
+    from services.worker_host.isolation import parse_uids
+
+    whole = parse_uids(uids if uids is not None else Settings.model_fields["worker_uids"].default)
+    if whole is None or hosts == 1:
+        return {}
+    size = len(whole) // hosts
+    if size == 0:
+        raise ValueError(f"RUNNER_WORKER_UIDS has fewer uids than the {hosts} worker-hosts")
+    first = whole.start + (n - 1) * size
+    return {"RUNNER_WORKER_UIDS": f"{first}-{first + size - 1}"}

@@ -70,7 +70,7 @@ from services.gateway.models import (
 )
 from services.gateway.users import Caller, UserDirectory, UserRow
 from services.gateway.waiters import Unseen, Waiters
-from services.secrets import Sealer, admin_token, secret_key
+from services.secrets import Sealer, admin_token
 from services.service import Service, now
 from services.topology import ENTITLEMENT_RPC, GATEWAY_WAITS, MONITOR_RPC, QueueSpec
 from services.worker.brokers import UnknownBroker, broker_spec
@@ -123,8 +123,9 @@ class GatewayService(Service):
                 flush=True,
             )
         self.users = UserDirectory(self.store, token)
-        self.sealer = Sealer(secret_key(settings))
-        self.strategies = available_strategies()  # plugins installed later: seen at restart
+        self.sealer = Sealer.for_settings(settings)
+        # plugins installed later: seen at restart; the fault drills only where enabled
+        self.strategies = available_strategies(drills=settings.enable_chaos)
         self.waiters = Waiters()
         self.unseen = Unseen()
         self.tail = events_stream.log_tail(self.bus, settings)
@@ -191,7 +192,8 @@ class GatewayService(Service):
             worker_id=worker_id,
             strategy_id=body.strategy_id,
             broker_id=body.broker_id,
-            credentials_sealed=self.sealer.seal(body.credentials.reveal()),
+            credentials_sealed=self.sealer.seal(body.credentials.reveal(), user_id=user_id,
+                                                worker_id=worker_id),
             config=body.config,
             flatten_on_stop=body.flatten_on_stop,
         )

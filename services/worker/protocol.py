@@ -3,6 +3,11 @@
 JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker.
 The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
 
+host -> worker, first: `Credentials`, the user's broker credentials (the seed's `API_KEY` and
+`API_SECRET`), written by the host the moment the worker's process exists, and read by the worker
+before it opens its broker. They never travel in an environment (readable in /proc, inherited
+by every child) nor through the fork-server, and so never sit in the memory later workers are
+forked from.
 worker -> host: `Hello` once ready (for a real exchange: once its credentials are checked and
 its positions read), a `Beat` every heartbeat interval, a `Report` for every trading fact
 (OrderFilled, PositionChanged, TradeClosed, OrderRejected, RiskLimitHit, PositionsFlattened,
@@ -13,6 +18,12 @@ host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the wo
 flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
 exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
 
+A worker's lines are untrusted (any strategy plugin, or its dependencies, may write to the
+channel): `decode` takes a line of at most `MAX_LINE` bytes, of JSON with finite numbers, strings
+of at most `MAX_STRING` characters, at most `MAX_ITEMS` items in a list or object, nested at most
+`MAX_DEPTH` deep, that is a valid line; and `LineBudget` bounds how many lines a second. Anything
+else raises `ProtocolViolation`; the host kills the worker and reports it crashed, saying why.
+
 The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, then a `Lease` line each
 time the host renews its own. Both are `time.monotonic()` instants (host and worker share the
 machine, hence the clock). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without
@@ -22,10 +33,13 @@ may restart it elsewhere.
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from events.values import PositionMark
 
@@ -33,19 +47,25 @@ EXIT_HOST_GONE = 3
 EXIT_LEASE_LAPSED = 4
 EXIT_CREDENTIALS_REJECTED = 5
 
-# Environment of a worker process: the seed's per-worker variables ...
+MAX_LINE = 64 * 1024  # bytes, the newline included
+MAX_STRING = 4096  # characters of any string in a line
+MAX_ITEMS = 1000  # items of any list or object in a line
+MAX_DEPTH = 8
+MAX_LINES_PER_SECOND = 100.0  # sustained, per worker
+LINE_BURST = 1000.0  # lines at once (a flatten of many instruments reports three per fill)
+
+# Environment of a worker process: the seed's per-worker variables (its API_KEY and API_SECRET
+# come as the `Credentials` line instead) ...
 ENV_USER_ID = "USER_ID"
 ENV_STRATEGY_ID = "STRATEGY_ID"
 ENV_BROKER_ID = "BROKER_ID"
-ENV_API_KEY = "API_KEY"
-ENV_API_SECRET = "API_SECRET"
 ENV_CONFIG = "CONFIG"  # the StrategyConfig as camelCase JSON, as in the seed
 # ... and the runtime's own.
 ENV_WORKER_ID = "RUNNER_WORKER_ID"
 ENV_JOB_ID = "RUNNER_JOB_ID"
 ENV_CONTROL_FD = "RUNNER_CONTROL_FD"
 ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
-ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper-broker account state, kept across restarts
+ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper account state, relative to its directory (its cwd)
 ENV_PAPER_SEED = "RUNNER_PAPER_SEED"
 ENV_LEASE_UNTIL = "RUNNER_LEASE_UNTIL"  # time.monotonic() instant; unset: no lease (no host)
 ENV_BROKER_URLS = "RUNNER_BROKER_URLS"  # JSON {exchange or broker id: API base URL}
@@ -94,6 +114,14 @@ class Report(_Line):
     payload: dict[str, Any]
 
 
+class Credentials(_Line):
+    """The seed's API_KEY and API_SECRET, for this worker's broker account only."""
+
+    type: Literal["credentials"] = "credentials"
+    api_key: str = Field(default="", repr=False)
+    api_secret: str = Field(default="", repr=False)
+
+
 class Stop(_Line):
     type: Literal["stop"] = "stop"
     flatten: bool = False
@@ -106,13 +134,81 @@ class Lease(_Line):
     until: float
 
 
-Line = Annotated[Hello | CannotStart | Beat | Report | Stop | Lease, Field(discriminator="type")]
+Line = Annotated[Hello | CannotStart | Beat | Report | Credentials | Stop | Lease,
+                 Field(discriminator="type")]
 LINE = TypeAdapter(Line)
+
+
+class ProtocolViolation(ValueError):
+    """A line that breaks the protocol; says what is wrong with it, never what it holds."""
 
 
 def encode(line: _Line) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
-def decode(raw: bytes | str) -> Hello | CannotStart | Beat | Report | Stop | Lease:
-    return LINE.validate_json(raw)
+def decode(raw: bytes | str) -> Hello | CannotStart | Beat | Report | Credentials | Stop | Lease:
+    """The line `raw` is; ProtocolViolation for anything out of bounds or not a valid line."""
+    if len(raw) > MAX_LINE:
+        raise ProtocolViolation(f"a line of {len(raw)} bytes (at most {MAX_LINE})")
+    try:
+        value = json.loads(raw, parse_constant=_not_a_number)
+    except ProtocolViolation:
+        raise
+    except (ValueError, RecursionError):
+        raise ProtocolViolation("a line that is not JSON") from None
+    _check(value, MAX_DEPTH)
+    try:
+        return LINE.validate_python(value)
+    except ValidationError as exc:
+        where = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'line'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)[:3]
+        )
+        raise ProtocolViolation(f"not a valid line ({where})") from None
+
+
+def _not_a_number(constant: str) -> float:
+    raise ProtocolViolation(f"a number that is not finite ({constant})")
+
+
+def _check(value: Any, depth: int) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolViolation("a number that is not finite")
+    elif isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise ProtocolViolation(f"a string of {len(value)} characters (at most {MAX_STRING})")
+    elif isinstance(value, list | dict):
+        if depth == 0:
+            raise ProtocolViolation(f"nested deeper than {MAX_DEPTH}")
+        if len(value) > MAX_ITEMS:
+            raise ProtocolViolation(f"{len(value)} items in one place (at most {MAX_ITEMS})")
+        for item in value.items() if isinstance(value, dict) else value:
+            if isinstance(item, tuple):  # an object's key and value
+                _check(item[0], depth - 1)
+                item = item[1]
+            _check(item, depth - 1)
+
+
+@dataclass
+class LineBudget:
+    """How many lines a worker may still send: `burst` at once, refilled at `rate` a second (a
+    token bucket). `take(now)` spends one; False when none is left. `now`: a monotonic clock."""
+
+    rate: float = MAX_LINES_PER_SECOND
+    burst: float = LINE_BURST
+    tokens: float = field(init=False)
+    last: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float) -> bool:
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1 - 1e-9:  # float dust from the refill must not cost a whole line
+            return False
+        self.tokens -= 1
+        return True

@@ -24,7 +24,9 @@ source of truth. Its strategy trades through `GuardedBroker` (risk.py), which en
 `RUNNER_WORKER_MODE=flatten`: a flatten-only run (a stopped job whose worker is not running):
 connect, read, Hello, close everything, report PositionsFlattened or FlattenFailed, exit 0.
 
-Credentials are read once into `Credentials` (hidden from `repr`), handed only to the broker
+Credentials come as the first line on the control channel (`protocol.Credentials`), before the
+broker is opened, never from the environment; they are kept in `Credentials` (hidden from
+`repr`), handed only to the broker
 adapter, and scrubbed from every log line and from the free-text error of FlattenFailed.
 """
 
@@ -39,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,7 +121,6 @@ class WorkerEnv:
     mode: str = "trade"
     flatten_timeout: float = DEFAULT_FLATTEN_TIMEOUT
     feed_socket: Path | None = None
-    credentials: Credentials = field(default_factory=Credentials, repr=False)
 
     @classmethod
     def parse(cls, env: Mapping[str, str]) -> WorkerEnv:
@@ -191,10 +192,6 @@ class WorkerEnv:
             flatten_timeout=flatten_timeout,
             feed_socket=Path(feed) if (feed := env.get(protocol.ENV_FEED_SOCKET, "").strip())
             else None,
-            credentials=Credentials(
-                api_key=env.get(protocol.ENV_API_KEY, ""),
-                api_secret=env.get(protocol.ENV_API_SECRET, ""),
-            ),
         )
 
 
@@ -214,19 +211,30 @@ def broker_urls(raw: str) -> dict[str, str]:
     return urls
 
 
-def redactor(credentials: Credentials) -> Callable[[str], str]:
-    """`text -> text` with every credential replaced by a marker.
+class Redactor:
+    """`text -> text` with every credential it has learnt replaced by a marker.
 
     Values shorter than `MIN_REDACTED` are left alone: they cannot be told apart from ordinary
     text (an API key of "k" would blank every k in the log) and are no real secret anyway.
     """
-    secrets = [s for s in (credentials.api_key, credentials.api_secret) if len(s) >= MIN_REDACTED]
 
-    def redact(text: str) -> str:
-        for secret in secrets:
+    def __init__(self) -> None:
+        self._secrets: list[str] = []
+
+    def learn(self, credentials: Credentials) -> None:
+        self._secrets += [
+            s for s in (credentials.api_key, credentials.api_secret) if len(s) >= MIN_REDACTED
+        ]
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         return text
 
+
+def redactor(credentials: Credentials) -> Redactor:
+    redact = Redactor()
+    redact.learn(credentials)
     return redact
 
 
@@ -365,11 +373,12 @@ class MarketClock:
 
 
 class WorkerRuntime:
-    """Runs one worker until a stop, a lost host or a crash; `run()` returns the exit code."""
+    """Runs one worker until a stop, a lost host or a crash; `run()` returns the exit code.
+    `redact` (the log's) learns the credentials when they come."""
 
-    def __init__(self, env: WorkerEnv) -> None:
+    def __init__(self, env: WorkerEnv, redact: Redactor | None = None) -> None:
         self.env = env
-        self.redact = redactor(env.credentials)
+        self.redact = redact or Redactor()
         self.lease = HostLease(env.lease_until)
         self.strategy: Strategy | None = None  # None in a flatten-only run
         self.flattening = False
@@ -399,12 +408,15 @@ class WorkerRuntime:
         def report(fact: BrokerFact) -> None:
             emit(trading_event(fact, job_id=env.job_id, worker_id=env.worker_id))
 
+        credentials = await self._first_line(reader)
+        if not isinstance(credentials, Credentials):
+            return credentials
         try:
             broker = open_broker(
                 env.broker_id,
                 worker_id=env.worker_id,
                 config=env.config,
-                credentials=env.credentials,
+                credentials=credentials,
                 state_file=env.state_file,
                 seed=env.paper_seed,
                 sink=report,
@@ -631,6 +643,34 @@ class WorkerRuntime:
             if self.strategy is not None:
                 await self.strategy.on_forced_close(position.instrument, hit.rule, hit.detail)
 
+    async def _first_line(self, reader: asyncio.StreamReader) -> Credentials | int:
+        """The credentials, the host's first line (a lease may come before them); or the exit
+        code when they never come: the host is gone (EOF), stopped it (0), or sent nonsense."""
+        while True:
+            try:
+                raw = await reader.readline()
+            except (ConnectionError, ValueError):
+                raw = b""
+            if not raw.endswith(b"\n"):
+                log.warning("control channel closed before the credentials came: host gone")
+                return EXIT_HOST_GONE
+            try:
+                line = protocol.decode(raw)
+            except protocol.ProtocolViolation:
+                line = None
+            if isinstance(line, protocol.Credentials):
+                credentials = Credentials(api_key=line.api_key, api_secret=line.api_secret)
+                self.redact.learn(credentials)
+                return credentials
+            if isinstance(line, Lease):
+                self.lease.renew(line.until)
+            elif isinstance(line, Stop):
+                log.info("stopped before it started")
+                return EXIT_OK
+            else:
+                log.error("the host's first line was not the credentials")
+                return EXIT_BAD_CONFIG
+
     async def _listen(
         self, reader: asyncio.StreamReader, settle: Callable[[Outcome], None]
     ) -> None:
@@ -644,7 +684,7 @@ class WorkerRuntime:
                 return
             try:
                 line = protocol.decode(raw)
-            except ValidationError:
+            except protocol.ProtocolViolation:
                 log.warning("ignoring an unreadable control line (%d bytes)", len(raw))
                 continue
             if isinstance(line, Stop):
@@ -662,22 +702,23 @@ async def _cancel(*tasks: asyncio.Task[None]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_worker(env: Mapping[str, str]) -> int:
+def run_worker(env: Mapping[str, str], confined: Sequence[str] = ()) -> int:
     """Run a worker from its environment until it stops; returns the process exit code.
+    `confined`: the layers it was confined by (`services.worker.confinement`), for its log.
 
     Callable in a freshly forked child (a fork-server) as well as from `__main__`.
     """
-    credentials = Credentials(
-        api_key=env.get(protocol.ENV_API_KEY, ""), api_secret=env.get(protocol.ENV_API_SECRET, "")
-    )
-    configure_logging(f"worker={env.get(protocol.ENV_WORKER_ID, '?')}", redactor(credentials))
+    redact = Redactor()
+    configure_logging(f"worker={env.get(protocol.ENV_WORKER_ID, '?')}", redact)
+    if confined:
+        log.info("confined: %s", "; ".join(confined))
     try:
         parsed = WorkerEnv.parse(env)
     except BadEnvironment as exc:
         log.error("bad worker environment: %s", exc)
         return EXIT_BAD_CONFIG
     try:
-        return uvloop.run(WorkerRuntime(parsed).run())
+        return uvloop.run(WorkerRuntime(parsed, redact).run())
     except Exception:
         log.exception("worker runtime failed")
         return EXIT_CRASHED

@@ -17,6 +17,7 @@ class Ending(StrEnum):
     HEARTBEAT = "heartbeat"  # killed after HeartbeatMissed
     FENCED = "fenced"  # the host's lease lapsed, or it was declared lost
     DRAIN = "drain"  # the host shut down
+    PROTOCOL = "protocol"  # killed for breaking the control protocol
     HOST_RESTARTED = "host restarted"  # found by a host starting again (recovery)
 
 
@@ -40,8 +41,9 @@ def how(code: int | None) -> str:
 
 
 def exit_event(worker: Ended, *, host_id: str, ending: Ending | None, code: int | None,
-               heartbeat_timeout: float) -> WorkerStopped | WorkerCrashed:
-    """WorkerStopped after a requested stop; WorkerCrashed otherwise, with its reason."""
+               heartbeat_timeout: float, violation: str = "") -> WorkerStopped | WorkerCrashed:
+    """WorkerStopped after a requested stop; WorkerCrashed otherwise, with its reason
+    (`violation`: what it did, when it was killed for breaking the protocol)."""
     ids = {"job_id": worker.job_id, "worker_id": worker.worker_id}
     if worker.stopping:
         if ending == Ending.HOST_RESTARTED:
@@ -59,6 +61,9 @@ def exit_event(worker: Ended, *, host_id: str, ending: Ending | None, code: int 
             reason, detail = CrashReason.HOST_LOST, f"host {host_id} shut down; {how(code)}"
         case Ending.HOST_RESTARTED:
             reason, detail = CrashReason.EXITED, f"worker-host {host_id} restarted"
+        case Ending.PROTOCOL:
+            reason = CrashReason.EXITED
+            detail = f"broke the control protocol ({violation}); {how(code)}"
         case _:
             reason = CrashReason.EXITED
             detail = "" if code is not None and code >= 0 else how(code)

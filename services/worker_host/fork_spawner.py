@@ -19,13 +19,17 @@ import sys
 from pathlib import Path
 
 from services.worker import protocol
+from services.worker.confinement import Confinement
 from services.worker_host.forkserver import encode
+from services.worker_host.isolation import Isolation, Placement
 from services.worker_host.spawner import (
+    PlacingSpawner,
     SpawnError,
     SpawnRequest,
     WorkerProcess,
     base_environment,
     greeted,
+    send_credentials,
 )
 
 log = logging.getLogger(__name__)
@@ -118,13 +122,16 @@ class ForkServer:
         for child in self.children.values():
             child.orphan()
 
-    async def fork(self, env: dict[str, str], control_fd: int, log_fd: int) -> ForkedProcess:
-        """Ask for a child running `run_worker(env)` with the given control channel and log."""
+    async def fork(
+        self, env: dict[str, str], confinement: Confinement, control_fd: int, log_fd: int
+    ) -> ForkedProcess:
+        """Ask for a child running `run_worker(env)`, confined by `confinement`, with the given
+        control channel and log."""
         await self.up.wait()
         loop = asyncio.get_running_loop()
         request_id = next(self._ids)
         reply = self.pending[request_id] = loop.create_future()
-        data = encode({"id": request_id, "env": env})
+        data = encode({"id": request_id, "env": env, "confinement": confinement.to_json()})
         try:
             async with self._send_lock:
                 await self._send(data, [control_fd, log_fd])
@@ -226,25 +233,28 @@ class ForkServer:
             reply.set_exception(SpawnError(f"fork-server could not fork: {message['error']}"))
 
 
-class ForkSpawner:
-    """Workers forked from the host's fork-server."""
+class ForkSpawner(PlacingSpawner):
+    """Workers forked from the host's fork-server, each confined in the child before it runs a
+    line of its own; its credentials reach it once the server has handed it its channel."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, isolation: Isolation | None = None) -> None:
         self.server = ForkServer(workdir)
+        self.isolation = isolation or Isolation()
 
     async def start(self) -> None:
+        await self.isolation.start()
         await self.server.start()
 
     async def close(self) -> None:
         await self.server.close()
+        await self.isolation.close()
 
-    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+    async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
         host_end, child_end = socket.socketpair()
-        request.log_file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(request.log_file, "ab") as log_out:
-                forked = self.server.fork(request.env, child_end.fileno(), log_out.fileno())
-                process = await asyncio.wait_for(forked, timeout=request.hello_timeout)
+            forked = self.server.fork(request.env, self.isolation.confinement(placement),
+                                      child_end.fileno(), placement.log_fd)
+            process = await asyncio.wait_for(forked, timeout=request.hello_timeout)
         except ForkServerLost:
             return await self._adopt(request, host_end)
         except BaseException as exc:
@@ -254,13 +264,27 @@ class ForkSpawner:
             raise
         finally:
             child_end.close()
+            os.close(placement.log_fd)
+        # The server has closed its copies of the channel before it answered: the child alone
+        # holds the other end.
+        try:
+            send_credentials(host_end, request.credentials)
+        except OSError:
+            pass  # it has died already: greeted reports it
         return await greeted(request, process, host_end)
 
     async def _adopt(self, request: SpawnRequest, host_end: socket.socket) -> WorkerProcess:
         """The fork-server died with our request in flight. A child it forked says hello (with
         its pid) and is watched as an orphan; if none does in time, closing the channel ends a
-        late one at its first read (EOF: it exits with EXIT_HOST_GONE)."""
-        reader, writer = await asyncio.open_unix_connection(sock=host_end)
+        late one at its first read (EOF: it exits with EXIT_HOST_GONE). The credentials go
+        first: only such a child holds the channel's other end now."""
+        try:
+            send_credentials(host_end, request.credentials)
+        except OSError:
+            host_end.close()
+            raise SpawnError("the fork-server died while forking this worker") from None
+        reader, writer = await asyncio.open_unix_connection(sock=host_end,
+                                                            limit=protocol.MAX_LINE)
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=request.hello_timeout)
             hello = protocol.decode(line) if line else None

@@ -4,14 +4,17 @@
 the worker-host. It imports the worker runtime, the strategies and the paper broker once, runs
 a paper worker's whole life a few times in-process (`rehearse`) so its children inherit that
 code already specialized, and holds no secrets (its environment is a worker's
-`base_environment` only) and no connection. It keeps `SPARES` children forked and warmed up
-ahead, each in its own session, holding only its end of a socketpair to the server; a request
-is handed to the oldest spare (the env and the two fds, the same way), or forked at once when
-none is ready.
+`base_environment` only; no user's credentials ever pass through it: they reach each worker
+over its channel after the fork) and no connection. It is not dumpable. It keeps `SPARES`
+children forked and warmed up ahead, each in its own session, holding only its end of a
+socketpair to the server; a request is handed to the oldest spare (the env, the confinement and
+the two fds, the same way), or forked at once when none is ready. A child takes its confinement
+(its directory, its uid, its limits: `services.worker.confinement`) before it runs the worker,
+so no strategy code ever runs with the server's privileges.
 
 Wire (one JSON object per packet):
-- host → server: `{"id": n, "env": {...}}` with two fds attached (SCM_RIGHTS): the worker's end
-  of its control socketpair and its log file.
+- host → server: `{"id": n, "env": {...}, "confinement": "<json>"}` with two fds attached
+  (SCM_RIGHTS): the worker's end of its control socketpair and its log file.
 - server → host: `{"id": n, "pid": p}` once a child runs it (or `{"id": n, "error": "..."}`),
   and `{"exited": p, "code": c}` when it reaps a worker (`c` negative for a signal, like
   asyncio). A worker's pid always reaches the host before its exit; a spare that dies before
@@ -44,6 +47,7 @@ from typing import NoReturn
 import uvloop
 
 from services.worker import protocol
+from services.worker.confinement import Confinement, confine, set_dumpable
 
 REQUEST_MAX = 1 << 20  # bytes: a worker's environment is a few KiB
 FDS_PER_REQUEST = 2
@@ -62,12 +66,19 @@ def preload() -> None:
     shared here once, not imported by each worker)."""
     from services.worker import runtime  # noqa: F401
     from services.worker.brokers import exchange, live_paper, paper  # noqa: F401
-    from services.worker.strategies.base import BUILTIN_STRATEGIES, load_strategy
+    from services.worker.confinement import libseccomp
+    from services.worker.strategies.base import BUILTIN_STRATEGIES, find_strategy
 
     for name in BUILTIN_STRATEGIES:
-        load_strategy(name)
+        find_strategy(name)
     exchange.client_class("deribit")({})  # a client's first construction fills ccxt's caches
     exchange.tls_context()
+    libseccomp()  # loaded (and relocated) once, shared by every worker
+    # The layers every child takes that suit the server as well (umask 077, no core file, no
+    # new privileges, not dumpable), taken here as often as a rehearsal: so its children run
+    # `confine` already specialized, as they run the worker.
+    for _ in range(REHEARSALS):
+        confine(Confinement())
     rehearse()  # what the runtime runs, and asyncio sets up on first use, is shared too
     # Objects made so far are shared with every child: keep the collector from touching (and so
     # copying) their pages.
@@ -100,12 +111,14 @@ def rehearse(times: int = REHEARSALS) -> None:
     as it goes; each such write in a child copies a page of the server's. Rehearsed here, a
     worker starts from code already specialized: about 1,110 pages copied instead of 1,380
     (4.0 MiB unique against 5.0). A failed rehearsal only costs that; it is reported."""
+    from services.worker.confinement import Confinement, Limits, describe_limits
     from services.worker.runtime import run_worker
 
     code: int | str = 0
     with _quietly(), tempfile.TemporaryDirectory() as scratch:
         for _ in range(times):
             ours, theirs = socket.socketpair()
+            ours.sendall(protocol.encode(protocol.Credentials()))  # what a host sends first
             ours.sendall(protocol.encode(protocol.Stop(flatten=True)))  # read after its hello
             env = {
                 protocol.ENV_USER_ID: "rehearsal",
@@ -117,8 +130,11 @@ def rehearse(times: int = REHEARSALS) -> None:
                 protocol.ENV_STATE_FILE: os.path.join(scratch, "account.json"),
                 protocol.ENV_CONTROL_FD: str(theirs.detach()),  # the runtime closes it
             }
+            # What a child does before it runs the worker, but taking the layers themselves.
+            work = Confinement(directory=scratch, limits=Limits(1 << 40, 1024, 1024)).to_json()
+            confined = [describe_limits(Confinement.from_json(work).limits)]
             try:
-                code = run_worker(env)
+                code = run_worker(env, confined)
             except Exception as exc:
                 code = f"{type(exc).__name__}: {exc}"
             finally:
@@ -200,7 +216,8 @@ class ForkServer:
             if len(fds) != FDS_PER_REQUEST:
                 raise ValueError(f"expected {FDS_PER_REQUEST} fds, got {len(fds)}")
             control_fd, log_fd = fds
-            pid = self.start(request["env"], control_fd, log_fd)
+            work = {"env": request["env"], "confinement": request.get("confinement")}
+            pid = self.start(work, control_fd, log_fd)
             reply = {"id": request["id"], "pid": pid}
         except Exception as exc:  # a bad request must not take the server down
             reply = {"id": request.get("id"), "error": f"{type(exc).__name__}: {exc}"}
@@ -210,12 +227,13 @@ class ForkServer:
         self.host.sendall(encode(reply))
         return True
 
-    def start(self, env: dict[str, str], control_fd: int, log_fd: int) -> int:
-        """The pid of a worker for `env`: the oldest spare becomes it, or a child forked now."""
+    def start(self, work: dict, control_fd: int, log_fd: int) -> int:
+        """The pid of a worker for `work` (its env and confinement): the oldest spare becomes it,
+        or a child forked now."""
         while self.spares:
             pid, channel = self.spares.popleft()
             try:
-                socket.send_fds(channel, [encode(env)], [control_fd, log_fd])
+                socket.send_fds(channel, [encode(work)], [control_fd, log_fd])
             except OSError:  # it died waiting (reaped, untold, in the loop): the next one
                 continue
             finally:
@@ -223,14 +241,14 @@ class ForkServer:
             self.spare_pids.discard(pid)
             self.spares_lost = 0
             return pid
-        return self.fork(env, control_fd, log_fd)
+        return self.fork(work, control_fd, log_fd)
 
-    def fork(self, env: dict[str, str], control_fd: int, log_fd: int) -> int:
+    def fork(self, work: dict, control_fd: int, log_fd: int) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            self.child(lambda: (env, control_fd, log_fd))  # never returns
+            self.child(lambda: (work, control_fd, log_fd))  # never returns
         return pid
 
     def add_spare(self) -> None:
@@ -253,8 +271,8 @@ class ForkServer:
         self.spare_pids.add(pid)
 
     @staticmethod
-    def wait_for_work(channel: socket.socket) -> tuple[dict[str, str], int, int] | None:
-        """A spare: warm up, then wait for a worker's env and fds (None: the server is gone)."""
+    def wait_for_work(channel: socket.socket) -> tuple[dict, int, int] | None:
+        """A spare: warm up, then wait for a worker's work and fds (None: the server is gone)."""
         warm_up()
         message, fds, _, _ = socket.recv_fds(channel, REQUEST_MAX, FDS_PER_REQUEST)
         channel.close()
@@ -263,7 +281,7 @@ class ForkServer:
         control_fd, log_fd = fds
         return json.loads(message), control_fd, log_fd
 
-    def child(self, work: Callable[[], tuple[dict[str, str], int, int] | None]) -> NoReturn:
+    def child(self, work: Callable[[], tuple[dict, int, int] | None]) -> NoReturn:
         """A forked child: leave the server (its session, signals and fds), then run as the
         worker `work()` names, if any, and exit with its code."""
         code = 1
@@ -290,7 +308,7 @@ class ForkServer:
                 os._exit(code)
 
     @staticmethod
-    def become_worker(env: dict[str, str], control_fd: int, log_fd: int) -> int:
+    def become_worker(work: dict, control_fd: int, log_fd: int) -> int:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         # Only stdio and the control channel stay open: never the server's socket or pipe,
@@ -298,12 +316,14 @@ class ForkServer:
         os.closerange(3, control_fd)
         os.closerange(control_fd + 1, os.sysconf("SC_OPEN_MAX"))
         os.set_inheritable(control_fd, False)
-        env = env | {protocol.ENV_CONTROL_FD: str(control_fd)}
+        spec = work.get("confinement")
+        confined = confine(Confinement.from_json(spec) if spec else Confinement())
+        env = work["env"] | {protocol.ENV_CONTROL_FD: str(control_fd)}
         os.environ.clear()
         os.environ.update(env)
         from services.worker.runtime import run_worker
 
-        return run_worker(env)
+        return run_worker(env, confined)
 
     def reap(self) -> None:
         try:
@@ -339,6 +359,7 @@ class ForkServer:
 
 def main() -> None:
     host = socket.socket(fileno=int(sys.argv[1]))
+    set_dumpable(False)  # its children inherit it until their own confinement
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when it stops (EOF)
     preload()
     try:

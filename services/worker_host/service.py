@@ -48,7 +48,7 @@ from events import (
     model_for,
 )
 from events.routing import host_stream, job_stream
-from services.secrets import Sealer, SealError, secret_key
+from services.secrets import Sealer, SealError
 from services.service import Service
 from services.store import UnitOfWork
 from services.topology import host_inbox
@@ -56,6 +56,7 @@ from services.worker import protocol
 from services.worker_host import rows
 from services.worker_host.beats import BeatRelay
 from services.worker_host.exits import Ended, Ending, exit_event
+from services.worker_host.isolation import Isolation
 from services.worker_host.lease import HostLease, Renewal
 from services.worker_host.rows import LocalWorker
 from services.worker_host.spawner import (
@@ -81,7 +82,7 @@ class WorkerHostService(Service):
         self.host_id = settings.host_id or socket.gethostname()
         super().__init__(settings, **wiring)
         self.capacity = settings.host_capacity
-        self.sealer = Sealer(secret_key(settings))
+        self.sealer = Sealer.for_settings(settings)
         self.live: dict[str, WorkerProcess] = {}
         self.supervisors: dict[str, asyncio.Task[Any]] = {}
         self.launching: set[str] = set()  # workers whose spawn is under way
@@ -90,7 +91,8 @@ class WorkerHostService(Service):
         self._epoch = 0  # bumped by every fence; a dispatch from an older epoch never runs
         self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
-        self.spawner = make_spawner(settings.spawn_mode, self.workers_dir)
+        self.spawner = make_spawner(settings.spawn_mode, self.workers_dir,
+                                    Isolation.from_settings(settings))
 
     @property
     def store_name(self) -> str:
@@ -222,15 +224,15 @@ class WorkerHostService(Service):
                 env=worker_environment(
                     worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
                     strategy_id=row.strategy_id, broker_id=row.broker_id,
-                    credentials=self.sealer.open(row.credentials_sealed),
                     config_json=row.config, heartbeat_interval=self.settings.heartbeat_interval,
-                    state_file=self.workers_dir / f"{worker_id}.state.json",
                     lease_until=self.lease.until(),
                     broker_urls=json.dumps(self.settings.broker_urls)
                     if self.settings.broker_urls else None,
                     flatten_timeout=self.settings.flatten_timeout),
-                log_file=self.workers_dir / f"{worker_id}.log",
-                hello_timeout=max(10.0, self.settings.heartbeat_timeout)))
+                directory=self.workers_dir / worker_id,
+                hello_timeout=max(10.0, self.settings.heartbeat_timeout),
+                credentials=self.sealer.open(row.credentials_sealed, user_id=row.user_id,
+                                             worker_id=worker_id)))
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
                 await rows.forget(uow, worker_id)
@@ -243,6 +245,9 @@ class WorkerHostService(Service):
                          correlation_id=row.job_id)
             return
         self.live[worker_id] = worker
+        # the lease it was given was the one of when its spawn began (which can be slow): the
+        # lease as it is now, until the next heartbeat's confirm renews it for every worker
+        worker.send(protocol.Lease(until=self.lease.until()))
         if epoch != self._epoch:  # fenced while it was spawning: it must not run
             worker.end_reason = Ending.FENCED
             worker.signal(signal.SIGKILL)
@@ -280,12 +285,16 @@ class WorkerHostService(Service):
         committing: deque[tuple[Message, asyncio.Future[None]]] = deque()
         try:
             try:
-                while line := await worker.reader.readline():
+                while line := await worker.next_line():
                     if (report := self._relay(worker, line)) is not None:
                         committing.append(report)
                     while committing and (committing[0][1].done()
                                           or len(committing) > REPORTS_IN_FLIGHT):
                         await _committed(worker, *committing.popleft())
+            except protocol.ProtocolViolation as violation:
+                log.warning("worker %s broke the control protocol (%s): killed",
+                            worker.worker_id, violation)
+                worker.violated(violation)
             except (ConnectionError, OSError):
                 pass
             for report in committing:
@@ -299,12 +308,9 @@ class WorkerHostService(Service):
 
     def _relay(self, worker: WorkerProcess,
                raw: bytes) -> tuple[Message, asyncio.Future[None]] | None:
-        """Relays one line of the worker's; a report is returned with its commit, queued."""
-        try:
-            line = protocol.decode(raw)
-        except ValidationError:
-            log.warning("worker %s sent an invalid control line (ignored)", worker.worker_id)
-            return None
+        """Relays one line of the worker's; a report is returned with its commit, queued.
+        Raises ProtocolViolation for a line a worker may not send."""
+        line = protocol.decode(raw)
         if isinstance(line, protocol.Beat):
             self.beats.add(WorkerHeartbeat(job_id=worker.job_id, worker_id=worker.worker_id,
                                            host_id=self.host_id, pid=worker.pid, at=line.at,
@@ -316,15 +322,16 @@ class WorkerHostService(Service):
             try:
                 event = model_for(line.event).model_validate(payload)
             except ValidationError:
-                log.warning("worker %s reported an invalid %s (ignored)", worker.worker_id,
-                            line.event)
-                return None
+                raise protocol.ProtocolViolation(f"an invalid {line.event} report") from None
 
             async def record_report(uow: UnitOfWork) -> None:
                 uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
                          correlation_id=worker.job_id)
 
             return event, self.store.queue_grouped(record_report)
+        else:
+            raise protocol.ProtocolViolation(
+                f"a {line.type} line where only heartbeats and reports may come")
         return None
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
@@ -336,7 +343,8 @@ class WorkerHostService(Service):
             ended = Ended(row.job_id, row.worker_id, row.attempt, row.stopping, row.stop_reason)
             event = exit_event(ended, host_id=self.host_id, code=code,
                                ending=Ending(worker.end_reason) if worker.end_reason else None,
-                               heartbeat_timeout=self.settings.heartbeat_timeout)
+                               heartbeat_timeout=self.settings.heartbeat_timeout,
+                               violation=worker.end_detail)
             uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
                      correlation_id=worker.job_id)
 

@@ -4,6 +4,11 @@ Two spawners give the same `WorkerProcess`: `ExecSpawner` runs `python -m servic
 worker (a fresh interpreter importing everything), `ForkSpawner` (fork_spawner.py) asks a
 pre-imported fork-server to fork one (an order of magnitude faster, most pages shared; figures
 in bench/spawn.py). `RUNNER_SPAWN_MODE` picks one (default fork).
+
+Either way a worker runs in a directory of its own (its log and its state), as the spawner's
+`Isolation` places and confines it (isolation.py: its own uid where the host can switch ids),
+and gets its credentials over its channel as soon as its process exists, never in its
+environment.
 """
 
 from __future__ import annotations
@@ -11,20 +16,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from events.values import ID_PATTERN
 from services.worker import protocol
+from services.worker.confinement import ENV_CONFINEMENT
+from services.worker_host.children import Child
+from services.worker_host.isolation import (
+    LOG_NAME,
+    STATE_NAME,
+    Isolation,
+    Placement,
+    PoolExhausted,
+)
 
 # The only variables of the host's own environment a worker (or the fork-server) inherits: never
-# the host's secrets (no deployment key, no admin token, no broker URL).
-INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
+# the host's secrets (no deployment key, no admin token, no broker URL). UV_USE_IO_URING=0 is
+# also what a sandboxed worker needs: its io_uring calls are refused (confinement.py).
+INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT",
+             "RUNNER_ENABLE_CHAOS")
 # libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread polling
 # it, for file operations a worker never makes through its loop. Without them a worker's start
 # took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and 1,000 workers hold
@@ -32,12 +51,15 @@ INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV"
 # first (its rehearsal's) decides for the children it forks.
 WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
 CANNOT_START_EXIT_WAIT = 2.0  # seconds a worker that cannot start has to exit by itself
+# Neither the fork-server nor a worker writes bytecode into the shared tree: written under
+# umask 077 it would be unreadable to every other worker's uid (the Makefile compiles it, 0644).
+NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def base_environment() -> dict[str, str]:
     """What a worker's process, and the fork-server, start from: the host's `INHERITED`
     variables (none of its secrets) and `WORKER_LOOP_ENV`."""
-    return {k: os.environ[k] for k in INHERITED if k in os.environ} | WORKER_LOOP_ENV
+    return {k: os.environ[k] for k in INHERITED if k in os.environ} | WORKER_LOOP_ENV | NO_BYTECODE
 
 
 class SpawnError(RuntimeError):
@@ -65,22 +87,6 @@ class OsProcess(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ExecProcess:
-    """An exec'd worker: a child of the host, reaped by asyncio."""
-
-    process: asyncio.subprocess.Process
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process.returncode is None
-
-    async def wait(self) -> int | None:
-        return await self.process.wait()
 
 
 @dataclass
@@ -97,8 +103,10 @@ class WorkerProcess:
     started: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     beating: bool = False  # a heartbeat of it has been relayed
     end_reason: str | None = (
-        None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain"
+        None  # set when the host ends it: "stop", "heartbeat", "fenced", "drain", "protocol"
     )
+    end_detail: str = ""  # what it did wrong, when it broke the protocol
+    budget: protocol.LineBudget = field(default_factory=protocol.LineBudget)
 
     @property
     def pid(self) -> int:
@@ -106,6 +114,28 @@ class WorkerProcess:
 
     async def wait(self) -> int | None:
         return await self.process.wait()
+
+    async def next_line(self) -> bytes:
+        """Its next control line, b"" at the end; ProtocolViolation for a line over
+        `protocol.MAX_LINE` or one beyond its `budget` of lines a second (the caller then
+        ends it: `violated`)."""
+        try:
+            line = await self.reader.readline()
+        except ValueError:  # the reader's limit: a line that long is cut off
+            raise protocol.ProtocolViolation(
+                f"a line over {protocol.MAX_LINE} bytes") from None
+        if line and not self.budget.take(asyncio.get_running_loop().time()):
+            raise protocol.ProtocolViolation(
+                f"more than {self.budget.rate:g} lines a second")
+        return line
+
+    def violated(self, violation: protocol.ProtocolViolation) -> None:
+        """It broke the protocol: killed, and its end reported as that (end_reason
+        "protocol", end_detail what it did)."""
+        self.end_reason = self.end_reason or "protocol"
+        self.end_detail = str(violation)
+        self.signal(signal.SIGKILL)
+        self.signal(signal.SIGCONT)
 
     def send(self, line: protocol.Stop | protocol.Lease) -> None:
         """Best effort, straight to the socket rather than through the stream's transport: a
@@ -135,16 +165,27 @@ class WorkerProcess:
 
 @dataclass(frozen=True)
 class SpawnRequest:
+    """One worker to start: its environment (no secret in it), its own `directory` (made and
+    given to it: its log `worker.log` and its state live there) and its `credentials` (the
+    seed's apiKey and apiSecret), which reach it over its channel only."""
+
     worker_id: str
     job_id: str
     user_id: str
     attempt: int
     env: dict[str, str]
-    log_file: Path
+    directory: Path
     hello_timeout: float
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / LOG_NAME
 
 
 class Spawner(Protocol):
+    isolation: Isolation
+
     async def start(self) -> None: ...
 
     async def spawn(self, request: SpawnRequest) -> WorkerProcess: ...
@@ -159,31 +200,27 @@ def worker_environment(
     user_id: str,
     strategy_id: str,
     broker_id: str,
-    credentials: Mapping[str, str],
     config_json: str,
     heartbeat_interval: float,
-    state_file: Path,
     lease_until: float | None = None,
     broker_urls: str | None = None,
     flatten_timeout: float | None = None,
     feed_socket: Path | None = None,
     mode: str | None = None,
 ) -> dict[str, str]:
-    """The seed's per-worker environment plus the runtime's own. `broker_urls`: the raw JSON of
-    RUNNER_BROKER_URLS; `flatten_timeout`: seconds a flatten may take (the runtime's default
-    when None); `feed_socket`: the host's market-data feed; `mode` "flatten": a flatten-only
-    run."""
+    """The seed's per-worker environment (but its credentials) plus the runtime's own.
+    `broker_urls`: the raw JSON of RUNNER_BROKER_URLS; `flatten_timeout`: seconds a flatten may
+    take (the runtime's default when None); `feed_socket`: the host's market-data feed; `mode`
+    "flatten": a flatten-only run."""
     env = base_environment() | {
         protocol.ENV_USER_ID: user_id,
         protocol.ENV_STRATEGY_ID: strategy_id,
         protocol.ENV_BROKER_ID: broker_id,
-        protocol.ENV_API_KEY: credentials.get("apiKey", ""),
-        protocol.ENV_API_SECRET: credentials.get("apiSecret", ""),
         protocol.ENV_CONFIG: config_json,
         protocol.ENV_WORKER_ID: worker_id,
         protocol.ENV_JOB_ID: job_id,
         protocol.ENV_HEARTBEAT_INTERVAL: str(heartbeat_interval),
-        protocol.ENV_STATE_FILE: str(state_file),
+        protocol.ENV_STATE_FILE: STATE_NAME,
     }
     if lease_until is not None:
         env[protocol.ENV_LEASE_UNTIL] = repr(lease_until)
@@ -198,13 +235,49 @@ def worker_environment(
     return env
 
 
+def send_credentials(host_end: socket.socket, credentials: Mapping[str, str]) -> None:
+    """The worker's first line, written into its channel (a few hundred bytes: the socket's
+    buffer holds them until the worker reads)."""
+    line = protocol.Credentials(
+        api_key=credentials.get("apiKey", ""), api_secret=credentials.get("apiSecret", "")
+    )
+    host_end.sendall(protocol.encode(line))
+
+
+class PlacingSpawner:
+    """What both spawners share: each worker placed by `isolation` (a uid, its directory, its
+    log) before it starts, and its uid given back once it has ended (isolation.py)."""
+
+    isolation: Isolation
+
+    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+        if not re.fullmatch(ID_PATTERN, request.worker_id) or (
+                request.directory.name != request.worker_id):
+            raise SpawnError(f"worker {request.worker_id!r}: not an id, or not its directory")
+        try:
+            placement = self.isolation.place(request.worker_id, request.directory)
+        except PoolExhausted as exc:
+            raise SpawnError(str(exc)) from None
+        try:
+            worker = await self._start(request, placement)
+        except BaseException:
+            self.isolation.release_when_gone(placement, None)
+            raise
+        self.isolation.release_when_gone(placement, worker.wait)
+        return worker
+
+    async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
+        """Start the worker of `placement` (closing its `log_fd`) and greet it."""
+        raise NotImplementedError
+
+
 async def greeted(
     request: SpawnRequest, process: OsProcess, host_end: socket.socket
 ) -> WorkerProcess:
     """The worker once it has said hello on its channel; killed and SpawnError otherwise. A
     worker that says why it cannot start (`CannotStart`) is waited for briefly, then killed:
     its reason is the error, permanent when it says so or exits EXIT_CREDENTIALS_REJECTED."""
-    reader, writer = await asyncio.open_unix_connection(sock=host_end)
+    reader, writer = await asyncio.open_unix_connection(sock=host_end, limit=protocol.MAX_LINE)
     worker = WorkerProcess(
         request.worker_id, request.job_id, request.user_id, request.attempt, process, reader, writer
     )
@@ -228,37 +301,51 @@ async def greeted(
     return worker
 
 
-class ExecSpawner:
-    """`python -m services.worker` in its own session per worker."""
+class ExecSpawner(PlacingSpawner):
+    """`python -m services.worker` in its own session per worker: switched to its identity and
+    into its directory before the exec, confined by itself right after (`RUNNER_CONFINEMENT`).
+    `-P`: its directory, its working one, is not on its import path. Started by Popen, since
+    uvloop's subprocess_exec cannot switch ids (children.py)."""
+
+    def __init__(self, isolation: Isolation | None = None) -> None:
+        self.isolation = isolation or Isolation()
 
     async def start(self) -> None:
-        pass
+        await self.isolation.start()
 
     async def close(self) -> None:
-        pass
+        await self.isolation.close()
 
-    async def spawn(self, request: SpawnRequest) -> WorkerProcess:
+    async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
         host_end, child_end = socket.socketpair()
-        request.log_file.parent.mkdir(parents=True, exist_ok=True)
+        identity = placement.identity
+        # Its uid and its directory are set before the exec; the rest it takes itself after.
+        after_exec = replace(self.isolation.confinement(placement), directory=None, uid=None,
+                             gid=None)
         try:
-            with open(request.log_file, "ab") as log:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "services.worker",
-                    env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno())},
-                    pass_fds=(child_end.fileno(),),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                )
+            process = Child.start(
+                [sys.executable, "-P", "-m", "services.worker"],
+                env=request.env | {protocol.ENV_CONTROL_FD: str(child_end.fileno()),
+                                   ENV_CONFINEMENT: after_exec.to_json()},
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=placement.log_fd,
+                stderr=placement.log_fd,
+                start_new_session=True,
+                cwd=placement.directory,
+                umask=0o077,
+                user=identity.uid if identity else None,
+                group=identity.gid if identity else None,
+                extra_groups=[] if identity else None,
+            )
+            send_credentials(host_end, request.credentials)
         except BaseException:
             host_end.close()
             raise
         finally:
             child_end.close()
-        return await greeted(request, ExecProcess(process), host_end)
+            os.close(placement.log_fd)
+        return await greeted(request, process, host_end)
 
 
 def raise_open_files_limit() -> int:
@@ -272,12 +359,13 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def make_spawner(mode: str, workdir: Path) -> Spawner:
-    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"."""
+def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None) -> Spawner:
+    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"; its workers placed and
+    confined by `isolation` (a host passes `Isolation.from_settings(settings)`)."""
     if mode == "exec":
-        return ExecSpawner()
+        return ExecSpawner(isolation)
     if mode == "fork":
         from services.worker_host.fork_spawner import ForkSpawner
 
-        return ForkSpawner(workdir)
+        return ForkSpawner(workdir, isolation)
     raise ValueError(f"unknown spawn mode {mode!r} (fork or exec)")

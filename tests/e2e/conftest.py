@@ -38,7 +38,8 @@ FAST = {
 class System(LocalSystem):
     """A running system plus the means to watch it from outside."""
 
-    def __init__(self, root: Path, hosts: int = 1, **env: str) -> None:
+    def __init__(self, root: Path, hosts: int = 1, own_broker_user: bool = False,
+                 **env: str) -> None:
         if not broker_reachable():
             pytest.fail("RabbitMQ is not reachable on 5672 (.ci/run starts it)")
         self.log_path = root / "services.log"
@@ -49,6 +50,7 @@ class System(LocalSystem):
             vhost=f"e2e-{uuid.uuid4().hex[:10]}",
             env=FAST | env,
             log=self._log_file,
+            own_broker_user=own_broker_user,
         )
 
     async def stop(self, *, keep_vhost: bool = False) -> None:

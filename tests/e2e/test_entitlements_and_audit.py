@@ -6,13 +6,25 @@ import asyncio
 import json
 import os
 import signal
+import stat
+from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 from services.cli.client import GatewayError
 from tests.e2e.conftest import System, start_body
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    """The system, through a broker user of its own: its password is a secret to look for."""
+    system_ = System(tmp_path_factory.mktemp("system"), own_broker_user=True)
+    await system_.start()
+    yield system_
+    await system_.stop()
 
 SECONDS = 1 / 86400  # in days
 
@@ -74,7 +86,10 @@ async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(
         await client.start(**start_body())
 
 
-async def test_credentials_never_appear_in_clear(running: System) -> None:
+async def test_no_secret_appears_in_clear(running: System) -> None:
+    """Neither a user's credentials nor the sealing key, the broker password or the admin
+    token, in any file (but the key file), log line, event or response; every file and
+    directory the system wrote is its owner's alone."""
     secret = "Sup3r-Secret-Value-Never-Shown-42"
     user, client = await running.user()
     body = start_body("hold", secret=secret, amount=1)
@@ -87,15 +102,24 @@ async def test_credentials_never_appear_in_clear(running: System) -> None:
         await client.call("POST", "/runner/start", json=body | {"brokerId": "??"})
     assert secret not in str(bad.value)
 
-    needles = (secret.encode(), body["credentials"]["apiKey"].encode())
+    key_file = running.data_dir / "keys" / "secret.key"
+    assert running.broker_user is not None
+    service_secrets = (key_file.read_text().strip(), running.broker_user[1], running.admin_token)
+    needles = [s.encode() for s in (secret, body["credentials"]["apiKey"], *service_secrets)]
+    written = list(running.data_dir.rglob("*"))
     leaks = [
         str(path)
-        for path in [*running.data_dir.rglob("*"), running.log_path]
-        if path.is_file() and any(n in path.read_bytes() for n in needles)
+        for path in [*written, running.log_path]
+        if path.is_file() and path != key_file and any(n in path.read_bytes() for n in needles)
     ]
     assert leaks == []
+    assert not [str(p) for p in [running.data_dir, *written] if p.lstat().st_mode & 0o077], (
+        "readable by others")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     log = await running.log()
-    assert all(secret not in e.model_dump_json() for e in log)
+    assert not [e.type for e in log if any(s in e.model_dump_json()
+                                           for s in (secret, *service_secrets))]
+    assert not [s for s in service_secrets if s in json.dumps(await running.admin.status())]
     sealed = next(e for e in log if e.type == "JobRequested" and e.user_id == user)
     assert sealed.payload["credentials_sealed"].startswith("gAAAA")  # a Fernet token
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from tests.e2e.test_lifecycle import alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-CUT_USER = "e2e-host-2"
+CUT_USER = f"e2e-host-2-{uuid.uuid4().hex[:8]}"  # its own: runs side by side share the broker
 
 
 def live_workers() -> Counter[str]:

@@ -52,12 +52,13 @@ async def test_start_spawns_a_worker_process_with_the_injected_environment(runni
     assert "RUNNER_SECRET_KEY" not in env and "RUNNER_ADMIN_TOKEN" not in env
     assert body["credentials"]["apiSecret"] not in env.values()
     # Off the request path, a lower CPU priority: the worker-host's, which its workers inherit.
-    niceness = {child.label: os.getpriority(os.PRIO_PROCESS, child.process.pid)
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the tests' own (`nice pytest`)
+    niceness = {child.label: os.getpriority(os.PRIO_PROCESS, child.process.pid) - base
                 for child in running.supervisor.children}
     assert niceness == {"monitor": 5, "entitlement": 0, "scheduler": 5,
                         "worker-host host-1": 5, "gateway": 0}
-    assert os.getpriority(os.PRIO_PROCESS, worker["pid"]) == 5
-    [log] = running.data_dir.glob(f"worker-host-*/{started['workerId']}.log")
+    assert os.getpriority(os.PRIO_PROCESS, worker["pid"]) - base == 5
+    [log] = running.data_dir.glob(f"**/worker-host-*/{started['workerId']}/worker.log")
     assert (
         f"worker={started['workerId']} services.worker: started: strategy {body['strategyId']} "
         "(hold) on broker paper, instruments BTC-PERPETUAL,ETH-PERPETUAL"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+import pytest_asyncio
 
 from events import Envelope
 from services.cli.client import GatewayError
@@ -16,6 +18,15 @@ from tests.e2e.conftest import System, start_body
 from tests.e2e.test_lifecycle import alive
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    """The system with its fault drill (the `chaos` strategy) enabled."""
+    system_ = System(tmp_path_factory.mktemp("system"), RUNNER_ENABLE_CHAOS="1")
+    await system_.start()
+    yield system_
+    await system_.stop()
 
 
 def of(worker_id: str, *types: str):

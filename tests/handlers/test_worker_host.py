@@ -50,7 +50,8 @@ async def host(harness: Harness) -> WorkerHostService:
 def dispatched(service: WorkerHostService, n: int, attempt: int = 0) -> Envelope:
     return envelope(JobDispatched(
         job_id=f"j-{n}", worker_id=f"w-{n}", host_id=HOST, attempt=attempt, strategy_id="s-1",
-        broker_id="paper", credentials_sealed=service.sealer.seal(CREDENTIALS),
+        broker_id="paper",
+        credentials_sealed=service.sealer.seal(CREDENTIALS, user_id="u-1", worker_id=f"w-{n}"),
         config=StrategyConfig(name="hold", type="hold", parameters={}),
         host_incarnation=service.incarnation))
 
@@ -128,12 +129,17 @@ async def test_no_task_of_an_ended_worker_is_kept(harness: Harness,
     await harness.until(lambda: len(harness.of(WorkerSpawned)) == len(ids), "the spawns")
     await harness.bus.publish_many([stopping(n) for n in ids])
     await harness.until(lambda: len(harness.of(WorkerStopped)) == len(ids), "the stops")
-    await harness.until(lambda: not host.supervisors, "the supervisors' last steps")
+    names = tuple(f"-w-{n}" for n in ids)
+
+    def of_the_workers() -> list[str]:
+        return [task.get_name() for task in gc.get_objects() if isinstance(task, asyncio.Task)
+                and task.get_name().endswith(names)]
+
+    await harness.until(lambda: not [t for t in asyncio.all_tasks()
+                                     if t.get_name().endswith(names)], "their last tasks")
     await harness.settle()
     gc.collect()
-    kept = [task.get_name() for task in gc.get_objects() if isinstance(task, asyncio.Task)
-            and not task.done() and task.get_name().endswith(tuple(f"-w-{n}" for n in ids))]
-    assert kept == []
+    assert of_the_workers() == []  # none still referenced, done or not
 
 
 class _Exited:

@@ -46,12 +46,11 @@ def hold_request(workdir: Path, number: int, interval: float) -> SpawnRequest:
         user_id="user-1",
         strategy_id="integration",
         broker_id="paper",
-        credentials={"apiKey": API_KEY, "apiSecret": API_SECRET},
         config_json=json.dumps({"name": "hold", "type": "hold", "parameters": {"amount": 1}}),
         heartbeat_interval=interval,
-        state_file=workdir / f"{wid}.state.json",
     )
-    return SpawnRequest(wid, f"job-{number}", "user-1", 0, env, workdir / f"{wid}.log", 10.0)
+    return SpawnRequest(wid, f"job-{number}", "user-1", 0, env, workdir / wid, 10.0,
+                        {"apiKey": API_KEY, "apiSecret": API_SECRET})
 
 
 async def next_line(worker: WorkerProcess, timeout: float = 5.0) -> protocol.Beat | protocol.Report:
@@ -332,7 +331,7 @@ async def test_fork_server_exits_when_the_host_hangs_up_and_workers_follow_their
     await next_beat(worker)  # still running: its channel is open
     worker.writer.close()
     assert await asyncio.wait_for(worker.wait(), 5) is None  # an orphan now: exit code unknown
-    assert "host gone" in (tmp_path / "worker-1.log").read_text()
+    assert "host gone" in (tmp_path / "worker-1" / "worker.log").read_text()
 
 
 PROBE = """
@@ -341,7 +340,7 @@ from services.worker import runtime
 from services.worker_host.forkserver import ForkServer
 
 
-def probe(env):
+def probe(env, confined=()):
     print(json.dumps({"environ": dict(os.environ), "env": env, "fds": os.listdir("/proc/self/fd"),
                       "sid": os.getsid(0) == os.getpid()}), flush=True)
     return 7

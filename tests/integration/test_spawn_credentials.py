@@ -33,12 +33,12 @@ async def spawner(request, tmp_path: Path) -> AsyncIterator[ForkSpawner | ExecSp
 def request_for(deribit: LocalDeribit, workdir: Path, secret: str) -> SpawnRequest:
     env = worker_environment(
         worker_id="worker-1", job_id="job-1", user_id="user-1", strategy_id="s",
-        broker_id="deribit", credentials={"apiKey": API_KEY, "apiSecret": secret},
+        broker_id="deribit",
         config_json=json.dumps({"name": "h", "type": "hold", "parameters": {"amount": 10}}),
-        heartbeat_interval=0.2, state_file=workdir / "worker-1.state.json",
-        broker_urls=json.dumps({"deribit": deribit.url}),
+        heartbeat_interval=0.2, broker_urls=json.dumps({"deribit": deribit.url}),
     )
-    return SpawnRequest("worker-1", "job-1", "user-1", 0, env, workdir / "worker-1.log", 15.0)
+    return SpawnRequest("worker-1", "job-1", "user-1", 0, env, workdir / "worker-1", 15.0,
+                        credentials={"apiKey": API_KEY, "apiSecret": secret})
 
 
 async def test_rejected_key_is_a_permanent_spawn_failure_with_the_reason(

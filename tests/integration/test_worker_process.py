@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from services.worker import protocol
 from services.worker.brokers.paper import PaperBroker
 from services.worker.protocol import Beat, Hello, Lease, Report, Stop
 from tests.integration.worker_processes import (
+    API_SECRET,
     BEAT,
     BTC,
     ETH,
@@ -140,11 +142,12 @@ async def test_lease_that_runs_out_exits_4_without_touching_positions(spawn: Spa
 
 
 async def test_renewed_lease_keeps_the_worker_running(spawn: Spawn) -> None:
-    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(time.monotonic() + 1.0))
+    first_lease = time.monotonic() + 3.0  # room for a slow start
+    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(first_lease))
     await worker.opened(1)
-    for _ in range(10):  # 2 s in all, twice the first lease (the sleep paces the renewals)
+    while time.monotonic() < first_lease + 1.0:  # past the first lease, on renewals alone
         await worker.send(Lease(until=time.monotonic() + 1.0))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # paces the renewals
     assert worker.process.returncode is None
     await worker.send(Stop())
     assert await worker.exit_code() == 0
@@ -219,6 +222,31 @@ async def test_strategy_failure_exits_1_with_the_error_on_stderr(spawn: Spawn) -
     assert "strategy hold crashed" in log and "BrokerError" in log and "rejectOrders" in log
 
 
+async def test_credentials_come_over_the_channel_first_and_never_in_the_environment(
+    spawn: Spawn,
+) -> None:
+    worker = await spawn(hold())
+    assert isinstance(await worker.line(), Hello)
+    with open(f"/proc/{worker.process.pid}/environ", "rb") as environ:
+        assert API_SECRET.encode() not in environ.read()
+    await worker.send(Stop())
+    assert await worker.exit_code() == 0
+
+
+async def test_host_gone_before_the_credentials_exits_3_before_hello(spawn: Spawn) -> None:
+    worker = await spawn(hold(), first=None)
+    worker.writer.close()
+    assert await worker.exit_code() == protocol.EXIT_HOST_GONE
+    assert "closed before the credentials came" in worker.log()
+
+
+async def test_a_first_line_other_than_the_credentials_exits_2_before_hello(spawn: Spawn) -> None:
+    worker = await spawn(hold(), first=Beat(at=datetime.now(UTC)))
+    assert await worker.exit_code() == 2
+    assert await worker.rest() == []
+    assert "first line was not the credentials" in worker.log()
+
+
 async def test_unusable_configuration_exits_2_before_hello(spawn: Spawn) -> None:
     worker = await spawn({**hold(), "type": "martingale"})
     assert await worker.exit_code() == 2
@@ -232,9 +260,16 @@ async def test_unknown_broker_exits_2(spawn: Spawn) -> None:
     assert "unknown broker 'nasdaq'" in worker.log()
 
 
+async def test_chaos_is_refused_where_fault_drills_are_not_enabled(spawn: Spawn) -> None:
+    worker = await spawn({**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3}})
+    assert await worker.exit_code() == 2
+    assert "'chaos' is a fault drill" in worker.log()
+
+
 async def test_chaos_crash_exits_with_the_configured_code(spawn: Spawn) -> None:
     worker = await spawn(
-        {**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3, "exitCode": 42}}
+        {**hold(), "type": "chaos", "parameters": {"crashAfter": 0.3, "exitCode": 42}},
+        RUNNER_ENABLE_CHAOS="1",
     )
     await worker.opened(1)
     assert await worker.exit_code() == 42
@@ -242,7 +277,8 @@ async def test_chaos_crash_exits_with_the_configured_code(spawn: Spawn) -> None:
 
 
 async def test_chaos_hang_stops_the_heartbeats(spawn: Spawn) -> None:
-    worker = await spawn({**hold(), "type": "chaos", "parameters": {"hangAfter": 0.5}})
+    worker = await spawn({**hold(), "type": "chaos", "parameters": {"hangAfter": 0.5}},
+                         RUNNER_ENABLE_CHAOS="1")
     await worker.until(lambda line: isinstance(line, Beat))
     loop = asyncio.get_running_loop()
     last_beat = loop.time()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from services.worker import protocol
-from services.worker.protocol import Beat, Hello, Lease, Report, Stop
+from services.worker.protocol import Beat, Credentials, Hello, Lease, Report, Stop
 
 REPO = Path(__file__).resolve().parents[2]
 BTC = "BTC-PERPETUAL"
@@ -25,6 +25,7 @@ ETH = "ETH-USD"
 API_KEY = "ak-live-5D1E-integration"
 API_SECRET = "sk-live-9F2C-integration"
 BEAT = 0.2
+CREDENTIALS = Credentials(api_key=API_KEY, api_secret=API_SECRET)
 TIMEOUT = 5.0
 
 
@@ -120,7 +121,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     numbers = itertools.count(1)
 
     async def start(
-        config: dict[str, Any], *, state_file: Path | None = None, **extra_env: str
+        config: dict[str, Any], *, state_file: Path | None = None,
+        first: protocol.Line | None = CREDENTIALS, **extra_env: str
     ) -> Worker:
         number = next(numbers)
         host_end, worker_end = socket.socketpair()
@@ -132,8 +134,6 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
             "USER_ID": "user-7",
             "STRATEGY_ID": "integration",
             "BROKER_ID": "paper",
-            "API_KEY": API_KEY,
-            "API_SECRET": API_SECRET,
             "CONFIG": json.dumps(config),
             "RUNNER_WORKER_ID": worker_id,
             "RUNNER_JOB_ID": job_id,
@@ -156,6 +156,8 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
                 pass_fds=(worker_end.fileno(),),
             )
         worker_end.close()
+        if first is not None:  # the host's first line, as a host writes it
+            host_end.sendall(protocol.encode(first))
         reader, writer = await asyncio.open_unix_connection(sock=host_end)
         worker = Worker(process, reader, writer, worker_id, job_id, state_file, log_file, env)
         workers.append(worker)

@@ -41,8 +41,8 @@ def test_a_rehearsal_runs_whole_workers_and_leaves_the_process_as_it_was(
     lives: list[int] = []
     real = runtime.run_worker
 
-    def run_worker(env: dict[str, str]) -> int:
-        code = real(env)
+    def run_worker(env: dict[str, str], confined: list[str]) -> int:
+        code = real(env, confined)
         account = Path(env[protocol.ENV_STATE_FILE]).read_text()  # it bought: its account saved
         lives.append(code if '"BTC-PERPETUAL"' in account else -1)
         return code
@@ -69,7 +69,7 @@ def test_a_failed_rehearsal_is_reported_and_not_repeated(
 ) -> None:
     calls: list[int] = []
 
-    def failing(env: dict[str, str]) -> int:
+    def failing(env: dict[str, str], confined: list[str]) -> int:
         calls.append(1)
         os.close(int(env["RUNNER_CONTROL_FD"]))
         return runtime.EXIT_BAD_CONFIG

@@ -47,8 +47,6 @@ def environment(**overrides: str) -> dict[str, str]:
         "USER_ID": "user-1",
         "STRATEGY_ID": "btc-hold",
         "BROKER_ID": "paper",
-        "API_KEY": KEY,
-        "API_SECRET": SECRET,
         "CONFIG": json.dumps(
             {"name": "t", "type": "hold", "riskManagement": {"maxPositionSize": 5}}
         ),
@@ -69,7 +67,13 @@ def test_environment_is_parsed() -> None:
     assert env.config.risk_management.max_position_size == 5
     assert str(env.state_file) == "/tmp/x.json"
     assert env.paper_seed == "9"
-    assert env.credentials == Credentials(api_key=KEY, api_secret=SECRET)
+
+
+def test_credentials_are_never_read_from_the_environment() -> None:
+    """The seed's API_KEY and API_SECRET come over the channel (protocol.Credentials) only."""
+    env = WorkerEnv.parse(environment(API_KEY=KEY, API_SECRET=SECRET))
+    assert KEY not in repr(env) and SECRET not in repr(env)
+    assert not hasattr(env, "credentials")
 
 
 def test_exchange_environment_is_parsed() -> None:
@@ -89,9 +93,11 @@ def test_environment_defaults() -> None:
 
 
 def test_credentials_never_show_in_repr() -> None:
-    env = WorkerEnv.parse(environment())
-    assert KEY not in repr(env) and SECRET not in repr(env)
-    assert KEY not in repr(env.credentials) and SECRET not in repr(env.credentials)
+    credentials = Credentials(api_key=KEY, api_secret=SECRET)
+    line = protocol.Credentials(api_key=KEY, api_secret=SECRET)
+    for shown in (repr(credentials), repr(line), str(line)):
+        assert KEY not in shown and SECRET not in shown
+    assert protocol.decode(protocol.encode(line)) == line
 
 
 @pytest.mark.parametrize(
@@ -264,6 +270,7 @@ async def test_flatten_failure_never_carries_the_credentials_to_the_host(
     monkeypatch.setitem(BROKERS, "leaky", LeakyBroker)
     host, child = socket.socketpair()
     env = WorkerEnv.parse(environment(BROKER_ID="leaky", RUNNER_CONTROL_FD=str(child.detach())))
+    host.sendall(protocol.encode(protocol.Credentials(api_key=KEY, api_secret=SECRET)))
     running = asyncio.create_task(WorkerRuntime(env).run())
     reader, writer = await asyncio.open_unix_connection(sock=host)
     assert isinstance(protocol.decode(await reader.readline()), protocol.Hello)

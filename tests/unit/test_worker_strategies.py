@@ -321,11 +321,23 @@ def test_hold_rejects_invalid_parameters() -> None:
 # -- loading --------------------------------------------------------------------------------
 
 
-def test_strategies_load_by_name() -> None:
+def test_strategies_load_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_strategy("hold") is Hold
     assert load_strategy("scalping") is Scalping
+    monkeypatch.setenv("RUNNER_ENABLE_CHAOS", "1")
     assert load_strategy("chaos") is Chaos
     assert {"hold", "scalping", "chaos"} <= available_strategies()
+
+
+def test_fault_drills_are_offered_and_run_only_where_enabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RUNNER_ENABLE_CHAOS", raising=False)
+    with pytest.raises(UnknownStrategy, match="fault drill"):
+        load_strategy("chaos")
+    assert "chaos" not in available_strategies()
+    assert "chaos" in available_strategies(drills=True)
+    assert "chaos" not in available_strategies(drills=False)
 
 
 def test_unknown_strategy_names_the_known_ones() -> None:
@@ -336,7 +348,7 @@ def test_unknown_strategy_names_the_known_ones() -> None:
 def test_builtins_load_without_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(strategies_base, "entry_points", lambda **_: ())
     assert load_strategy("hold") is Hold
-    assert available_strategies() == set(BUILTIN_STRATEGIES)
+    assert available_strategies(drills=True) == set(BUILTIN_STRATEGIES)
 
 
 def test_entry_point_that_is_not_a_strategy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

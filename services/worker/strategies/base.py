@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Literal
@@ -21,6 +22,16 @@ BUILTIN_STRATEGIES = {
     "scalping": "services.worker.strategies.scalping:Scalping",
     "chaos": "services.worker.strategies.chaos:Chaos",
 }
+
+
+# Fault drills: for exercising the system, never for users. Offered and run only where
+# RUNNER_ENABLE_CHAOS=1 (a worker-host passes its own setting on to its workers).
+FAULT_DRILLS = frozenset({"chaos"})
+ENV_ENABLE_CHAOS = "RUNNER_ENABLE_CHAOS"
+
+
+def drills_enabled() -> bool:
+    return os.environ.get(ENV_ENABLE_CHAOS, "").strip().lower() in ("1", "true", "yes")
 
 
 class UnknownStrategy(LookupError):
@@ -94,10 +105,19 @@ def signed_target(side: Literal["long", "short"], amount: float) -> float:
     return direction(side) * amount
 
 
-@functools.cache
 def load_strategy(name: str) -> type[Strategy]:
-    """The strategy class registered as `name` (entry point first, then the built-ins); cached,
-    so a fork-server that loaded it once spares every forked worker the entry-point scan."""
+    """The strategy class registered as `name` (entry point first, then the built-ins); a fault
+    drill only where they are enabled."""
+    if name in FAULT_DRILLS and not drills_enabled():
+        raise UnknownStrategy(f"strategy {name!r} is a fault drill, not offered here "
+                              f"({ENV_ENABLE_CHAOS}=1 enables it)")
+    return find_strategy(name)
+
+
+@functools.cache
+def find_strategy(name: str) -> type[Strategy]:
+    """`load_strategy` without the drills' gate; cached, so a fork-server that loaded a class
+    once spares every forked worker the entry-point scan."""
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     if found:
         cls = next(iter(found)).load()
@@ -112,6 +132,8 @@ def load_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def available_strategies() -> set[str]:
-    """Every strategy name a worker can run (what the gateway validates `config.type` against)."""
-    return set(BUILTIN_STRATEGIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+def available_strategies(drills: bool | None = None) -> set[str]:
+    """Every strategy name a worker can run (what the gateway validates `config.type` against);
+    the fault drills only when `drills` (default: RUNNER_ENABLE_CHAOS)."""
+    names = set(BUILTIN_STRATEGIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return names if (drills_enabled() if drills is None else drills) else names - FAULT_DRILLS
