@@ -159,6 +159,22 @@ def _sqlite_page(path: str, after: int, limit: int, until: int | None,
     return Page(rows, count - len(rows), last or after)
 
 
+SEALED = "credentials_sealed"  # the payload field holding a user's sealed credentials
+SEALED_REFERENCE = "sha256:"
+
+
+def withheld(envelope: Envelope) -> Envelope:
+    """The envelope as the log keeps it: sealed credentials replaced by a reference to them (the
+    blob's digest, which the scheduler's store can be matched against), so a leaked sealing key
+    opens nothing in the log or its backups. The blob itself lives in the scheduler's and the
+    worker-host's stores, and goes with the job's retention."""
+    sealed = envelope.payload.get(SEALED)
+    if not isinstance(sealed, str) or sealed.startswith(SEALED_REFERENCE):
+        return envelope
+    reference = SEALED_REFERENCE + hashlib.sha256(sealed.encode()).hexdigest()
+    return envelope.model_copy(update={"payload": {**envelope.payload, SEALED: reference}})
+
+
 def _utc(moment: datetime) -> datetime:
     """Stored as UTC; SQLite drops the offset, so normalise before writing or comparing."""
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -227,7 +243,7 @@ class EventLog:
             recorded: list[tuple[int, Envelope]] = []
             for event_id, envelope in batch.items():
                 position += 1
-                body = envelope.model_dump_json()
+                body = withheld(envelope).model_dump_json()
                 digest = chain_hash(prev, body)
                 rows.append({
                     "position": position,

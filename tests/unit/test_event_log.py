@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from events import Envelope, HostOnline, JobQueued, WorkerHeartbeat
-from services.monitor.log import GENESIS, EventLog, EventLogMissing, Head, chain_hash
+from events import Envelope, HostOnline, JobQueued, JobRequested, StrategyConfig, WorkerHeartbeat
+from services.monitor.log import (
+    GENESIS,
+    EventLog,
+    EventLogMissing,
+    Head,
+    chain_hash,
+    withheld,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -202,3 +210,25 @@ def test_a_projection_that_fails_skips_only_its_envelope(monkeypatch: pytest.Mon
     assert folded.state == state.counted(fold(without_bad), 5)
     assert folded.position == len(envelopes)
     assert folded.state.stats != everything.stats  # the bad trade would have counted
+
+
+async def test_the_log_keeps_a_reference_to_sealed_credentials_never_the_blob(
+        event_log: EventLog, tmp_path: Path) -> None:
+    """A leaked sealing key must open nothing in the log or its backups: the blob is kept in the
+    scheduler's store only, the log holds its digest (and still verifies and folds)."""
+    blob = "gAAAAABn-a-sealed-credential-blob-nobody-may-keep"
+    requested = Envelope.wrap(JobRequested(
+        job_id="job-1", worker_id="w-1", strategy_id="s", broker_id="paper",
+        credentials_sealed=blob, config=StrategyConfig(name="h", type="hold")),
+        stream="job-job-1", user_id="alice")
+    [(_, kept)] = await event_log.append([requested])
+    assert kept == requested  # what the monitor folds is what came
+    with sqlite3.connect(tmp_path / "monitor.db") as db:
+        [(stored,)] = db.execute("SELECT envelope FROM event_log").fetchall()
+    assert blob not in stored
+    assert withheld(requested).payload["credentials_sealed"] == (
+        "sha256:" + hashlib.sha256(blob.encode()).hexdigest())
+    assert await event_log.verify() is None
+    [(_, read)] = [row async for row in event_log.read()]
+    assert read.message().credentials_sealed.startswith("sha256:")  # type: ignore[attr-defined]
+    assert withheld(read) == read  # a reference is kept as it is
