@@ -21,6 +21,8 @@ class HostOnline(_HostEvent):
     hostname: str
     pid: int
     incarnation: str = ""
+    isolated: bool = False  # its workers run under uids of their own
+    isolation: str = ""  # how its workers are isolated (docs/SECURITY.md), one line
 
 
 class HostLost(_HostEvent):

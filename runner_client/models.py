@@ -115,6 +115,8 @@ class Host(_Answer):
     online_at: int | None = None
     last_seen: int | None = None
     lost: bool = False
+    isolated: bool = False  # its workers run under uids of their own
+    isolation: str = ""
 
 
 class Event(BaseModel):

@@ -155,6 +155,8 @@ class Host(BaseModel):
     online_at: int | None
     last_seen: int | None
     lost: bool
+    isolated: bool = Field(False, description="its workers run under uids of their own")
+    isolation: str = Field("", description="how its workers are isolated (docs/SECURITY.md)")
 
 
 class Hosts(Answer):

@@ -30,6 +30,8 @@ class HostView:
     capacity: int
     online_at: datetime
     lost: bool = False
+    isolated: bool = False
+    isolation: str = ""
 
 
 Hosts = immutables.Map[str, HostView]
@@ -48,6 +50,8 @@ def apply_host(hosts: Hosts, envelope: Envelope) -> Hosts:
             hostname=payload.get("hostname", ""),
             capacity=int(payload.get("capacity", 0)),
             online_at=as_utc(envelope.occurred_at),
+            isolated=bool(payload.get("isolated", False)),
+            isolation=str(payload.get("isolation", "")),
         ))
     if envelope.type == "HostLost":
         host = hosts.get(envelope.payload["host_id"])

@@ -134,6 +134,8 @@ def hosts(known: Hosts, liveness: Liveness | None = None) -> list[dict[str, Any]
             "onlineAt": epoch_ms(host.online_at),
             "lastSeen": epoch_ms(max(seen, host.online_at) if seen else host.online_at),
             "lost": host.lost or reported,
+            "isolated": host.isolated,
+            "isolation": host.isolation,
         })
     return entries
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 import uuid
@@ -183,7 +184,7 @@ async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
             assert entry["worker"]["restartCount"] >= 1
 
         rabbitmqctl("set_permissions", "-p", two_hosts.vhost, CUT_USER, ".*", ".*", ".*")
-        await asyncio.sleep(4)  # host-2 reconnects, publishes its fenced exits (stale), rejoins
+        await until_rejoined(two_hosts, "host-2")  # its fenced exits (stale) published first
         for wid in ids:
             entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
             assert entry["worker"]["status"] == "running"
@@ -192,6 +193,19 @@ async def test_host_cut_off_from_the_broker_fences_its_workers_within_its_lease(
     assert guard.doubles == []
     hosts = {h["hostId"]: h for h in (await two_hosts.admin.call("GET", "/admin/hosts"))["hosts"]}
     assert not hosts["host-2"]["lost"]  # rejoined
+    if os.geteuid() == 0:  # a host that can switch ids says so, and how it isolates
+        assert hosts["host-2"]["isolated"] and "uid" in hosts["host-2"]["isolation"]
+
+
+async def until_rejoined(system: System, host_id: str, timeout: float = 20.0) -> None:
+    """Wait until `/admin/hosts` shows the host online again."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        hosts = {h["hostId"]: h for h in (await system.admin.call("GET", "/admin/hosts"))["hosts"]}
+        if host_id in hosts and not hosts[host_id]["lost"]:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{host_id} never rejoined"
+        await asyncio.sleep(0.1)
 
 
 async def test_frozen_host_workers_fence_themselves_before_they_run_elsewhere(
