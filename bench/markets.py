@@ -7,8 +7,9 @@ against the local Deribit of the tests (tests/exchanges/deribit.py) through the 
 (b) start → ready: spawn request → Hello of such a worker (its credentials checked: markets,
     balance and positions read from the exchange), p50, against the same calls' own round trips:
     the same four signed calls, one after the other, over raw aiohttp (target ≤ 100 ms beyond).
-(c) feed: N workers' subscriptions to one instrument on the host's feed (its own process,
-    ccxt.pro's WebSocket to the exchange); a price set on the exchange → every subscriber has
+(c) feed: N workers' subscriptions to one instrument through the host's feed relay (its feed
+    a process of its own, ccxt.pro's WebSocket to the exchange; each price a line on the
+    worker's control channel); a price set on the exchange → every subscriber has
     it, p99 (target ≤ 20 ms); and the feed's connections to the exchange while it serves them
     (target 1 per exchange).
 
@@ -22,11 +23,12 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +37,7 @@ from rich.console import Console
 from bench.report import Figure, at_most, percentile, table
 from bench.spawn import MiB, uss
 from services.worker import protocol
+from services.worker_host.feed_relay import FeedRelay
 from services.worker_host.fork_spawner import ForkSpawner
 from services.worker_host.spawner import (
     ExecSpawner,
@@ -48,17 +51,17 @@ SECRET = "bench-secret"
 HOLD = json.dumps({"name": "bench", "type": "hold", "parameters": {"amount": 10}})
 BTC = "BTC-PERPETUAL"
 
-# The subscribers of (c): one process holding every connection, printing when each got a mark.
+# The subscribers of (c): one process holding every worker's end of its control channel,
+# printing when each got a mark.
 SUBSCRIBERS = r"""
-import asyncio, json, sys, time
-async def one(path, marks):
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(json.dumps({"subscribe": [["deribit", "BTC-PERPETUAL"]]}).encode() + b"\n")
+import asyncio, json, socket, sys, time
+async def one(fd, marks):
+    reader, _ = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     while line := await reader.readline():
         marks.append((json.loads(line)["mark"], time.monotonic()))
-async def main(path, count, last):
-    got = [[] for _ in range(count)]
-    tasks = [asyncio.create_task(one(path, marks)) for marks in got]
+async def main(fds, last):
+    got = [[] for _ in fds]
+    tasks = [asyncio.create_task(one(fd, marks)) for fd, marks in zip(fds, got)]
     while not all(got):
         if any(task.done() for task in tasks):
             raise SystemExit(f"a subscriber failed: {next(t for t in tasks if t.done())}")
@@ -68,17 +71,28 @@ async def main(path, count, last):
         await asyncio.sleep(0.01)
     print(json.dumps(got), flush=True)
 import uvloop
-uvloop.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+uvloop.run(main([int(fd) for fd in sys.argv[2:]], float(sys.argv[1])))
 """
+
+
+@dataclass
+class Subscriber:
+    """A worker as the feed relay sees it: its id and the host's end of its control channel."""
+
+    worker_id: str
+    channel: socket.socket
+
+    def send_encoded(self, line: bytes) -> None:
+        self.channel.send(line)
 
 
 def request(exchange: LocalDeribit, workdir: Path, key: str) -> SpawnRequest:
     env = worker_environment(
         worker_id=key, job_id="job", user_id="bench", strategy_id="bench", broker_id="deribit",
-        credentials={"apiKey": key, "apiSecret": SECRET}, config_json=HOLD,
-        heartbeat_interval=5.0, state_file=workdir / f"{key}.json",
+        config_json=HOLD, heartbeat_interval=5.0,
         broker_urls=json.dumps({"deribit": exchange.url}))
-    return SpawnRequest(key, "job", "bench", 0, env, workdir / f"{key}.log", 30.0)
+    return SpawnRequest(key, "job", "bench", 0, env, workdir / key, 30.0,
+                        credentials={"apiKey": key, "apiSecret": SECRET})
 
 
 async def first_fill(worker: WorkerProcess) -> None:
@@ -151,22 +165,22 @@ async def raw_round_trips(exchange: LocalDeribit, count: int) -> float:
 
 async def feed_latency(exchange: LocalDeribit, workdir: Path, subscribers: int,
                        rounds: int) -> tuple[float, float, int]:
-    """(p50 ms, p99 ms, connections to the exchange) for price → every subscriber."""
-    path = workdir / "feed.sock"
-    feed = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.worker_host.feed", str(path), "--urls",
-        json.dumps({"deribit": exchange.url}), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+    """(p50 ms, p99 ms, connections to the exchange) for price → every subscriber, through
+    the host's feed relay and its feed process."""
+    relay = FeedRelay({"deribit": exchange.url}, workdir / "feed.log")
+    pairs = [socket.socketpair() for _ in range(subscribers)]
     try:
-        assert feed.stdout is not None
-        assert await asyncio.wait_for(feed.stdout.readline(), 30) == b"ready\n"
         last = 50_000.0 + rounds
+        fds = [theirs.fileno() for _, theirs in pairs]
         clients = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SUBSCRIBERS, str(path), str(subscribers), str(last),
+            sys.executable, "-c", SUBSCRIBERS, str(last), *map(str, fds), pass_fds=fds,
             stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+        for number, (ours, _) in enumerate(pairs):
+            relay.subscribe(Subscriber(f"w{number}", ours), [("deribit", BTC)])
         assert clients.stdout is not None
-        assert await asyncio.wait_for(clients.stdout.readline(), 60) == b"ready\n"
-        connections = exchange.connections_from(feed.pid)
+        assert await asyncio.wait_for(clients.stdout.readline(), 90) == b"ready\n"
+        assert relay.process is not None
+        connections = exchange.connections_from(relay.process.pid)
         sent: dict[float, float] = {}
         for step in range(rounds):
             await asyncio.sleep(0.05)
@@ -185,8 +199,10 @@ async def feed_latency(exchange: LocalDeribit, workdir: Path, subscribers: int,
         # ticker, so two prices closer than its read may come as one.
         return percentile(latencies, 50), percentile(latencies, 99), connections
     finally:
-        feed.terminate()
-        await feed.wait()
+        await relay.close()
+        for pair in pairs:
+            for end in pair:
+                end.close()
         exchange.set_price(BTC, 50_000.0)
 
 

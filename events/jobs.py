@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from events.base import Event
 from events.values import CrashReason, Fill, Id, Position, RejectReason, StrategyConfig, Tier
@@ -53,6 +54,7 @@ class JobDispatched(_JobEvent):
     credentials_sealed: str
     config: StrategyConfig
     host_incarnation: str = ""  # the run of the host it is meant for (HostOnline); "": any
+    mode: Literal["trade", "flatten"] = "trade"  # flatten: close its positions, then end
 
 
 class _WorkerEvent(Event):

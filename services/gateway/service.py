@@ -229,7 +229,8 @@ class GatewayService(Service):
         entry = await self._owned_worker(caller, body.worker_id)
         worker = entry["worker"]
         logs.correlation.set(worker["jobId"])
-        if worker["status"] in ENDED:
+        ran_and_failed = worker["status"] == "failed" and worker["startedAt"] is not None
+        if worker["status"] in ENDED and not (body.flatten_positions and ran_and_failed):
             return ok(
                 message=f"worker {body.worker_id} already {worker['status']}", flattenedPositions=0
             )

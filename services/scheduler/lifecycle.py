@@ -80,6 +80,7 @@ class Job:
     streak: int = 0
     started_at: datetime | None = None
     ended_at: datetime | None = None  # stopped, failed or rejected: forgotten a retention later
+    flatten_only: bool = False  # its run closes its positions and ends (a stop with flatten)
     seq: int | None = None  # its place in the queue, given by the store
 
     @classmethod
@@ -147,7 +148,8 @@ def decide(job: Job, message: Input, now: datetime, settings: Settings, *,
                               broker_id=job.broker_id,
                               credentials_sealed=job.credentials_sealed,
                               config=StrategyConfig.model_validate_json(job.config),
-                              host_incarnation=incarnation),))
+                              host_incarnation=incarnation,
+                              mode="flatten" if job.flatten_only else "trade"),))
         case WorkerSpawned() | WorkerRestarted() if (
                 job.state == State.DISPATCHED and message.attempt == job.attempt):
             return Decision(replace(job, state=State.RUNNING, host_id=message.host_id,
@@ -174,6 +176,14 @@ def _crashed(job: Job, crash: WorkerCrashed | WorkerSpawnFailed, now: datetime,
                           reason="stopped (the worker died while stopping)"),))
     if job.state not in (State.DISPATCHED, State.RUNNING):
         return Decision(job)
+    if job.flatten_only:  # its flatten could not run: said so, and it ends stopped
+        why = crash.error if isinstance(crash, WorkerSpawnFailed) else (
+            crash.detail or str(crash.reason))
+        return Decision(job.ended(State.STOPPED, now), (
+            FlattenFailed(job_id=job.job_id, worker_id=job.worker_id,
+                          error=f"the flatten-only run did not complete: {why}"),
+            WorkerStopped(job_id=job.job_id, worker_id=job.worker_id,
+                          reason="stopped; its flatten-only run failed")))
     if isinstance(crash, WorkerSpawnFailed) and crash.permanent:  # restarting cannot help
         return Decision(job.ended(State.FAILED, now), (
             RestartsExhausted(job_id=job.job_id, worker_id=job.worker_id, attempts=job.streak,
@@ -227,19 +237,21 @@ def _restart_or_give_up(job: Job, now: datetime, settings: Settings, entitled: b
 
 def _stop(job: Job, command: StopRunner, now: datetime) -> Decision:
     """Stop the worker wherever it is in its life: ask its host, or, before it runs on one, end
-    it here at once. An ended job stays as it is."""
+    it here at once. A job that ran and is not running now (crashed awaiting its restart, or
+    failed) asked to flatten gets a flatten-only run, under its own credentials, which closes
+    what its account really holds and ends it. Any other ended job stays as it is."""
     ids = {"job_id": job.job_id, "worker_id": job.worker_id}
     if job.state in (State.DISPATCHED, State.RUNNING):
         return Decision(replace(job, state=State.STOPPING), (
             StopRequested(**ids, host_id=job.host_id, flatten=command.flatten,
                           reason=command.reason),))
+    stopped = StopRequested(**ids, host_id=None, flatten=command.flatten, reason=command.reason)
+    cancel = (CancelTimer(restart_timer(job.job_id)),)
+    if command.flatten and (job.state == State.CRASHED or (
+            job.state == State.FAILED and job.started_at is not None)) and not job.flatten_only:
+        return Decision(replace(job, state=State.QUEUED, attempt=job.attempt + 1,
+                                flatten_only=True, ended_at=None), (stopped,), cancel)
     if job.state not in NOT_RUNNING_YET:
         return Decision(job)
-    events: list[Message] = [StopRequested(**ids, host_id=None, flatten=command.flatten,
-                                           reason=command.reason)]
-    if command.flatten and job.state == State.CRASHED:
-        events.append(FlattenFailed(**ids, error="worker was not running (crashed); positions "
-                                                 "left as they are on the broker"))
-    events.append(WorkerStopped(**ids, reason=f"{command.reason} (before it was running)"))
-    return Decision(job.ended(State.STOPPED, now), tuple(events),
-                    (CancelTimer(restart_timer(job.job_id)),))
+    return Decision(job.ended(State.STOPPED, now), (stopped, WorkerStopped(
+        **ids, reason=f"{command.reason} (before it was running)")), cancel)

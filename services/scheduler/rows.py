@@ -37,6 +37,7 @@ class JobRow(SQLModel, table=True):
     streak: int = 0
     started_at: datetime | None = Field(default=None, sa_type=UtcDateTime)
     ended_at: datetime | None = Field(default=None, sa_type=UtcDateTime, index=True)
+    flatten_only: bool | None = None  # None: before flatten-only runs (a trading run)
 
 
 class HostRow(SQLModel, table=True):
@@ -69,7 +70,7 @@ class FlagRow(SQLModel, table=True):
 TABLES = tuple(t.__table__ for t in (JobRow, HostRow, CircuitRow, LimitRow, FlagRow))  # type: ignore[attr-defined]
 JOBS, HOSTS, CIRCUITS, LIMITS, FLAGS = TABLES
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
-_MUTABLE = ("state", "host_id", "attempt", "streak", "started_at", "ended_at")
+_MUTABLE = ("state", "host_id", "attempt", "streak", "started_at", "ended_at", "flatten_only")
 
 JOB_BY_ID = select(JOBS).where(JOBS.c.job_id == bindparam("key"))
 JOB_BY_WORKER = select(JOBS).where(JOBS.c.worker_id == bindparam("key"))
@@ -110,7 +111,8 @@ LIMIT_OF = select(LIMITS.c.max_workers).where(LIMITS.c.user_id == bindparam("use
 
 def job_of(row: Any) -> Job:
     values = {name: getattr(row, name) for name in _JOB_FIELDS}
-    return Job(**values | {"state": State(values["state"])})
+    return Job(**values | {"state": State(values["state"]),
+                           "flatten_only": bool(values["flatten_only"])})
 
 
 async def load_job(uow: UnitOfWork, *, job_id: str | None = None,

@@ -17,6 +17,9 @@ never a secret) and exits: with `EXIT_CREDENTIALS_REJECTED` when the exchange re
 host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
 flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
 exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
+Market prices: a worker trading on an exchange's prices sends `Subscribe` (its instruments) once
+started, and its host relays the prices of its one feed per exchange as `Price` lines; a worker
+opens no socket of its own (docs/SECURITY.md), and without fresh prices asks the exchange.
 
 A worker's lines are untrusted (any strategy plugin, or its dependencies, may write to the
 channel): `decode` takes a line of at most `MAX_LINE` bytes, of JSON with finite numbers, strings
@@ -24,8 +27,9 @@ of at most `MAX_STRING` characters, at most `MAX_ITEMS` items in a list or objec
 `MAX_DEPTH` deep, that is a valid line; and `LineBudget` bounds how many lines a second. Anything
 else raises `ProtocolViolation`; the host kills the worker and reports it crashed, saying why.
 
-The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, then a `Lease` line each
-time the host renews its own. Both are `time.monotonic()` instants (host and worker share the
+The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer
+to the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
+was given), then one each time the host renews its own. Both are `time.monotonic()` instants (host and worker share the
 machine, hence the clock). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without
 touching positions: a stalled or cut-off host cannot leave it running past the moment the system
 may restart it elsewhere.
@@ -51,6 +55,7 @@ MAX_LINE = 64 * 1024  # bytes, the newline included
 MAX_STRING = 4096  # characters of any string in a line
 MAX_ITEMS = 1000  # items of any list or object in a line
 MAX_DEPTH = 8
+MAX_SUBSCRIPTIONS = 100  # (source, instrument) pairs a worker may ask prices of
 MAX_LINES_PER_SECOND = 100.0  # sustained, per worker
 LINE_BURST = 1000.0  # lines at once (a flatten of many instruments reports three per fill)
 
@@ -71,7 +76,6 @@ ENV_LEASE_UNTIL = "RUNNER_LEASE_UNTIL"  # time.monotonic() instant; unset: no le
 ENV_BROKER_URLS = "RUNNER_BROKER_URLS"  # JSON {exchange or broker id: API base URL}
 ENV_WORKER_MODE = "RUNNER_WORKER_MODE"  # "trade" (default) or "flatten": close all, then exit
 ENV_FLATTEN_TIMEOUT = "RUNNER_FLATTEN_TIMEOUT"  # seconds a flatten may take before it gives up
-ENV_FEED_SOCKET = "RUNNER_FEED_SOCKET"  # the host's market-data feed (feed.py); unset: none
 
 
 class _Line(BaseModel):
@@ -122,6 +126,26 @@ class Credentials(_Line):
     api_secret: str = Field(default="", repr=False)
 
 
+class Subscribe(_Line):
+    """The market prices this worker trades on, from its host's feed: (source, instrument)
+    pairs, the source an exchange id (`-testnet` for its sandbox)."""
+
+    type: Literal["subscribe"] = "subscribe"
+    keys: tuple[tuple[str, str], ...] = Field(max_length=MAX_SUBSCRIPTIONS)
+
+
+class Price(_Line):
+    """A price from the host's feed: best bid and ask, mark, and the feed's `time.time()`."""
+
+    type: Literal["price"] = "price"
+    source: str
+    instrument: str
+    bid: float
+    ask: float
+    mark: float
+    at: float
+
+
 class Stop(_Line):
     type: Literal["stop"] = "stop"
     flatten: bool = False
@@ -134,8 +158,8 @@ class Lease(_Line):
     until: float
 
 
-Line = Annotated[Hello | CannotStart | Beat | Report | Credentials | Stop | Lease,
-                 Field(discriminator="type")]
+Line = Annotated[Hello | CannotStart | Beat | Report | Subscribe | Credentials | Price | Stop
+                 | Lease, Field(discriminator="type")]
 LINE = TypeAdapter(Line)
 
 
@@ -147,7 +171,8 @@ def encode(line: _Line) -> bytes:
     return line.model_dump_json().encode() + b"\n"
 
 
-def decode(raw: bytes | str) -> Hello | CannotStart | Beat | Report | Credentials | Stop | Lease:
+def decode(raw: bytes | str) -> (Hello | CannotStart | Beat | Report | Subscribe | Credentials
+                                  | Price | Stop | Lease):
     """The line `raw` is; ProtocolViolation for anything out of bounds or not a valid line."""
     if len(raw) > MAX_LINE:
         raise ProtocolViolation(f"a line of {len(raw)} bytes (at most {MAX_LINE})")

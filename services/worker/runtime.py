@@ -93,6 +93,7 @@ EXIT_CREDENTIALS_REJECTED = protocol.EXIT_CREDENTIALS_REJECTED
 MODES = ("trade", "flatten")
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
+LEASE_ANSWER_TIMEOUT = 10.0  # seconds the host may take to answer the Hello with its lease
 REDACTED = "[redacted]"
 MIN_REDACTED = 4
 
@@ -120,7 +121,6 @@ class WorkerEnv:
     broker_urls: Mapping[str, str] = field(default_factory=dict)
     mode: str = "trade"
     flatten_timeout: float = DEFAULT_FLATTEN_TIMEOUT
-    feed_socket: Path | None = None
 
     @classmethod
     def parse(cls, env: Mapping[str, str]) -> WorkerEnv:
@@ -190,8 +190,6 @@ class WorkerEnv:
             broker_urls=broker_urls(env.get(protocol.ENV_BROKER_URLS, "")),
             mode=mode,
             flatten_timeout=flatten_timeout,
-            feed_socket=Path(feed) if (feed := env.get(protocol.ENV_FEED_SOCKET, "").strip())
-            else None,
         )
 
 
@@ -328,12 +326,23 @@ Outcome = Stop | _HostGone | _LeaseLapsed | _Crashed | _Flattened
 
 @dataclass
 class HostLease:
-    """Until when this worker may run (a `time.monotonic()` instant; None: no limit)."""
+    """Until when this worker may run (a `time.monotonic()` instant; None: no limit);
+    `renewed` is set by each renewal."""
 
     until: float | None
+    renewed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def renew(self, until: float) -> None:
         self.until = until if self.until is None else max(self.until, until)
+        self.renewed.set()
+
+    async def confirmed(self, timeout: float) -> bool:
+        """Whether it is renewed within `timeout` seconds (at once without a lease)."""
+        if self.until is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.renewed.wait(), timeout)
+        return self.renewed.is_set()
 
     def lapsed(self) -> bool:
         return self.until is not None and time.monotonic() >= self.until
@@ -381,6 +390,7 @@ class WorkerRuntime:
         self.redact = redact or Redactor()
         self.lease = HostLease(env.lease_until)
         self.strategy: Strategy | None = None  # None in a flatten-only run
+        self.prices: FeedPrices | None = None  # what its host's feed relays
         self.flattening = False
 
     async def run(self) -> int:
@@ -452,14 +462,14 @@ class WorkerRuntime:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, settle, Stop(flatten=False))
 
+        self.lease.renewed.clear()  # the host answers the Hello with a renewal
         channel.send(Hello(pid=os.getpid()))
         for position in broker.at_start(reached):  # what the account really holds now
             broker.sink(position)
+        if keys := broker.price_keys():  # its host relays its feed's prices of these
+            self.prices = broker.prices = FeedPrices()
+            channel.send(protocol.Subscribe(keys=tuple(keys)))
         await channel.flush()
-        prices = None
-        if env.feed_socket is not None and (keys := broker.price_keys()):
-            prices = broker.prices = FeedPrices(env.feed_socket)
-            await prices.start(keys)  # it gives no price while the feed is not there
         log.info(
             "started: %s %s (%s) on broker %s, instruments %s, holding %s",
             "flatten-only run of" if strategy is None else "strategy",
@@ -470,32 +480,38 @@ class WorkerRuntime:
             ", ".join(f"{p.side} {p.amount:g} {p.instrument}" for p in reached) or "nothing",
         )
 
-        # The first beat goes out before the strategy starts: it tells the host "alive" at once.
+        listening = asyncio.create_task(self._listen(reader, settle), name="control")
         simulated = strategy is not None and not strategy.acts_on_ticks and not broker.live_market
         market = MarketClock(broker, strategy.tick_interval) if simulated else None
-        beating = asyncio.create_task(self._beat(broker, channel, market, emit), name="heartbeat")
-        if strategy is None:
-            work = asyncio.create_task(self._flatten(broker), name="flatten")
+        running: list[asyncio.Task[Any]] = [listening]
+        work: asyncio.Task[Any] | None = None
+        # Nothing runs before the host answers the Hello with its lease as it is now.
+        if await self._answered(outcome):
+            # The first beat goes out before the strategy starts: it tells the host "alive".
+            running.append(asyncio.create_task(self._beat(broker, channel, market, emit),
+                                               name="heartbeat"))
+            work = asyncio.create_task(self._flatten(broker) if strategy is None
+                                       else self._trade(strategy, guarded), name="work")
+            running += (work, asyncio.create_task(self.lease.watch(settle), name="lease"))
+
+            def on_work_done(task: asyncio.Task[Any]) -> None:
+                if task.cancelled():
+                    return
+                if (error := task.exception()) is not None:
+                    settle(_Crashed(error))
+                elif strategy is None:
+                    settle(_Flattened(task.result()))
+
+            work.add_done_callback(on_work_done)
         else:
-            work = asyncio.create_task(self._trade(strategy, guarded), name="strategy")
-        leasing = asyncio.create_task(self.lease.watch(settle), name="lease")
-
-        def on_work_done(task: asyncio.Task[Any]) -> None:
-            if task.cancelled():
-                return
-            if (error := task.exception()) is not None:
-                settle(_Crashed(error))
-            elif strategy is None:
-                settle(_Flattened(task.result()))
-
-        work.add_done_callback(on_work_done)
-        listening = asyncio.create_task(self._listen(reader, settle), name="control")
+            settle(LEASE_LAPSED)  # unless the host settled it first
         try:
             result = await outcome
-            if strategy is None and isinstance(result, Stop):  # already flattening: finish it
+            if work is not None and strategy is None and isinstance(result, Stop):
+                # already flattening: finish it
                 with contextlib.suppress(Exception):
                     result = _Flattened(await work)
-            if not isinstance(result, _Flattened):
+            if work is not None and not isinstance(result, _Flattened):
                 await _cancel(work)
             if isinstance(result, _Crashed):
                 log.error("strategy %s crashed", env.config.type, exc_info=result.error)
@@ -524,9 +540,15 @@ class WorkerRuntime:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await _cancel(beating, listening, work, leasing)
-            if prices is not None:
-                await prices.close()
+            await _cancel(*running)
+
+    async def _answered(self, outcome: asyncio.Future[Outcome]) -> bool:
+        """Whether the host renewed the lease after the Hello (within LEASE_ANSWER_TIMEOUT)
+        before anything settled the run."""
+        confirming = asyncio.ensure_future(self.lease.confirmed(LEASE_ANSWER_TIMEOUT))
+        await asyncio.wait((confirming, outcome), return_when=asyncio.FIRST_COMPLETED)
+        await _cancel(confirming)
+        return not (outcome.done() or confirming.cancelled()) and confirming.result()
 
     async def _connect(self, broker: Broker, channel: Channel) -> list[Position] | int:
         """The account reached and its positions read; or, when it cannot be, a CannotStart
@@ -692,6 +714,10 @@ class WorkerRuntime:
                 return
             if isinstance(line, Lease):
                 self.lease.renew(line.until)
+                continue
+            if isinstance(line, protocol.Price):
+                if self.prices is not None:
+                    self.prices.update(line)
                 continue
             log.warning("ignoring an unexpected %r line from the host", line.type)
 

@@ -6,16 +6,15 @@ The feed watches each exchange's tickers over ccxt.pro's WebSocket client where 
 ccxt's REST client (one kept-alive connection). Private calls never come here: they stay in
 each worker, under its user's keys.
 
-Workers reach it over a Unix stream socket (its path in their RUNNER_FEED_SOCKET), JSON lines:
-- worker → feed: `{"subscribe": [["deribit", "BTC-PERPETUAL"], ...]}` (the source is the
+Its client is the host's `FeedRelay` (feed_relay.py), over a Unix stream socket, JSON lines:
+- relay → feed: `{"subscribe": [["deribit", "BTC-PERPETUAL"], ...]}` (the source is the
   exchange id, `-testnet` for its sandbox);
-- feed → worker: `{"source", "instrument", "bid", "ask", "mark", "at"}` (`at`: the feed's
+- feed → relay: `{"source", "instrument", "bid", "ask", "mark", "at"}` (`at`: the feed's
   `time.time()` when the price came), the latest at once on subscribing, then every change.
-A worker that stops reading (its socket buffer past `SLOW_SUBSCRIBER_BYTES`) is dropped; it
-falls back to asking the exchange itself.
+A client that stops reading (its socket buffer past `SLOW_SUBSCRIBER_BYTES`) is dropped.
 
-Run it as a task of the worker-host's loop (`MarketFeed(path, urls).start()`, `close()`), or
-as a process of its own: `python -m services.worker_host.feed PATH [--urls JSON] [--poll S]`.
+The relay runs it as a process of its own (ccxt stays out of the host's process):
+`python -m services.worker_host.feed PATH [--urls JSON] [--poll S]`.
 """
 
 from __future__ import annotations
@@ -41,9 +40,6 @@ log = logging.getLogger(__name__)
 SLOW_SUBSCRIBER_BYTES = 1 << 20
 RETRY_DELAY = (0.5, 10.0)  # seconds: first, ceiling (doubling) after a failed watch or poll
 LINE_MAX = 1 << 16
-# Connections waiting to be accepted: a host starting hundreds of workers at once would see
-# its later workers' connects refused (EAGAIN on a Unix socket) past asyncio's default of 100.
-BACKLOG = 4096
 
 
 @dataclass(frozen=True)
@@ -206,7 +202,7 @@ class MarketFeed:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
-                                                       limit=LINE_MAX, backlog=BACKLOG)
+                                                       limit=LINE_MAX)
         self.path.chmod(0o600)
 
     async def close(self) -> None:

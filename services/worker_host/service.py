@@ -56,6 +56,7 @@ from services.worker import protocol
 from services.worker_host import rows
 from services.worker_host.beats import BeatRelay
 from services.worker_host.exits import Ended, Ending, exit_event
+from services.worker_host.feed_relay import FeedRelay
 from services.worker_host.isolation import Isolation
 from services.worker_host.lease import HostLease, Renewal
 from services.worker_host.rows import LocalWorker
@@ -93,6 +94,7 @@ class WorkerHostService(Service):
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
         self.spawner = make_spawner(settings.spawn_mode, self.workers_dir,
                                     Isolation.from_settings(settings))
+        self.feed = FeedRelay(settings.broker_urls, self.workers_dir / "feed.log")
 
     @property
     def store_name(self) -> str:
@@ -128,6 +130,7 @@ class WorkerHostService(Service):
             worker.end_reason = Ending.DRAIN
             worker.send(protocol.Stop(flatten=False))
         await self._until_all_reported(self.settings.stop_grace)
+        await self.feed.close()
         await self.spawner.close()
         async with self.store.transaction() as uow:
             uow.emit(HostLost(host_id=self.host_id, silent_for=0.0),
@@ -151,11 +154,14 @@ class WorkerHostService(Service):
         latest = await rows.latest_attempt(uow, event.worker_id)
         if latest is not None and latest >= event.attempt:
             return
+        flatten_only = event.mode == "flatten"  # a stop's flatten: it ends once it has closed
         intent = LocalWorker(
             worker_id=event.worker_id, job_id=event.job_id, user_id=env.user_id or "",
             attempt=event.attempt, dispatched_at=self.clock(), strategy_id=event.strategy_id,
             broker_id=event.broker_id, credentials_sealed=event.credentials_sealed,
-            config=event.config.model_dump_json(by_alias=True))
+            config=event.config.model_dump_json(by_alias=True), stopping=flatten_only,
+            flatten=flatten_only, stop_reason="stopped by user (a flatten-only run)"
+            if flatten_only else None)
         await rows.record_intent(uow, intent, replacing=latest is not None)
         epoch = self._epoch
         uow.after_commit.append(
@@ -228,7 +234,8 @@ class WorkerHostService(Service):
                     lease_until=self.lease.until(),
                     broker_urls=json.dumps(self.settings.broker_urls)
                     if self.settings.broker_urls else None,
-                    flatten_timeout=self.settings.flatten_timeout),
+                    flatten_timeout=self.settings.flatten_timeout,
+                    mode="flatten" if row.stopping and row.flatten else None),
                 directory=self.workers_dir / worker_id,
                 hello_timeout=max(10.0, self.settings.heartbeat_timeout),
                 credentials=self.sealer.open(row.credentials_sealed, user_id=row.user_id,
@@ -302,6 +309,7 @@ class WorkerHostService(Service):
             code = await worker.wait()
             worker.writer.close()
             self.live.pop(worker.worker_id, None)
+            self.feed.forget(worker.worker_id)
             await self._report_exit(worker, code)
         finally:
             self.supervisors.pop(worker.worker_id, None)
@@ -329,9 +337,11 @@ class WorkerHostService(Service):
                          correlation_id=worker.job_id)
 
             return event, self.store.queue_grouped(record_report)
+        elif isinstance(line, protocol.Subscribe):
+            self.feed.subscribe(worker, line.keys)
         else:
             raise protocol.ProtocolViolation(
-                f"a {line.type} line where only heartbeats and reports may come")
+                f"a {line.type} line where only heartbeats, reports and subscriptions may come")
         return None
 
     async def _report_exit(self, worker: WorkerProcess, code: int | None) -> None:
@@ -429,9 +439,11 @@ class WorkerHostService(Service):
                 self._fence("broker unreachable past the lease")
 
     def _online(self) -> HostOnline:
+        isolation = self.spawner.isolation
         return HostOnline(host_id=self.host_id, capacity=self.capacity,
                           hostname=socket.gethostname(), pid=os.getpid(),
-                          incarnation=self.incarnation)
+                          incarnation=self.incarnation, isolated=isolation.switches_ids,
+                          isolation=isolation.describe())
 
     def _fence(self, why: str) -> None:
         self._epoch += 1

@@ -138,13 +138,16 @@ class WorkerProcess:
         self.signal(signal.SIGCONT)
 
     def send(self, line: protocol.Stop | protocol.Lease) -> None:
+        self.send_encoded(protocol.encode(line))
+
+    def send_encoded(self, line: bytes) -> None:
         """Best effort, straight to the socket rather than through the stream's transport: a
         write to a worker that has just exited fails, and in the transport that failure would
         also close the reading side, losing the worker's last lines (its final reports) still
-        unread in the socket. Lines are a few dozen bytes; a worker that stops reading until its
-        buffer fills is hung, and the watchdog deals with it."""
+        unread in the socket. Lines are short; a worker that stops reading until its buffer
+        fills is hung (the watchdog deals with it), and what does not fit is dropped."""
         with contextlib.suppress(OSError):  # already gone: the supervisor reports its exit
-            os.write(self.writer.get_extra_info("socket").fileno(), protocol.encode(line))
+            os.write(self.writer.get_extra_info("socket").fileno(), line)
 
     def signal(self, sig: int) -> None:
         """`sig` to the worker's process group (it leads its own session)."""
@@ -205,12 +208,11 @@ def worker_environment(
     lease_until: float | None = None,
     broker_urls: str | None = None,
     flatten_timeout: float | None = None,
-    feed_socket: Path | None = None,
     mode: str | None = None,
 ) -> dict[str, str]:
     """The seed's per-worker environment (but its credentials) plus the runtime's own.
     `broker_urls`: the raw JSON of RUNNER_BROKER_URLS; `flatten_timeout`: seconds a flatten may
-    take (the runtime's default when None); `feed_socket`: the host's market-data feed; `mode`
+    take (the runtime's default when None); `mode`
     "flatten": a flatten-only run."""
     env = base_environment() | {
         protocol.ENV_USER_ID: user_id,
@@ -228,8 +230,6 @@ def worker_environment(
         env[protocol.ENV_BROKER_URLS] = broker_urls
     if flatten_timeout is not None:
         env[protocol.ENV_FLATTEN_TIMEOUT] = repr(flatten_timeout)
-    if feed_socket is not None:
-        env[protocol.ENV_FEED_SOCKET] = str(feed_socket)
     if mode is not None:
         env[protocol.ENV_WORKER_MODE] = mode
     return env

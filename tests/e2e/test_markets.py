@@ -121,3 +121,28 @@ async def test_a_rejected_key_fails_the_job_at_once_with_the_reason(
     assert entry["worker"]["reason"] == "exchange rejected the API key"
     assert entry["worker"]["restartCount"] == 0
     assert exchange.calls["private/buy"] == buys
+
+
+async def test_a_stop_with_flatten_of_a_failed_runner_closes_what_its_account_holds(
+        system: System, exchange: LocalDeribit) -> None:
+    """Its worker died and could not come back (the exchange unreachable at each restart): the
+    runner failed with its position open. A stop with flatten runs a short flatten-only worker
+    under its credentials, which closes the position with a reduce-only order."""
+    client, key, secret = await trader(system, exchange)
+    worker_id = (await client.start(**on_deribit(key, secret, amount=20)))["workerId"]
+    entry = await system.wait_for_worker(
+        client, worker_id, lambda e: e["worker"]["status"] == "running" and e["positions"])
+    exchange.down()
+    try:
+        os.kill(entry["worker"]["pid"], signal.SIGKILL)
+        await system.wait_for_worker(client, worker_id,
+                                     lambda e: e["worker"]["status"] == "failed", timeout=30)
+    finally:
+        exchange.up()
+    assert exchange.position(key, BTC) == 20
+
+    stopped = await client.stop(worker_id, flatten=True)
+    assert stopped["success"] and stopped["flattenedPositions"] == 1, stopped
+    assert exchange.position(key, BTC) == 0
+    close = exchange.orders_of(key)[-1]
+    assert close["reduce_only"] and close["direction"] == "sell"

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runner_client import RunnerClient
 from services.cli.local import free_port
 from tests.e2e.conftest import System, start_body
+from tests.integration.broker_helpers import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -60,7 +61,7 @@ def readme_examples() -> dict[str, str]:
     return dict(blocks)
 
 
-def test_the_readme_names_its_examples() -> None:
+async def test_the_readme_names_its_examples() -> None:
     assert set(readme_examples()) == {"admin", "user"}
 
 
@@ -88,6 +89,11 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+async def ready(http: httpx.AsyncClient) -> bool:
+    answer = await http.get("/health/ready")
+    return answer.status_code == 200 and answer.json()["ready"]
+
+
 def lifecycle(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
     return {dict(labels)["event"]: value for (name, labels), value in samples.items()
             if name == "runner_workers_lifecycle_total"}
@@ -104,9 +110,10 @@ async def test_metrics_count_exactly_a_start_a_crash_a_restart_and_a_stop(tmp_pa
         base = {service: f"http://127.0.0.1:{port}" for service, port in ports.items()}
         base["gateway"] = system.base_url
         for service, url in base.items():
-            ready = httpx.get(f"{url}/health/ready", timeout=10)
-            assert ready.status_code == 200 and ready.json()["ready"], (service, ready.text)
-            assert httpx.get(f"{url}/health/live", timeout=10).json() == {"alive": True}
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                # a worker-host is ready once its fork-server is (it preloads ccxt)
+                await until(lambda http=http: ready(http), 30, f"{service} ready")
+                assert (await http.get("/health/live")).json() == {"alive": True}
 
         _, client = await system.user(tier="pro")
         started = await client.start(**start_body("hold"))

@@ -198,7 +198,8 @@ async def test_a_hostile_worker_escapes_nowhere_and_its_limits_end_it(
         ("exec", "flood", "more than 100 lines a second"),
         ("fork", "oversize", "a line over 65536 bytes"),
         ("fork", "nan", "a number that is not finite (NaN)"),
-        ("fork", "host_line", "a stop line where only heartbeats and reports may come"),
+        ("fork", "host_line", "a stop line where only heartbeats, reports and subscriptions "
+                              "may come"),
         ("fork", "bad_report", "an invalid OrderFilled report"),
     ],
     indirect=["host"],

@@ -141,6 +141,14 @@ async def test_lease_that_runs_out_exits_4_without_touching_positions(spawn: Spa
     assert "lease lapsed" in worker.log()
 
 
+async def test_a_spawn_that_outlasted_its_lease_runs_on_the_hosts_answer(spawn: Spawn) -> None:
+    worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(time.monotonic() - 1.0))
+    worker.lease_answer = lambda: time.monotonic() + 30.0  # the host's lease as it is now
+    await worker.opened(1)
+    await worker.send(Stop())
+    assert await worker.exit_code() == 0
+
+
 async def test_renewed_lease_keeps_the_worker_running(spawn: Spawn) -> None:
     first_lease = time.monotonic() + 3.0  # room for a slow start
     worker = await spawn(hold(BTC), RUNNER_LEASE_UNTIL=repr(first_lease))

@@ -52,6 +52,12 @@ class Worker:
     log_file: Path
     process_env: dict[str, str] = field(default_factory=dict)
     received: list[Hello | Beat | Report] = field(default_factory=list)
+    # what the host answers the Hello with when the worker has a lease: the lease it was given
+    lease_answer: Callable[[], float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lease_answer is None and (lease := self.process_env.get(protocol.ENV_LEASE_UNTIL)):
+            self.lease_answer = lambda: float(lease)
 
     async def line(self, timeout: float = TIMEOUT) -> Hello | Beat | Report | None:
         """The next line, or None at EOF."""
@@ -60,6 +66,8 @@ class Worker:
             return None
         line = protocol.decode(raw)
         self.received.append(line)
+        if isinstance(line, Hello) and self.lease_answer and (until := self.lease_answer()):
+            self.writer.write(protocol.encode(Lease(until=until)))  # as a host answers it
         return line
 
     async def until(self, wanted: Callable[[Any], bool], timeout: float = TIMEOUT) -> list[Any]:

@@ -247,13 +247,6 @@ def test_a_stop_before_the_job_runs_ends_it_here(history: tuple[Input, ...]) -> 
     assert decision.timers == (CancelTimer("restart:j-1"),)
 
 
-def test_a_stop_with_flatten_of_a_crashed_job_says_the_flatten_failed() -> None:
-    decision = when(given(*RUNNING, crashed()), stop(flatten=True))
-    assert events(decision) == [StopRequested, FlattenFailed, WorkerStopped]
-    assert decision.job.state == State.STOPPED and decision.timers == (
-        CancelTimer("restart:j-1"),)
-
-
 def test_a_stop_of_an_ended_job_or_by_another_user_changes_nothing() -> None:
     ended = given(ACCEPTED, stop())
     assert when(ended, stop()) == Decision(ended)
@@ -352,3 +345,49 @@ def test_a_permanent_spawn_failure_fails_the_job_at_once_with_its_reason() -> No
     assert decision.events == (RestartsExhausted(**IDS, attempts=0,
                                                  detail="exchange rejected the API key"),)
     assert not decision.strategy_failed and decision.timers == ()
+
+
+# ---------------------------------------------------------------- flatten-only runs
+
+
+@pytest.mark.parametrize("history", [(*RUNNING, crashed()),
+                                     (*RUNNING, crashed(), RestartDue("j-1"), PLACED,
+                                      WorkerSpawnFailed(**IDS, host_id="h-1", attempt=1,
+                                                        error="no", permanent=True))])
+def test_a_stop_with_flatten_of_a_job_not_running_queues_a_flatten_only_run(
+        history: tuple[Input, ...]) -> None:
+    """Crashed awaiting its restart, or failed for good: its positions are still open on the
+    account, so a short run under its credentials closes them."""
+    job = given(*history)
+    decision = when(job, stop(flatten=True))
+    assert (decision.job.state, decision.job.flatten_only) == (State.QUEUED, True)
+    assert decision.job.attempt == job.attempt + 1 and decision.job.ended_at is None
+    assert events(decision) == [StopRequested]
+    assert decision.timers == (CancelTimer("restart:j-1"),)
+    dispatched = when(decision.job, PLACED).events[0]
+    assert dispatched.mode == "flatten"  # type: ignore[attr-defined]
+
+
+def test_a_flatten_only_run_ends_stopped_when_its_worker_stops() -> None:
+    job = given(*RUNNING, crashed(), stop(flatten=True), PLACED, spawned(1))
+    assert job.state == State.RUNNING
+    decision = when(job, WorkerStopped(**IDS, reason="stopped"))
+    assert decision.job.state == State.STOPPED
+
+
+def test_a_flatten_only_run_that_fails_is_not_restarted_and_says_so() -> None:
+    job = given(*RUNNING, crashed(), stop(flatten=True), PLACED)
+    decision = when(job, WorkerSpawnFailed(**IDS, host_id="h-1", attempt=1, error="exchange down"))
+    assert decision.job.state == State.STOPPED
+    assert events(decision) == [FlattenFailed, WorkerStopped]
+    assert "exchange down" in decision.events[0].error  # type: ignore[attr-defined]
+    assert not decision.strategy_failed
+
+
+def test_a_stop_without_flatten_of_a_failed_job_changes_nothing() -> None:
+    history: list[Input] = list(RUNNING)
+    for attempt in range(4):
+        history += [crashed(attempt), RestartDue("j-1"), PLACED, spawned(attempt + 1)]
+    job = given(*history)
+    assert job.state == State.FAILED
+    assert when(job, stop()) == Decision(job)

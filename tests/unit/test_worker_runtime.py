@@ -26,6 +26,7 @@ from services.worker.runtime import (
     EXIT_BAD_CONFIG,
     EXIT_OK,
     BadEnvironment,
+    HostLease,
     MarketClock,
     WorkerEnv,
     WorkerRuntime,
@@ -79,10 +80,9 @@ def test_credentials_are_never_read_from_the_environment() -> None:
 def test_exchange_environment_is_parsed() -> None:
     env = WorkerEnv.parse(environment(
         RUNNER_BROKER_URLS='{"deribit": "http://127.0.0.1:9000"}', RUNNER_WORKER_MODE="flatten",
-        RUNNER_FLATTEN_TIMEOUT="4.5", RUNNER_FEED_SOCKET="/run/feed.sock"))
+        RUNNER_FLATTEN_TIMEOUT="4.5"))
     assert env.broker_urls == {"deribit": "http://127.0.0.1:9000"}
-    assert (env.mode, env.flatten_timeout, str(env.feed_socket)) == (
-        "flatten", 4.5, "/run/feed.sock")
+    assert (env.mode, env.flatten_timeout) == ("flatten", 4.5)
 
 
 def test_environment_defaults() -> None:
@@ -332,6 +332,18 @@ async def test_no_strategy_tick_once_the_lease_has_lapsed(left: float, ticks: in
     else:
         await asyncio.wait_for(trading, 5)
         assert counting.ticks == ticks
+
+
+async def test_the_lease_is_confirmed_by_a_renewal_after_the_hello_only() -> None:
+    """A worker runs nothing until its host answers the Hello with a renewal; a host that
+    froze after the spawn never does."""
+    assert await HostLease(None).confirmed(0.0)  # no host, no lease to wait for
+    lease = HostLease(time.monotonic() + 60)
+    lease.renew(time.monotonic() + 60)  # a renewal before the Hello
+    lease.renewed.clear()  # the Hello
+    assert not await lease.confirmed(0.05)
+    asyncio.get_running_loop().call_soon(lease.renew, time.monotonic() + 60)
+    assert await lease.confirmed(5)
 
 
 async def test_a_strategy_that_ignores_ticks_is_not_woken_for_them() -> None:
