@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -44,11 +46,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.schema import Table
 
 from events import Envelope, model_for
-
-try:
-    from orjson import loads as _orjson_loads
-except ImportError:  # pragma: no cover - orjson comes with ccxt
-    _orjson_loads = json.loads
 from services.database import Database, DbConnection
 
 GENESIS = "0" * 64
@@ -107,24 +104,37 @@ class ChainBreak:
         return f"row {self.position} (event_id {self.event_id}): {self.reason}"
 
 
+# a number token (after `:`, `,` or `[`) of a float below 1e-4 as orjson writes it; a string
+# may match too, which costs only the slower path
+_SMALL_FLOAT = re.compile(rb"[:,\[]-?(?:\d+(?:\.\d+)?e-|0\.0000)")
+
+
 def _loads(text: str) -> Any:
-    """`json.loads`, twice as fast: orjson reads every valid JSON document to the same values,
-    and refuses the few it cannot represent (integers beyond 64 bits, NaN, lone surrogates),
-    which `json` then reads."""
+    """`json.loads`, twice as fast: orjson (which reads integers beyond 64 bits as floats), or
+    `json` for what orjson refuses (NaN, lone surrogates)."""
     try:
-        return _orjson_loads(text)
-    except ValueError:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
         return json.loads(text)
 
 
-def canonical_json(envelope_json: str) -> str:
-    return json.dumps(
-        _loads(envelope_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+def canonical_json(envelope_json: str) -> bytes:
+    """`json.dumps(_loads(envelope_json), sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)` in UTF-8, the form every hash of the chain is over. orjson writes the
+    same bytes five times faster but for floats below 1e-4 (`0.00001` against `1e-05`), which
+    `_SMALL_FLOAT` finds in its output, and what it cannot write: `json` writes those."""
+    value = _loads(envelope_json)
+    try:
+        fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if not _SMALL_FLOAT.search(b"[" + fast):
+            return fast
+    except orjson.JSONEncodeError:
+        pass
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def chain_hash(prev_hash: str, envelope_json: str) -> str:
-    return hashlib.sha256((prev_hash + canonical_json(envelope_json)).encode()).hexdigest()
+    return hashlib.sha256(prev_hash.encode() + canonical_json(envelope_json)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from events import Envelope, HostOnline, JobQueued, JobRequested, StrategyConfig, WorkerHeartbeat
 from services.monitor.log import (
@@ -15,6 +18,8 @@ from services.monitor.log import (
     EventLog,
     EventLogMissing,
     Head,
+    _loads,
+    canonical_json,
     chain_hash,
     withheld,
 )
@@ -78,6 +83,21 @@ async def test_each_row_hashes_the_previous_one(event_log: EventLog) -> None:
         prev = digest
     assert (await event_log.head()).hash == prev
     assert await event_log.verify() is None
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(-2**70, 2**70) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(JSON)
+def test_the_canonical_form_is_what_json_dumps_writes(document: object) -> None:
+    """The chain's hashes of logs written before the fast path stay the same."""
+    text = json.dumps(document)
+    assert canonical_json(text) == json.dumps(
+        _loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def test_the_stored_envelope_reads_back_equal(event_log: EventLog) -> None:
