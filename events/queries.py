@@ -24,7 +24,8 @@ class Query(BaseModel):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        QUERIES[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):
+            QUERIES[cls.__name__] = cls
 
     @classmethod
     def type_name(cls) -> str:

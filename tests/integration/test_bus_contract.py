@@ -101,12 +101,12 @@ async def test_replies_small_large_raw_and_refused(started: Callable[..., Any]) 
 
 async def test_a_query_invalid_on_arrival_is_refused_with_the_field(
         started: Callable[..., Any]) -> None:
-    class Forged(Query):
-        """A StatusQuery as an older or hostile client might send it."""
+    class _Forged(Query):
+        """A StatusQuery as an older or hostile client might send it (unregistered: `_`)."""
 
         offset: str
 
-    Forged.type_name = classmethod(lambda cls: "StatusQuery")  # type: ignore[method-assign]
+    _Forged.type_name = classmethod(lambda cls: "StatusQuery")  # type: ignore[method-assign]
 
     async def status(query: StatusQuery) -> Any:
         return {}
@@ -114,7 +114,7 @@ async def test_a_query_invalid_on_arrival_is_refused_with_the_field(
     await started("server", lambda bus: bus.serve(RPC, {StatusQuery: status}))
     client = await started("client")
     with pytest.raises(Invalid, match="offset"):
-        await client.request(RPC, Forged(offset="minus one"))
+        await client.request(RPC, _Forged(offset="minus one"))
 
 
 class Probe(Service):
