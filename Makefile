@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit bench bench-quick up lint topology clean
+.PHONY: demo test test-unit drill bench bench-quick up lint topology clean
 
 # umask 022: the venv is read by the workers' uids too.
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# the long fault drills (the chaos drill), kept out of `make test`'s ten minutes
+drill: $(STAMP)
+	$(BIN)/pytest -q -m drill
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

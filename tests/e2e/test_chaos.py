@@ -19,7 +19,7 @@ from services.cli.client import GatewayClient, GatewayError
 from tests.e2e.conftest import System, start_body
 from tests.e2e.test_hosts import NeverTwice
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.drill]
 
 SEED = int(os.environ.get("CHAOS_SEED", "20261126"))
 DURATION = float(os.environ.get("CHAOS_SECONDS", "20"))
