@@ -29,6 +29,7 @@ from services.worker_host.spawner import (
     WorkerProcess,
     worker_environment,
 )
+from tests.integration.broker_helpers import eventually
 
 API_KEY = "ak-live-7Q4Z-forkserver"
 API_SECRET = "sk-live-3M8P-forkserver"
@@ -177,8 +178,7 @@ async def test_sigstop_then_sigkill_by_process_group(spawn: Spawn) -> None:
     worker = await spawn(interval=0.1)
     await next_beat(worker)
     worker.signal(signal.SIGSTOP)
-    await asyncio.sleep(0.2)
-    assert state(worker.pid) == "T"
+    await eventually(lambda: state(worker.pid) == "T", PROMPT, "the worker stopped")
     worker.signal(signal.SIGKILL)
     assert await asyncio.wait_for(worker.wait(), PROMPT) == -signal.SIGKILL
 
