@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/runner demo
 
+# two processes, a test file each at a time (its module's system shared by its tests): most
+# tests wait on the broker and on processes, so two fill the two cores
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # the long fault drills (the chaos drill), kept out of `make test`'s ten minutes
 drill: $(STAMP)

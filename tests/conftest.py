@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,11 @@ from tests.exchanges.deribit import LocalDeribit
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
+
+# Test runs side by side (pytest-xdist's processes, or two checkouts) each take worker uids of
+# their own: a host sweeps everything left under a uid it gets back, another run's worker too.
+os.environ.setdefault("RUNNER_WORKER_UIDS", f"{66000 + os.getpid() % 64 * 1000}-"
+                                            f"{66999 + os.getpid() % 64 * 1000}")
 
 
 def broker_reachable() -> bool:
