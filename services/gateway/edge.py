@@ -2,13 +2,16 @@
 parses it, and every unexpected error a JSON answer without a trace.
 
 A pure ASGI middleware, so a body over the limit is refused from its `Content-Length` before a
-byte of it is read, and a body streamed without one is cut off at the limit (413). A JSON body
+byte of it is read, and a body streamed without one is cut off at the limit (413; what follows
+is dropped, a little at most, so the client can read the answer). A JSON body
 must be valid JSON with finite numbers, nested at most `max_depth` deep, with at most
 `max_items` keys and array items in all (422); FastAPI then parses what passed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -23,12 +26,19 @@ log = logging.getLogger(__name__)
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+# What follows a streamed body cut off at the limit is read and dropped, this much at most,
+# before the answer: a connection closed with unread data is reset (RST), and a reset can
+# destroy the answer before the client reads it.
+DRAIN_BYTES = 1 << 20
+DRAIN_SECONDS = 1.0
+
+
 class BodyRefused(ValueError):
     """A request body the edge will not pass on; `status` is the HTTP answer."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, unread: bool = False) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.unread = status, unread
 
 
 def check_json(body: bytes, *, max_depth: int, max_items: int) -> None:
@@ -104,6 +114,8 @@ class Edge:
             try:
                 receive = await self._bounded(scope, receive)
             except BodyRefused as refused:
+                if refused.unread:
+                    await _drain(receive)
                 await _answer(send, refused.status, str(refused))
                 return
             await self.app(scope, receive, tracking)
@@ -135,7 +147,8 @@ class Edge:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise BodyRefused(413, f"body larger than {self.max_body} bytes")
+                raise BodyRefused(413, f"body larger than {self.max_body} bytes",
+                                  unread=message.get("more_body", False))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -143,6 +156,18 @@ class Edge:
         if body and _is_json(headers):
             check_json(body, max_depth=self.max_depth, max_items=self.max_items)
         return _replay(body, None, receive)
+
+
+async def _drain(receive: Receive) -> None:
+    """Reads and drops the rest of a body, `DRAIN_BYTES` and `DRAIN_SECONDS` at most."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while dropped < DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
 
 
 def _replay(body: bytes, last: Message | None, receive: Receive) -> Receive:

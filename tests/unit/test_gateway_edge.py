@@ -115,3 +115,15 @@ def test_parameters_are_checked_against_the_strategys_own_model(
 def test_parameters_the_strategy_takes_pass() -> None:
     assert parameter_problems("hold", {"amount": 2, "side": "short", "paperSeed": 1}) == []
     assert parameter_problems("no-such", {})[0].startswith("config.type: strategy 'no-such'")
+
+
+def test_the_gateway_prints_where_the_admin_token_is_never_the_token(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.gateway.service import GatewayService
+
+    GatewayService(Settings(data_dir=tmp_path))
+    printed = capsys.readouterr().out
+    token_file = tmp_path / "admin.token"
+    assert f"saved in {token_file}" in printed and token_file.read_text().strip() not in printed
+    with pytest.raises(AdminTokenError, match="at least 32 characters"):
+        GatewayService(Settings(data_dir=tmp_path, admin_token="x" * 31))
