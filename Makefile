@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit bench bench-quick up lint topology clean
+.PHONY: demo test test-unit fuzz bench bench-quick up lint topology clean
 
 # umask 022: the venv is read by the workers' uids too.
 $(STAMP): pyproject.toml
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The OpenAPI fuzz run for 5 minutes (`make test` runs it for 30 s).
+fuzz: $(STAMP)
+	RUNNER_FUZZ_SECONDS=300 $(BIN)/pytest -q tests/e2e/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -1,7 +1,7 @@
 """A fuzz run of the HTTP API from its own OpenAPI document (schemathesis) against the whole
 system: no server error, no trace in any service's log, and the system healthy afterwards.
 
-Bounded to `RUNNER_FUZZ_SECONDS` (40 s in `make test`; `make fuzz` runs it for 5 minutes)."""
+Bounded to `RUNNER_FUZZ_SECONDS` (30 s in `make test`; `make fuzz` runs it for 5 minutes)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from tests.e2e.conftest import System
 
-FUZZ_SECONDS = float(os.environ.get("RUNNER_FUZZ_SECONDS", "40"))
+FUZZ_SECONDS = int(os.environ.get("RUNNER_FUZZ_SECONDS", "30"))
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -42,13 +42,16 @@ async def test_a_fuzz_run_of_the_api_finds_no_server_error_and_leaves_the_system
         "--header", f"Authorization: Bearer {fuzzed.admin_token}",
         "--checks", "not_a_server_error",
         "--exclude-path", "/events",  # a stream: it never ends
+        # the coverage phase stops with an internal error of schemathesis 4.32 on Python 3.11
+        # ("AST constructor recursion depth mismatch", in hypothesis' lambda descriptions)
+        "--phases", "examples,fuzzing,stateful",
         "--max-time", str(FUZZ_SECONDS), "--request-timeout", "30", "--workers", "2",
         "--no-color", "--generation-database", "none", "--report-dir", str(tmp_path),
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output = (await asyncio.wait_for(run.communicate(), FUZZ_SECONDS + 90))[0].decode()
     tail = output[-6000:]
     assert run.returncode == 0, tail
-    assert "No issues found" in output or "0 failures" in output or "passed" in output, tail
+    assert " passed" in output and "Server error" not in output, tail
     async with httpx.AsyncClient(base_url=fuzzed.base_url) as http:
         ready = await http.get("/health/ready")
         assert ready.status_code == 200, ready.text
