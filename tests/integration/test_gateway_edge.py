@@ -19,6 +19,7 @@ import pytest
 
 from events import Envelope, JobAccepted
 from events.queries import DecideStart, StatusQuery
+from runner_client import RunnerClient
 from services.bus import AmqpBus, RawJson
 from services.cli.local import free_port
 from services.gateway.service import GatewayService
@@ -295,6 +296,16 @@ async def test_a_rotated_admin_token_works_at_once_on_every_gateway_and_the_old_
         async with client(two, third) as new, client(two, second) as old:
             assert (await new.get("/me")).status_code == 200
             assert (await old.get("/me")).status_code == 401
+        # the Python client: it goes on with the admin token it rotated to
+        async with RunnerClient(f"http://127.0.0.1:{two.settings.http_port}", third) as runner:
+            fourth = await runner.rotate_admin_token()
+            assert fourth == admin_of(two) and await runner.users() == []
+            token = await runner.add_user("ivan", expires_in_days=1)
+            new_token = await runner.rotate_token("ivan")
+            await runner.revoke_token("ivan")
+        for gone in (token, new_token, third):
+            async with client(one, gone) as old:
+                assert (await old.get("/me")).status_code == 401
 
 
 async def test_the_cli_rotates_and_revokes_a_users_token(settings: Settings) -> None:
