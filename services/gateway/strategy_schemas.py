@@ -65,7 +65,7 @@ def parameter_problems(name: str, parameters: dict[str, Any]) -> list[str]:
     try:
         model.model_validate(parameters)
     except ValidationError as exc:
-        return [f"config.parameters.{'.'.join(str(p) for p in e['loc']) or '(all)'}: {e['msg']}"
+        return [f"{'.'.join(('config', 'parameters', *map(str, e['loc'])))}: {e['msg']}"
                 for e in exc.errors(include_input=False, include_url=False)]
     except Exception as exc:  # a plugin's own validator failing in its own way
         return [f"config.parameters: refused by {name!r}'s parameter model "

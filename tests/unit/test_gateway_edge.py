@@ -112,6 +112,11 @@ def test_parameters_are_checked_against_the_strategys_own_model(
     assert "lots" not in " ".join(problems)  # never the value itself
 
 
+def test_a_strategys_own_rule_across_parameters_is_named() -> None:
+    assert parameter_problems("scalping", {"oversold": 80, "overbought": 20}) == [
+        "config.parameters: Value error, oversold must be below overbought"]
+
+
 def test_parameters_the_strategy_takes_pass() -> None:
     assert parameter_problems("hold", {"amount": 2, "side": "short", "paperSeed": 1}) == []
     assert parameter_problems("no-such", {})[0].startswith("config.type: strategy 'no-such'")
