@@ -545,7 +545,8 @@ def create_app(gateway: GatewayService) -> FastAPI:
         expires_in = _days(body.expires_in_days)
         token = await gateway.users.create(body.user_id, at, expires_in)
         if token is None:
-            raise ApiError(409, f"user {body.user_id!r} exists")
+            raise ApiError(409, f"user {body.user_id!r} exists (a new token for them: POST "
+                                f"/admin/users/{body.user_id}/token)")
         return {"userId": body.user_id, "token": token,
                 "expiresAt": (at + expires_in).isoformat() if expires_in else None}
 
