@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,17 @@ class Edge:
 
         try:
             try:
-                receive = await self._bounded(scope, receive)
+                bounded = await self._bounded(scope, receive)
             except BodyRefused as refused:
                 if refused.unread:
                     await _drain(receive)
                 await _answer(send, refused.status, str(refused))
                 return
-            await self.app(scope, receive, tracking)
+            if bounded is None:
+                return  # the client went away while sending its body: nobody to answer
+            await self.app(scope, bounded, tracking)
+        except ClientDisconnect:
+            log.debug("client went away during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("unexpected error answering %s %s (incident %s)",
@@ -127,9 +132,9 @@ class Edge:
                 await _answer(send, 500, f"internal error (incident {incident}); the gateway's "
                                          "log has the details")
 
-    async def _bounded(self, scope: Scope, receive: Receive) -> Receive:
+    async def _bounded(self, scope: Scope, receive: Receive) -> Receive | None:
         """The request's `receive`, its body read (at most `max_body` bytes) and checked; the
-        original when no body is announced."""
+        original when no body is announced; None when the client went away meanwhile."""
         headers = Headers(scope=scope)
         length = headers.get("content-length")
         if length is not None:
@@ -143,7 +148,7 @@ class Edge:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return _replay(b"".join(chunks), message, receive)  # the client went away
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
@@ -155,7 +160,7 @@ class Edge:
         body = b"".join(chunks)
         if body and _is_json(headers):
             check_json(body, max_depth=self.max_depth, max_items=self.max_items)
-        return _replay(body, None, receive)
+        return _replay(body, receive)
 
 
 async def _drain(receive: Receive) -> None:
@@ -170,11 +175,10 @@ async def _drain(receive: Receive) -> None:
                 dropped += len(message.get("body", b""))
 
 
-def _replay(body: bytes, last: Message | None, receive: Receive) -> Receive:
-    """A `receive` giving the read body in one message (or the disconnect that cut it), then
-    the original's messages (a disconnect, while a response streams)."""
-    pending: list[Message] = [last if last is not None else
-                              {"type": "http.request", "body": body, "more_body": False}]
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` giving the read body in one message, then the original's messages (a
+    disconnect, while a response streams)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def replay() -> Message:
         return pending.pop() if pending else await receive()

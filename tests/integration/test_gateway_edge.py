@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -146,6 +147,12 @@ async def test_hostile_bodies_are_refused_fast_and_reach_nothing_behind(
         assert (status, json.loads(body)["error"]) == (413, "body larger than 65536 bytes")
         assert took < FAST_REFUSAL
 
+        # a client going away in the middle of its body: nobody to answer, nothing to report
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + b"Content-Length: 1000\r\n\r\n" + b"{" * 10)
+        await writer.drain()
+        writer.close()
+
         hostile = {
             "nested 200 deep": (raw_start(b"[" * 200 + b"]" * 200), 422,
                                 "body: JSON nested deeper than 32 levels"),
@@ -182,6 +189,7 @@ async def test_hostile_bodies_are_refused_fast_and_reach_nothing_behind(
                 assert "Traceback" not in response.text and "lots" not in response.text, name
                 assert took < FAST_REFUSAL, (name, took)
             assert stand.decided == 0, "a hostile start reached the entitlement service"
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
             fine = await http.post("/runner/start", json=start_body({"amount": 2}))
             assert fine.status_code == 200, fine.text
             assert stand.decided == 1
