@@ -514,7 +514,8 @@ def create_app(gateway: GatewayService) -> FastAPI:
         request: Request,
         who: Who,
         userId: str | None = None,
-        offset: Annotated[int, Query(ge=0, description="first worker of the page")] = 0,
+        offset: Annotated[int, Query(ge=0, le=events_stream.MAX_POSITION,
+                                     description="first worker of the page")] = 0,
         limit: Annotated[int | None, Query(ge=1, le=STATUS_PAGE_MAX,
                                            description="page size; all workers if absent")] = None,
     ) -> Response:
