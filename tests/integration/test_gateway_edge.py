@@ -127,6 +127,28 @@ async def raw_exchange(port: int, head: bytes, body_chunks: int = 0,
         writer.close()
 
 
+async def stream_until_cut(port: int, head: bytes, total: int) -> tuple[int, bytes, float]:
+    """Streams a chunked body of `total` bytes until the gateway stops taking it; the bytes
+    sent by then, the start of what came back (if it could be read before the connection
+    was reset) and the seconds it took."""
+    began = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunk, sent = b" " * (64 << 10), 0
+    try:
+        writer.write(head)
+        while sent < total:
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await asyncio.wait_for(writer.drain(), 10)
+            sent += len(chunk)
+    except ConnectionError:
+        pass
+    answer = b""
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        answer = await asyncio.wait_for(reader.read(200), 1)
+    writer.close()
+    return sent, answer, time.monotonic() - began
+
+
 async def test_hostile_bodies_are_refused_fast_and_reach_nothing_behind(
         settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     async with gateways(settings) as (stand, (gateway,)):
@@ -146,6 +168,11 @@ async def test_hostile_bodies_are_refused_fast_and_reach_nothing_behind(
             chunk=b" " * (32 << 10))
         assert (status, json.loads(body)["error"]) == (413, "body larger than 65536 bytes")
         assert took < FAST_REFUSAL
+        # 64 MiB streamed: the gateway stops taking it (after the limit, and 1 MiB it drops)
+        sent, answer, took = await stream_until_cut(
+            port, head + b"Transfer-Encoding: chunked\r\n\r\n", 64 << 20)
+        assert sent < 32 << 20 and took < FAST_REFUSAL + 1, (sent, took)
+        assert not answer or answer.startswith(b"HTTP/1.1 413"), answer
 
         # a client going away in the middle of its body: nobody to answer, nothing to report
         _, writer = await asyncio.open_connection("127.0.0.1", port)
