@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit drill bench bench-quick up lint topology clean
+.PHONY: demo test test-unit drill fuzz bench bench-quick up lint topology clean
 
 # umask 022: the venv is read by the workers' uids too.
 $(STAMP): pyproject.toml
@@ -33,6 +33,10 @@ drill: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
+
+# The OpenAPI fuzz run for 5 minutes (`make test` runs it for 30 s).
+fuzz: $(STAMP)
+	RUNNER_FUZZ_SECONDS=300 RUNNER_FUZZ_SEED= $(BIN)/pytest -q tests/e2e/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -138,6 +138,7 @@ async def start_many(clients: list[BenchClient], first: int, count: int) -> list
 async def run(quick: bool) -> list[Figure]:
     burst, singles, density = (60, 10, 100) if quick else (300, 30, 1000)
     env = {
+        "RUNNER_RATE_LIMIT": "0",  # capacity measured here, not the per-user limit
         "RUNNER_HOST_CAPACITY": str(density + 50),
         "RUNNER_MAX_SYSTEM_WORKERS": str(density + 100),
         "RUNNER_SPAWN_CONCURRENCY": "32",

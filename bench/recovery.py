@@ -28,6 +28,7 @@ async def measure(
     kills: int, workers: int, backoff: float, console: Console
 ) -> dict[str, list[float]]:
     env = {
+        "RUNNER_RATE_LIMIT": "0",  # capacity measured here, not the per-user limit
         "RUNNER_RESTART_BACKOFF": str(backoff),
         "RUNNER_RESTART_BACKOFF_MAX": str(backoff),
         "RUNNER_MAX_RESTARTS": "1000000",

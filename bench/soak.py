@@ -25,7 +25,8 @@ from bench.http import BenchClient
 from bench.spawn import uss
 from services.cli.local import LocalSystem
 
-ENV = {"RUNNER_HOST_CAPACITY": "1200", "RUNNER_MAX_SYSTEM_WORKERS": "1200",
+ENV = {"RUNNER_RATE_LIMIT": "0",
+       "RUNNER_HOST_CAPACITY": "1200", "RUNNER_MAX_SYSTEM_WORKERS": "1200",
        "RUNNER_SPAWN_CONCURRENCY": "32", "RUNNER_SPAWN_MODE": "fork", "RUNNER_STOP_GRACE": "5"}
 IN_FLIGHT = 64
 LIVE = ("queued", "starting", "running")

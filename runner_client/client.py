@@ -126,9 +126,28 @@ class RunnerClient:
         return Upgraded.model_validate(await self.call(
             "POST", f"/entitlements/{user_id}/upgrade", json={"tier": tier, "days": days}))
 
-    async def add_user(self, user_id: str) -> str:
-        """Create a user; their bearer token (shown once)."""
-        return (await self.call("POST", "/admin/users", json={"userId": user_id}))["token"]
+    async def add_user(self, user_id: str, *, expires_in_days: float | None = None) -> str:
+        """Create a user; their bearer token (shown once), lapsing after `expires_in_days`."""
+        body: dict[str, Any] = {"userId": user_id}
+        if expires_in_days is not None:
+            body["expiresInDays"] = expires_in_days
+        return (await self.call("POST", "/admin/users", json=body))["token"]
+
+    async def rotate_token(self, user_id: str, *, expires_in_days: float | None = None) -> str:
+        """A new token for the user (shown once); the old one is refused from now on."""
+        body = {"expiresInDays": expires_in_days} if expires_in_days is not None else None
+        return (await self.call("POST", f"/admin/users/{user_id}/token", json=body))["token"]
+
+    async def revoke_token(self, user_id: str) -> None:
+        """The user's token refused from now on (every gateway within a second)."""
+        await self.call("DELETE", f"/admin/users/{user_id}/token")
+
+    async def rotate_admin_token(self) -> str:
+        """A new admin token (shown once; saved in the gateway's token file). This client
+        goes on with the new one."""
+        token = (await self.call("POST", "/admin/token"))["token"]
+        self.http.headers["Authorization"] = f"Bearer {token}"
+        return token
 
     async def users(self) -> list[str]:
         return (await self.call("GET", "/admin/users"))["users"]

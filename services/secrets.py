@@ -70,11 +70,54 @@ def secret_key(settings: Settings) -> str:
     return ",".join(read_keys(key_file(settings)))
 
 
+MIN_ADMIN_TOKEN = 32  # characters
+
+
+class AdminTokenError(ValueError):
+    """The admin token is unusable (too short); the message says what to do."""
+
+
+def admin_token_file(settings: Settings) -> Path:
+    return settings.data_dir / "admin.token"
+
+
+def new_admin_token() -> str:
+    return secrets.token_urlsafe(32)  # 43 characters, 256 bits
+
+
+def check_admin_token(token: str, source: str) -> str:
+    """`token`, if long enough to be an admin's; AdminTokenError naming `source` otherwise."""
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise AdminTokenError(
+            f"{source}: the admin token must be at least {MIN_ADMIN_TOKEN} characters (it has "
+            f"{len(token)}); make one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`")
+    return token
+
+
 def admin_token(settings: Settings) -> tuple[str, bool]:
-    """The admin bearer token and whether it was generated just now (print it once, then)."""
+    """The admin bearer token (RUNNER_ADMIN_TOKEN, else the token file, made at first use) and
+    whether it was generated just now; AdminTokenError if it is shorter than 32 characters."""
     if settings.admin_token:
-        return settings.admin_token, False
-    return _read_or_create(settings.data_dir / "admin.token", lambda: secrets.token_urlsafe(32))
+        return check_admin_token(settings.admin_token, "RUNNER_ADMIN_TOKEN"), False
+    path = admin_token_file(settings)
+    token, created = _read_or_create(path, new_admin_token)
+    return check_admin_token(token, str(path)), created
+
+
+def write_admin_token(path: Path) -> str:
+    """A new admin token, replacing the file's at once (0600): a gateway reading the file
+    meanwhile sees the old token or the new one, never a part."""
+    token = new_admin_token()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(draft, path)
+    return token
 
 
 def read_keys(path: Path) -> list[str]:

@@ -35,7 +35,32 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    admin_token: str | None = None
+    admin_token: str | None = Field(
+        default=None,
+        description="the admin's bearer token, 32 characters at least [generated at first "
+        "start into <data dir>/admin.token, 0600]",
+    )
+    http_max_body: int = Field(
+        default=64 * 1024, ge=1024,
+        description="bytes a request body may have; a larger one is refused (413) before it is "
+        "read, from its Content-Length, or cut off there",
+    )
+    http_max_json_depth: int = Field(
+        default=32, ge=4, le=512, description="how deep a JSON body may nest")
+    http_max_json_items: int = Field(
+        default=2000, ge=100, description="object keys and array items a JSON body may hold")
+    rate_limit: float = Field(
+        default=20.0, ge=0,
+        description="requests a second a user's token may make on average, on each gateway "
+        "(0: no limit; the admin token is not limited)",
+    )
+    rate_burst: int = Field(
+        default=100, ge=1, description="requests a user's token may make at once, over the rate")
+    token_cache_seconds: float = Field(
+        default=0.5, ge=0, lt=1.0,
+        description="seconds a gateway trusts a token it looked up, before it asks its store "
+        "again: a revoked token is refused by every gateway within this",
+    )
     secret_key: str | None = Field(
         default=None,
         description="Fernet key sealing credentials (gateway and worker-hosts only); several, "

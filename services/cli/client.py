@@ -67,7 +67,22 @@ class GatewayClient:
         return await self.call("GET", "/runner/status", params=params or None)
 
     async def add_user(self, user_id: str) -> str:
-        return (await self.call("POST", "/admin/users", json={"userId": user_id}))["token"]
+        return (await self.create_user(user_id))["token"]
+
+    async def create_user(self, user_id: str,
+                          expires_in_days: float | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"userId": user_id}
+        if expires_in_days is not None:
+            body["expiresInDays"] = expires_in_days
+        return await self.call("POST", "/admin/users", json=body)
+
+    async def rotate_token(self, user_id: str,
+                           expires_in_days: float | None = None) -> dict[str, Any]:
+        body = {"expiresInDays": expires_in_days} if expires_in_days is not None else None
+        return await self.call("POST", f"/admin/users/{user_id}/token", json=body)
+
+    async def revoke_token(self, user_id: str) -> dict[str, Any]:
+        return await self.call("DELETE", f"/admin/users/{user_id}/token")
 
     async def upgrade(self, user_id: str, tier: str, days: float) -> dict[str, Any]:
         return await self.call(

@@ -98,6 +98,8 @@ def service(
     ),
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
+    from services.secrets import AdminTokenError
+
     cls = load_service(name)
     settings = Settings()
     configure_logging(name, settings)
@@ -110,7 +112,7 @@ def service(
         uvloop.run(run_service(cls(settings), settings))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, AdminTokenError) as exc:
         fail(f"{name}: {exc}")
 
 
@@ -118,7 +120,13 @@ def service(
 def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
     from services.cli.supervisor import Supervisor, data_dir_of, prepare_data_dir, system
+    from services.secrets import AdminTokenError, check_admin_token
 
+    if token := Settings().admin_token:
+        try:
+            check_admin_token(token, "RUNNER_ADMIN_TOKEN")
+        except AdminTokenError as exc:
+            fail(str(exc))
     _broker_or_fail()
 
     async def main() -> None:
@@ -413,11 +421,59 @@ app.add_typer(entitlements_app, name="entitlements")
 app.add_typer(topology_app, name="topology")
 
 
+expires_option = typer.Option(
+    None, "--expires-days", min=0.0001, max=3660,
+    help="the token stops working after this many days (fractions allowed) [never]")
+
+
 @users_app.command("add")
-def users_add(user_id: str, token: str | None = token_option) -> None:
+def users_add(user_id: str, expires_days: float | None = expires_option,
+              token: str | None = token_option) -> None:
     """Create a user; prints the user's bearer token (shown once)."""
-    user_token = _call(token, lambda c: c.add_user(user_id))
-    console.print(f"user {user_id} token: [bold]{user_token}[/]")
+    answer = _call(token, lambda c: c.create_user(user_id, expires_days))
+    console.print(f"user {user_id} token: [bold]{answer['token']}[/]"
+                  + (f" (expires {answer['expiresAt']})" if answer.get("expiresAt") else ""))
+
+
+@users_app.command("rotate")
+def users_rotate(user_id: str, expires_days: float | None = expires_option,
+                 token: str | None = token_option) -> None:
+    """Give a user a new token (printed, shown once); the old one is refused at once, on every
+    gateway within a second."""
+    answer = _call(token, lambda c: c.rotate_token(user_id, expires_days))
+    console.print(f"user {user_id} new token: [bold]{answer['token']}[/]"
+                  + (f" (expires {answer['expiresAt']})" if answer.get("expiresAt") else ""))
+
+
+@users_app.command("revoke")
+def users_revoke(user_id: str, token: str | None = token_option) -> None:
+    """Refuse a user's token from now on (every gateway within a second); the user, their tier
+    and their runners stay. `runner users rotate` gives them a new one."""
+    console.print(_call(token, lambda c: c.revoke_token(user_id))["message"])
+
+
+admin_app = typer.Typer(no_args_is_help=True, help="The admin token.", rich_markup_mode=None)
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("rotate-token")
+def admin_rotate_token() -> None:
+    """Replace the admin token in its file (the gateway's data dir; on the gateway's machine):
+    every gateway reading that file takes the new one at its next request and refuses the old.
+    Prints the file's path, never the token."""
+    from services.secrets import admin_token_file, write_admin_token
+
+    settings = Settings()
+    if settings.admin_token:
+        fail("the admin token is set by RUNNER_ADMIN_TOKEN: change it there and restart the "
+             "gateways (or, on a gateway reading a token file, POST /admin/token)")
+    path = admin_token_file(settings.own("gateway"))
+    if not path.exists():
+        fail(f"no admin token file at {path}: run this where the gateway keeps its data "
+             "(RUNNER_DATA_DIR), or call POST /admin/token")
+    write_admin_token(path)
+    console.print(f"admin token rotated: the new one is in {path} (0600); the old one is "
+                  "refused from now on")
 
 
 @users_app.command("list")

@@ -74,13 +74,17 @@ class EntitlementService(Service):
         if facts.taken is not None:
             return None  # accepted before (the same start sent twice)
         where = {"stream": env.stream, "correlation_id": cmd.job_id}
-        uow.emit(JobRequested(job_id=cmd.job_id, worker_id=cmd.worker_id,
-                              strategy_id=cmd.strategy_id, broker_id=cmd.broker_id,
-                              credentials_sealed=cmd.credentials_sealed, config=cmd.config,
-                              flatten_on_stop=cmd.flatten_on_stop), **where)
         verdict = judge_start(rows.plan_of(facts), facts.in_use, facts.circuit_until,
                               self.clock(), job_id=cmd.job_id, worker_id=cmd.worker_id,
                               strategy_id=cmd.strategy_id)
+        # A rejected start is recorded without its parameters (up to 8 KiB each): the log is
+        # never pruned, and a user at their limit could otherwise fill it with retries.
+        config = (cmd.config if isinstance(verdict, JobAccepted)
+                  else cmd.config.model_copy(update={"parameters": {}}))
+        uow.emit(JobRequested(job_id=cmd.job_id, worker_id=cmd.worker_id,
+                              strategy_id=cmd.strategy_id, broker_id=cmd.broker_id,
+                              credentials_sealed=cmd.credentials_sealed, config=config,
+                              flatten_on_stop=cmd.flatten_on_stop), **where)
         if isinstance(verdict, JobAccepted):
             await rows.take_slot(uow, cmd.job_id, user_id, cmd.worker_id, cmd.flatten_on_stop)
         return uow.emit(verdict, **where)

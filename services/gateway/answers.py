@@ -140,6 +140,29 @@ class UserCreated(BaseModel):
 
     user_id: str
     token: str = Field(description="the user's bearer token, shown once")
+    expires_at: str | None = Field(None, description="when the token stops working (ISO); "
+                                                     "never if null")
+
+
+class TokenRotated(Answer):
+    """A user's new token; the old one is refused from now on."""
+
+    user_id: str
+    token: str = Field(description="the user's new bearer token, shown once")
+    expires_at: str | None = Field(None, description="when it stops working (ISO); never if "
+                                                     "null")
+
+
+class TokenRevoked(Answer):
+    user_id: str
+    message: str
+
+
+class AdminTokenRotated(Answer):
+    """The new admin token; the old one is refused from now on."""
+
+    token: str = Field(description="the new admin token, shown once")
+    path: str = Field(description="the file holding it, on the gateway's machine")
 
 
 class Users(Answer):
@@ -173,5 +196,13 @@ class Health(Answer):
 
 
 def failures(*statuses: int) -> dict[int | str, dict[str, object]]:
-    """OpenAPI `responses` for error statuses, all `{success: false, error}`."""
-    return {status: {"model": Failure} for status in statuses}
+    """OpenAPI `responses` for error statuses, all `{success: false, error}`; with those any
+    call may get: a token over its rate (429), an unexpected error (500), and, with a body, one
+    too large (413)."""
+    return {status: {"model": Failure} for status in (*statuses, 429, 500)}
+
+
+def body_failures(*statuses: int) -> dict[int | str, dict[str, object]]:
+    """`failures` of a call with a request body: also 413 (too large) and 422 (not JSON within
+    the limits, or not the model)."""
+    return failures(*statuses, 413, 422)

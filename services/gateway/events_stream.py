@@ -28,6 +28,7 @@ from services.gateway.models import failed
 from services.settings import Settings
 from services.topology import MONITOR_RPC
 
+MAX_POSITION = 2**63 - 1  # a log position is a 64-bit integer in every store
 RETRY_MS = 2000  # how soon an EventSource reconnects after a cut
 
 
@@ -73,7 +74,7 @@ def start_position(last_event_id: str | None, after: int | None) -> int | None:
             position = int(last_event_id)
         except ValueError:
             raise StreamRefused(422, "Last-Event-ID: not a log position") from None
-        if position < 0:
+        if not 0 <= position <= MAX_POSITION:
             raise StreamRefused(422, "Last-Event-ID: not a log position")
         return position
     return after
@@ -123,7 +124,8 @@ def add_routes(app: FastAPI, tail: LogTail, settings: Settings, who: Any) -> Non
                                           description="message types (repeatable)")] = [],  # noqa: B006
         workerId: str | None = None,
         jobId: str | None = None,
-        after: Annotated[int | None, Query(ge=0, description="start after this position")] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_POSITION,
+                                           description="start after this position")] = None,
         follow: Annotated[bool, Query(description="false: end at the present")] = True,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> StreamingResponse:

@@ -73,6 +73,15 @@ class UpgradeRequest(CamelModel):
 
 class CreateUserRequest(CamelModel):
     user_id: str = Field(pattern=ID_PATTERN)
+    expires_in_days: float | None = Field(
+        default=None, gt=0, le=3660, description="the token stops working after this many days "
+                                                 "(fractions allowed); never if absent")
+
+
+class RotateTokenRequest(CamelModel):
+    expires_in_days: float | None = Field(
+        default=None, gt=0, le=3660, description="the new token stops working after this many "
+                                                 "days; never if absent")
 
 
 def ok(**fields: Any) -> dict[str, Any]:

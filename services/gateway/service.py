@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -58,9 +60,12 @@ from services.gateway import (
     observability_routes,
     strategy_schemas,
 )
+from services.gateway.edge import Edge
 from services.gateway.models import (
+    ID_PATTERN,
     CreateUserRequest,
     HaltRequest,
+    RotateTokenRequest,
     StartRequest,
     StopRequest,
     UpgradeRequest,
@@ -68,9 +73,10 @@ from services.gateway.models import (
     failed,
     ok,
 )
-from services.gateway.users import Caller, UserDirectory, UserRow
+from services.gateway.rate_limit import RateLimiter, retry_after
+from services.gateway.users import AdminToken, Caller, UnknownUser, UserDirectory, UserRow
 from services.gateway.waiters import Unseen, Waiters
-from services.secrets import Sealer, admin_token
+from services.secrets import AdminTokenError, Sealer, admin_token, admin_token_file
 from services.service import Service, now
 from services.topology import ENTITLEMENT_RPC, GATEWAY_WAITS, MONITOR_RPC, QueueSpec
 from services.worker.brokers import UnknownBroker, broker_spec
@@ -91,9 +97,10 @@ STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, **extra: Any) -> None:
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(error)
-        self.status, self.error, self.extra = status, error, extra
+        self.status, self.error, self.extra, self.headers = status, error, extra, headers
 
 
 # How long an idle HTTP connection stays open. Longer than clients keep idle connections for
@@ -117,12 +124,13 @@ class GatewayService(Service):
     def __init__(self, settings: Any, **wiring: Any) -> None:
         super().__init__(settings, **wiring)
         token, created = admin_token(settings)
+        token_file = None if settings.admin_token else admin_token_file(settings)
         if created:
-            print(
-                f"admin token (saved in {settings.data_dir / 'admin.token'}, shown once): {token}",
-                flush=True,
-            )
-        self.users = UserDirectory(self.store, token)
+            print(f"admin token generated: saved in {token_file} (0600); read it there",
+                  flush=True)
+        self.users = UserDirectory(self.store, AdminToken(token, token_file),
+                                   settings.token_cache_seconds)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.sealer = Sealer.for_settings(settings)
         # plugins installed later: seen at restart; the fault drills only where enabled
         self.strategies = available_strategies(drills=settings.enable_chaos)
@@ -185,6 +193,9 @@ class GatewayService(Service):
                 f"config.type: unknown strategy type {body.config.type!r}; "
                 f"available: {', '.join(sorted(self.strategies))}",
             )
+        if problems := strategy_schemas.parameter_problems(body.config.type,
+                                                           body.config.parameters):
+            raise ApiError(422, "; ".join(problems)[:1000])
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
         logs.correlation.set(job_id)  # this request's log lines (its own task's context)
         command = StartRunner(
@@ -384,6 +395,10 @@ class GatewayService(Service):
             raise ApiError(504, error) from None
 
 
+def _days(days: float | None) -> timedelta | None:
+    return timedelta(days=days) if days is not None else None
+
+
 def _acting_user(caller: Caller, user_id: str | None) -> str:
     """The user a request acts for: the caller, or (admin only) the named user."""
     if caller.admin:
@@ -397,18 +412,28 @@ def _acting_user(caller: Caller, user_id: str | None) -> str:
 
 
 bearer = HTTPBearer(auto_error=False, description="a user's token, or the admin's")
+UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
 async def caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
-    """The bearer token's owner: the admin or a user; 401 otherwise."""
+    """The bearer token's owner: the admin or a user; 401 otherwise (an expired token too), and
+    429 for a user's token over its rate (the admin's is not limited)."""
     if credentials is None or not credentials.credentials.strip():
-        raise ApiError(401, "missing bearer token")
-    found = await request.app.state.gateway.users.identify(credentials.credentials.strip())
+        raise ApiError(401, "missing bearer token", headers=UNAUTHORIZED)
+    gateway = request.app.state.gateway
+    found = await gateway.users.identify(credentials.credentials.strip())
     if found is None:
-        raise ApiError(401, "invalid token")
+        raise ApiError(401, "invalid token (unknown, revoked or rotated)", headers=UNAUTHORIZED)
+    if found.expires_at is not None and found.expires_at <= now():
+        raise ApiError(401, f"token expired at {found.expires_at.isoformat()}; ask the admin "
+                            "for a new one", headers=UNAUTHORIZED)
+    if not found.admin and (wait := gateway.limiter.take(found.user_id, time.monotonic())):
+        raise ApiError(429, f"rate limit: {gateway.limiter.rate:g} requests a second, bursts "
+                            f"of {gateway.limiter.burst}; retry in {wait:.1f} s",
+                       headers={"Retry-After": retry_after(wait)})
     return found
 
 
@@ -432,10 +457,15 @@ def create_app(gateway: GatewayService) -> FastAPI:
     # A thousand workers' status is half a megabyte of JSON; gzip (fast level) for clients that
     # take it.
     app.add_middleware(GZipMiddleware, minimum_size=32 * 1024, compresslevel=1)
+    settings = gateway.settings
+    app.add_middleware(Edge, max_body=settings.http_max_body,  # outermost: before all else
+                       max_depth=settings.http_max_json_depth,
+                       max_items=settings.http_max_json_items)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status)
+        return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -460,19 +490,19 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503)
 
     @app.post("/runner/start", responses={
-        200: {"model": answers.Started}, 403: {"model": answers.Rejected},
-        429: {"model": answers.Rejected}, **answers.failures(401, 422, 503, 504)})
+        **answers.body_failures(401, 503, 504), 200: {"model": answers.Started},
+        403: {"model": answers.Rejected}, 429: {"model": answers.Rejected}})
     async def start(body: StartRequest, who: Who) -> JSONResponse:
         status, payload = await gateway.start_runner(who, body)
         return JSONResponse(payload, status_code=status)
 
     @app.post("/runner/stop", responses={200: {"model": answers.Stopped},
-                                          **answers.failures(401, 403, 404, 422, 503, 504)})
+                                          **answers.body_failures(401, 403, 404, 503, 504)})
     async def stop(body: StopRequest, who: Who) -> dict[str, Any]:
         return await gateway.stop_runner(who, body)
 
     @app.post("/runner/halt", responses={200: {"model": answers.Halted},
-                                          **answers.failures(401, 403, 422, 503, 504)})
+                                          **answers.body_failures(401, 403, 503, 504)})
     async def halt(body: HaltRequest, who: Who) -> dict[str, Any]:
         """Kill switch: stop every runner of a user (admin: any user, or all without userId;
         a user: their own) with flatten."""
@@ -484,7 +514,8 @@ def create_app(gateway: GatewayService) -> FastAPI:
         request: Request,
         who: Who,
         userId: str | None = None,
-        offset: Annotated[int, Query(ge=0, description="first worker of the page")] = 0,
+        offset: Annotated[int, Query(ge=0, le=events_stream.MAX_POSITION,
+                                     description="first worker of the page")] = 0,
         limit: Annotated[int | None, Query(ge=1, le=STATUS_PAGE_MAX,
                                            description="page size; all workers if absent")] = None,
     ) -> Response:
@@ -496,7 +527,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/entitlements/{user_id}/upgrade", responses={
-        200: {"model": answers.Upgraded}, **answers.failures(401, 403, 422, 504)})
+        200: {"model": answers.Upgraded}, **answers.body_failures(401, 403, 504)})
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:
         return await gateway.upgrade(user_id, body)
 
@@ -508,12 +539,58 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return await gateway.check(user_id)
 
     @app.post("/admin/users", status_code=201, responses={
-        201: {"model": answers.UserCreated}, **answers.failures(401, 403, 409, 422)})
+        201: {"model": answers.UserCreated}, **answers.body_failures(401, 403, 409)})
     async def create_user(body: CreateUserRequest, _: Admin) -> dict[str, Any]:
-        token = await gateway.users.create(body.user_id, now())
+        """A new user and their token (shown once), with an expiry if `expiresInDays`."""
+        at = now()
+        expires_in = _days(body.expires_in_days)
+        token = await gateway.users.create(body.user_id, at, expires_in)
         if token is None:
-            raise ApiError(409, f"user {body.user_id!r} exists")
-        return {"userId": body.user_id, "token": token}
+            raise ApiError(409, f"user {body.user_id!r} exists (a new token for them: POST "
+                                f"/admin/users/{body.user_id}/token)")
+        return {"userId": body.user_id, "token": token,
+                "expiresAt": (at + expires_in).isoformat() if expires_in else None}
+
+    @app.post("/admin/users/{user_id}/token", responses={
+        200: {"model": answers.TokenRotated}, **answers.body_failures(401, 403, 404)})
+    async def rotate_token(user_id: Annotated[str, Path(pattern=ID_PATTERN)], _: Admin,
+                           body: RotateTokenRequest | None = None) -> dict[str, Any]:
+        """A new token for the user (shown once); the old one is refused at once, on every
+        gateway within a second. Optional expiry (`expiresInDays`)."""
+        try:
+            token, expires_at = await gateway.users.rotate(
+                user_id, now(), _days(body.expires_in_days if body else None))
+        except UnknownUser:
+            raise ApiError(404, f"no user {user_id!r}") from None
+        log.info("token of user %s rotated", user_id)
+        return ok(userId=user_id, token=token,
+                  expiresAt=expires_at.isoformat() if expires_at else None)
+
+    @app.delete("/admin/users/{user_id}/token", responses={
+        200: {"model": answers.TokenRevoked}, **answers.failures(401, 403, 404, 422)})
+    async def revoke_token(user_id: Annotated[str, Path(pattern=ID_PATTERN)],
+                           _: Admin) -> dict[str, Any]:
+        """The user's token refused from now on (on every gateway within a second); the user,
+        their entitlement and their runners stay. A new token: rotate."""
+        try:
+            await gateway.users.revoke(user_id)
+        except UnknownUser:
+            raise ApiError(404, f"no user {user_id!r}") from None
+        log.info("token of user %s revoked", user_id)
+        return ok(userId=user_id, message=f"token of {user_id} revoked")
+
+    @app.post("/admin/token", responses={
+        200: {"model": answers.AdminTokenRotated}, **answers.failures(401, 403, 409)})
+    async def rotate_admin_token(_: Admin) -> dict[str, Any]:
+        """A new admin token (shown once, and saved in the gateway's token file); the old one
+        is refused from now on by every gateway reading that file. 409 where the token is set
+        by RUNNER_ADMIN_TOKEN."""
+        try:
+            token = gateway.users.admin.rotate()
+        except AdminTokenError as exc:
+            raise ApiError(409, str(exc)) from None
+        log.info("admin token rotated (saved in %s)", gateway.users.admin.path)
+        return ok(token=token, path=str(gateway.users.admin.path))
 
     @app.get("/admin/users", responses={200: {"model": answers.Users},
                                          **answers.failures(401, 403)})

@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from events import RiskManagement
 from services.worker.strategies import UnknownStrategy, load_strategy
+from services.worker.strategies.base import find_strategy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,28 @@ def describe(names: Iterable[str]) -> StrategiesAnswer:
             parameters=schema)
     return StrategiesAnswer(strategies=strategies,
                             riskManagement=RiskManagement.model_json_schema(by_alias=True))
+
+
+def parameter_problems(name: str, parameters: dict[str, Any]) -> list[str]:
+    """What is wrong with `parameters` for strategy `name`, checked against its own parameter
+    model as its worker will (a start accepted here can run): one line per problem, naming the
+    parameter and never echoing its value."""
+    try:
+        cls = find_strategy(name)
+    except (UnknownStrategy, ImportError) as exc:
+        return [f"config.type: strategy {name!r} cannot be loaded here ({exc})"]
+    model = getattr(cls, "parameters_model", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    try:
+        model.model_validate(parameters)
+    except ValidationError as exc:
+        return [f"{'.'.join(('config', 'parameters', *map(str, e['loc'])))}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False)]
+    except Exception as exc:  # a plugin's own validator failing in its own way
+        return [f"config.parameters: refused by {name!r}'s parameter model "
+                f"({type(exc).__name__})"]
+    return []
 
 
 def add_routes(app: FastAPI, names: Iterable[str], who: Any) -> None:

@@ -186,3 +186,26 @@ async def test_an_upgrade_to_a_lower_tier_stops_the_excess_at_once(
                        stream="user-eve")
     stops = harness.of(StopRunner)
     assert len(stops) == 1 and stops[0].reason == "stopped: tier changed to basic (3 workers)"
+
+
+async def test_a_rejected_start_is_recorded_without_its_parameters(
+        harness: Harness, service: EntitlementService) -> None:
+    """The log is never pruned: a user at their limit retrying a start with 8 KiB of
+    parameters must cost it a small record each time, not the parameters again."""
+    def with_parameters() -> Envelope:
+        command = start_command("frank")
+        start = command.message()
+        config = start.config.model_copy(update={"parameters": {"blob": "x" * 8000}})
+        return Envelope.wrap(start.model_copy(update={"config": config}), stream=command.stream,
+                             user_id="frank", correlation_id=command.correlation_id)
+
+    accepted, rejected = with_parameters(), with_parameters()
+    assert (await decide(harness, accepted)).type == "JobAccepted"
+    assert (await decide(harness, rejected)).type == "JobRejected"  # the free tier's one
+    await harness.settle()
+    requested = {e.correlation_id: e for e in harness.seen if e.type == "JobRequested"}
+    kept = requested[accepted.correlation_id].message().config.parameters
+    assert kept == {"blob": "x" * 8000}  # an accepted start keeps them: its worker needs them
+    record = requested[rejected.correlation_id]
+    assert record.message().config.parameters == {}
+    assert len(record.to_json()) < 1500

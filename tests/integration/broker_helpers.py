@@ -23,7 +23,7 @@ from services.service import Service
 from services.settings import Settings
 from services.topology import rpc_queue
 
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-of-32-characters-at-least"
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> None:

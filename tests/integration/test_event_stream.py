@@ -28,7 +28,7 @@ from tests.integration.broker_helpers import eventually
 
 pytestmark = pytest.mark.broker
 
-ADMIN = "test-admin-token"
+ADMIN = "test-admin-token-of-32-characters-at-least"
 
 
 @contextlib.asynccontextmanager
