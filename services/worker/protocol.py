@@ -30,9 +30,9 @@ else raises `ProtocolViolation`; the host kills the worker and reports it crashe
 The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer
 to the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
 was given), then one each time the host renews its own. Both are `time.monotonic()` instants
-(host and worker share the machine, hence the clock). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without
-touching positions: a stalled or cut-off host cannot leave it running past the moment the system
-may restart it elsewhere.
+(host and worker share the machine, hence the clock). A worker whose lease runs out exits with
+`EXIT_LEASE_LAPSED` without touching positions: a stalled or cut-off host cannot leave it
+running past the moment the system may restart it elsewhere.
 """
 
 from __future__ import annotations
