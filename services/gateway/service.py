@@ -185,6 +185,13 @@ class GatewayService(Service):
                 f"config.type: unknown strategy type {body.config.type!r}; "
                 f"available: {', '.join(sorted(self.strategies))}",
             )
+        image = body.config.image
+        if image is not None and image not in self.settings.allowed_images:
+            raise ApiError(
+                422,
+                f"config.image: {image!r} is not an allowed worker image; allowed: "
+                f"{', '.join(sorted(self.settings.allowed_images))} (RUNNER_CONTAINER_IMAGES)",
+            )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
         logs.correlation.set(job_id)  # this request's log lines (its own task's context)
         command = StartRunner(

@@ -10,6 +10,7 @@ image holds no secret and runs `python -m services.worker` as a non-root user.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as metadata
 import io
 import os
@@ -35,6 +36,8 @@ STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2
                   "pydoc_data", "config-3.11-x86_64-linux-gnu"}
 LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
+SOURCE_LABEL = "io.runner.source"  # the digest of what the image was built from
+
 DOCKERFILE = f"""\
 FROM scratch
 COPY rootfs/ /
@@ -43,7 +46,7 @@ ENV PATH={VENV}/bin:/usr/bin PYTHONPATH={APP} PYTHONDONTWRITEBYTECODE=1 \\
 USER {WORKER_UID}:{WORKER_UID}
 WORKDIR {WORKDIR}
 ENTRYPOINT ["{VENV}/bin/python", "-P", "-m", "services.worker"]
-LABEL io.runner.worker="1"
+LABEL io.runner.worker="1" {SOURCE_LABEL}="{{digest}}"
 """
 
 
@@ -120,6 +123,16 @@ def shared_libraries(binaries: list[Path]) -> set[Path]:
     return found
 
 
+def source_digest(files: dict[str, Path]) -> str:
+    """A digest of `files` (each one's image path, size and modification time): an image built
+    from the same files need not be built again."""
+    digest = hashlib.sha256()
+    for name, path in sorted(files.items()):
+        stat = path.stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
 def context(files: dict[str, Path]) -> io.BytesIO:
     """The build context: the Dockerfile and `rootfs/` (the files, the venv's shape, /etc's
     users, an empty working directory)."""
@@ -127,7 +140,8 @@ def context(files: dict[str, Path]) -> io.BytesIO:
     python = next(name for name in files if name.startswith("/usr/bin/python"))
     stdlib = Path(sysconfig.get_paths()["stdlib"]).name
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        _add_bytes(tar, "Dockerfile", DOCKERFILE.encode())
+        _add_bytes(tar, "Dockerfile",
+                   DOCKERFILE.replace("{digest}", source_digest(files)).encode())
         for name, path in sorted(files.items()):
             info = tar.gettarinfo(str(path), arcname=f"rootfs{name}")
             info.uid = info.gid = 0
@@ -166,9 +180,22 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def build(client: Any, tag: str = DEFAULT_IMAGE) -> str:
-    """Build the worker image as `tag` through `client` (a docker.DockerClient); returns the
-    image's id."""
-    image, _ = client.images.build(fileobj=context(rootfs()), custom_context=True, tag=tag,
+def build(client: Any, tag: str = DEFAULT_IMAGE, *, force: bool = False) -> tuple[str, bool]:
+    """Build the worker image as `tag` through `client` (a docker.DockerClient) unless an image
+    of that tag was built from the same files (or `force`); returns its id and whether it was
+    built now."""
+    import docker.errors
+
+    files = rootfs()
+    digest = source_digest(files)
+    if not force:
+        try:
+            image = client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            pass
+        else:
+            if (image.labels or {}).get(SOURCE_LABEL) == digest:
+                return image.id, False
+    image, _ = client.images.build(fileobj=context(files), custom_context=True, tag=tag,
                                    rm=True, forcerm=True)
-    return image.id
+    return image.id, True
