@@ -3,6 +3,8 @@ docs/CONTAINERS.md). `build` makes the worker image from this machine's own Pyth
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.console import Console
 
@@ -17,7 +19,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _client(settings: Settings):  # noqa: ANN202 (docker is imported lazily)
+def _client(settings: Settings) -> Any:
     from services.worker_host.container_spawner import engine_client, engine_problem
 
     try:
