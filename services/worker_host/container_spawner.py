@@ -182,7 +182,7 @@ class ContainerSpawner(PlacingSpawner):
             raise EngineUnavailable(engine_problem(self.settings, exc)) from None
         removed = await self.call(self.remove_leftovers)
         if removed:
-            log.warning("removed %d containers of an earlier run of host %s: %s", len(removed),
+            log.warning("removed %d container(s) of an earlier run of host %s: %s", len(removed),
                         self.host_id, ", ".join(removed))
 
     async def close(self) -> None:

@@ -1,0 +1,155 @@
+"""Container workers end to end (RUNNER_SPAWN_MODE=container) against a real engine, Podman or
+Docker, driven over HTTP: a worker runs in its container with the injected environment, its
+killed process is restarted under the same workerId, a stop with flatten leaves no container;
+a worker-host killed with SIGKILL and started again removes its earlier run's containers and no
+worker ever runs twice. Skipped, saying why, only where no engine (or no worker image) is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from services.worker_host.container_spawner import LABEL_ATTEMPT, LABEL_HOST, LABEL_WORKER
+from tests.container_engine import engine_url
+from tests.e2e.conftest import System, start_body
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def engine_at() -> str:
+    url, why = engine_url()
+    if url is None:
+        pytest.skip(why)
+    return url
+
+
+@pytest.fixture(scope="module")
+def engine(engine_at: str) -> Iterator[Any]:
+    import docker
+
+    client = docker.DockerClient(base_url=engine_at, timeout=30)
+    yield client
+    client.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def in_containers(engine_at: str, tmp_path_factory: pytest.TempPathFactory
+                        ) -> AsyncIterator[System]:
+    system = System(tmp_path_factory.mktemp("containers"), RUNNER_SPAWN_MODE="container",
+                    RUNNER_CONTAINER_URL=engine_at, RUNNER_CONTAINER_NETWORK="none")
+    await system.start()
+    yield system
+    await system.stop()
+
+
+def worker_processes(worker_id: str) -> int:
+    """Python processes on this machine running as `worker_id` (a container's init, which
+    carries the same environment, aside)."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or not (proc / "comm").read_text().startswith("python"):
+                continue
+            if "zombie" in (proc / "status").read_text():
+                continue
+            if f"RUNNER_WORKER_ID={worker_id}".encode() in (proc / "environ").read_bytes().split(
+                    b"\0"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def containers(engine: Any, worker_id: str, *, running: bool = False) -> list[Any]:
+    return engine.containers.list(all=not running,
+                                  filters={"label": f"{LABEL_WORKER}={worker_id}"})
+
+
+async def until(condition: Any, timeout: float = 30.0, what: str = "") -> Any:
+    async with asyncio.timeout(timeout):
+        while not (found := await asyncio.to_thread(condition)):
+            await asyncio.sleep(0.1)
+    return found
+
+
+async def test_a_container_worker_runs_restarts_and_stops_with_flatten(
+        in_containers: System, engine: Any) -> None:
+    system = in_containers
+    user, client = await system.user()
+    body = start_body("hold", amount=1)
+    worker_id = (await client.start(**body))["workerId"]
+    entry = await system.wait_for_worker(
+        client, worker_id, lambda e: e["worker"]["status"] == "running" and e["positions"])
+
+    (container,) = await until(lambda: containers(engine, worker_id, running=True))
+    attrs = container.attrs
+    env = dict(item.split("=", 1) for item in attrs["Config"]["Env"])
+    assert (env["USER_ID"], env["STRATEGY_ID"], env["BROKER_ID"]) == (
+        user, body["strategyId"], "paper")
+    assert json.loads(env["CONFIG"])["type"] == "hold"
+    secrets = body["credentials"]["apiKey"], body["credentials"]["apiSecret"]
+    assert not any(s in json.dumps(attrs) for s in secrets)  # over its channel, never its env
+    assert container.labels[LABEL_HOST] == "host-1" and container.labels[LABEL_ATTEMPT] == "0"
+    assert attrs["HostConfig"]["ReadonlyRootfs"] and attrs["Config"]["User"] != "0:0"
+
+    os.kill(entry["worker"]["pid"], signal.SIGKILL)  # the container's process, as seen here
+    restarted = await system.wait_for_worker(
+        client, worker_id,
+        lambda e: e["worker"]["status"] == "running" and e["worker"]["restartCount"] == 1)
+    assert restarted["worker"]["pid"] != entry["worker"]["pid"]
+    (again,) = await until(lambda: containers(engine, worker_id, running=True))
+    assert again.labels[LABEL_ATTEMPT] == "1" and again.id != container.id
+
+    stopped = await client.stop(worker_id, flatten=True)
+    assert stopped["success"] and stopped["flattenedPositions"] == 1
+    await until(lambda: not containers(engine, worker_id), timeout=15)
+
+
+async def test_a_host_killed_and_started_again_removes_its_containers_none_runs_twice(
+        in_containers: System, engine: Any) -> None:
+    system = in_containers
+    _, client = await system.user()
+    worker_id = (await client.start(**start_body("hold", amount=1)))["workerId"]
+    await system.wait_for_worker(client, worker_id,
+                                 lambda e: e["worker"]["status"] == "running")
+    first = await until(lambda: containers(engine, worker_id, running=True))
+    assert worker_processes(worker_id) == 1
+
+    doubles: list[int] = []
+
+    async def never_twice() -> None:
+        while True:
+            found = await asyncio.to_thread(containers, engine, worker_id, running=True)
+            processes = worker_processes(worker_id)  # the engine's view, and this machine's
+            if len(found) > 1 or processes > 1:
+                doubles.append(max(len(found), processes))
+            await asyncio.sleep(0.1)
+
+    watching = asyncio.create_task(never_twice())
+    try:
+        system.supervisor.kill("worker-host host-1", restart=False)
+        await system.supervisor.revive("worker-host host-1")
+        restarted = await system.wait_for_worker(
+            client, worker_id,
+            lambda e: e["worker"]["status"] == "running" and e["worker"]["restartCount"] >= 1,
+            timeout=40)
+        (now,) = await until(lambda: containers(engine, worker_id, running=True))
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    assert now.id != first[0].id and doubles == []
+    assert all(c.status == "running" for c in containers(engine, worker_id))  # the old: gone
+    assert restarted["worker"]["hostId"] == "host-1"
+    await client.stop(worker_id)
+    await until(lambda: not containers(engine, worker_id), timeout=15)
