@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 
-from services.worker_host.worker_image import DEFAULT_IMAGE
+from services.worker_host.worker_image import DEFAULT_IMAGE, build
 
 CANDIDATES = ("unix:///run/podman/podman.sock", "unix:///var/run/docker.sock")
 
 
+@functools.cache
 def engine_url() -> tuple[str | None, str]:
-    """The first engine answering (RUNNER_CONTAINER_URL first) that holds the worker image, and
-    why none does otherwise."""
+    """The first engine answering (RUNNER_CONTAINER_URL first), with the worker image built
+    from the files here (`runner images build`: skipped when it is), and why none is
+    otherwise."""
     try:
         import docker
     except ImportError:
@@ -23,15 +26,14 @@ def engine_url() -> tuple[str | None, str]:
     why = f"no container engine answers at {', '.join(urls)} (.ci/run starts podman's)"
     for url in urls:
         try:
-            client = docker.DockerClient(base_url=url, timeout=10)
+            client = docker.DockerClient(base_url=url, timeout=300)  # a build: ~20 s
             client.ping()
         except Exception:
             continue
         try:
-            client.images.get(DEFAULT_IMAGE)
-        except Exception:
-            why = f"the engine at {url} has no {DEFAULT_IMAGE} (`runner images build`)"
-            continue
+            build(client, DEFAULT_IMAGE)
+        except Exception as exc:
+            pytest.fail(f"the worker image could not be built in the engine at {url}: {exc}")
         finally:
             client.close()
         return url, ""

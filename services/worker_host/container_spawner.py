@@ -95,6 +95,9 @@ class ContainerProcess:
         self.pid = pid
         self.log_file = log_file
         self.code: int | None = None
+        self.cause = ""
+        self._oom_kills: int | None = None  # the kernel's count, read the moment it exits
+        self._memory = memory_events(pid)
         self._ended = asyncio.Event()
         self._watch = asyncio.create_task(self._watched(), name=f"container-{container.name}")
 
@@ -126,6 +129,9 @@ class ContainerProcess:
             log.warning("container %s: its end could not be read from the engine (%s)",
                         self.container.name, exc)
         finally:
+            if self._memory is not None:
+                os.close(self._memory)
+                self._memory = None
             self._ended.set()
 
     async def _exited(self) -> None:
@@ -137,7 +143,15 @@ class ContainerProcess:
             return
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
-        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+
+        def exited() -> None:
+            # its cgroup, and the count of its memory limit's kills, go with the engine's
+            # clean-up right after: read it now
+            if not gone.done():
+                self._oom_kills = oom_kills(self._memory)
+                gone.set_result(None)
+
+        loop.add_reader(pidfd, exited)
         try:
             await gone
         finally:
@@ -145,7 +159,13 @@ class ContainerProcess:
             os.close(pidfd)
 
     def _status(self) -> int | None:
-        return self.container.wait(timeout=ENGINE_TIMEOUT).get("StatusCode")
+        """Its exit status, and what ended it when the engine knows (its memory limit)."""
+        status = self.container.wait(timeout=ENGINE_TIMEOUT).get("StatusCode")
+        self.container.reload()
+        if self._oom_kills or self.container.attrs.get("State", {}).get("OOMKilled"):
+            limit = self.spawner.settings.container_memory_mb
+            self.cause = f"out of memory (over its {limit} MiB limit)"
+        return status
 
     def _keep_output_and_remove(self) -> None:
         import docker.errors
@@ -189,6 +209,18 @@ class ContainerSpawner(PlacingSpawner):
         await self.isolation.close()
         if self.client is not None:
             self.client.close()
+
+    def describe(self) -> str:
+        settings = self.settings
+        who = (self.isolation.reason if self.isolation.switches_ids
+               else f"uid {WORKER_UID} (the image's user)" if os.geteuid() == 0
+               else f"the host's uid {os.getuid()}")
+        limits = ", ".join(part for part in (
+            f"memory {settings.container_memory_mb} MiB" if settings.container_memory_mb else "",
+            f"{settings.container_pids} pids" if settings.container_pids else "",
+            f"{settings.container_cpus:g} CPUs" if settings.container_cpus else "") if part)
+        return (f"a container each ({settings.container_network} network; {limits or 'no limits'})"
+                f"; {who}; read-only root, no capabilities, no new privileges")
 
     def remove_leftovers(self) -> list[str]:
         """Remove every container labelled with this host: an earlier run's (blocking)."""
@@ -361,6 +393,44 @@ async def accepted(listener: socket.socket, process: ContainerProcess,
                          f"{ending.result()}; see {LOG_NAME})")
     process.signal(9)
     raise SpawnError(f"worker container did not connect within {timeout:g}s")
+
+
+def memory_events(pid: int) -> int | None:
+    """A descriptor of the file counting the kills of `pid`'s memory cgroup (v1's
+    memory.oom_control, v2's memory.events); None where there is none to read. Opened while it
+    runs: the engine removes the cgroup right after it exits (Podman does not always say
+    OOMKilled itself)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as cgroups:
+            lines = cgroups.read().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            candidates.append(f"/sys/fs/cgroup/memory{path}/memory.oom_control")
+        elif hierarchy == "0" and not controllers:
+            candidates.append(f"/sys/fs/cgroup{path}/memory.events")
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            return os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+    return None
+
+
+def oom_kills(fd: int | None) -> int | None:
+    """The `oom_kill` count in the file of `fd`; None when it cannot be read."""
+    if fd is None:
+        return None
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 def engine_problem(settings: Any, exc: Exception) -> str:

@@ -62,6 +62,8 @@ class ForkedProcess:
         await self._exited.wait()
         return self.code
 
+    cause = ""  # its code says all a fork-server knows
+
     def signal(self, sig: int) -> None:
         signal_group(self.pid, sig)
 

@@ -356,7 +356,7 @@ class WorkerHostService(Service):
             event = exit_event(ended, host_id=self.host_id, code=code,
                                ending=Ending(worker.end_reason) if worker.end_reason else None,
                                heartbeat_timeout=self.settings.heartbeat_timeout,
-                               violation=worker.end_detail)
+                               violation=worker.end_detail, cause=worker.process.cause)
             uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
                      correlation_id=worker.job_id)
 
@@ -445,7 +445,7 @@ class WorkerHostService(Service):
         return HostOnline(host_id=self.host_id, capacity=self.capacity,
                           hostname=socket.gethostname(), pid=os.getpid(),
                           incarnation=self.incarnation, isolated=isolation.switches_ids,
-                          isolation=isolation.describe())
+                          isolation=self.spawner.describe())
 
     def _fence(self, why: str) -> None:
         self._epoch += 1

@@ -81,6 +81,12 @@ class OsProcess(Protocol):
     @property
     def running(self) -> bool: ...
 
+    @property
+    def cause(self) -> str:
+        """What ended it, when whoever ran it knows more than its code (a container engine's
+        out-of-memory kill); "" otherwise."""
+        ...
+
     async def wait(self) -> int | None:
         """The exit code once it has exited (negative: killed by that signal, as in asyncio;
         None: gone, code unknown)."""
@@ -204,6 +210,10 @@ class Spawner(Protocol):
 
     async def close(self) -> None: ...
 
+    def describe(self) -> str:
+        """One line for the log and for `GET /admin/hosts`: how its workers are isolated."""
+        ...
+
 
 def worker_environment(
     *,
@@ -258,6 +268,9 @@ class PlacingSpawner:
     log) before it starts, and its uid given back once it has ended (isolation.py)."""
 
     isolation: Isolation
+
+    def describe(self) -> str:
+        return self.isolation.describe()
 
     async def spawn(self, request: SpawnRequest) -> WorkerProcess:
         if not re.fullmatch(ID_PATTERN, request.worker_id) or (

@@ -2,7 +2,8 @@
 Docker, driven over HTTP: a worker runs in its container with the injected environment, its
 killed process is restarted under the same workerId, a stop with flatten leaves no container;
 a worker-host killed with SIGKILL and started again removes its earlier run's containers and no
-worker ever runs twice. Skipped, saying why, only where no engine (or no worker image) is."""
+worker ever runs twice; a worker past its memory limit is killed and reported so. Skipped,
+saying why, only where no engine answers (the worker image is built when it is stale)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def engine(engine_at: str) -> Iterator[Any]:
 async def in_containers(engine_at: str, tmp_path_factory: pytest.TempPathFactory
                         ) -> AsyncIterator[System]:
     system = System(tmp_path_factory.mktemp("containers"), RUNNER_SPAWN_MODE="container",
-                    RUNNER_CONTAINER_URL=engine_at, RUNNER_CONTAINER_NETWORK="none")
+                    RUNNER_CONTAINER_URL=engine_at, RUNNER_CONTAINER_NETWORK="none",
+                    RUNNER_CONTAINER_MEMORY_MB="128", RUNNER_ENABLE_CHAOS="1")
     await system.start()
     yield system
     await system.stop()
@@ -153,3 +155,19 @@ async def test_a_host_killed_and_started_again_removes_its_containers_none_runs_
     assert restarted["worker"]["hostId"] == "host-1"
     await client.stop(worker_id)
     await until(lambda: not containers(engine, worker_id), timeout=15)
+
+
+async def test_a_container_worker_past_its_memory_limit_is_killed_and_reported_so(
+        in_containers: System) -> None:
+    system = in_containers
+    _, client = await system.user()
+    worker_id = (await client.start(**start_body("chaos", amount=1, hogAfter=0.2)))["workerId"]
+
+    def crashed_out_of_memory(log: list[Any]) -> bool:
+        return any(e.type == "WorkerCrashed" and e.payload["worker_id"] == worker_id
+                   and e.payload["reason"] == "exited"
+                   and e.payload["detail"] == "killed by SIGKILL: out of memory (over its "
+                                              "128 MiB limit)" for e in log)
+
+    await system.wait_for_log(crashed_out_of_memory, timeout=30)
+    await client.stop(worker_id)

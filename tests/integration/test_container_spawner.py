@@ -28,13 +28,15 @@ API_SECRET = "sk-live-3M8P-container"
 HOST = "ctest-host"
 
 
-def hold_request(workdir: Path, number: int, *, image: str | None = None) -> SpawnRequest:
+def hold_request(workdir: Path, number: int, *, image: str | None = None,
+                 strategy: str = "hold", **parameters: float) -> SpawnRequest:
     wid = f"cw-{os.getpid()}-{number}"
     env = worker_environment(
         worker_id=wid, job_id=f"job-{number}", user_id="user-1", strategy_id="integration",
         broker_id="paper",
-        config_json=json.dumps({"name": "hold", "type": "hold", "parameters": {"amount": 1}}),
-        heartbeat_interval=0.2)
+        config_json=json.dumps({"name": strategy, "type": strategy,
+                                "parameters": {"amount": 1} | parameters}),
+        heartbeat_interval=0.2) | {"RUNNER_ENABLE_CHAOS": "1"}
     return SpawnRequest(wid, f"job-{number}", "user-1", 0, env, workdir / wid, 20.0,
                         {"apiKey": API_KEY, "apiSecret": API_SECRET}, image=image)
 
@@ -43,6 +45,7 @@ def hold_request(workdir: Path, number: int, *, image: str | None = None) -> Spa
 async def spawner(tmp_path: Path) -> AsyncIterator[ContainerSpawner]:
     url = engine_or_skip()
     settings = Settings(container_url=url, worker_uids="", container_network="none",
+                        container_memory_mb=128,
                         container_runtime=os.environ.get("RUNNER_CONTAINER_RUNTIME", ""))
     spawner = ContainerSpawner(settings, f"{HOST}-{os.getpid()}")
     await spawner.start()
@@ -76,7 +79,7 @@ async def test_container_worker_beats_with_its_environment_and_is_removed_at_its
     assert attrs["Config"]["Labels"][LABEL_HOST] == spawner.host_id
     host_config = attrs["HostConfig"]
     assert host_config["ReadonlyRootfs"] is True
-    assert host_config["Memory"] == 512 * 1024 * 1024 and host_config["PidsLimit"] == 128
+    assert host_config["Memory"] == 128 * 1024 * 1024 and host_config["PidsLimit"] == 128
     assert "no-new-privileges" in " ".join(host_config["SecurityOpt"] or [])
     assert attrs["Config"]["User"] not in ("", "0", "root", "0:0")
 
@@ -103,3 +106,12 @@ async def test_an_image_off_the_allow_list_is_never_started(
     with pytest.raises(SpawnError, match="not allowed") as refused:
         await spawner.spawn(hold_request(tmp_path, 3, image="evil/miner:latest"))
     assert refused.value.permanent
+
+
+async def test_a_worker_past_its_memory_limit_is_killed_and_says_so(
+        spawner: ContainerSpawner, tmp_path: Path) -> None:
+    worker = await spawner.spawn(hold_request(tmp_path, 4, strategy="chaos", hogAfter=0.2))
+    worker.send(protocol.Lease(until=1e12))
+    code = await asyncio.wait_for(worker.wait(), timeout=20.0)
+    assert code == -signal.SIGKILL
+    assert worker.process.cause == "out of memory (over its 128 MiB limit)"
