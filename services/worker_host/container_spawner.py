@@ -63,7 +63,7 @@ KEPT = ("LANG", "LC_ALL", "TZ", "RUNNER_ENABLE_CHAOS", "UV_USE_IO_URING")
 ENGINE_TIMEOUT = 30.0  # seconds an engine call may take
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(ConnectionError):
     """The container engine cannot be reached, or lacks the worker image."""
 
 
@@ -189,17 +189,20 @@ class ContainerSpawner(PlacingSpawner):
     def __init__(self, settings: Any, host_id: str, isolation: Isolation | None = None) -> None:
         self.settings = settings
         self.host_id = host_id
-        self.isolation = isolation or Isolation()
+        # Of a process worker's isolation only the uid pool applies: the container confines it
+        # (no Landlock, seccomp or rlimits of its own inside, the engine's instead).
+        self.isolation = Isolation(isolation.uids if isolation else None)
         self.client: Any = None
 
     async def start(self) -> None:
         await self.isolation.start()
-        self.client = await self.call(engine_client, self.settings.container_url)
         try:
+            self.client = await self.call(engine_client, self.settings.container_url)
             await self.call(self.client.ping)
             await self.call(self.client.images.get, self.settings.container_image)
         except Exception as exc:
             raise EngineUnavailable(engine_problem(self.settings, exc)) from None
+        log.info("worker isolation: %s", self.describe())
         removed = await self.call(self.remove_leftovers)
         if removed:
             log.warning("removed %d container(s) of an earlier run of host %s: %s", len(removed),

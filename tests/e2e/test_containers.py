@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
+import tarfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from services.cli.client import GatewayError
 from services.worker_host.container_spawner import LABEL_ATTEMPT, LABEL_HOST, LABEL_WORKER
 from tests.container_engine import engine_url
 from tests.e2e.conftest import System, start_body
@@ -43,12 +46,32 @@ def engine(engine_at: str) -> Iterator[Any]:
     client.close()
 
 
+STRATEGY_IMAGE = "runner-test-strategy:1"  # the worker image and a library of its own
+
+
+@pytest.fixture(scope="module")
+def strategy_image(engine: Any) -> str:
+    """An image a strategy brings: the worker image plus a module the host does not have."""
+    dockerfile = (b"FROM runner-worker:latest\n"
+                  b"COPY talib_stub.py /opt/venv/lib/python3.11/site-packages/talib_stub.py\n")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("Dockerfile", dockerfile), ("talib_stub.py", b"VERSION = 1\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    engine.images.build(fileobj=buffer, custom_context=True, tag=STRATEGY_IMAGE, rm=True)
+    return STRATEGY_IMAGE
+
+
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def in_containers(engine_at: str, tmp_path_factory: pytest.TempPathFactory
-                        ) -> AsyncIterator[System]:
+async def in_containers(engine_at: str, strategy_image: str,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
     system = System(tmp_path_factory.mktemp("containers"), RUNNER_SPAWN_MODE="container",
                     RUNNER_CONTAINER_URL=engine_at, RUNNER_CONTAINER_NETWORK="none",
-                    RUNNER_CONTAINER_MEMORY_MB="128", RUNNER_ENABLE_CHAOS="1")
+                    RUNNER_CONTAINER_MEMORY_MB="128", RUNNER_ENABLE_CHAOS="1",
+                    RUNNER_CONTAINER_IMAGES=json.dumps([strategy_image]))
     await system.start()
     yield system
     await system.stop()
@@ -171,3 +194,39 @@ async def test_a_container_worker_past_its_memory_limit_is_killed_and_reported_s
 
     await system.wait_for_log(crashed_out_of_memory, timeout=30)
     await client.stop(worker_id)
+
+
+async def test_a_strategy_runs_in_the_allowed_image_it_names_and_not_in_another(
+        in_containers: System, engine: Any) -> None:
+    system = in_containers
+    _, client = await system.user()
+    body = start_body("hold", amount=1)
+    body["config"]["image"] = STRATEGY_IMAGE
+    worker_id = (await client.start(**body))["workerId"]
+    await system.wait_for_worker(client, worker_id,
+                                 lambda e: e["worker"]["status"] == "running")
+    (container,) = await until(lambda: containers(engine, worker_id, running=True))
+    assert container.image.id == engine.images.get(STRATEGY_IMAGE).id
+    found = await asyncio.to_thread(container.exec_run, ["/opt/venv/bin/python", "-c",
+                                                         "import talib_stub"])
+    assert found.exit_code == 0  # its own library, which the host's venv has not
+    await client.stop(worker_id)
+
+    body["config"]["image"] = "someone/miner:latest"
+    with pytest.raises(GatewayError) as refused:
+        await client.start(**body)
+    assert refused.value.status == 422 and "not an allowed worker image" in str(refused.value)
+
+
+async def test_a_hung_container_worker_is_killed_and_restarted(in_containers: System,
+                                                               engine: Any) -> None:
+    system = in_containers
+    _, client = await system.user()
+    worker_id = (await client.start(**start_body("chaos", amount=1, hangAfter=0.5)))["workerId"]
+    await system.wait_for_log(lambda log: any(
+        e.type == "WorkerCrashed" and e.payload["worker_id"] == worker_id
+        and e.payload["reason"] == "heartbeat_timeout" for e in log), timeout=30)
+    await system.wait_for_worker(client, worker_id,
+                                 lambda e: e["worker"]["restartCount"] >= 1)
+    await client.stop(worker_id)
+    await until(lambda: not containers(engine, worker_id), timeout=30)
