@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,7 @@ class ContainerProcess:
                     out.write(early)
         except (OSError, docker.errors.APIError):
             pass
-        with contextlib.suppress(docker.errors.NotFound):
-            self.container.remove(force=True)
+        remove(self.container)
 
 
 class ContainerSpawner(PlacingSpawner):
@@ -230,7 +230,7 @@ class ContainerSpawner(PlacingSpawner):
         removed = []
         for container in self.client.containers.list(
                 all=True, filters={"label": f"{LABEL_HOST}={self.host_id}"}):
-            container.remove(force=True)
+            remove(container)
             removed.append(container.labels.get(LABEL_WORKER, container.name))
         return removed
 
@@ -284,7 +284,7 @@ class ContainerSpawner(PlacingSpawner):
             listener.close()
             if container is not None:
                 with contextlib.suppress(Exception):
-                    await self.call(container.remove, force=True)
+                    await self.call(remove, container)
             if isinstance(exc, SpawnError | asyncio.CancelledError):
                 raise
             raise SpawnError(f"container engine: {exc}") from None
@@ -344,6 +344,23 @@ class ContainerSpawner(PlacingSpawner):
                      Ulimit(name="nproc", soft=4096, hard=4096)],
             **limits,
         )
+
+
+def remove(container: Any, attempts: int = 20) -> None:
+    """Remove `container`, running or not (blocking). Podman refuses now and then while a
+    container is between exited and cleaned up ("container state improper"): asked again."""
+    import docker.errors
+
+    for attempt in range(attempts):
+        try:
+            container.remove(force=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def listen(path: Path, identity: Identity) -> socket.socket:
