@@ -98,7 +98,7 @@ class ContainerProcess:
         self.code: int | None = None
         self.cause = ""
         self._oom_kills: int | None = None  # the kernel's count, read the moment it exits
-        self._memory = memory_events(pid)
+        self._memory = memory_events(pid) if in_cgroup_of(pid, container.id) else None
         self._ended = asyncio.Event()
         self._watch = asyncio.create_task(self._watched(), name=f"container-{container.name}")
 
@@ -136,11 +136,17 @@ class ContainerProcess:
             self._ended.set()
 
     async def _exited(self) -> None:
-        """Returns once the container's init has exited: a pidfd, else the engine's wait."""
+        """Returns once the container's init has exited: a pidfd, where its pid is the
+        container's in this machine's view, else the engine's wait."""
         try:
             pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            await self.spawner.call_waiting(self.container.wait)
+        except (OSError, ValueError):
+            pidfd = None
+        if pidfd is not None and not in_cgroup_of(self.pid, self.container.id):
+            os.close(pidfd)  # another pid namespace than the engine's: not our process
+            pidfd = None
+        if pidfd is None:
+            await self.spawner.call_waiting(self._engine_wait)
             return
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
@@ -158,6 +164,24 @@ class ContainerProcess:
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
+
+    def _engine_wait(self) -> None:
+        """Until the engine says it is not running (blocking; a wait cut by the client's
+        timeout is made again)."""
+        import docker.errors
+        import requests.exceptions
+
+        while True:
+            try:
+                self.container.wait(timeout=ENGINE_TIMEOUT)
+                return
+            except requests.exceptions.RequestException:
+                try:
+                    self.container.reload()
+                except docker.errors.NotFound:
+                    return
+                if self.container.status not in ("running", "created", "paused"):
+                    return
 
     def _status(self) -> int | None:
         """Its exit status, and what ended it when the engine knows (its memory limit)."""
@@ -413,6 +437,16 @@ async def accepted(listener: socket.socket, process: ContainerProcess,
                          f"{ending.result()}; see {LOG_NAME})")
     process.signal(9)
     raise SpawnError(f"worker container did not connect within {timeout:g}s")
+
+
+def in_cgroup_of(pid: int, container_id: str) -> bool:
+    """Whether process `pid`, as this machine numbers it, runs in the container `container_id`
+    (engines name a container's cgroups after its id)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as cgroups:
+            return container_id in cgroups.read()
+    except OSError:
+        return False
 
 
 def memory_events(pid: int) -> int | None:

@@ -115,3 +115,17 @@ async def test_a_worker_past_its_memory_limit_is_killed_and_says_so(
     code = await asyncio.wait_for(worker.wait(), timeout=20.0)
     assert code == -signal.SIGKILL
     assert worker.process.cause == "out of memory (over its 128 MiB limit)"
+
+
+async def test_where_its_pid_is_not_the_containers_here_the_engine_tells_its_end(
+        spawner: ContainerSpawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose pid namespace is not the engine's (the pid the engine gives names another
+    process here) waits on the engine instead."""
+    from services.worker_host import container_spawner
+
+    monkeypatch.setattr(container_spawner, "in_cgroup_of", lambda pid, container_id: False)
+    worker = await spawner.spawn(hold_request(tmp_path, 5))
+    worker.send(protocol.Lease(until=1e12))
+    await next_beat(worker)
+    worker.signal(signal.SIGKILL)
+    assert await asyncio.wait_for(worker.wait(), timeout=10.0) == -signal.SIGKILL
