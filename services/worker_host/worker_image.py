@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from packaging.requirements import Requirement
-
 PROJECT = "runner-orchestrator"
 PACKAGES = ("events", "projections", "services", "runner_client")
 DEFAULT_IMAGE = "runner-worker:latest"
@@ -35,6 +33,7 @@ WORKDIR = "/work"  # where the worker's own directory is mounted
 STDLIB_SKIPPED = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                   "pydoc_data", "config-3.11-x86_64-linux-gnu"}
 LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
+REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 SOURCE_LABEL = "io.runner.source"  # the digest of what the image was built from
 
@@ -51,8 +50,8 @@ LABEL io.runner.worker="1" {SOURCE_LABEL}="{{digest}}"
 
 
 def runtime_distributions(root: str = PROJECT) -> list[metadata.Distribution]:
-    """`root` and every distribution it needs at run time (requirements without extras, whose
-    markers hold here), each once."""
+    """`root` and every distribution it needs at run time (its requirements but those of an
+    extra, that are installed here), each once."""
     seen: dict[str, metadata.Distribution] = {}
     pending = [root]
     while pending:
@@ -66,9 +65,9 @@ def runtime_distributions(root: str = PROJECT) -> list[metadata.Distribution]:
             continue  # an optional platform dependency not installed here
         seen[key] = dist
         for spec in dist.requires or ():
-            requirement = Requirement(spec)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                pending.append(requirement.name)
+            _, _, marker = spec.partition(";")
+            if "extra" not in marker and (name_of := REQUIREMENT_NAME.match(spec)):
+                pending.append(name_of.group(1))
     return list(seen.values())
 
 
