@@ -51,9 +51,17 @@ STRATEGY_IMAGE = "runner-test-strategy:1"  # the worker image and a library of i
 
 @pytest.fixture(scope="module")
 def strategy_image(engine: Any) -> str:
-    """An image a strategy brings: the worker image plus a module the host does not have."""
+    """An image a strategy brings: the worker image plus a module the host does not have (made
+    again only when the worker image has changed)."""
+    import docker.errors
+
+    base = engine.images.get("runner-worker:latest").id
+    with contextlib.suppress(docker.errors.ImageNotFound):
+        if engine.images.get(STRATEGY_IMAGE).labels.get("io.runner.test.base") == base:
+            return STRATEGY_IMAGE
     dockerfile = (b"FROM runner-worker:latest\n"
-                  b"COPY talib_stub.py /opt/venv/lib/python3.11/site-packages/talib_stub.py\n")
+                  b"COPY talib_stub.py /opt/venv/lib/python3.11/site-packages/talib_stub.py\n"
+                  + f'LABEL io.runner.test.base="{base}"\n'.encode())
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in (("Dockerfile", dockerfile), ("talib_stub.py", b"VERSION = 1\n")):
