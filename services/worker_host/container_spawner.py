@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -57,6 +58,10 @@ LABEL_JOB = "io.runner.job"
 LABEL_WORKER = "io.runner.worker-id"
 LABEL_ATTEMPT = "io.runner.attempt"
 LABEL_USER = "io.runner.user"
+# Which host's store it belongs to: host ids are unique within one deployment only, and two
+# deployments (or test systems) may share an engine; a host is "the same" as an earlier run
+# when it has the same id and the same workers' directory.
+LABEL_STORE = "io.runner.host-store"
 SOCKET_NAME = "control.sock"
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, its NUL aside)
 # Host variables a container worker keeps; the rest (PATH, HOME, the venv's) are the image's.
@@ -208,11 +213,14 @@ class ContainerProcess:
 
 class ContainerSpawner(PlacingSpawner):
     """Workers as containers of the engine at `settings.container_url`, labelled with
-    `host_id`; placed by `isolation` (its directory, and its uid when the host has a pool)."""
+    `host_id` and its `workdir` (the workers' directory); placed by `isolation` (its directory,
+    and its uid when the host has a pool)."""
 
-    def __init__(self, settings: Any, host_id: str, isolation: Isolation | None = None) -> None:
+    def __init__(self, settings: Any, host_id: str, workdir: Path,
+                 isolation: Isolation | None = None) -> None:
         self.settings = settings
         self.host_id = host_id
+        self.store = hashlib.sha256(os.fsencode(workdir.resolve())).hexdigest()[:16]
         # Of a process worker's isolation only the uid pool applies: the container confines it
         # (no Landlock, seccomp or rlimits of its own inside, the engine's instead).
         self.isolation = Isolation(isolation.uids if isolation else None)
@@ -252,8 +260,8 @@ class ContainerSpawner(PlacingSpawner):
     def remove_leftovers(self) -> list[str]:
         """Remove every container labelled with this host: an earlier run's (blocking)."""
         removed = []
-        for container in self.client.containers.list(
-                all=True, filters={"label": f"{LABEL_HOST}={self.host_id}"}):
+        for container in self.client.containers.list(all=True, filters={"label": [
+                f"{LABEL_HOST}={self.host_id}", f"{LABEL_STORE}={self.store}"]}):
             remove(container)
             removed.append(container.labels.get(LABEL_WORKER, container.name))
         return removed
@@ -352,7 +360,7 @@ class ContainerSpawner(PlacingSpawner):
             image,
             name=f"runner-{request.worker_id}-{request.attempt}",
             environment=environment,
-            labels={LABEL_HOST: self.host_id, LABEL_JOB: request.job_id,
+            labels={LABEL_HOST: self.host_id, LABEL_STORE: self.store, LABEL_JOB: request.job_id,
                     LABEL_WORKER: request.worker_id, LABEL_ATTEMPT: str(request.attempt),
                     LABEL_USER: request.user_id},
             user=f"{identity.uid}:{identity.gid}",

@@ -391,7 +391,7 @@ def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None,
         from services.settings import Settings
         from services.worker_host.container_spawner import ContainerSpawner
 
-        return ContainerSpawner(settings or Settings(), host_id, isolation)
+        return ContainerSpawner(settings or Settings(), host_id, workdir, isolation)
     if mode == "exec":
         return ExecSpawner(isolation)
     if mode == "fork":

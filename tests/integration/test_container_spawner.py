@@ -47,7 +47,7 @@ async def spawner(tmp_path: Path) -> AsyncIterator[ContainerSpawner]:
     settings = Settings(container_url=url, worker_uids="", container_network="none",
                         container_memory_mb=128,
                         container_runtime=os.environ.get("RUNNER_CONTAINER_RUNTIME", ""))
-    spawner = ContainerSpawner(settings, f"{HOST}-{os.getpid()}")
+    spawner = ContainerSpawner(settings, HOST, tmp_path)
     await spawner.start()
     yield spawner
     await spawner.call(spawner.remove_leftovers)
@@ -129,3 +129,21 @@ async def test_where_its_pid_is_not_the_containers_here_the_engine_tells_its_end
     await next_beat(worker)
     worker.signal(signal.SIGKILL)
     assert await asyncio.wait_for(worker.wait(), timeout=10.0) == -signal.SIGKILL
+
+
+async def test_a_host_starting_again_removes_its_own_containers_only(
+        spawner: ContainerSpawner, tmp_path: Path) -> None:
+    """Another deployment's host of the same id (another workers' directory) leaves them be;
+    the same host starting again removes them."""
+    worker = await spawner.spawn(hold_request(tmp_path, 6))
+    worker.send(protocol.Lease(until=1e12))
+    await next_beat(worker)
+    elsewhere = ContainerSpawner(spawner.settings, HOST, tmp_path / "elsewhere")
+    again = ContainerSpawner(spawner.settings, HOST, tmp_path)
+    for other in (elsewhere, again):
+        other.client = spawner.client
+    assert await elsewhere.call(elsewhere.remove_leftovers) == []
+    assert worker.process.running
+    assert await again.call(again.remove_leftovers) == [worker.worker_id]
+    await asyncio.wait_for(worker.wait(), timeout=10.0)  # gone (its code with it)
+    assert not worker.process.running
