@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -147,3 +148,14 @@ async def test_a_host_starting_again_removes_its_own_containers_only(
     assert await again.call(again.remove_leftovers) == [worker.worker_id]
     await asyncio.wait_for(worker.wait(), timeout=10.0)  # gone (its code with it)
     assert not worker.process.running
+
+
+async def test_a_container_worker_reads_its_hosts_lease_on_the_same_clock(
+        spawner: ContainerSpawner, tmp_path: Path) -> None:
+    """The lease's instants are the host's time.monotonic(): a container has no clock of its
+    own, so a worker whose lease runs out exits by itself (EXIT_LEASE_LAPSED), on time."""
+    worker = await spawner.spawn(hold_request(tmp_path, 7))
+    worker.send(protocol.Lease(until=time.monotonic() + 1.0))
+    await next_beat(worker)
+    code = await asyncio.wait_for(worker.wait(), timeout=6.0)
+    assert code == protocol.EXIT_LEASE_LAPSED
