@@ -2,7 +2,9 @@
 Docker, driven over HTTP: a worker runs in its container with the injected environment, its
 killed process is restarted under the same workerId, a stop with flatten leaves no container;
 a worker-host killed with SIGKILL and started again removes its earlier run's containers and no
-worker ever runs twice; a worker past its memory limit is killed and reported so. Skipped,
+worker ever runs twice, nor when a frozen host's lease runs out; a worker past its memory limit
+is killed and reported so; a hung one is killed and restarted; a strategy runs in the allowed
+image it names. Skipped,
 saying why, only where no engine answers (the worker image is built when it is stale)."""
 
 from __future__ import annotations
@@ -238,3 +240,36 @@ async def test_a_hung_container_worker_is_killed_and_restarted(in_containers: Sy
                                  lambda e: e["worker"]["restartCount"] >= 1)
     await client.stop(worker_id)
     await until(lambda: not containers(engine, worker_id), timeout=30)
+
+
+async def test_a_frozen_hosts_containers_end_within_its_lease_and_none_runs_twice(
+        in_containers: System, engine: Any) -> None:
+    """A host that stalls (SIGSTOP) renews no lease: its container workers end themselves when
+    it runs out (the host's clock is theirs), the engine shows none running, and once the host
+    goes on the worker runs again, never twice."""
+    system = in_containers
+    _, client = await system.user()
+    worker_id = (await client.start(**start_body("hold", amount=1)))["workerId"]
+    await system.wait_for_worker(client, worker_id,
+                                 lambda e: e["worker"]["status"] == "running")
+    await until(lambda: containers(engine, worker_id, running=True))
+    lease = float(system.env["RUNNER_HOST_LEASE"])
+    host = system.supervisor.child("worker-host host-1").process
+    assert host is not None
+    host.send_signal(signal.SIGSTOP)
+    frozen_at = asyncio.get_running_loop().time()
+    try:
+        while worker_processes(worker_id):
+            assert asyncio.get_running_loop().time() - frozen_at < lease + 1.5, \
+                "a container worker outlived its host's lease"
+            await asyncio.sleep(0.05)
+    finally:
+        host.send_signal(signal.SIGCONT)
+    await system.wait_for_worker(
+        client, worker_id,
+        lambda e: e["worker"]["status"] == "running" and e["worker"]["restartCount"] >= 1,
+        timeout=40)
+    running = await until(lambda: containers(engine, worker_id, running=True))
+    assert len(running) == 1 and worker_processes(worker_id) == 1
+    await client.stop(worker_id)
+    await until(lambda: not containers(engine, worker_id), timeout=15)
