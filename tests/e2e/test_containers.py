@@ -4,8 +4,8 @@ killed process is restarted under the same workerId, a stop with flatten leaves 
 a worker-host killed with SIGKILL and started again removes its earlier run's containers and no
 worker ever runs twice, nor when a frozen host's lease runs out; a worker past its memory limit
 is killed and reported so; a hung one is killed and restarted; a strategy runs in the allowed
-image it names. Skipped,
-saying why, only where no engine answers (the worker image is built when it is stale)."""
+image it names. Skipped, saying why, only where no engine answers (the worker image is built
+when it is stale)."""
 
 from __future__ import annotations
 
