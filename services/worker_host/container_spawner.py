@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -317,7 +318,7 @@ class ContainerSpawner(PlacingSpawner):
             if container is not None:
                 with contextlib.suppress(Exception):
                     await self.call(remove, container)
-            if isinstance(exc, SpawnError | asyncio.CancelledError):
+            if isinstance(exc, SpawnError) or not isinstance(exc, Exception):
                 raise
             raise SpawnError(f"container engine: {exc}") from None
         listener.close()
@@ -443,7 +444,7 @@ async def accepted(listener: socket.socket, process: ContainerProcess,
     if ending in done:
         raise SpawnError(f"worker container exited before connecting (exit code "
                          f"{ending.result()}; see {LOG_NAME})")
-    process.signal(9)
+    process.signal(signal.SIGKILL)
     raise SpawnError(f"worker container did not connect within {timeout:g}s")
 
 

@@ -1,17 +1,21 @@
-"""How a container worker's end is read: the init's 128+n as killed by signal n, the kernel's
-count of memory-limit kills, and the crash's detail saying so."""
+"""A container worker's end and channel: the init's 128+n as killed by signal n, the kernel's
+count of memory-limit kills, the crash's detail saying so; a channel socket bound however deep
+its worker's directory is."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 from pathlib import Path
 
 import pytest
 
 from events import CrashReason
-from services.worker_host.container_spawner import exit_code, oom_kills
+from services.worker_host.container_spawner import exit_code, listen, oom_kills
 from services.worker_host.exits import Ended, exit_event
+from services.worker_host.isolation import Identity
 
 
 @pytest.mark.parametrize(("status", "code"), [
@@ -46,3 +50,22 @@ def test_a_crash_says_what_ended_it_when_its_runner_knows() -> None:
     assert crashed.detail == "killed by SIGKILL: out of memory (over its 128 MiB limit)"
     plain = exit_event(ended, host_id="h-1", ending=None, code=1, heartbeat_timeout=30)
     assert plain.detail == ""
+
+
+def test_a_channel_socket_deeper_than_a_unix_path_allows_is_still_bound(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "control.sock"
+    assert len(os.fsencode(path)) > 107
+    listener = listen(path, Identity(os.getuid(), os.getgid()))
+    try:
+        mode = os.lstat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        directory = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(f"/proc/self/fd/{directory}/control.sock")
+        finally:
+            os.close(directory)
+    finally:
+        listener.close()
