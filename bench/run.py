@@ -33,6 +33,7 @@ SUITE = (
     "bench.sse",
     "bench.metrics_cost",
     "bench.markets",
+    "bench.containers",
 )
 
 

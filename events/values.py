@@ -69,6 +69,10 @@ class StrategyConfig(_CamelValue):
     parameters: dict[str, Any] = Field(default_factory=dict)
     risk_management: RiskManagement = Field(default_factory=RiskManagement)
     instruments: tuple[str, ...] = Field(default=("BTC-PERPETUAL",), min_length=1, max_length=20)
+    # the container image it runs in (container workers; None: the host's default worker image);
+    # the gateway refuses one not on RUNNER_CONTAINER_IMAGES
+    image: str | None = Field(default=None, min_length=1, max_length=255,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
 
 
 class Fill(_Value):

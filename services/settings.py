@@ -90,7 +90,11 @@ class Settings(BaseSettings):
         description="offer and run the fault-drill strategies (`chaos`): for tests and drills, "
         "never for users",
     )
-    spawn_mode: str = "fork"
+    spawn_mode: str = Field(
+        default="fork", pattern="^(fork|exec|container)$",
+        description="how a worker-host starts a worker: fork (from its fork-server), exec (a "
+        "fresh interpreter) or container (through the Docker Engine API: docs/CONTAINERS.md)",
+    )
     max_system_workers: int = 1000
     stop_grace: float = 10.0
     request_timeout: float = 15.0
@@ -132,6 +136,37 @@ class Settings(BaseSettings):
         description="TCP ports a sandboxed worker may connect to (comma-separated), besides the "
         "ports of RUNNER_BROKER_URLS",
     )
+
+    # Container workers (RUNNER_SPAWN_MODE=container, docs/CONTAINERS.md)
+    container_url: str = Field(
+        default="",
+        description="the Docker Engine API of the worker-host's machine (Docker or Podman), e.g. "
+        "unix:///run/podman/podman.sock; empty: DOCKER_HOST, else /var/run/docker.sock",
+    )
+    container_image: str = Field(
+        default="runner-worker:latest",
+        description="the image a worker runs in when its strategy names none (`runner images "
+        "build` builds it)",
+    )
+    container_images: list[str] = Field(
+        default_factory=list,
+        description="JSON list of the other images a strategy may name (`config.image`); any "
+        "other is refused at the gateway",
+    )
+    container_memory_mb: int = Field(
+        default=512, ge=0, description="a container worker's memory limit in MiB (0: none)")
+    container_pids: int = Field(
+        default=128, ge=0, description="processes and threads in a container worker (0: none)")
+    container_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs a container worker may use (0: no limit)")
+    container_network: str = Field(
+        default="bridge",
+        description="the network of container workers: bridge (the internet, not the host's "
+        "loopback), none, host, or a network's name",
+    )
+    container_runtime: str = Field(
+        default="", description="the engine's OCI runtime for workers, e.g. runc (empty: its "
+        "default)")
 
     handler_attempts: int = Field(
         default=5, description="deliveries before a failing message is dead-lettered"
@@ -214,6 +249,11 @@ class Settings(BaseSettings):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{name}: {url!r} is not an http(s) URL")
         return urls
+
+    @property
+    def allowed_images(self) -> frozenset[str]:
+        """The images a strategy may run in: the default worker image and the allow-list."""
+        return frozenset((self.container_image, *self.container_images))
 
     @property
     def flatten_timeout(self) -> float:

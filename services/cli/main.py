@@ -533,9 +533,11 @@ def _register_optional_commands() -> None:
         from services.cli import log_commands
     except ImportError:  # pragma: no cover - during bootstrap
         return
+    from services.cli.images import images_app
     from services.cli.keys import keys_app
 
     app.add_typer(keys_app, name="keys")
+    app.add_typer(images_app, name="images")
     app.add_typer(log_commands.events_app, name="events")
     app.add_typer(log_commands.audit_app, name="audit")
     app.command("replay")(log_commands.replay_command)

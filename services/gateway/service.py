@@ -196,6 +196,13 @@ class GatewayService(Service):
         if problems := strategy_schemas.parameter_problems(body.config.type,
                                                            body.config.parameters):
             raise ApiError(422, "; ".join(problems)[:1000])
+        image = body.config.image
+        if image is not None and image not in self.settings.allowed_images:
+            raise ApiError(
+                422,
+                f"config.image: {image!r} is not an allowed worker image; allowed: "
+                f"{', '.join(sorted(self.settings.allowed_images))} (RUNNER_CONTAINER_IMAGES)",
+            )
         job_id, worker_id = f"job-{uuid.uuid4().hex[:12]}", f"worker-{uuid.uuid4().hex[:12]}"
         logs.correlation.set(job_id)  # this request's log lines (its own task's context)
         command = StartRunner(

@@ -1,6 +1,7 @@
 """The control channel between a worker-host and each worker process it spawns.
 
-JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker.
+JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker (a
+container worker connects to the Unix socket at `RUNNER_CONTROL_SOCKET` instead).
 The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
 
 host -> worker, first: `Credentials`, the user's broker credentials (the seed's `API_KEY` and
@@ -30,9 +31,10 @@ else raises `ProtocolViolation`; the host kills the worker and reports it crashe
 The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer
 to the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
 was given), then one each time the host renews its own. Both are `time.monotonic()` instants
-(host and worker share the machine, hence the clock). A worker whose lease runs out exits with
-`EXIT_LEASE_LAPSED` without touching positions: a stalled or cut-off host cannot leave it
-running past the moment the system may restart it elsewhere.
+(host and worker share the machine, hence the clock; a container has no clock of its own, no
+time namespace). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without touching
+positions: a stalled or cut-off host cannot leave it running past the moment the system may
+restart it elsewhere.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ ENV_CONFIG = "CONFIG"  # the StrategyConfig as camelCase JSON, as in the seed
 ENV_WORKER_ID = "RUNNER_WORKER_ID"
 ENV_JOB_ID = "RUNNER_JOB_ID"
 ENV_CONTROL_FD = "RUNNER_CONTROL_FD"
+# A container worker's channel instead: the path of its host's listening socket, mounted into
+# the container with its directory (services/worker_host/container_spawner.py); and its log.
+ENV_CONTROL_SOCKET = "RUNNER_CONTROL_SOCKET"
+ENV_WORKER_LOG = "RUNNER_WORKER_LOG"
 ENV_HEARTBEAT_INTERVAL = "RUNNER_HEARTBEAT_INTERVAL"
 ENV_STATE_FILE = "RUNNER_WORKER_STATE"  # paper account state, relative to its directory (its cwd)
 ENV_PAPER_SEED = "RUNNER_PAPER_SEED"

@@ -113,7 +113,7 @@ class WorkerEnv:
     worker_id: str
     job_id: str
     config: StrategyConfig
-    control_fd: int
+    control_fd: int | None
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     state_file: Path | None = None
     paper_seed: str | None = None
@@ -121,6 +121,7 @@ class WorkerEnv:
     broker_urls: Mapping[str, str] = field(default_factory=dict)
     mode: str = "trade"
     flatten_timeout: float = DEFAULT_FLATTEN_TIMEOUT
+    control_socket: str | None = None  # a container worker's channel: its host's socket
 
     @classmethod
     def parse(cls, env: Mapping[str, str]) -> WorkerEnv:
@@ -141,8 +142,9 @@ class WorkerEnv:
             raise BadEnvironment(
                 f"{protocol.ENV_CONFIG} is not a valid strategy config: {problems}"
             ) from None
+        control_socket = env.get(protocol.ENV_CONTROL_SOCKET, "").strip() or None
         try:
-            control_fd = int(required(protocol.ENV_CONTROL_FD))
+            control_fd = None if control_socket else int(required(protocol.ENV_CONTROL_FD))
         except ValueError:
             raise BadEnvironment(
                 f"{protocol.ENV_CONTROL_FD} is not a file descriptor number"
@@ -190,6 +192,7 @@ class WorkerEnv:
             broker_urls=broker_urls(env.get(protocol.ENV_BROKER_URLS, "")),
             mode=mode,
             flatten_timeout=flatten_timeout,
+            control_socket=control_socket,
         )
 
 
@@ -396,9 +399,10 @@ class WorkerRuntime:
     async def run(self) -> int:
         env = self.env
         try:
-            sock = socket.socket(fileno=env.control_fd)
+            sock = self._channel_socket()
         except OSError as exc:
-            log.error("control channel fd %d is unusable: %s", env.control_fd, exc)
+            log.error("control channel %s is unusable: %s",
+                      env.control_socket or f"fd {env.control_fd}", exc)
             return EXIT_BAD_CONFIG
         # A strategy's own subprocesses must not hold the channel open after this process dies.
         sock.set_inheritable(False)
@@ -408,6 +412,19 @@ class WorkerRuntime:
             return await self._serve(reader, channel)
         finally:
             await channel.close()
+
+    def _channel_socket(self) -> socket.socket:
+        """The worker's end of its channel: the descriptor it was given, or a connection to
+        its host's socket (a container worker)."""
+        if self.env.control_socket is None:
+            return socket.socket(fileno=self.env.control_fd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.env.control_socket)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     async def _serve(self, reader: asyncio.StreamReader, channel: Channel) -> int:
         env = self.env

@@ -37,6 +37,15 @@ class Child:
         assert self.popen.returncode is not None
         return self.popen.returncode
 
+    cause = ""  # its code says all there is
+
+    def signal(self, sig: int) -> None:
+        """`sig` to its process group (a worker started in its own session leads it)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
         if self.running:
             self.popen.kill()

@@ -41,9 +41,11 @@ def how(code: int | None) -> str:
 
 
 def exit_event(worker: Ended, *, host_id: str, ending: Ending | None, code: int | None,
-               heartbeat_timeout: float, violation: str = "") -> WorkerStopped | WorkerCrashed:
+               heartbeat_timeout: float, violation: str = "",
+               cause: str = "") -> WorkerStopped | WorkerCrashed:
     """WorkerStopped after a requested stop; WorkerCrashed otherwise, with its reason
-    (`violation`: what it did, when it was killed for breaking the protocol)."""
+    (`violation`: what it did, when it was killed for breaking the protocol; `cause`: what
+    ended it, when its runner knows, e.g. "out of memory")."""
     ids = {"job_id": worker.job_id, "worker_id": worker.worker_id}
     if worker.stopping:
         if ending == Ending.HOST_RESTARTED:
@@ -66,6 +68,8 @@ def exit_event(worker: Ended, *, host_id: str, ending: Ending | None, code: int 
             detail = f"broke the control protocol ({violation}); {how(code)}"
         case _:
             reason = CrashReason.EXITED
-            detail = "" if code is not None and code >= 0 else how(code)
+            detail = "" if code is not None and code >= 0 and not cause else how(code)
+            if cause:
+                detail = f"{detail}: {cause}"
     return WorkerCrashed(**ids, host_id=host_id, attempt=worker.attempt, reason=reason,
                          exit_code=code, detail=detail)

@@ -30,6 +30,7 @@ from services.worker_host.spawner import (
     base_environment,
     greeted,
     send_credentials,
+    signal_group,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ class ForkedProcess:
     async def wait(self) -> int | None:
         await self._exited.wait()
         return self.code
+
+    cause = ""  # its code says all a fork-server knows
+
+    def signal(self, sig: int) -> None:
+        signal_group(self.pid, sig)
 
     def exited(self, code: int | None) -> None:
         if self._exited.is_set():

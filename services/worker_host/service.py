@@ -48,6 +48,7 @@ from events import (
     model_for,
 )
 from events.routing import host_stream, job_stream
+from events.values import StrategyConfig
 from services.secrets import Sealer, SealError
 from services.service import Service
 from services.store import UnitOfWork
@@ -93,7 +94,7 @@ class WorkerHostService(Service):
         self.incarnation = uuid.uuid4().hex[:12]  # this run of the host
         self.workers_dir = settings.data_dir / f"worker-host-{self.host_id}"
         self.spawner = make_spawner(settings.spawn_mode, self.workers_dir,
-                                    Isolation.from_settings(settings))
+                                    Isolation.from_settings(settings), settings, self.host_id)
         self.feed = FeedRelay(settings.broker_urls, self.workers_dir / "feed.log")
 
     @property
@@ -239,7 +240,8 @@ class WorkerHostService(Service):
                 directory=self.workers_dir / worker_id,
                 hello_timeout=max(10.0, self.settings.heartbeat_timeout),
                 credentials=self.sealer.open(row.credentials_sealed, user_id=row.user_id,
-                                             worker_id=worker_id)))
+                                             worker_id=worker_id),
+                image=StrategyConfig.model_validate_json(row.config).image))
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
                 await rows.forget(uow, worker_id)
@@ -354,7 +356,7 @@ class WorkerHostService(Service):
             event = exit_event(ended, host_id=self.host_id, code=code,
                                ending=Ending(worker.end_reason) if worker.end_reason else None,
                                heartbeat_timeout=self.settings.heartbeat_timeout,
-                               violation=worker.end_detail)
+                               violation=worker.end_detail, cause=worker.process.cause)
             uow.emit(event, stream=job_stream(worker.job_id), user_id=worker.user_id,
                      correlation_id=worker.job_id)
 
@@ -443,7 +445,7 @@ class WorkerHostService(Service):
         return HostOnline(host_id=self.host_id, capacity=self.capacity,
                           hostname=socket.gethostname(), pid=os.getpid(),
                           incarnation=self.incarnation, isolated=isolation.switches_ids,
-                          isolation=isolation.describe())
+                          isolation=self.spawner.describe())
 
     def _fence(self, why: str) -> None:
         self._epoch += 1

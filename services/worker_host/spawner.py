@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from events.values import ID_PATTERN
 from services.worker import protocol
@@ -81,12 +81,29 @@ class OsProcess(Protocol):
     @property
     def running(self) -> bool: ...
 
+    @property
+    def cause(self) -> str:
+        """What ended it, when whoever ran it knows more than its code (a container engine's
+        out-of-memory kill); "" otherwise."""
+        ...
+
     async def wait(self) -> int | None:
         """The exit code once it has exited (negative: killed by that signal, as in asyncio;
         None: gone, code unknown)."""
         ...
 
+    def signal(self, sig: int) -> None:
+        """`sig` to the worker and everything it started (its process group, its container)."""
+        ...
 
+
+def signal_group(pid: int, sig: int) -> None:
+    """`sig` to the process group `pid` leads (a worker leads its own session), if any is
+    left."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @dataclass
@@ -150,12 +167,9 @@ class WorkerProcess:
             os.write(self.writer.get_extra_info("socket").fileno(), line)
 
     def signal(self, sig: int) -> None:
-        """`sig` to the worker's process group (it leads its own session)."""
+        """`sig` to the worker's process group (it leads its own session), or its container."""
         if self.process.running:
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
+            self.process.signal(sig)
 
     async def terminate(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds if it is still alive."""
@@ -180,6 +194,7 @@ class SpawnRequest:
     directory: Path
     hello_timeout: float
     credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    image: str | None = None  # the image its strategy names (container workers; None: default)
 
     @property
     def log_file(self) -> Path:
@@ -194,6 +209,10 @@ class Spawner(Protocol):
     async def spawn(self, request: SpawnRequest) -> WorkerProcess: ...
 
     async def close(self) -> None: ...
+
+    def describe(self) -> str:
+        """One line for the log and for `GET /admin/hosts`: how its workers are isolated."""
+        ...
 
 
 def worker_environment(
@@ -249,6 +268,9 @@ class PlacingSpawner:
     log) before it starts, and its uid given back once it has ended (isolation.py)."""
 
     isolation: Isolation
+
+    def describe(self) -> str:
+        return self.isolation.describe()
 
     async def spawn(self, request: SpawnRequest) -> WorkerProcess:
         if not re.fullmatch(ID_PATTERN, request.worker_id) or (
@@ -359,13 +381,21 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None) -> Spawner:
-    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default) or "exec"; its workers placed and
-    confined by `isolation` (a host passes `Isolation.from_settings(settings)`)."""
+def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None,
+                 settings: Any = None, host_id: str = "") -> Spawner:
+    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default), "exec" or "container" (which
+    takes its engine and limits from `settings`, and labels its containers with `host_id`);
+    its workers placed and confined by `isolation` (a host passes
+    `Isolation.from_settings(settings)`)."""
+    if mode == "container":
+        from services.settings import Settings
+        from services.worker_host.container_spawner import ContainerSpawner
+
+        return ContainerSpawner(settings or Settings(), host_id, workdir, isolation)
     if mode == "exec":
         return ExecSpawner(isolation)
     if mode == "fork":
         from services.worker_host.fork_spawner import ForkSpawner
 
         return ForkSpawner(workdir, isolation)
-    raise ValueError(f"unknown spawn mode {mode!r} (fork or exec)")
+    raise ValueError(f"unknown spawn mode {mode!r} (fork, exec or container)")

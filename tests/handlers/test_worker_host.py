@@ -145,7 +145,7 @@ async def test_no_task_of_an_ended_worker_is_kept(harness: Harness,
 class _Exited:
     """A worker process that has exited with code 0."""
 
-    pid, running = 4242, False
+    pid, running, cause = 4242, False, ""
 
     async def wait(self) -> int:
         return 0

@@ -77,3 +77,34 @@ async def test_a_status_after_a_start_asks_the_monitor_to_wait_for_the_new_worke
             assert (await http.get("/runner/status", params=params)).status_code == 200
     assert [(q.user_id, q.known, q.wait) for q in queries] == [
         ("bob", (), 0.0), ("alice", (worker_id,), 2.0), (None, (), 0.0)]
+
+
+async def test_a_strategy_may_name_an_allowed_image_and_no_other(settings: Settings) -> None:
+    """`config.image` on the allow-list (RUNNER_CONTAINER_IMAGES, or the default worker image)
+    travels with the start; any other is refused at the gateway, saying which are allowed."""
+    decided: list[str | None] = []
+
+    async def decide(query: DecideStart) -> Any:
+        command = query.envelope
+        started = command.message()
+        decided.append(started.config.image)
+        accepted = JobAccepted(job_id=started.job_id, worker_id=started.worker_id, tier="pro",
+                               max_workers=10, in_use=0)
+        return RawJson(Envelope.wrap(accepted, stream=command.stream, causation=command)
+                       .to_json())
+
+    allowing = settings.model_copy(update={"container_images": ["strategies/ta:1"]})
+    body = {"userId": "alice", "strategyId": "s1", "brokerId": "paper",
+            "credentials": {"apiKey": "k", "apiSecret": "s"}}
+    async with gateway_against(allowing, entitlement={DecideStart: decide}) as http:
+        for image in ("strategies/ta:1", "runner-worker:latest"):
+            started = await http.post("/runner/start", json=body | {
+                "config": {"name": "BTC", "type": "hold", "image": image}})
+            assert started.status_code == 200, started.text
+        refused = await http.post("/runner/start", json=body | {
+            "config": {"name": "BTC", "type": "hold", "image": "someone/miner:latest"}})
+    assert refused.status_code == 422 and refused.json()["success"] is False
+    error = refused.json()["error"]
+    assert "config.image" in error and "'someone/miner:latest' is not an allowed" in error
+    assert "strategies/ta:1" in error
+    assert decided == ["strategies/ta:1", "runner-worker:latest"]

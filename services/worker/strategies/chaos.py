@@ -20,12 +20,14 @@ class ChaosParameters(HoldParameters):
     crash_after: float | None = Field(default=None, ge=0)
     exit_code: int = Field(default=1, ge=0, le=255)
     hang_after: float | None = Field(default=None, ge=0)
+    hog_after: float | None = Field(default=None, ge=0)
 
 
 class Chaos(Hold):
     """`crashAfter` seconds after start the process exits at once with `exitCode`; `hangAfter`
     seconds after start the event loop blocks for good, so heartbeats stop and even SIGTERM goes
-    unanswered (only SIGKILL ends it)."""
+    unanswered (only SIGKILL ends it); `hogAfter` seconds after start it takes memory, touched,
+    until a limit ends it."""
 
     parameters_model = ChaosParameters
     tick_interval = 0.05
@@ -44,6 +46,19 @@ class Chaos(Hold):
             log.error("chaos: blocking the event loop as configured")
             sys.stderr.flush()
             block_forever()
+        if self.parameters.hog_after is not None and elapsed >= self.parameters.hog_after:
+            log.error("chaos: taking memory until a limit stops it, as configured")
+            sys.stderr.flush()
+            hog_memory()
+
+
+def hog_memory() -> NoReturn:
+    """Take memory in 16 MiB steps, every page written, until something ends the process."""
+    held = []
+    while True:
+        held.append(bytearray(16 * 1024 * 1024))
+        for offset in range(0, len(held[-1]), 4096):
+            held[-1][offset] = 1
 
 
 def block_forever() -> NoReturn:
