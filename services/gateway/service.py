@@ -50,7 +50,7 @@ from events.queries import (
 )
 from projections import ENDED
 from services import logs
-from services.bus import PublishFailed, RpcError, RpcTimeout
+from services.bus import BusUnavailable, PublishFailed, RpcError, RpcTimeout
 from services.gateway import (
     answers,
     dashboard,
@@ -86,6 +86,7 @@ REJECT_STATUS = {
 }
 
 
+RETRY_AFTER = 2  # seconds a client is told to wait when the bus is unavailable (it reconnects each)
 READ_YOUR_WRITES_WAIT = 2.0  # seconds the monitor may take to show a start answered here
 STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
@@ -456,8 +457,14 @@ def create_app(gateway: GatewayService) -> FastAPI:
     @app.exception_handler(RpcError)
     @app.exception_handler(PublishFailed)
     async def _bus_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("bus unavailable: %s", exc)
-        return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503)
+        """503 with Retry-After: the broker is unreachable (the bus has logged it) or a service
+        failed to answer."""
+        if isinstance(exc, BusUnavailable):
+            log.debug("answered 503: %s", exc)
+        else:
+            log.warning("service unavailable: %s", exc)
+        return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER)})
 
     @app.post("/runner/start", responses={
         200: {"model": answers.Started}, 403: {"model": answers.Rejected},

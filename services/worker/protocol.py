@@ -27,12 +27,12 @@ of at most `MAX_STRING` characters, at most `MAX_ITEMS` items in a list or objec
 `MAX_DEPTH` deep, that is a valid line; and `LineBudget` bounds how many lines a second. Anything
 else raises `ProtocolViolation`; the host kills the worker and reports it crashed, saying why.
 
-The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer
-to the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
-was given), then one each time the host renews its own. Both are `time.monotonic()` instants (host and worker share the
-machine, hence the clock). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without
-touching positions: a stalled or cut-off host cannot leave it running past the moment the system
-may restart it elsewhere.
+The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer to
+the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
+was given), then one each time the host renews its own. Both are `time.monotonic()` instants
+(host and worker share the machine, hence the clock). A worker whose lease runs out exits with
+`EXIT_LEASE_LAPSED` without touching positions: a stalled or cut-off host cannot leave it
+running past the moment the system may restart it elsewhere.
 """
 
 from __future__ import annotations
