@@ -58,6 +58,7 @@ REPLY_TO = "amq.rabbitmq.reply-to"
 COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
 AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
 RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
+CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
 CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
 
 
@@ -272,6 +273,7 @@ class AmqpBus:
         queues, then start consuming."""
         self._connection = await aio_pika.connect_robust(
             with_heartbeat(self.settings.amqp_url), reconnect_interval=RECONNECT_INTERVAL,
+            timeout=CONNECT_TIMEOUT,
             client_properties={"connection_name": self.service})
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._back)
