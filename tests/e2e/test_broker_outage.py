@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -92,8 +93,9 @@ async def test_broker_outage_shorter_than_the_lease_restarts_nothing(tmp_path: P
             rabbitmqctl("stop_app")
             try:
                 down_at = time.monotonic()
-                with contextlib.suppress(GatewayError):  # refused (503) or not: never a 500
+                with pytest.raises(GatewayError) as refused:  # and nothing started behind it
                     await client.start(**start_body("hold", amount=1))
+                assert refused.value.status == 503
                 await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))
             finally:
                 rabbitmqctl("start_app")
@@ -111,10 +113,20 @@ async def test_broker_outage_shorter_than_the_lease_restarts_nothing(tmp_path: P
               "broker's return")
         status = await client.status()
         workers = {e["worker"]["workerId"]: e["worker"] for e in status["workers"]}
+        assert set(workers) == {*before, after["workerId"]}
         for wid in before:
             assert workers[wid]["status"] == "running", workers[wid]
             assert workers[wid]["pid"] == pids[wid] and alive(pids[wid])
             assert workers[wid]["restartCount"] == 0
+        await client.stop(before[0])  # a stop after the outage takes effect, once
+
+        log = await system.wait_for_log(lambda events: any(
+            e.type == "WorkerStopped" and e.payload["worker_id"] == before[0] for e in events))
+        ran = Counter((e.type, e.payload.get("worker_id")) for e in log
+                      if e.type in ("WorkerSpawned", "WorkerRestarted", "WorkerCrashed",
+                                    "WorkerStopped", "HeartbeatMissed", "HostLost"))
+        assert ran == Counter({("WorkerSpawned", wid): 1 for wid in workers}
+                              | {("WorkerStopped", before[0]): 1}), ran
         failures = [(code, retry) for code, retry, _ in answers if code >= 500 or code == 0]
         assert all(code == 503 and retry for code, retry in failures), failures
         assert max(took for _, _, took in answers) < REQUEST_TIMEOUT + 2.0
@@ -122,5 +134,11 @@ async def test_broker_outage_shorter_than_the_lease_restarts_nothing(tmp_path: P
         logged = system.log_path.read_text()
         assert "Traceback" not in logged, logged[logged.index("Traceback") - 2000:][:6000]
         assert "fenced" not in logged
+        said = Counter((line.split("]", 1)[0], "lost" if "lost the connection" in line else "back")
+                       for line in logged.splitlines()
+                       if "lost the connection to the broker" in line
+                       or "connection to the broker back" in line)
+        services = {label.split("]", 1)[0] for label, _ in said}
+        assert len(services) == 5 and set(said.values()) == {1}, said  # one line each way
     finally:
         await system.stop()
