@@ -392,7 +392,9 @@ class AmqpBus:
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            raise PublishFailed(f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
+            down = any(isinstance(f, BusUnavailable) for f in failures)
+            raise (BusUnavailable if down else PublishFailed)(
+                f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
 
     async def send_telemetry(self, message: Message) -> None:
         """Transient telemetry (dropped when nobody listens), returning once the broker has

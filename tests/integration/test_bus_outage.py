@@ -98,6 +98,8 @@ async def test_a_cut_off_bus_refuses_at_once_says_so_once_and_comes_back_with_it
     began = time.monotonic()
     with pytest.raises(BusUnavailable):
         await cut_bus.publish(stop("w-during"))
+    with pytest.raises(BusUnavailable):  # what the outbox publishes: it waits for the bus
+        await cut_bus.publish_many([stop("w-during-1"), stop("w-during-2")])
     with pytest.raises(BusUnavailable):
         await cut_bus.request(rpc_queue("monitor"), StatusQuery())
     assert time.monotonic() - began < 0.5  # refused at once, not after a timeout
