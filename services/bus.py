@@ -92,6 +92,10 @@ class BusUnavailable(PublishFailed, RpcError):
     itself, so the caller may retry once it is back (`until_connected`)."""
 
 
+class CallInterrupted(BusUnavailable):
+    """The connection went down after the request was sent: the service may still act on it."""
+
+
 class RawJson(bytes):
     """A reply already encoded as JSON: sent as is, and `request_raw` hands it on as is."""
 
@@ -315,7 +319,8 @@ class AmqpBus:
         # a reply can only come on the channel its request went out on, which is gone
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(BusUnavailable("the connection to the broker was lost"))
+                future.set_exception(CallInterrupted(
+                    "the connection to the broker was lost before the answer came"))
 
     def _back(self, _: Any) -> None:
         if self._closing or self._up.is_set():

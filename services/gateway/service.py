@@ -50,7 +50,7 @@ from events.queries import (
 )
 from projections import ENDED
 from services import logs
-from services.bus import BusUnavailable, PublishFailed, RpcError, RpcTimeout
+from services.bus import BusUnavailable, CallInterrupted, PublishFailed, RpcError, RpcTimeout
 from services.gateway import (
     answers,
     dashboard,
@@ -207,6 +207,11 @@ class GatewayService(Service):
             raise ApiError(
                 504, f"job {job_id} was submitted but no entitlement decision came in time"
             ) from None
+        except CallInterrupted:
+            raise ApiError(
+                503, f"job {job_id} was submitted, but the connection to the broker was lost "
+                "before its entitlement decision came: look for it in the status once the "
+                "service is back before starting it again", jobId=job_id) from None
         if isinstance(decision, JobRejected):
             status = REJECT_STATUS.get(decision.reason, 400)
             return status, failed(
@@ -436,7 +441,8 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status)
+        retry = {"Retry-After": str(RETRY_AFTER)} if exc.status == 503 else None
+        return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
