@@ -268,6 +268,7 @@ class AmqpBus:
         self._down_since: float | None = None
         self._closing = False
         self._reconnected: list[Callable[[], None]] = []
+        self._reviving: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -329,8 +330,20 @@ class AmqpBus:
         self._down_since = None
         self._up.set()
         log.info("%s: connection to the broker back after %.1fs", self.service, down)
+        self._reviving = asyncio.create_task(self._revive_consumers(), name="revive-consumers")
         for callback in self._reconnected:
             callback()
+
+    async def _revive_consumers(self) -> None:
+        """A consumer whose channel did not come back with the connection consumes again on a
+        new one (the client restores only what it still tracks; once lost, nothing arrives)."""
+        for consumer in self._consumers:
+            try:
+                if await consumer._subscription.revive():
+                    log.warning("%s: the consumer of %s did not come back with the connection; "
+                                "consuming again", self.service, consumer.spec.name)
+            except Exception as exc:  # the connection went again: the next return retries
+                log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name, exc)
 
     def _unavailable(self, what: str) -> BusUnavailable:
         return BusUnavailable(f"{what}: the bus is unavailable (no connection to the broker)")
@@ -343,6 +356,8 @@ class AmqpBus:
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, disconnect."""
         self._closing = True
+        if self._reviving is not None:
+            self._reviving.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
@@ -640,12 +655,24 @@ class _Subscription:
         self.bus, self.spec = bus, spec
         self._queue: Any = None
         self._consumer_tag: str | None = None
+        self._channel: Any = None
+        self._consuming: tuple[Callable[[Any], Awaitable[None]], int, bool] | None = None
 
     async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
                       no_ack: bool) -> None:
-        channel = await self.bus.channel(prefetch=prefetch)
-        self._queue = await self.bus.declare_on(channel, self.spec)
+        self._consuming = (callback, prefetch, no_ack)
+        self._channel = await self.bus.channel(prefetch=prefetch)
+        self._queue = await self.bus.declare_on(self._channel, self.spec)
         self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
+
+    async def revive(self) -> bool:
+        """Consume again on a fresh channel if ours did not come back with the connection;
+        whether it had to."""
+        if self._consumer_tag is None or self._consuming is None or not self._channel.is_closed:
+            return False
+        callback, prefetch, no_ack = self._consuming
+        await self.consume(callback, prefetch=prefetch, no_ack=no_ack)
+        return True
 
     async def cancel(self, timeout: float) -> None:
         if self._queue is not None and self._consumer_tag is not None:

@@ -142,3 +142,16 @@ async def test_a_publishing_channel_that_did_not_come_back_is_replaced(
     await cut_bus._publish_channel.close()  # type: ignore[union-attr]  # closed for good
     await cut_bus.publish(stop("w-after"))
     await eventually(lambda: "w-after" in received, 5.0, "the stop consumed")
+
+
+async def test_a_consumer_whose_channel_did_not_come_back_consumes_again(
+    cut_bus: AmqpBus, other_bus: AmqpBus, vhost: str, cut_user: str, received: list[str],
+) -> None:
+    subscription = cut_bus._consumers[0]._subscription
+    await subscription._channel.close()  # closed for good: the client will not restore it
+    cut_off(vhost, cut_user)
+    await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
+    let_in(vhost, cut_user)
+    assert await cut_bus.until_connected(timeout=10.0)
+    await other_bus.publish(stop("w-after"))
+    await eventually(lambda: "w-after" in received, 5.0, "the stop consumed")
