@@ -60,6 +60,7 @@ AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut l
 RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
 CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
 CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
+REPLY_WAIT = 5.0  # seconds a reply waits for the connection to be back (its caller gives up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,8 +514,12 @@ class AmqpBus:
                                message_type=raw.type)
 
     async def send_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later)."""
-        channel = self._publish_channel or await self.channel()
+        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later).
+        After a reconnect, requests can arrive before the publishing channel is back: the reply
+        waits for it (a little)."""
+        if not self._up.is_set():
+            await self.until_connected(REPLY_WAIT)
+        channel = await self._publishing("replies")
         await channel.default_exchange.publish(
             aio_pika.Message(
                 reply.body,
