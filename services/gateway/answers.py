@@ -173,5 +173,10 @@ class Health(Answer):
 
 
 def failures(*statuses: int) -> dict[int | str, dict[str, object]]:
-    """OpenAPI `responses` for error statuses, all `{success: false, error}`."""
-    return {status: {"model": Failure} for status in statuses}
+    """OpenAPI `responses` for error statuses, all `{success: false, error}`; a 503 (the broker
+    unreachable, or a service not answering) says when to try again."""
+    return {status: {"model": Failure} | (RETRY if status == 503 else {}) for status in statuses}
+
+
+RETRY = {"headers": {"Retry-After": {
+    "description": "seconds to wait before trying again", "schema": {"type": "integer"}}}}

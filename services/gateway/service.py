@@ -509,7 +509,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/entitlements/{user_id}/upgrade", responses={
-        200: {"model": answers.Upgraded}, **answers.failures(401, 403, 422, 504)})
+        200: {"model": answers.Upgraded}, **answers.failures(401, 403, 422, 503, 504)})
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:
         return await gateway.upgrade(user_id, body)
 
