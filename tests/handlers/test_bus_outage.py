@@ -1,7 +1,7 @@
 """A broker outage on the in-memory bus (`MemoryBroker.go_offline` … `go_online`): what is
 committed meanwhile is published once the bus is back, without a warning per attempt; a
 worker-host renews its lease the moment the bus is back; the gateway answers 503 with
-Retry-After, at once."""
+Retry-After, at once, to what needs the bus, and serves what it holds itself."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ async def test_the_gateway_answers_503_with_retry_after_at_once_while_the_bus_is
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     gateway = GatewayService(settings, bus=MemoryBus(harness.broker, settings, "gateway"))
     await gateway.store.open()
+    await gateway.bus.start()
+    assert gateway.bus.connected()
     harness.broker.go_offline()
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app),
@@ -94,6 +96,10 @@ async def test_the_gateway_answers_503_with_retry_after_at_once_while_the_bus_is
                 assert response.headers["retry-after"] == str(RETRY_AFTER)
                 assert "unavailable" in response.json()["error"]
                 assert time.monotonic() - began < 1.0
+            for path in ("/me", "/admin/users", "/strategies", "/health"):  # what it holds
+                assert (await http.get(path)).status_code == 200, path
+            assert (await http.get("/health")).json()["connected"] is False
     finally:
         harness.broker.go_online()
+        await gateway.bus.close()
         await gateway.store.close()
