@@ -302,6 +302,8 @@ class GatewayService(Service):
                     caller, StopRequest(worker_id=worker_id, flatten_positions=True))
             except ApiError as exc:
                 return failed(exc.error)
+            except BusUnavailable as exc:  # the others go on: each says how it ended
+                return failed(f"service unavailable: {exc}")
 
         answers = await asyncio.gather(*(stop(worker_id) for worker_id in targets))
         problems = {w: a["error"] for w, a in zip(targets, answers, strict=True)
