@@ -27,7 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-# the long fault drills (the chaos drill), kept out of `make test`'s ten minutes
+# the fault drills (the chaos drill, a whole-broker outage), kept out of `make test`: they
+# take long or stop the shared broker
 drill: $(STAMP)
 	$(BIN)/pytest -q -m drill
 

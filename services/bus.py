@@ -4,6 +4,12 @@
 Publishing: persistent messages, publisher confirms awaited; an unroutable (returned) or nacked
 publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
 
+Outages: the connection reconnects by itself and restores its channels, queues and consumers.
+While it is down, a publish or a call fails at once with `BusUnavailable` (nothing is queued in
+memory, where a crash would lose it): the caller retries (the outbox waits with
+`until_connected`) or answers its own caller that the bus is unavailable. The bus logs one
+WARNING when the connection goes and one INFO when it is back.
+
 Consuming (`consume_batches`; every service inbox and the event log): the deliveries that have
 arrived are handed over as one batch, committed by the handler in one transaction (group commit),
 and acked after it returns. A message that cannot be decoded (bad JSON, unknown type, invalid
@@ -51,6 +57,10 @@ WatchCallback = Callable[[bytes], Awaitable[None] | None]
 REPLY_TO = "amq.rabbitmq.reply-to"
 COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
 AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
+RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
+CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
+CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
+REPLY_WAIT = 5.0  # seconds a reply waits for the connection to be back (its caller gives up)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,15 @@ class RpcTimeout(RpcError):
     """No answer came in time (the service may still act on the request)."""
 
 
+class BusUnavailable(PublishFailed, RpcError):
+    """The broker connection is down, or went down during the call; the bus reconnects by
+    itself, so the caller may retry once it is back (`until_connected`)."""
+
+
+class CallInterrupted(BusUnavailable):
+    """The connection went down after the request was sent: the service may still act on it."""
+
+
 class RawJson(bytes):
     """A reply already encoded as JSON: sent as is, and `request_raw` hands it on as is."""
 
@@ -86,6 +105,7 @@ class Publisher(Protocol):
     service: str
 
     async def publish_many(self, envelopes: Iterable[Envelope]) -> None: ...
+    async def until_connected(self, timeout: float | None = None) -> bool: ...
 
 
 class Bus(Protocol):
@@ -96,6 +116,8 @@ class Bus(Protocol):
 
     async def start(self) -> None: ...
     def connected(self) -> bool: ...
+    async def until_connected(self, timeout: float | None = None) -> bool: ...
+    def on_reconnected(self, callback: Callable[[], None]) -> None: ...
     async def stop_consuming(self) -> None: ...
     async def close(self) -> None: ...
     async def declare(self, spec: QueueSpec) -> None: ...
@@ -115,10 +137,24 @@ class Bus(Protocol):
     async def watch(self, bindings: Iterable[tuple[str, str]], callback: WatchCallback) -> None: ...
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the connection or the channel under a call went away (an outage),
+    rather than the broker refusing the call."""
+    return isinstance(exc, (aio_pika.exceptions.ChannelInvalidStateError, ConnectionError))
+
+
 def with_heartbeat(amqp_url: str) -> str:
     """The broker URL with an AMQP heartbeat, unless it sets one itself."""
     url = URL(amqp_url)
     return amqp_url if "heartbeat" in url.query else str(url.update_query(heartbeat=AMQP_HEARTBEAT))
+
+
+def _why(exc: BaseException | None) -> str:
+    """A connection loss's reason, in a few words."""
+    if exc is None:
+        return "closed"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
 def poison_reason(exc: BaseException) -> str:
@@ -215,7 +251,8 @@ def decoded(raw: bytes, where: str) -> Any:
 class AmqpBus:
     """A service's connection to RabbitMQ: one robust aio-pika connection; a channel for
     publishing, one per consumer, one for replies. Robust objects are restored after a
-    reconnect while referenced, so the bus keeps every one it declares."""
+    reconnect while referenced, so the bus keeps every one it declares. `connected()` is true
+    from the start until the connection drops, and again once it and its channels are back."""
 
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
@@ -228,6 +265,11 @@ class AmqpBus:
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._consumers: list[_BatchConsumer | _TelemetryConsumer | _RpcServer] = []
+        self._up = asyncio.Event()  # connected, channels restored
+        self._down_since: float | None = None
+        self._closing = False
+        self._reconnected: list[Callable[[], None]] = []
+        self._reviving: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -236,8 +278,11 @@ class AmqpBus:
         first, no message for another one is lost for want of its queue) and this service's
         queues, then start consuming."""
         self._connection = await aio_pika.connect_robust(
-            with_heartbeat(self.settings.amqp_url), reconnect_interval=1.0,
+            with_heartbeat(self.settings.amqp_url), reconnect_interval=RECONNECT_INTERVAL,
+            timeout=CONNECT_TIMEOUT,
             client_properties={"connection_name": self.service})
+        self._connection.close_callbacks.add(self._lost)
+        self._connection.reconnect_callbacks.add(self._back)
         channel = await self.channel()
         for spec in EXCHANGES:
             self._declared.append(await channel.declare_exchange(
@@ -247,12 +292,62 @@ class AmqpBus:
         self._publish_channel = await self.channel()
         for consumer in self._consumers:
             await consumer.start()
+        self._up.set()
 
     def connected(self) -> bool:
-        """Whether the broker connection is up right now (for fencing decisions and health)."""
+        """Whether the broker connection is up right now, its channels restored (health)."""
         connection = self._connection
-        return bool(connection is not None and not connection.is_closed
+        return bool(self._up.is_set() and connection is not None and not connection.is_closed
                     and connection.connected.is_set())
+
+    async def until_connected(self, timeout: float | None = None) -> bool:
+        """Wait (up to `timeout` seconds) until the connection is up; whether it is."""
+        if not self._up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), timeout)
+        return self._up.is_set()
+
+    def on_reconnected(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time the connection is back after an outage."""
+        self._reconnected.append(callback)
+
+    def _lost(self, _: Any, exc: BaseException | None = None) -> None:
+        if self._closing or not self._up.is_set():
+            return
+        self._up.clear()
+        self._down_since = time.monotonic()
+        log.warning("%s: lost the connection to the broker (%s); reconnecting", self.service,
+                    _why(exc))
+        # a reply can only come on the channel its request went out on, which is gone
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(CallInterrupted(
+                    "the connection to the broker was lost before the answer came"))
+
+    def _back(self, _: Any) -> None:
+        if self._closing or self._up.is_set():
+            return
+        down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        self._down_since = None
+        self._up.set()
+        log.info("%s: connection to the broker back after %.1fs", self.service, down)
+        self._reviving = asyncio.create_task(self._revive_consumers(), name="revive-consumers")
+        for callback in self._reconnected:
+            callback()
+
+    async def _revive_consumers(self) -> None:
+        """A consumer whose channel did not come back with the connection consumes again on a
+        new one (the client restores only what it still tracks; once lost, nothing arrives)."""
+        for consumer in self._consumers:
+            try:
+                if await consumer._subscription.revive():
+                    log.warning("%s: the consumer of %s did not come back with the connection; "
+                                "consuming again", self.service, consumer.spec.name)
+            except Exception as exc:  # the connection went again: the next return retries
+                log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name, exc)
+
+    def _unavailable(self, what: str) -> BusUnavailable:
+        return BusUnavailable(f"{what}: the bus is unavailable (no connection to the broker)")
 
     async def stop_consuming(self) -> None:
         """Cancel our consumers and wait for in-flight handlers (up to the stop grace)."""
@@ -261,6 +356,9 @@ class AmqpBus:
 
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, disconnect."""
+        self._closing = True
+        if self._reviving is not None:
+            self._reviving.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
@@ -315,25 +413,55 @@ class AmqpBus:
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            raise PublishFailed(f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
+            down = any(isinstance(f, BusUnavailable) for f in failures)
+            raise (BusUnavailable if down else PublishFailed)(
+                f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
 
     async def send_telemetry(self, message: Message) -> None:
         """Transient telemetry (dropped when nobody listens), returning once the broker has
         confirmed it: a host renews its lease on its heartbeat's confirm."""
+        if self._publish_channel is None:
+            return
+        name = exchange_for(type(message))
+        channel = await self._publishing(name)
+        try:
+            exchange = await channel.get_exchange(name, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    message.model_dump_json().encode(),
+                    type=message.type_name(),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                ),
+                routing_key=routing_key_for(type(message)),
+                mandatory=False,
+                timeout=self.settings.request_timeout,
+            )
+        except Exception as exc:
+            if connection_lost(exc):
+                raise self._unavailable(f"telemetry to {name}") from None
+            raise PublishFailed(f"telemetry to {name} failed: {exc!r}") from exc
+
+    async def _publishing(self, exchange: str) -> aio_pika.abc.AbstractRobustChannel:
+        """The publishing channel; `BusUnavailable` while the connection is down. A channel
+        that did not come back with the connection is replaced."""
         channel = self._publish_channel
         if channel is None:
-            return
-        exchange = await channel.get_exchange(exchange_for(type(message)), ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                message.model_dump_json().encode(),
-                type=message.type_name(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-            ),
-            routing_key=routing_key_for(type(message)),
-            mandatory=False,
-        )
+            raise PublishFailed("bus not started")
+        if not self._up.is_set():
+            raise self._unavailable(f"publish to {exchange}")
+        if channel.is_closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.ready(), CHANNEL_RESTORE_WAIT)
+        if channel.is_closed and self._up.is_set():
+            log.warning("%s: the publishing channel did not come back with the connection; "
+                        "opening another", self.service)
+            try:
+                channel = self._publish_channel = await self.channel()
+            except Exception as exc:
+                raise self._unavailable(f"publish to {exchange}") from exc
+            self._exchanges.clear()
+        return channel
 
     async def publish_raw(
         self,
@@ -346,9 +474,7 @@ class AmqpBus:
         message_id: str | None = None,
         message_type: str | None = None,
     ) -> None:
-        channel = self._publish_channel
-        if channel is None:
-            raise PublishFailed("bus not started")
+        channel = await self._publishing(exchange)
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -368,6 +494,8 @@ class AmqpBus:
             result = await target.publish(message, routing_key=routing_key, mandatory=True,
                                           timeout=self.settings.request_timeout)
         except Exception as exc:  # connection loss, nack, timeout: the caller must retry
+            if connection_lost(exc):
+                raise self._unavailable(f"publish to {exchange}/{routing_key}") from None
             raise PublishFailed(f"publish to {exchange}/{routing_key} failed: {exc!r}") from exc
         if isinstance(result, DeliveredMessage):
             raise PublishFailed(f"unroutable: no queue bound to {exchange}/{routing_key}")
@@ -386,8 +514,12 @@ class AmqpBus:
                                message_type=raw.type)
 
     async def send_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later)."""
-        channel = self._publish_channel or await self.channel()
+        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later).
+        After a reconnect, requests can arrive before the publishing channel is back: the reply
+        waits for it (a little)."""
+        if not self._up.is_set():
+            await self.until_connected(REPLY_WAIT)
+        channel = await self._publishing("replies")
         await channel.default_exchange.publish(
             aio_pika.Message(
                 reply.body,
@@ -461,10 +593,12 @@ class AmqpBus:
         """`request_raw`, with the reply as it travelled: deflated (encoding "deflate") from
         `COMPRESS_REPLIES_FROM` bytes on, for callers that pass a large reply on as it is."""
         timeout = timeout or self.settings.request_timeout
+        if not self._up.is_set():
+            raise self._unavailable(spec.name)
         try:
             channel = await self._reply_channel()
-        except Exception as exc:
-            raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
+        except Exception:
+            raise self._unavailable(spec.name) from None
         called = time.perf_counter()
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
@@ -488,8 +622,12 @@ class AmqpBus:
             metrics.rpc_called(self.service, spec.name, query.type_name(),
                                time.perf_counter() - called, "timeout")
             raise RpcTimeout(f"{spec.name} did not answer in time") from None
-        except aio_pika.exceptions.AMQPError as exc:
-            raise RpcError(f"{spec.name}: the bus is unavailable ({type(exc).__name__})") from None
+        except BusUnavailable:
+            raise
+        except Exception as exc:
+            if connection_lost(exc) or isinstance(exc, aio_pika.exceptions.AMQPError):
+                raise self._unavailable(spec.name) from None
+            raise
         finally:
             self._pending.pop(correlation_id, None)
         refused = (raw.headers or {}).get("refused")
@@ -522,12 +660,24 @@ class _Subscription:
         self.bus, self.spec = bus, spec
         self._queue: Any = None
         self._consumer_tag: str | None = None
+        self._channel: Any = None
+        self._consuming: tuple[Callable[[Any], Awaitable[None]], int, bool] | None = None
 
     async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
                       no_ack: bool) -> None:
-        channel = await self.bus.channel(prefetch=prefetch)
-        self._queue = await self.bus.declare_on(channel, self.spec)
+        self._consuming = (callback, prefetch, no_ack)
+        self._channel = await self.bus.channel(prefetch=prefetch)
+        self._queue = await self.bus.declare_on(self._channel, self.spec)
         self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
+
+    async def revive(self) -> bool:
+        """Consume again on a fresh channel if ours did not come back with the connection;
+        whether it had to."""
+        if self._consumer_tag is None or self._consuming is None or not self._channel.is_closed:
+            return False
+        callback, prefetch, no_ack = self._consuming
+        await self.consume(callback, prefetch=prefetch, no_ack=no_ack)
+        return True
 
     async def cancel(self, timeout: float) -> None:
         if self._queue is not None and self._consumer_tag is not None:
@@ -729,6 +879,9 @@ class _RpcServer:
         try:
             if raw.reply_to:
                 reply = await answer(self.handlers, raw.type or "", raw.body, self.spec.name)
-                await self.bus.send_reply(raw.reply_to, raw.correlation_id, reply)
+                try:
+                    await self.bus.send_reply(raw.reply_to, raw.correlation_id, reply)
+                except Exception as exc:  # the caller's channel or ours is gone: it gives up
+                    log.debug("%s: reply not sent: %r", self.spec.name, exc)
         finally:
             await _settle_quietly(raw.ack())

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "runner_correlation", default=None)
 
+# The AMQP client logs every failed reconnect attempt, with tracebacks; the bus itself says when
+# the connection goes and when it is back (services.bus), so these speak only at DEBUG.
 QUIET_LIBRARIES = ("aiormq", "aio_pika")
 
 
@@ -59,5 +61,6 @@ def configure(service: str = "", *, format: str = "text", level: str | int = "IN
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if isinstance(level, int) else level.upper())
+    debugging = root.level <= logging.DEBUG
     for noisy in QUIET_LIBRARIES:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debugging else logging.CRITICAL)

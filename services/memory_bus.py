@@ -24,6 +24,7 @@ from events.queries import Query
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
 from services.bus import (
     BatchHandler,
+    BusUnavailable,
     Delivery,
     PublishFailed,
     QueryHandler,
@@ -110,7 +111,24 @@ class MemoryBroker:
         self.queues: dict[str, MemoryQueue] = {}
         self._bindings: list[tuple[str, str, str]] = []  # exchange, binding key, queue
         self.busy = 0  # deliveries being handled now
-        self.online = True
+        self._online = asyncio.Event()
+        self._online.set()
+        self._buses: list[MemoryBus] = []
+
+    @property
+    def online(self) -> bool:
+        return self._online.is_set()
+
+    def go_offline(self) -> None:
+        """An outage: every publish and call fails with `BusUnavailable` until `go_online`."""
+        self._online.clear()
+
+    def go_online(self) -> None:
+        """The outage ends: each bus's `on_reconnected` callbacks run."""
+        if not self._online.is_set():
+            self._online.set()
+            for bus in self._buses:
+                bus.reconnected()
 
     def declare(self, spec: QueueSpec) -> MemoryQueue:
         queue = self.queues.get(spec.name)
@@ -128,7 +146,7 @@ class MemoryBroker:
     def route(self, exchange: str, routing_key: str, message: Stored) -> bool:
         """Put `message` in every queue bound to it; False when none is."""
         if not self.online:
-            raise PublishFailed("broker unreachable")
+            raise BusUnavailable("broker unreachable")
         if exchange == DEFAULT:
             targets = [routing_key] if routing_key in self.queues else []
         else:
@@ -157,6 +175,8 @@ class MemoryBus:
         self._starts: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
+        self._reconnected: list[Callable[[], None]] = []
+        broker._buses.append(self)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -170,6 +190,19 @@ class MemoryBus:
     def connected(self) -> bool:
         return self._started and self.broker.online
 
+    async def until_connected(self, timeout: float | None = None) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.broker._online.wait(), timeout)
+        return self.broker.online
+
+    def on_reconnected(self, callback: Callable[[], None]) -> None:
+        self._reconnected.append(callback)
+
+    def reconnected(self) -> None:
+        if self._started:
+            for callback in self._reconnected:
+                callback()
+
     async def stop_consuming(self) -> None:
         """Stop every consumer; what it held unacked goes back to its queue (redelivered)."""
         tasks, self._tasks = self._tasks, []
@@ -182,6 +215,8 @@ class MemoryBus:
     async def close(self) -> None:
         await self.stop_consuming()
         self._started = False
+        with contextlib.suppress(ValueError):
+            self.broker._buses.remove(self)
 
     async def declare(self, spec: QueueSpec) -> None:
         self.broker.declare(spec)
@@ -361,6 +396,8 @@ class MemoryBus:
         try:
             self.broker.route(DEFAULT, spec.name, Stored(query.model_dump_json().encode(),
                                                          query.type_name(), reply=reply))
+        except BusUnavailable:
+            raise
         except PublishFailed as exc:
             raise RpcError(f"{spec.name}: the bus is unavailable ({exc})") from None
         try:

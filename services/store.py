@@ -31,7 +31,7 @@ from sqlmodel import Field, SQLModel, select
 
 from events import Envelope, Message
 from services import metrics
-from services.bus import Publisher, PublishFailed
+from services.bus import BusUnavailable, Publisher, PublishFailed
 from services.database import Database, DbConnection, UtcDateTime, transient
 from services.decision import CancelTimer, SetTimer, Timer
 
@@ -81,6 +81,7 @@ RECORD_PROCESSED = insert(PROCESSED)
 WRITE_OUTBOX = insert(OUTBOX).returning(OUTBOX.c.id, sort_by_parameter_order=True)
 NEXT_TIMER = select(TIMERS).order_by(TIMERS.c.due_at).limit(1)
 FORGET_CHUNK = 5_000  # rows deleted per transaction: other writers wait that long at most
+OUTAGE_RECHECK = 5.0  # seconds the outbox waits for the bus before looking again (or stopping)
 COMMIT_PATIENCE = 30.0  # seconds a grouped work is retried while the database fails transiently
 
 BASE_TABLES: tuple[Table, ...] = (PROCESSED, OUTBOX, TIMERS)
@@ -456,6 +457,11 @@ class OutboxRelay:
                                         or loop.time() - last_delete >= self.delete_every):
                     await self._delete_confirmed()
                     last_delete = loop.time()
+            except BusUnavailable:  # the bus has logged the outage: publish once it is back
+                if self._stopping:
+                    return
+                await self.bus.until_connected(OUTAGE_RECHECK)
+                self._wake.set()
             except (PublishFailed, OSError) as exc:
                 if self._stopping:
                     return

@@ -197,12 +197,17 @@ class Health(Answer):
 
 def failures(*statuses: int) -> dict[int | str, dict[str, object]]:
     """OpenAPI `responses` for error statuses, all `{success: false, error}`; with those any
-    call may get: a token over its rate (429), an unexpected error (500), and, with a body, one
-    too large (413)."""
-    return {status: {"model": Failure} for status in (*statuses, 429, 500)}
+    call may get: a token over its rate (429), an unexpected error (500). A 429 or a 503 (the
+    broker unreachable, or a service not answering) says when to try again."""
+    return {status: {"model": Failure} | (RETRY if status in (429, 503) else {})
+            for status in (*statuses, 429, 500)}
 
 
 def body_failures(*statuses: int) -> dict[int | str, dict[str, object]]:
     """`failures` of a call with a request body: also 413 (too large) and 422 (not JSON within
     the limits, or not the model)."""
     return failures(*statuses, 413, 422)
+
+
+RETRY = {"headers": {"Retry-After": {
+    "description": "seconds to wait before trying again", "schema": {"type": "integer"}}}}

@@ -35,11 +35,14 @@ RETRY_MS = 2000  # how soon an EventSource reconnects after a cut
 def log_tail(bus: Bus, settings: Settings) -> LogTail:
     """A tail of the monitor's log over its RPC (a long poll of `log`, and `head`)."""
 
+    # a broker outage pauses the tail (its streams stay open) until the bus is back
     async def fetch(after: int, limit: int, wait: float) -> list[dict[str, Any]]:
+        await bus.until_connected()
         return await bus.request(MONITOR_RPC, LogQuery(after=after, limit=limit, wait=wait),
                                  timeout=wait + settings.request_timeout)
 
     async def head() -> int:
+        await bus.until_connected()
         return int((await bus.request(MONITOR_RPC, HeadQuery()))["position"])
 
     return LogTail(fetch, head, keep=settings.sse_recent, max_pending=settings.sse_buffer,

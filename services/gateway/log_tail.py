@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from services import metrics
+from services.bus import BusUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,9 @@ class LogTail:
                     await asyncio.sleep(NO_LONG_POLL)  # a monitor that does not wait: poll
             except asyncio.CancelledError:
                 raise
+            except BusUnavailable:  # the bus has said so, and the next fetch waits for it
+                await asyncio.sleep(0.2)
+                continue
             except Exception as exc:
                 log.warning("event stream: cannot read the log (%s); retrying in %.1fs", exc, pause)
                 await asyncio.sleep(pause)

@@ -52,7 +52,7 @@ from events.queries import (
 )
 from projections import ENDED
 from services import logs
-from services.bus import PublishFailed, RpcError, RpcTimeout
+from services.bus import BusUnavailable, CallInterrupted, PublishFailed, RpcError, RpcTimeout
 from services.gateway import (
     answers,
     dashboard,
@@ -92,6 +92,7 @@ REJECT_STATUS = {
 }
 
 
+RETRY_AFTER = 2  # seconds a client is told to wait when the bus is unavailable (it reconnects each)
 READ_YOUR_WRITES_WAIT = 2.0  # seconds the monitor may take to show a start answered here
 STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
@@ -224,6 +225,11 @@ class GatewayService(Service):
             raise ApiError(
                 504, f"job {job_id} was submitted but no entitlement decision came in time"
             ) from None
+        except CallInterrupted:
+            raise ApiError(
+                503, f"job {job_id} was submitted, but the connection to the broker was lost "
+                "before its entitlement decision came: look for it in the status once the "
+                "service is back before starting it again", jobId=job_id) from None
         if isinstance(decision, JobRejected):
             status = REJECT_STATUS.get(decision.reason, 400)
             return status, failed(
@@ -314,6 +320,8 @@ class GatewayService(Service):
                     caller, StopRequest(worker_id=worker_id, flatten_positions=True))
             except ApiError as exc:
                 return failed(exc.error)
+            except BusUnavailable as exc:  # the others go on: each says how it ended
+                return failed(f"service unavailable: {exc}")
 
         answers = await asyncio.gather(*(stop(worker_id) for worker_id in targets))
         problems = {w: a["error"] for w, a in zip(targets, answers, strict=True)
@@ -471,8 +479,11 @@ def create_app(gateway: GatewayService) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        headers = exc.headers
+        if exc.status == 503:
+            headers = {"Retry-After": str(RETRY_AFTER), **(headers or {})}
         return JSONResponse(failed(exc.error, **exc.extra), status_code=exc.status,
-                            headers=exc.headers)
+                            headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -493,8 +504,14 @@ def create_app(gateway: GatewayService) -> FastAPI:
     @app.exception_handler(RpcError)
     @app.exception_handler(PublishFailed)
     async def _bus_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("bus unavailable: %s", exc)
-        return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503)
+        """503 with Retry-After: the broker is unreachable (the bus has logged it) or a service
+        failed to answer."""
+        if isinstance(exc, BusUnavailable):
+            log.debug("answered 503: %s", exc)
+        else:
+            log.warning("service unavailable: %s", exc)
+        return JSONResponse(failed(f"service unavailable: {exc}"), status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER)})
 
     @app.post("/runner/start", responses={
         **answers.body_failures(401, 503, 504), 200: {"model": answers.Started},
@@ -534,7 +551,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/entitlements/{user_id}/upgrade", responses={
-        200: {"model": answers.Upgraded}, **answers.body_failures(401, 403, 504)})
+        200: {"model": answers.Upgraded}, **answers.body_failures(401, 403, 503, 504)})
     async def upgrade(user_id: str, body: UpgradeRequest, _: Admin) -> dict[str, Any]:
         return await gateway.upgrade(user_id, body)
 

@@ -107,6 +107,7 @@ class MonitorService(Service):
         views.watch_metrics(lambda: self.folded)
 
     async def started(self) -> None:
+        self.bus.on_reconnected(self._hearing_again)
         self.background(self._watch(), "monitor-watchdog")
         self._snapshot_when_due()  # a long replay at start is not folded twice
 
@@ -188,8 +189,16 @@ class MonitorService(Service):
             except Exception:  # a failed emit is retried on the next tick (nothing marked)
                 log.exception("watchdog tick failed")
 
+    def _hearing_again(self) -> None:
+        """Back from a broker outage: silence is judged from now on, as after a start; what
+        could not be heard meanwhile was not silence."""
+        self.liveness.since = self.clock()
+
     async def check_liveness(self, moment: datetime) -> None:
-        """Emit HeartbeatMissed for silent running workers and HostLost for silent hosts."""
+        """Emit HeartbeatMissed for silent running workers and HostLost for silent hosts; none
+        while the bus is down (deaf, the monitor judges no one)."""
+        if not self.bus.connected():
+            return
         workers = self.liveness.silent_workers(
             self.state.workers.values(), moment, self.settings.heartbeat_timeout)
         hosts = self.liveness.silent_hosts(self.hosts, moment, self.settings.host_timeout)

@@ -49,6 +49,7 @@ from events import (
 )
 from events.routing import host_stream, job_stream
 from events.values import StrategyConfig
+from services.bus import BusUnavailable
 from services.secrets import Sealer, SealError
 from services.service import Service
 from services.store import UnitOfWork
@@ -388,15 +389,21 @@ class WorkerHostService(Service):
                          **where)
 
     async def _heartbeat_loop(self) -> None:
-        """Our heartbeat every interval. Beats do not wait for each other's confirms: a slow
-        broker delays lease renewals but does not thin them out."""
+        """Our heartbeat every interval while the bus is up, and at once when it is back after
+        an outage (the lease ran on meanwhile). Beats do not wait for each other's confirms: a
+        slow broker delays lease renewals but does not thin them out."""
         in_flight: set[asyncio.Task[None]] = set()
+        back = asyncio.Event()
+        self.bus.on_reconnected(back.set)
         try:
             while True:
-                task = asyncio.create_task(self._beat())
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                await asyncio.sleep(self.settings.host_heartbeat_interval)
+                back.clear()
+                if self.bus.connected():
+                    task = asyncio.create_task(self._beat())
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(back.wait(), self.settings.host_heartbeat_interval)
         finally:
             for task in in_flight:
                 task.cancel()
@@ -410,6 +417,8 @@ class WorkerHostService(Service):
         sent = self.lease.clock()
         try:
             await asyncio.wait_for(self.bus.send_telemetry(beat), timeout=self.settings.host_lease)
+        except BusUnavailable:  # the bus has said so; the next beat goes once it is back
+            return
         except Exception as exc:
             log.warning("host heartbeat not confirmed (%s)", type(exc).__name__)
             return

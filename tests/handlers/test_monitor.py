@@ -110,6 +110,27 @@ async def test_a_silent_worker_is_reported_once_per_silence_episode(
     assert len(harness.of(HeartbeatMissed)) == 2
 
 
+async def test_no_silence_is_judged_while_the_bus_is_down_nor_from_before_it_came_back(
+        harness: Harness, monitor: MonitorService, clock: ManualClock) -> None:
+    timeout = monitor.settings.heartbeat_timeout
+    await harness.bus.publish_many(worker_started())
+    await harness.settle()
+    await beat(harness, heartbeat(clock))
+    harness.broker.go_offline()  # the monitor hears nothing, and judges no one
+    clock.advance(timeout * 3)
+    await monitor.check_liveness(clock())
+    harness.broker.go_online()  # silence counts from here
+    clock.advance(timeout - 0.01)
+    await monitor.check_liveness(clock())
+    await harness.settle()
+    assert harness.of(HeartbeatMissed) == []
+
+    clock.advance(0.02)
+    await monitor.check_liveness(clock())
+    await harness.settle()
+    assert [m.worker_id for m in harness.of(HeartbeatMissed)] == ["w1"]
+
+
 async def test_a_silent_host_is_reported_lost_once_until_it_comes_back(
         harness: Harness, monitor: MonitorService, clock: ManualClock) -> None:
     timeout = monitor.settings.host_timeout

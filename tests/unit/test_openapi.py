@@ -44,3 +44,13 @@ def test_errors_are_documented_as_failures() -> None:
     start = spec()["paths"]["/runner/start"]["post"]["responses"]
     assert start["403"]["content"]["application/json"]["schema"]["$ref"].endswith("/Rejected")
     assert start["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/Failure")
+
+
+def test_every_503_says_when_to_try_again() -> None:
+    unavailable = [(path, method, operation["responses"]["503"])
+                   for path, operations in spec()["paths"].items()
+                   for method, operation in operations.items()
+                   if "503" in operation["responses"] and path not in OPEN]
+    assert {path for path, _, _ in unavailable} >= {"/runner/start", "/runner/stop",
+                                                    "/runner/status", "/admin/hosts"}
+    assert all("Retry-After" in answer.get("headers", {}) for _, _, answer in unavailable)
