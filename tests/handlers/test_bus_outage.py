@@ -20,7 +20,7 @@ from services.topology import MONITOR_TELEMETRY
 from services.worker_host.service import WorkerHostService
 from tests.handlers.conftest import Harness
 
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-of-32-characters-at-least"
 
 
 async def test_what_commits_during_an_outage_is_published_once_the_bus_is_back(

