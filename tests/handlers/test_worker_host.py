@@ -25,6 +25,7 @@ from events import (
     TradeClosed,
     WorkerRestarted,
     WorkerSpawned,
+    WorkerSpawnFailed,
     WorkerStopped,
 )
 from services import store as store_module
@@ -110,6 +111,18 @@ async def test_a_stop_in_the_dispatchs_batch_stops_the_worker_once_started(
     assert [s.worker_id for s in harness.of(WorkerSpawned)] == ["w-3"]
     await harness.settle()
     assert await local_workers(host) == [] and host.live == {}
+
+
+async def test_a_strategy_image_on_a_host_of_processes_fails_at_once_saying_why(
+        harness: Harness, host: WorkerHostService) -> None:
+    dispatch = dispatched(host, 5)
+    config = StrategyConfig(name="hold", type="hold", parameters={}, image="runner-ta:1")
+    message = dispatch.message().model_copy(update={"config": config})
+    await harness.bus.publish(envelope(message))
+    await harness.until(lambda: harness.of(WorkerSpawnFailed), "the spawn refused")
+    (failed,) = harness.of(WorkerSpawnFailed)
+    assert failed.permanent and "RUNNER_SPAWN_MODE=container" in failed.error
+    assert harness.of(WorkerSpawned) == [] and host.live == {}
 
 
 async def test_a_stop_for_a_worker_not_here_is_answered_at_once(
