@@ -126,7 +126,7 @@ def canonical_json(envelope_json: str) -> bytes:
     value = _loads(envelope_json)
     try:
         fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        if not _SMALL_FLOAT.search(b"[" + fast):
+        if (b"e-" not in fast and b"0.0000" not in fast) or not _SMALL_FLOAT.search(b"[" + fast):
             return fast
     except orjson.JSONEncodeError:
         pass
@@ -196,16 +196,17 @@ _SQLITE_INSERT = (f"INSERT INTO event_log ({', '.join(_COLUMNS)}) "
 
 
 async def _insert(conn: DbConnection, rows: list[tuple[Any, ...]]) -> None:
-    """Insert `rows` (values in `event_log`'s column order). On SQLite through the driver's own
-    `executemany`, each time bound as SQLAlchemy binds it: its per-row parameter processing
-    cost more than SQLite's insert itself."""
+    """Insert `rows` (values in `event_log`'s column order, one `recorded_at`). On SQLite
+    through the driver's own `executemany`, each time bound as SQLAlchemy binds it: its per-row
+    parameter processing cost more than SQLite's insert itself."""
     if conn.dialect.name != "sqlite":
         await conn.execute(event_log.insert(),
                            [dict(zip(_COLUMNS, row, strict=True)) for row in rows])
         return
     stamp = event_log.c.recorded_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     assert stamp is not None  # SQLite stores a time as text
-    values = [(*row[:9], stamp(row[9]), stamp(row[10]), *row[11:]) for row in rows]
+    recorded_at = stamp(rows[0][10])  # one time for the whole batch
+    values = [(*row[:9], stamp(row[9]), recorded_at, *row[11:]) for row in rows]
     await conn.run_sync(lambda sync: sync.exec_driver_sql(_SQLITE_INSERT, values))
 
 
