@@ -184,7 +184,7 @@ async def run(quick: bool) -> list[Figure]:
                         "(`runner images build`): skipped")
         return []
     from services.settings import Settings
-    from services.worker_host.spawner import make_spawner
+    from services.worker_host.spawners import make_spawner
 
     one_by_one, burst, idle = (3, 3, 1.0) if quick else (30, 20, 10.0)
     settings = Settings(container_url=url, worker_uids="", container_network="none")

@@ -47,7 +47,8 @@ async def compare(mode: str, workdir: Path, n: int) -> dict[str, tuple[float, fl
     """{variant: (p50 ms start → first heartbeat, median idle USS MiB)}, the variants' starts
     interleaved (plain, isolated, plain, ...) so that a busy moment of the machine costs both."""
     from services.worker import protocol
-    from services.worker_host.spawner import SpawnRequest, make_spawner, worker_environment
+    from services.worker_host.spawner import SpawnRequest, worker_environment
+    from services.worker_host.spawners import make_spawner
 
     spawners = {name: make_spawner(mode, workdir / name, isolation)  # type: ignore[arg-type]
                 for name, isolation in isolations().items()}

@@ -185,7 +185,7 @@ def our_spawn(spawner, workdir: Path) -> Spawn:
 
 
 async def measure_ours(mode: str, workdir: Path, one_by_one: int, burst: int):
-    from services.worker_host.spawner import make_spawner
+    from services.worker_host.spawners import make_spawner
 
     spawner = make_spawner(mode, workdir / mode)
     await spawner.start()

@@ -66,10 +66,10 @@ from services.worker_host.spawner import (
     SpawnError,
     SpawnRequest,
     WorkerProcess,
-    make_spawner,
     raise_open_files_limit,
     worker_environment,
 )
+from services.worker_host.spawners import make_spawner
 
 log = logging.getLogger(__name__)
 

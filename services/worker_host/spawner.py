@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from events.values import ID_PATTERN
 from services.worker import protocol
@@ -379,23 +379,3 @@ def raise_open_files_limit() -> int:
     except (ValueError, OSError):  # an unlimited hard limit cannot be the soft one
         return soft
     return hard
-
-
-def make_spawner(mode: str, workdir: Path, isolation: Isolation | None = None,
-                 settings: Any = None, host_id: str = "") -> Spawner:
-    """The spawner `RUNNER_SPAWN_MODE` names: "fork" (default), "exec" or "container" (which
-    takes its engine and limits from `settings`, and labels its containers with `host_id`);
-    its workers placed and confined by `isolation` (a host passes
-    `Isolation.from_settings(settings)`)."""
-    if mode == "container":
-        from services.settings import Settings
-        from services.worker_host.container_spawner import ContainerSpawner
-
-        return ContainerSpawner(settings or Settings(), host_id, workdir, isolation)
-    if mode == "exec":
-        return ExecSpawner(isolation)
-    if mode == "fork":
-        from services.worker_host.fork_spawner import ForkSpawner
-
-        return ForkSpawner(workdir, isolation)
-    raise ValueError(f"unknown spawn mode {mode!r} (fork, exec or container)")
