@@ -30,14 +30,15 @@ HOST = "ctest-host"
 
 
 def hold_request(workdir: Path, number: int, *, image: str | None = None,
-                 strategy: str = "hold", **parameters: float) -> SpawnRequest:
+                 strategy: str = "hold", lease_until: float | None = None,
+                 **parameters: float) -> SpawnRequest:
     wid = f"cw-{os.getpid()}-{number}"
     env = worker_environment(
         worker_id=wid, job_id=f"job-{number}", user_id="user-1", strategy_id="integration",
         broker_id="paper",
         config_json=json.dumps({"name": strategy, "type": strategy,
                                 "parameters": {"amount": 1} | parameters}),
-        heartbeat_interval=0.2) | {"RUNNER_ENABLE_CHAOS": "1"}
+        heartbeat_interval=0.2, lease_until=lease_until) | {"RUNNER_ENABLE_CHAOS": "1"}
     return SpawnRequest(wid, f"job-{number}", "user-1", 0, env, workdir / wid, 20.0,
                         {"apiKey": API_KEY, "apiSecret": API_SECRET}, image=image)
 
@@ -154,8 +155,9 @@ async def test_a_container_worker_reads_its_hosts_lease_on_the_same_clock(
         spawner: ContainerSpawner, tmp_path: Path) -> None:
     """The lease's instants are the host's time.monotonic(): a container has no clock of its
     own, so a worker whose lease runs out exits by itself (EXIT_LEASE_LAPSED), on time."""
-    worker = await spawner.spawn(hold_request(tmp_path, 7))
-    worker.send(protocol.Lease(until=time.monotonic() + 1.0))
+    until = time.monotonic() + 2.0  # given at spawn and answered to its Hello, as a host does
+    worker = await spawner.spawn(hold_request(tmp_path, 7, lease_until=until))
+    worker.send(protocol.Lease(until=until))
     await next_beat(worker)
     code = await asyncio.wait_for(worker.wait(), timeout=6.0)
     assert code == protocol.EXIT_LEASE_LAPSED
