@@ -22,8 +22,12 @@ from typer.testing import CliRunner
 from services.cli.main import app
 from services.database_roles import logins, password_variable, service_names, set_up
 from services.entitlement.service import EntitlementService
+from services.gateway.service import GatewayService
+from services.monitor.log import EventLog
+from services.scheduler.service import SchedulerService
 from services.settings import Settings
 from services.store import Store
+from services.worker_host.service import WorkerHostService
 from tests.integration.test_postgres_stores import PG_DSN, _drop_databases, _postgres_unreachable
 
 # characters a password may hold that SQL, URLs or bind markers would take for their own
@@ -88,11 +92,17 @@ async def test_a_services_role_opens_its_own_database_and_no_other(
     done = await _setup(deployment)
     assert len(done) == 5 and all("created" in line for line in done), done
 
-    # the entitlement service runs its store on its own role
-    store = Store(deployment.settings("entitlement").database_for("entitlement"),
-                  EntitlementService.tables)
-    await store.open()
-    await store.close()
+    # each service makes its tables in its own database, on its own role
+    for service, tables in [("gateway", GatewayService.tables),
+                            ("entitlement", EntitlementService.tables),
+                            ("scheduler", SchedulerService.tables),
+                            ("worker-host-h1", WorkerHostService.tables),
+                            ("monitor", ())]:
+        store = Store(deployment.settings(service).database_for(service), tables)
+        await store.open()
+        if service == "monitor":
+            await EventLog(store.db).open()
+        await store.close()
 
     for me, other in [("gateway", "monitor"), ("worker-host-h1", "scheduler"),
                       ("entitlement", "worker-host-h1")]:
