@@ -66,6 +66,8 @@ def logins(template: str | None, services: Iterable[str],
         url = make_url(settings.database_for(service))
         if url.get_backend_name() != "postgresql":
             raise SetupError(f"RUNNER_DATABASE_URL is not a PostgreSQL URL ({url.drivername})")
+        if not url.username:
+            raise SetupError(_OWN_ROLE)
         if url.password is not None:
             raise SetupError("RUNNER_DATABASE_URL must not hold a password (one would be every "
                              "service's): give each its own, RUNNER_DATABASE_PASSWORD")
@@ -73,11 +75,14 @@ def logins(template: str | None, services: Iterable[str],
         if not password:
             raise SetupError(f"{password_variable(service)} is not set: the password of "
                              f"{service}'s role {url.username!r}")
-        found.append(ServiceLogin(service, url.username or "", url.database or "", password))
-    if len({login.role for login in found}) < len(found) or not all(login.role for login in found):
-        raise SetupError("RUNNER_DATABASE_URL must give each service a role of its own: put "
-                         "{service} in its user name, e.g. postgresql://runner_{service}@…")
+        found.append(ServiceLogin(service, url.username, url.database or "", password))
+    if len({login.role for login in found}) < len(found):
+        raise SetupError(_OWN_ROLE)
     return found
+
+
+_OWN_ROLE = ("RUNNER_DATABASE_URL must give each service a role of its own: put {service} in "
+             "its user name, e.g. postgresql://runner_{service}@…")
 
 
 async def set_up(admin_url: str, wanted: Iterable[ServiceLogin]) -> list[str]:

@@ -43,6 +43,7 @@ def test_password_variables() -> None:
     [
         (None, "RUNNER_DATABASE_URL is not set"),
         ("postgresql://runner@db/runner_{service}", "a role of its own"),
+        ("postgresql://db/runner_{service}", "a role of its own"),
         ("postgresql://{service}:shared@db/{service}", "must not hold a password"),
         ("sqlite:///var/{service}.db", "not a PostgreSQL URL"),
     ],
