@@ -1,5 +1,6 @@
 # The project image: every service runs from it as `runner service NAME` (see docker-compose.yml).
-FROM python:3.11-slim
+# The base pinned to a release, the dependencies to constraints.txt (`make lock`).
+FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -7,12 +8,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY events ./events
 COPY projections ./projections
 COPY services ./services
 COPY runner_client ./runner_client
-RUN pip install ".[postgres]"
+RUN pip install -c constraints.txt ".[postgres]"
 # render_definitions.py writes the broker's boot definitions (users, permissions) from the topology
 COPY rabbitmq ./rabbitmq
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 import zlib
@@ -147,6 +148,27 @@ def with_heartbeat(amqp_url: str) -> str:
     """The broker URL with an AMQP heartbeat, unless it sets one itself."""
     url = URL(amqp_url)
     return amqp_url if "heartbeat" in url.query else str(url.update_query(heartbeat=AMQP_HEARTBEAT))
+
+
+def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for an amqps:// URL: the broker's certificate verified against `amqp_ca_file` (else
+    the system's roots) and its name against the URL's host, TLS 1.2 at least, this client's
+    certificate presented where one is set. None for amqp://."""
+    if URL(settings.amqp_url).scheme != "amqps":
+        return None
+    ca = settings.amqp_ca_file
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except OSError as exc:  # ssl.SSLError too: not PEM
+        raise OSError(f"RUNNER_AMQP_CA_FILE ({ca}): {exc.strerror or exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.amqp_cert_file is not None:
+        try:
+            context.load_cert_chain(settings.amqp_cert_file, settings.amqp_key_file)
+        except OSError as exc:  # missing, not PEM, or a key that does not match
+            raise OSError(f"RUNNER_AMQP_CERT_FILE ({settings.amqp_cert_file}): "
+                          f"{exc.strerror or exc}") from exc
+    return context
 
 
 def _why(exc: BaseException | None) -> str:
@@ -279,7 +301,7 @@ class AmqpBus:
         queues, then start consuming."""
         self._connection = await aio_pika.connect_robust(
             with_heartbeat(self.settings.amqp_url), reconnect_interval=RECONNECT_INTERVAL,
-            timeout=CONNECT_TIMEOUT,
+            timeout=CONNECT_TIMEOUT, ssl_context=amqp_ssl_context(self.settings),
             client_properties={"connection_name": self.service})
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._back)

@@ -235,8 +235,8 @@ async def _ensure_postgres_database(url: Any) -> None:
                     raise
     except DBAPIError as exc:
         raise RuntimeError(
-            f"database {name!r} does not exist and could not be created "
-            f"(create it, or grant CREATEDB): {exc.orig}"
+            f"database {name!r} does not exist and could not be created (make it and its "
+            f"role with `runner db setup`, or grant CREATEDB): {exc.orig}"
         ) from exc
     finally:
         await server.dispose()

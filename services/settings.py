@@ -6,7 +6,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 POSTGRES_NAME_MAX = 63  # PostgreSQL silently truncates longer database names
@@ -26,12 +26,30 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RUNNER_", extra="ignore", frozen=True)
 
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    amqp_ca_file: Path | None = Field(
+        default=None,
+        description="amqps:// only: the PEM file of the CA(s) the broker's certificate must be "
+        "signed by [the system's roots]; the broker's name in the URL must match its certificate",
+    )
+    amqp_cert_file: Path | None = Field(
+        default=None,
+        description="amqps:// only: this client's PEM certificate, for a broker that asks for "
+        "one (its key in it, or in `amqp_key_file`)",
+    )
+    amqp_key_file: Path | None = Field(
+        default=None, description="amqps:// only: the PEM private key of `amqp_cert_file`")
     data_dir: Path = Path("./var")
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy async URL template; '{service}' is replaced by the service name "
         "(required: services share no tables). Default: one SQLite file per service in the data "
-        "dir. PostgreSQL: postgresql+asyncpg://user:password@host/{service}, one database each.",
+        "dir. PostgreSQL: postgresql+asyncpg://runner_{service}@host/runner_{service}, a "
+        "database and a role each (`runner db setup` makes them).",
+    )
+    database_password: SecretStr | None = Field(
+        default=None,
+        description="the password of this service's database role, where `database_url` has "
+        "none (compose gives each service its own)",
     )
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -242,6 +260,23 @@ class Settings(BaseSettings):
             raise ValueError("must contain '{service}' (each service keeps its own database)")
         return async_driver(url)
 
+    @field_validator("database_password")
+    @classmethod
+    def _no_empty_password(cls, password: SecretStr | None) -> SecretStr | None:
+        return password if password and password.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _tls_files_need_amqps(self) -> Settings:
+        given = [name for name in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file")
+                 if getattr(self, name) is not None]
+        if given and not self.amqp_url.startswith("amqps://"):
+            # the files would be ignored and the login sent in clear: refuse instead
+            raise ValueError(f"RUNNER_{given[0].upper()} is set but RUNNER_AMQP_URL is not "
+                             "amqps://: use amqps://host:5671/… for TLS to the broker")
+        if self.amqp_key_file is not None and self.amqp_cert_file is None:
+            raise ValueError("RUNNER_AMQP_KEY_FILE needs RUNNER_AMQP_CERT_FILE")
+        return self
+
     @field_validator("broker_urls")
     @classmethod
     def _http_urls(cls, urls: dict[str, str]) -> dict[str, str]:
@@ -288,14 +323,23 @@ class Settings(BaseSettings):
         return URL(self.amqp_url).path.lstrip("/") or "/"
 
     def database_for(self, service: str) -> str:
+        """The URL of `service`'s database, with `database_password` in it where the template
+        has none."""
         if self.database_url:
             url = self.database_url.replace("{service}", service)
             if url.startswith("postgresql"):
-                name = url.split("?", 1)[0].rsplit("/", 1)[-1]
-                if len(name.encode()) > POSTGRES_NAME_MAX:
-                    raise ValueError(
-                        f"database name {name!r} is longer than PostgreSQL's "
-                        f"{POSTGRES_NAME_MAX} bytes (use a shorter RUNNER_HOST_ID or URL)"
-                    )
+                from sqlalchemy.engine import make_url  # not imported by workers
+
+                parsed = make_url(url)
+                for what, name in (("database", parsed.database or ""),
+                                   ("role", parsed.username or "")):
+                    if len(name.encode()) > POSTGRES_NAME_MAX:
+                        raise ValueError(
+                            f"{what} name {name!r} is longer than PostgreSQL's "
+                            f"{POSTGRES_NAME_MAX} bytes (use a shorter RUNNER_HOST_ID or URL)"
+                        )
+                if self.database_password is not None and parsed.password is None:
+                    url = parsed.set(password=self.database_password.get_secret_value()
+                                     ).render_as_string(hide_password=False)
             return url
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

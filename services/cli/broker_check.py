@@ -27,7 +27,8 @@ def ensure_broker(amqp_url: str, console: Console, wait: float = 60.0) -> str | 
     """None when the broker answers (after starting the local one if need be); else the message
     saying where we looked and how to start one."""
     url = URL(amqp_url)
-    host, port = url.host or "localhost", url.port or 5672
+    host = url.host or "localhost"
+    port = url.port or (5671 if url.scheme == "amqps" else 5672)
     if reachable(host, port):
         return None
     where = f"RabbitMQ is not answering at {host}:{port} (RUNNER_AMQP_URL)"

@@ -533,9 +533,11 @@ def _register_optional_commands() -> None:
         from services.cli import log_commands
     except ImportError:  # pragma: no cover - during bootstrap
         return
+    from services.cli.db_commands import db_app
     from services.cli.images import images_app
     from services.cli.keys import keys_app
 
+    app.add_typer(db_app, name="db")
     app.add_typer(keys_app, name="keys")
     app.add_typer(images_app, name="images")
     app.add_typer(log_commands.events_app, name="events")

@@ -44,7 +44,9 @@ SECRETS_FOR = {
     "RUNNER_SECRET_KEY_FILE": {"gateway", "worker-host"},
     "RUNNER_ADMIN_TOKEN": {"gateway"},
 }
-NEVER_PASSED = ("RUNNER_TOKEN", "RUNNER_API_KEY", "RUNNER_API_SECRET")
+NEVER_PASSED = ("RUNNER_TOKEN", "RUNNER_API_KEY", "RUNNER_API_SECRET",
+                "RUNNER_DATABASE_ADMIN_URL")  # `runner db setup`'s, with the services' below
+NEVER_PASSED_PREFIXES = ("RUNNER_DATABASE_PASSWORD_",)
 
 
 def service_environment(env: Mapping[str, str], service: str) -> dict[str, str]:
@@ -53,7 +55,7 @@ def service_environment(env: Mapping[str, str], service: str) -> dict[str, str]:
         name: value
         for name, value in env.items()
         if (name in PASSED or name.startswith(PASSED_PREFIXES))
-        and name not in NEVER_PASSED
+        and name not in NEVER_PASSED and not name.startswith(NEVER_PASSED_PREFIXES)
         and service in SECRETS_FOR.get(name, {service})
     }
 

@@ -29,6 +29,8 @@ CALLER = {
     "RUNNER_ADMIN_TOKEN": "the admin token",
     "RUNNER_TOKEN": "a user's token",
     "RUNNER_API_SECRET": "a user's exchange secret",
+    "RUNNER_DATABASE_ADMIN_URL": "postgresql://postgres:admin@db/postgres",
+    "RUNNER_DATABASE_PASSWORD_GATEWAY": "the gateway role's, for `runner db setup`",
 }
 
 
