@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import socket
 from typing import Any, Protocol
 
 from sqlalchemy.engine import make_url
 
-log = logging.getLogger(__name__)
 
 # seconds of silence before the server probes a lease holder's socket, between probes, probes
 KEEPALIVE = {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",

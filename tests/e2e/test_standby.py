@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -38,7 +40,7 @@ async def active_pid(postgres: Backend, service: str) -> int | None:
     return int(name.split()[3]) if name else None  # "runner <service> pid <pid> on <host>"
 
 
-async def until(check, timeout: float, what: str):  # noqa: ANN001, ANN201
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
@@ -85,8 +87,8 @@ async def test_each_active_replica_killed_in_turn_its_standby_takes_over(
                 # a start and a stop made at once, while the standby takes over
                 start = asyncio.create_task(client.start(**start_body("hold", amount=1)))
                 stop = asyncio.create_task(client.stop(stop_next))
-                successor = await until(
-                    lambda s=service: _another(postgres, s, victim), 15, f"{service} taken over")
+                successor = await until(lambda s=service, v=victim: _another(postgres, s, v),
+                                        15, f"{service} taken over")
                 leased = time.monotonic() - killed
                 worker_id = (await start)["workerId"]
                 assert (await stop)["success"] is True
@@ -106,10 +108,11 @@ async def test_each_active_replica_killed_in_turn_its_standby_takes_over(
             for service, (leased, _) in timings.items():
                 assert leased < TAKEOVER_BUDGET, (service, leased)
 
+            for worker_id in stopped:
+                await system.wait_for_worker(client, worker_id,
+                                             lambda e: e["worker"]["status"] == "stopped")
             status = await system.admin.status()
             live = {e["worker"]["workerId"]: e["worker"] for e in status["workers"]}
-            for worker_id in stopped:
-                assert live[worker_id]["status"] == "stopped"
             for worker_id in started:
                 if worker_id not in stopped:
                     assert live[worker_id]["status"] == "running"
