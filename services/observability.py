@@ -1,8 +1,8 @@
 """A service's metrics and health over HTTP, on a port of its own (`RUNNER_METRICS_PORT`; the
 gateway answers the same paths on its API port): `/metrics` (Prometheus text), `/health/live`
 (the process answers) and `/health/ready` (started, consuming and connected to the broker, or
-a replica standing by in good order: 200, else 503). A few lines of asyncio, not a web framework: a service off the request path should
-not carry one for three fixed answers.
+a replica standing by in good order: 200, else 503). A few lines of asyncio, not a web
+framework: a service off the request path should not carry one for three fixed answers.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import make_url
 
-
 # seconds of silence before the server probes a lease holder's socket, between probes, probes
 KEEPALIVE = {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",
              "tcp_keepalives_count": "3"}
