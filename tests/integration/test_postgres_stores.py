@@ -665,9 +665,10 @@ async def test_free_user_twenty_parallel_starts_one_wins(
     for n, service in enumerate(services):
         decide = service.on_start_runner
 
-        async def counting(uow: Any, env: Envelope, event: Any, n: int = n, decide=decide) -> None:
+        async def counting(uow: Any, env: Envelope, event: Any, n: int = n,
+                           decide=decide) -> Envelope | None:
             handled[n] += 1
-            await decide(uow, env, event)
+            return await decide(uow, env, event)
 
         service.on_start_runner = counting  # type: ignore[method-assign]
         await service.start()
