@@ -22,7 +22,7 @@ def readiness(service: Any) -> tuple[bool, dict[str, Any]]:
     """Whether `service` is ready (started and consuming, broker connected), and the parts. A
     replica standing by is ready as it is (an orchestrator must not restart it, nor wait for
     it to become active to roll an update out)."""
-    if getattr(service, "lease", None) is not None and not service.active:
+    if getattr(service, "replica_lease", None) is not None and not service.active:
         return True, {"ready": True, "standby": True, "started": False}
     started = bool(getattr(service, "ready", False))
     connected = service.bus.connected()

@@ -65,7 +65,7 @@ class Service:
                                     self.backfills)
         self.outbox = OutboxRelay(self.store, self.bus)
         one = self.single_active if single_active is None else single_active
-        self.lease: Lease | None = lease_for(self.store.url, self.name) if one else None
+        self.replica_lease: Lease | None = lease_for(self.store.url, self.name) if one else None
         self.active = False  # holds the lease, or needs none
         self.on_lease_lost: Callable[[], None] = lambda: os._exit(LEASE_LOST_EXIT)
         self.timer_handlers: dict[str, TimerHandler] = {}
@@ -173,7 +173,7 @@ class Service:
     async def stand_by(self) -> None:
         """Return once this replica is the active one: at once without a lease or when no other
         replica holds it; otherwise when the active one is gone."""
-        if self.active or self.lease is None:
+        if self.active or self.replica_lease is None:
             self.active = True
             return
         await self.store.db.ensure_exists()
@@ -181,7 +181,7 @@ class Service:
         since, said = loop.time(), ""
         while True:
             try:
-                if await self.lease.acquire():
+                if await self.replica_lease.acquire():
                     break
                 if said != "standing":  # one line per change, not one per attempt
                     log.info("%s: standing by (another replica is active)", self.name)
@@ -198,10 +198,10 @@ class Service:
     async def _keep_lease(self) -> None:
         """Check the lease every `lease_poll` seconds; if its connection broke, take it again
         within `lease_grace` seconds or exit (`on_lease_lost`): a standby may be active."""
-        assert self.lease is not None
+        assert self.replica_lease is not None
         while True:
             await asyncio.sleep(self.settings.lease_poll)
-            if await self.lease.held():
+            if await self.replica_lease.held():
                 continue
             log.warning("%s: the lease's database connection broke; taking the lease again",
                         self.name)
@@ -217,12 +217,12 @@ class Service:
 
     async def _take_lease_again(self) -> str | None:
         """None once the lease is ours again (within `lease_grace`), else why it is not."""
-        assert self.lease is not None
+        assert self.replica_lease is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.lease_grace
         while True:
             try:
-                if await self.lease.acquire():
+                if await self.replica_lease.acquire():
                     return None
                 return "another replica holds it"
             except Exception as exc:
@@ -239,7 +239,7 @@ class Service:
         self.outbox.start()
         if self.timer_handlers:
             self.background(self._run_timers(), f"{self.name}-timers")
-        if self.lease is not None:
+        if self.replica_lease is not None:
             self.background(self._keep_lease(), f"{self.name}-lease")
         if self._keeps_ledger:  # not the monitor (its log is its ledger) nor the gateway
             self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
@@ -267,8 +267,8 @@ class Service:
         await self.outbox.stop()
         await self.bus.close()
         await self.store.close()
-        if self.lease is not None:  # last: a standby starts once all is published
-            await self.lease.release()
+        if self.replica_lease is not None:  # last: a standby starts once all is published
+            await self.replica_lease.release()
             self.active = False
         log.info("%s stopped", self.name)
 
@@ -301,8 +301,8 @@ class Service:
         standing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await standing
-        if self.lease is not None:
-            await self.lease.release()
+        if self.replica_lease is not None:
+            await self.replica_lease.release()
         await self.store.close()
         log.info("%s stopped (was standing by)", self.name)
         return False

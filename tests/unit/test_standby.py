@@ -31,10 +31,10 @@ def test_the_holder_names_its_process_first_within_postgres_limit() -> None:
 
 def test_a_replica_standing_by_is_ready_and_says_it_stands_by() -> None:
     bus = SimpleNamespace(connected=lambda: False)
-    standby = SimpleNamespace(lease=object(), active=False, ready=False, bus=bus)
+    standby = SimpleNamespace(replica_lease=object(), active=False, ready=False, bus=bus)
     assert readiness(standby) == (True, {"ready": True, "standby": True, "started": False})
-    active = SimpleNamespace(lease=object(), active=True, ready=True,
+    active = SimpleNamespace(replica_lease=object(), active=True, ready=True,
                              bus=SimpleNamespace(connected=lambda: True))
     assert readiness(active)[0] is True and "standby" not in readiness(active)[1]
-    alone = SimpleNamespace(lease=None, active=True, ready=False, bus=bus)
+    alone = SimpleNamespace(replica_lease=None, active=True, ready=False, bus=bus)
     assert readiness(alone)[0] is False
