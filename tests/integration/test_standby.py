@@ -10,13 +10,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 
+from services.bus import AmqpBus, QueueMismatch
 from services.entitlement.service import EntitlementService
 from services.settings import Settings
 from services.standby import PostgresLease
 from services.store import Store
+from services.topology import SCHEDULER_INBOX
 from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres
 
 
@@ -150,3 +153,23 @@ async def test_a_due_timer_fires_once_when_two_replicas_race_for_it(backend: Bac
     finally:
         for store in stores:
             await store.close()
+
+
+@pytest.mark.broker
+async def test_an_inbox_declared_by_an_older_version_is_named_with_what_to_do(
+    settings: Settings,
+) -> None:
+    """A queue declared before it had a single active consumer cannot be changed: the service
+    says which queue, and where the upgrade is described, instead of a broker error."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    channel = await connection.channel()
+    old = {k: v for k, v in SCHEDULER_INBOX.arguments.items() if k != "x-single-active-consumer"}
+    await channel.declare_queue(SCHEDULER_INBOX.name, durable=True, arguments=old)
+    await connection.close()
+    bus = AmqpBus(settings, "scheduler")
+    try:
+        with pytest.raises(QueueMismatch, match=r"the queue scheduler\.inbox exists with other "
+                           r"arguments .* docs/OPERATIONS\.md"):
+            await bus.start()
+    finally:
+        await bus.close()

@@ -38,3 +38,13 @@ def test_a_replica_standing_by_is_ready_and_says_it_stands_by() -> None:
     assert readiness(active)[0] is True and "standby" not in readiness(active)[1]
     alone = SimpleNamespace(replica_lease=None, active=True, ready=False, bus=bus)
     assert readiness(alone)[0] is False
+
+
+def test_replicas_on_sqlite_are_refused_before_anything_starts() -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    result = CliRunner().invoke(app, ["up", "--replicas", "2"], env={"RUNNER_DATABASE_URL": ""})
+    assert result.exit_code == 1
+    assert "--replicas needs the stores on PostgreSQL" in result.output
