@@ -98,6 +98,11 @@ class CallInterrupted(BusUnavailable):
     """The connection went down after the request was sent: the service may still act on it."""
 
 
+class QueueMismatch(RuntimeError):
+    """A queue exists with other arguments than this version declares (the broker refuses to
+    change them): an operator must recreate it."""
+
+
 class RawJson(bytes):
     """A reply already encoded as JSON: sent as is, and `request_raw` hands it on as is."""
 
@@ -402,9 +407,14 @@ class AmqpBus:
         return channel
 
     async def declare_on(self, channel: Any, spec: QueueSpec) -> Any:
-        queue = await channel.declare_queue(
-            spec.name, durable=spec.durable, auto_delete=spec.auto_delete,
-            arguments=spec.arguments or None)
+        try:
+            queue = await channel.declare_queue(
+                spec.name, durable=spec.durable, auto_delete=spec.auto_delete,
+                arguments=spec.arguments or None)
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            raise QueueMismatch(
+                f"the queue {spec.name} exists with other arguments than this version declares "
+                f"({exc}); recreate it as docs/OPERATIONS.md says (Upgrading queues)") from None
         self._declared.append(queue)
         for exchange, key in spec.bindings:
             await queue.bind(exchange, routing_key=key)

@@ -231,7 +231,8 @@ async def _ensure_postgres_database(url: Any) -> None:
             try:
                 await conn.execute(text(f"CREATE DATABASE {quoted}"))
             except DBAPIError as exc:
-                if getattr(exc.orig, "sqlstate", None) != "42P04":  # created meanwhile
+                # created meanwhile: 42P04, or 23505 when the two creations overlapped
+                if getattr(exc.orig, "sqlstate", None) not in ("42P04", "23505"):
                     raise
     except DBAPIError as exc:
         raise RuntimeError(

@@ -1,8 +1,8 @@
 """A service's metrics and health over HTTP, on a port of its own (`RUNNER_METRICS_PORT`; the
 gateway answers the same paths on its API port): `/metrics` (Prometheus text), `/health/live`
-(the process answers) and `/health/ready` (started, consuming and connected to the broker: 200,
-else 503). A few lines of asyncio, not a web framework: a service off the request path should
-not carry one for three fixed answers.
+(the process answers) and `/health/ready` (started, consuming and connected to the broker, or
+a replica standing by in good order: 200, else 503). A few lines of asyncio, not a web
+framework: a service off the request path should not carry one for three fixed answers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def readiness(service: Any) -> tuple[bool, dict[str, Any]]:
-    """Whether `service` is ready (started and consuming, broker connected), and the parts."""
+    """Whether `service` is ready (started and consuming, broker connected), and the parts. A
+    replica standing by is ready as it is (an orchestrator must not restart it, nor wait for
+    it to become active to roll an update out)."""
+    if getattr(service, "replica_lease", None) is not None and not service.active:
+        return True, {"ready": True, "standby": True, "started": False}
     started = bool(getattr(service, "ready", False))
     connected = service.bus.connected()
     ready = started and connected

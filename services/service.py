@@ -5,6 +5,10 @@ and a temporary database in handler tests). It declares which messages it handle
 each handler runs as `handler(uow, envelope, message)` inside `Store.processing_many`, so it runs
 at most once per message in effect, its state change and emitted messages commit together, and
 the ack follows the commit.
+
+A service whose state is one of a kind (`single_active`: entitlement, scheduler, monitor) may run
+as several replicas on PostgreSQL: only the one holding its lease (`services.standby`) starts;
+the others stand by until it is gone, and the one that loses its lease exits.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from events import Envelope, Message
 from services import logs
 from services.bus import AmqpBus, Bus, Delivery, poison_reason
 from services.settings import Settings
+from services.standby import Lease, lease_for
 from services.store import Backfill, OutboxRelay, Store, UnitOfWork
 from services.topology import QueueSpec
 
@@ -34,6 +39,7 @@ MessageHandler = Callable[[UnitOfWork, Envelope, Any], Awaitable[Any]]  # the re
 TimerHandler = Callable[[UnitOfWork, str, dict[str, Any]], Awaitable[None]]
 
 INBOX_BATCH = 100  # deliveries handled in one transaction at most
+LEASE_LOST_EXIT = 75  # exit status of a replica that lost its lease (EX_TEMPFAIL: restart it)
 
 
 def now() -> datetime:
@@ -46,16 +52,22 @@ class Service:
     name = "service"
     tables: tuple[Any, ...] = ()
     backfills: tuple[Backfill, ...] = ()  # run at every start, after the schema upgrade
+    single_active = False  # one replica active at a time, the others standing by (module doc)
 
     def __init__(self, settings: Settings, *, bus: Bus | None = None,
                  store: Store | None = None,
-                 clock: Callable[[], datetime] = now) -> None:
+                 clock: Callable[[], datetime] = now,
+                 single_active: bool | None = None) -> None:
         self.settings = settings
         self.clock = clock
         self.bus: Bus = bus or AmqpBus(settings, self.name)
         self.store = store or Store(settings.database_for(self.store_name), self.tables,
                                     self.backfills)
         self.outbox = OutboxRelay(self.store, self.bus)
+        one = self.single_active if single_active is None else single_active
+        self.replica_lease: Lease | None = lease_for(self.store.url, self.name) if one else None
+        self.active = False  # holds the lease, or needs none
+        self.on_lease_lost: Callable[[], None] = lambda: os._exit(LEASE_LOST_EXIT)
         self.timer_handlers: dict[str, TimerHandler] = {}
         self._timer_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()  # running background tasks
@@ -158,13 +170,77 @@ class Service:
     async def started(self) -> None:
         """Subclasses start their own loops here (called once consuming)."""
 
+    async def stand_by(self) -> None:
+        """Return once this replica is the active one: at once without a lease or when no other
+        replica holds it; otherwise when the active one is gone."""
+        if self.active or self.replica_lease is None:
+            self.active = True
+            return
+        await self.store.db.ensure_exists()
+        loop = asyncio.get_running_loop()
+        since, said = loop.time(), ""
+        while True:
+            try:
+                if await self.replica_lease.acquire():
+                    break
+                if said != "standing":  # one line per change, not one per attempt
+                    log.info("%s: standing by (another replica is active)", self.name)
+                    said = "standing"
+            except Exception as exc:
+                if said != "unreachable":
+                    log.warning("%s: cannot take the lease (%s: %s); trying again", self.name,
+                                type(exc).__name__, exc)
+                    said = "unreachable"
+            await asyncio.sleep(self.settings.lease_poll)
+        self.active = True
+        log.info("%s: active (lease taken after %.2fs)", self.name, loop.time() - since)
+
+    async def _keep_lease(self) -> None:
+        """Check the lease every `lease_poll` seconds; if its connection broke, take it again
+        within `lease_grace` seconds or exit (`on_lease_lost`): a standby may be active."""
+        assert self.replica_lease is not None
+        while True:
+            await asyncio.sleep(self.settings.lease_poll)
+            if await self.replica_lease.held():
+                continue
+            log.warning("%s: the lease's database connection broke; taking the lease again",
+                        self.name)
+            why = await self._take_lease_again()
+            if why is None:
+                log.info("%s: lease taken again", self.name)
+                continue
+            self.active = False
+            log.error("%s: lost the lease (%s); exiting so that a standby takes over",
+                      self.name, why)
+            self.on_lease_lost()
+            return
+
+    async def _take_lease_again(self) -> str | None:
+        """None once the lease is ours again (within `lease_grace`), else why it is not."""
+        assert self.replica_lease is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lease_grace
+        while True:
+            try:
+                if await self.replica_lease.acquire():
+                    return None
+                return "another replica holds it"
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if loop.time() >= deadline:
+                return why
+            await asyncio.sleep(self.settings.lease_poll)
+
     async def start(self) -> None:
+        await self.stand_by()
         await self.store.open()
         await self.setup()
         await self.bus.start()
         self.outbox.start()
         if self.timer_handlers:
             self.background(self._run_timers(), f"{self.name}-timers")
+        if self.replica_lease is not None:
+            self.background(self._keep_lease(), f"{self.name}-lease")
         if self._keeps_ledger:  # not the monitor (its log is its ledger) nor the gateway
             self.background(self._forget_old_processed(), f"{self.name}-ledger-retention")
         await self.started()
@@ -191,6 +267,9 @@ class Service:
         await self.outbox.stop()
         await self.bus.close()
         await self.store.close()
+        if self.replica_lease is not None:  # last: a standby starts once all is published
+            await self.replica_lease.release()
+            self.active = False
         log.info("%s stopped", self.name)
 
     async def run(self) -> None:
@@ -201,12 +280,32 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if not await self._until_active(stop):
+            return
         await self.start()
         _freeze_startup_heap()
         try:
             await stop.wait()
         finally:
             await self.stop()
+
+    async def _until_active(self, stop: asyncio.Event) -> bool:
+        """`stand_by`, unless `stop` is set first (then False, and no lease is kept)."""
+        standing = asyncio.create_task(self.stand_by(), name=f"{self.name}-standby")
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({standing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if standing.done():
+            standing.result()  # its failure, if any, is the start's
+            return True
+        standing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await standing
+        if self.replica_lease is not None:
+            await self.replica_lease.release()
+        await self.store.close()
+        log.info("%s stopped (was standing by)", self.name)
+        return False
 
     async def _forget_old_processed(self) -> None:
         """Every `ledger_prune_every` seconds, the first time one interval after the start (after

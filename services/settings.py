@@ -186,6 +186,18 @@ class Settings(BaseSettings):
         default="", description="the engine's OCI runtime for workers, e.g. runc (empty: its "
         "default)")
 
+    lease_poll: float = Field(
+        default=0.25, gt=0,
+        description="seconds between a standby replica's attempts to become the active one, and "
+        "between the active one's checks that it still is (replicas on PostgreSQL: "
+        "docs/OPERATIONS.md)",
+    )
+    lease_grace: float = Field(
+        default=5.0, ge=0,
+        description="seconds an active replica whose lease connection broke tries to take its "
+        "lease again before it exits, a standby being free to take over",
+    )
+
     handler_attempts: int = Field(
         default=5, description="deliveries before a failing message is dead-lettered"
     )

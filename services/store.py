@@ -346,8 +346,10 @@ class Store:
             return (await connection.execute(NEXT_TIMER)).first()
 
     async def take_timer(self, uow: UnitOfWork, key: str, now: datetime) -> Any:
-        """The timer `key` if it is due at `now`, deleted in `uow`; None otherwise."""
-        row = (await uow.execute(select(TIMERS).where(TIMERS.c.key == key))).first()
+        """The timer `key` if it is due at `now`, deleted in `uow`; None otherwise. The row is
+        locked as it is read, so of two replicas firing it at once the second finds it gone."""
+        row = (await uow.execute(
+            select(TIMERS).where(TIMERS.c.key == key).with_for_update())).first()
         if row is None or row.due_at > now:
             return None
         await uow.execute(delete(TIMERS).where(TIMERS.c.key == key))

@@ -78,7 +78,9 @@ class QueueSpec:
 
     `quorum` queues hold commands and events (replicated, delivery-limited, dead-lettered);
     `classic` durable queues hold dead letters; `transient` queues hold telemetry and RPC
-    requests that are worthless after a restart.
+    requests that are worthless after a restart. A `single_active` queue delivers to one
+    consumer at a time (the others wait, in order, to take over): the inbox of a service that
+    runs as replicas, so that two of them never handle its messages at once.
     """
 
     name: str
@@ -87,6 +89,7 @@ class QueueSpec:
     message_ttl_ms: int | None = None
     max_length: int | None = None
     auto_delete: bool = False
+    single_active: bool = False
 
     @property
     def durable(self) -> bool:
@@ -106,6 +109,8 @@ class QueueSpec:
             args["x-message-ttl"] = self.message_ttl_ms
         if self.max_length is not None:
             args |= {"x-max-length": self.max_length, "x-overflow": "drop-head"}
+        if self.single_active:
+            args["x-single-active-consumer"] = True
         return args
 
 
@@ -136,7 +141,11 @@ def rpc_queue(service: str) -> QueueSpec:
 # Job ends that free an entitlement slot.
 JOB_ENDINGS = (WorkerStopped, RestartsExhausted)
 
-MONITOR_LOG = QueueSpec("monitor.log", bindings=((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#")))
+MONITOR_LOG = QueueSpec(
+    "monitor.log",
+    bindings=((COMMANDS_EXCHANGE, "#"), (EVENTS_EXCHANGE, "#")),
+    single_active=True,
+)
 MONITOR_TELEMETRY = QueueSpec(
     "monitor.telemetry",
     bindings=((TELEMETRY_EXCHANGE, "#"),),
@@ -147,6 +156,7 @@ MONITOR_TELEMETRY = QueueSpec(
 ENTITLEMENT_INBOX = QueueSpec(
     "entitlement.inbox",
     bindings=_bind(StartRunner, UpgradeEntitlement, CircuitOpened, CircuitClosed, *JOB_ENDINGS),
+    single_active=True,
 )
 SCHEDULER_INBOX = QueueSpec(
     "scheduler.inbox",
@@ -166,6 +176,7 @@ SCHEDULER_INBOX = QueueSpec(
         EntitlementExpired,
         EntitlementDowngraded,
     ),
+    single_active=True,
 )
 HOST_BINDINGS = _bind(
     JobDispatched,

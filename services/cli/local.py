@@ -48,7 +48,8 @@ def can_make_vhosts(amqp_url: str) -> bool:
 class LocalSystem:
     """Five services (and `hosts` worker-hosts) under a supervisor, on a private vhost; with
     `own_broker_user`, through a broker user of its own with a random password (deleted at the
-    end), so that a test can look for that password where it must not be."""
+    end), so that a test can look for that password where it must not be; with `replicas`, that
+    many of each of the entitlement service, the scheduler and the monitor (PostgreSQL)."""
 
     def __init__(
         self,
@@ -61,6 +62,7 @@ class LocalSystem:
         console: Console | None = None,
         quiet: bool = False,
         own_broker_user: bool = False,
+        replicas: int = 1,
     ) -> None:
         base = Settings()
         self.vhost = vhost or f"runner-{uuid.uuid4().hex[:10]}"
@@ -89,7 +91,7 @@ class LocalSystem:
             console=console or Console(file=log, width=200, stderr=log is None),
             quiet=(lambda line: " INFO " in line or " DEBUG " in line) if quiet else None,
         )
-        system(self.supervisor, hosts=hosts)
+        system(self.supervisor, hosts=hosts, replicas=replicas)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin = GatewayClient(self.base_url, self.admin_token)
         self._clients = [self.admin]

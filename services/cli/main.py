@@ -98,6 +98,7 @@ def service(
     ),
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
+    from services.bus import QueueMismatch
     from services.secrets import AdminTokenError
 
     cls = load_service(name)
@@ -112,15 +113,25 @@ def service(
         uvloop.run(run_service(cls(settings), settings))
     except KeyboardInterrupt:
         pass
-    except (OSError, AdminTokenError) as exc:
+    except (OSError, AdminTokenError, QueueMismatch) as exc:
         fail(f"{name}: {exc}")
 
 
 @app.command()
-def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) -> None:
+def up(
+    hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run"),
+    replicas: int = typer.Option(
+        1, min=1, max=4,
+        help="replicas of the entitlement service, the scheduler and the monitor (one active, "
+        "the others standing by; needs PostgreSQL)"),
+) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
     from services.cli.supervisor import Supervisor, data_dir_of, prepare_data_dir, system
     from services.secrets import AdminTokenError, check_admin_token
+
+    if replicas > 1 and not (Settings().database_url or "").startswith("postgresql"):
+        fail("--replicas needs the stores on PostgreSQL (RUNNER_DATABASE_URL): on SQLite every "
+             "replica would be active")
 
     if token := Settings().admin_token:
         try:
@@ -132,7 +143,7 @@ def up(hosts: int = typer.Option(1, min=1, max=16, help="worker-hosts to run")) 
     async def main() -> None:
         prepare_data_dir(data_dir_of(os.environ))
         supervisor = Supervisor(os.environ)
-        system(supervisor, hosts=hosts)
+        system(supervisor, hosts=hosts, replicas=replicas)
         await supervisor.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

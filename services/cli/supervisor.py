@@ -214,8 +214,10 @@ class Supervisor:
 BACKGROUND_NICE = 5
 
 
-def system(supervisor: Supervisor, hosts: int = 1) -> None:
-    """Add the five services (with `hosts` worker-hosts) to `supervisor`. Those off the request
+def system(supervisor: Supervisor, hosts: int = 1, replicas: int = 1) -> None:
+    """Add the five services (with `hosts` worker-hosts, and `replicas` of each of the
+    entitlement service, the scheduler and the monitor: `monitor`, `monitor-2`, …, one active
+    and the others standing by) to `supervisor`. Those off the request
     path (monitor, scheduler, worker-hosts and so their workers) run at a lower CPU priority
     (`RUNNER_NICE`, 5 unless set), so that on a shared machine a start is answered first and
     carried out in the time left. At 50 starts/s the POST's p50 was 21–38 ms against 31–96 ms at
@@ -228,9 +230,13 @@ def system(supervisor: Supervisor, hosts: int = 1) -> None:
     def own(name: str) -> str:
         return str(root / name)
 
-    supervisor.add("monitor", RUNNER_NICE=background, RUNNER_DATA_DIR=own("monitor"))
-    supervisor.add("entitlement", RUNNER_DATA_DIR=own("entitlement"))
-    supervisor.add("scheduler", RUNNER_NICE=background, RUNNER_DATA_DIR=own("scheduler"))
+    for n in range(1, replicas + 1):
+        suffix = "" if n == 1 else f"-{n}"
+        supervisor.add("monitor", f"monitor{suffix}", RUNNER_NICE=background,
+                       RUNNER_DATA_DIR=own("monitor"))
+        supervisor.add("entitlement", f"entitlement{suffix}", RUNNER_DATA_DIR=own("entitlement"))
+        supervisor.add("scheduler", f"scheduler{suffix}", RUNNER_NICE=background,
+                       RUNNER_DATA_DIR=own("scheduler"))
     uids = supervisor.base_env.get("RUNNER_WORKER_UIDS")
     for n in range(1, hosts + 1):
         host_id = os.environ.get("RUNNER_HOST_ID") if hosts == 1 else None

@@ -47,6 +47,7 @@ from services.topology import ENTITLEMENT_INBOX, ENTITLEMENT_RPC
 class EntitlementService(Service):
     name = "entitlement"
     tables = rows.TABLES
+    single_active = True
 
     async def setup(self) -> None:
         self.handle(ENTITLEMENT_INBOX, {

@@ -6,6 +6,10 @@ the commit leaves the whole batch unacked and the broker redelivers it; the log 
 it already holds, so every message is recorded exactly once. If the batch's transaction fails,
 its envelopes are appended one at a time, so an envelope the database refuses fails alone (the
 bus retries it and dead-letters it in the end) and the rest are recorded and acked.
+
+What it hands on (`on_recorded`) is the log itself, in order, without a gap: rows another
+writer appended since this recorder's last batch (a replica that still believed it was active)
+are read back and handed on first, so the fold stays the fold of the log.
 """
 
 from __future__ import annotations
@@ -25,19 +29,36 @@ Recorded = list[tuple[int, Envelope]]
 class Recorder:
     """Appends each batch in one transaction and folds what it recorded (`on_recorded`)."""
 
-    def __init__(self, event_log: EventLog, on_recorded: Callable[[Recorded], None]) -> None:
+    def __init__(self, event_log: EventLog, on_recorded: Callable[[Recorded], None],
+                 position: int = 0) -> None:
         self.log = event_log
         self.on_recorded = on_recorded
+        self.position = position  # of the last row handed on
 
     async def record(self, batch: list[Delivery]) -> dict[int, str]:
         """Batch handler: returns once every envelope of `batch` is committed to the log (or was
         there already), except those it names (by index) with the reason they were refused."""
         recorded, refused = await self._append([d.envelope for d in batch])
+        recorded = await self._without_gaps(recorded)
         try:
             self.on_recorded(recorded)
         except Exception:  # the log is the truth; a projection bug must not unrecord it
             log.exception("folding recorded events failed")
         return refused
+
+    async def _without_gaps(self, recorded: Recorded) -> Recorded:
+        """`recorded`, with the rows another writer appended before or among them."""
+        whole: Recorded = []
+        for position, envelope in recorded:
+            if position != self.position + 1:
+                missed = [row async for row in self.log.read(self.position,
+                                                             until_position=position - 1)]
+                log.warning("event log: %d rows recorded by another writer after position %d; "
+                            "folding them first", len(missed), self.position)
+                whole += missed
+            whole.append((position, envelope))
+            self.position = position
+        return whole
 
     async def _append(self, batch: list[Envelope]) -> tuple[Recorded, dict[int, str]]:
         """One transaction for the batch; if it fails, one per envelope, so that a single

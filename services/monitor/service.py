@@ -61,6 +61,7 @@ LOG_LINGER = 0.005  # seconds a batch may wait to fill while the recorder is beh
 
 class MonitorService(Service):
     name = "monitor"
+    single_active = True
 
     def __init__(self, settings: Settings, **wiring: Any) -> None:
         super().__init__(settings, **wiring)
@@ -93,6 +94,7 @@ class MonitorService(Service):
             self.folded = await replay(reader, start=snapshot)
         finally:
             await reader.close()
+        self.recorder.position = self.folded.position
         # silence is judged from when we start watching again; reports in the log count as made
         self.liveness = Liveness(since=self.clock(), reported_workers=set(self.folded.silenced),
                                  reported_hosts={h.host_id for h in self.hosts.values() if h.lost})

@@ -51,6 +51,7 @@ class SchedulerService(Service):
     name = "scheduler"
     tables = rows.TABLES
     backfills = (rows.untimed_ends,)
+    single_active = True
 
     async def setup(self) -> None:
         about_a_job = (StopRunner, JobRejected, WorkerSpawned, WorkerRestarted, WorkerSpawnFailed,

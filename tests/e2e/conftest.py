@@ -39,7 +39,7 @@ class System(LocalSystem):
     """A running system plus the means to watch it from outside."""
 
     def __init__(self, root: Path, hosts: int = 1, own_broker_user: bool = False,
-                 **env: str) -> None:
+                 replicas: int = 1, **env: str) -> None:
         if not broker_reachable():
             pytest.fail("RabbitMQ is not reachable on 5672 (.ci/run starts it)")
         self.log_path = root / "services.log"
@@ -51,6 +51,7 @@ class System(LocalSystem):
             env=FAST | env,
             log=self._log_file,
             own_broker_user=own_broker_user,
+            replicas=replicas,
         )
 
     async def stop(self, *, keep_vhost: bool = False) -> None:

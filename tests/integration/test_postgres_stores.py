@@ -38,6 +38,7 @@ from events import (
     UpgradeEntitlement,
     WorkerCrashed,
 )
+from events.queries import DecideStart
 from events.routing import EVENTS_EXCHANGE
 from services.bus import AmqpBus
 from services.entitlement.rows import PLANS, SLOTS
@@ -48,7 +49,7 @@ from services.scheduler.rows import CIRCUITS, HOSTS, JOBS, HostRow
 from services.scheduler.service import SchedulerService
 from services.settings import Settings
 from services.store import OUTBOX, PROCESSED, TIMERS, OutboxRelay, Store, UtcDateTime
-from services.topology import ENTITLEMENT_INBOX
+from services.topology import ENTITLEMENT_INBOX, ENTITLEMENT_RPC
 from services.worker_host.rows import LOCAL_WORKERS
 from services.worker_host.service import WorkerHostService
 
@@ -652,20 +653,22 @@ async def test_expiry_timer_fires_after_the_service_restarts(
 async def test_free_user_twenty_parallel_starts_one_wins(
     backend: Backend, settings: Settings
 ) -> None:
-    """Twenty starts for one free user, consumed by two entitlement services competing on
-    one database (so only the database serialises them): exactly one JobAccepted. Redelivering
-    the winner, or a new request for the same job, decides nothing again."""
+    """Twenty starts for one free user, decided by two entitlement services on one database,
+    both active (as when a replica has not yet noticed it lost its lease), so that only the
+    database serialises them: exactly one JobAccepted.
+    Redelivering the winner, or a new request for the same job, decides nothing again."""
     settings = backend.settings(settings)
     sink = Sink()
     await sink.start(settings.amqp_url, "job.JobAccepted", "job.JobRejected")
-    services = [EntitlementService(settings), EntitlementService(settings)]
+    services = [EntitlementService(settings), EntitlementService(settings, single_active=False)]
     handled = [0, 0]
     for n, service in enumerate(services):
         decide = service.on_start_runner
 
-        async def counting(uow: Any, env: Envelope, event: Any, n: int = n, decide=decide) -> None:
+        async def counting(uow: Any, env: Envelope, event: Any, n: int = n,
+                           decide=decide) -> Envelope | None:
             handled[n] += 1
-            await decide(uow, env, event)
+            return await decide(uow, env, event)
 
         service.on_start_runner = counting  # type: ignore[method-assign]
         await service.start()
@@ -673,7 +676,11 @@ async def test_free_user_twenty_parallel_starts_one_wins(
     await publisher.start()
     try:
         requests = [start_runner("carol") for _ in range(20)]
-        await publisher.publish_many(requests)
+        # half through the inbox (its single active consumer: one service), half as the
+        # gateway sends them (the RPC queue, served by both): both decide at once
+        await asyncio.gather(
+            publisher.publish_many(requests[:10]),
+            *(publisher.request(ENTITLEMENT_RPC, DecideStart(envelope=r)) for r in requests[10:]))
         await eventually(lambda: len(sink.received) == 20, timeout=30, what="20 decisions")
         accepted, rejected = sink.of("JobAccepted"), sink.of("JobRejected")
         assert len(accepted) == 1 and len(rejected) == 19

@@ -73,3 +73,22 @@ async def test_a_refused_envelope_fails_alone_and_the_rest_of_its_batch_is_recor
     assert "not recorded" in refused[1]
     assert [e.payload["job_id"] for _, e in folded] == ["a", "b"]
     assert await event_log.count() == 2
+
+
+async def test_two_writers_keep_one_chain_and_each_folds_the_whole_log(recording) -> None:
+    """Two monitors that both believe they are active, appending to one log in turn: the chain
+    stays linear and intact, and each hands on the whole log in order, the other's rows too."""
+    event_log, first, first_folded = recording
+    second_folded: Recorded = []
+    second = Recorder(event_log, second_folded.extend)
+    batches = [[queued(f"{n}-{i}") for i in range(3)] for n in range(6)]
+    for n, batch in enumerate(batches):
+        await (first if n % 2 == 0 else second).record(batch)
+    await first.record([batches[0][0]])  # a redelivery: nothing new, nothing missed
+    await second.record([queued("last")])
+
+    whole = [(p, str(e.event_id)) async for p, e in event_log.read()]
+    assert [p for p, _ in whole] == list(range(1, 20))
+    assert await event_log.verify() is None
+    assert [(p, str(e.event_id)) for p, e in second_folded] == whole
+    assert [(p, str(e.event_id)) for p, e in first_folded] == whole[:15]  # up to its last batch

@@ -21,3 +21,8 @@ def test_command_and_event_queues_are_quorum_with_dead_letters() -> None:
             assert queue.arguments["x-queue-type"] == "quorum"
             assert queue.arguments["x-dead-letter-exchange"] == "runner.dlx"
             assert queue.arguments["x-delivery-limit"] > 0
+
+
+def test_the_inboxes_of_replicated_services_have_one_active_consumer() -> None:
+    single = {q.name for q in STATIC_QUEUES if q.arguments.get("x-single-active-consumer")}
+    assert single == {"entitlement.inbox", "scheduler.inbox", "monitor.log"}
