@@ -17,7 +17,16 @@ from services.database_roles import password_variable
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+
+
+def _resolved(service: dict[str, Any]) -> dict[str, Any]:
+    """A service with what it `extends` under it, as compose reads it (a key of its own wins)."""
+    base = service.get("extends", {}).get("service")
+    return service if base is None else _resolved(COMPOSE["services"][base]) | service
+
+
+SERVICES: dict[str, dict[str, Any]] = {
+    name: _resolved(service) for name, service in COMPOSE["services"].items()}
 # what isolating workers under uids of their own takes (docs/SECURITY.md), and no more
 WORKER_HOST_CAPABILITIES = {"SETUID", "SETGID", "CHOWN", "FOWNER", "DAC_OVERRIDE", "KILL"}
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -92,6 +101,7 @@ def test_the_shovel_plugins_are_off() -> None:
 
 def test_each_service_has_its_own_database_password_and_db_setup_gives_its_role_that_one(
 ) -> None:
+    """Replicas (the `replicas` profile) share the role and database of the service they are."""
     setup = SERVICES["db-setup"]["environment"]
     seen = set()
     for name, service in SERVICES.items():
@@ -102,6 +112,8 @@ def test_each_service_has_its_own_database_password_and_db_setup_gives_its_role_
         store = command[1] if command[1] != "worker-host" else \
             f"worker-host-{env['RUNNER_HOST_ID']}"
         password = env["RUNNER_DATABASE_PASSWORD"]
+        if "extends" in COMPOSE["services"][name]:  # a replica: its service's role and database
+            continue
         assert password not in seen, name  # no two services share one
         seen.add(password)
         assert setup[password_variable(store)] == password, name
