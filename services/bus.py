@@ -18,6 +18,11 @@ redelivered after a short backoff and dead-lettered with the error after `handle
 deliveries, while the rest of its batch is acked. Poison never crash-loops a consumer and never
 vanishes.
 
+Publishers: every message carries the connection's login as its AMQP `user_id`, which the
+broker verifies; a consumer dead-letters a message whose login is a service's that may not emit
+its type (`topology.forged`, `EMITTERS`). Other logins (the shared one, an operator's) are not
+checked.
+
 Request/reply (`serve`, `request`): each request is a `Query` model, validated before the
 handler runs; a refusal comes back to the caller as the same `QueryRefused` type.
 """

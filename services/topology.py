@@ -475,3 +475,21 @@ def forged(user_id: str | None, message_type: str) -> str | None:
     if service is None or service in EMITTERS.get(message_type, frozenset()):
         return None
     return f"published by {user_id}, which may not emit {message_type}"
+
+
+def permission_table() -> str:
+    """The bus's permission table for docs/SECURITY.md, in Markdown: each service's login, what
+    it may publish to, read and declare, and the message types it may emit."""
+    rows = ["| login | publishes to | consumes | declares its own | may emit |",
+            "| --- | --- | --- | --- | --- |"]
+    for service in SERVICES:
+        access = SERVICE_ACCESS[service]
+        emits = sorted(t for t, services in EMITTERS.items() if service in services)
+        rows.append(" | ".join((
+            f"| `{service_user(service)}`",
+            ", ".join(f"`{e}`" for e in access.publishes),
+            ", ".join(f"`{q}`" for q in access.consumes) or "—",
+            ", ".join(f"`{q}`" for q in access.own_queues) or "—",
+            ", ".join(emits) + " |",
+        )))
+    return "\n".join(rows)

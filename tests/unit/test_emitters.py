@@ -8,7 +8,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from events import REGISTRY
-from services.topology import EMITTERS, SERVICES, forged, publisher_service, service_user
+from services.topology import (
+    EMITTERS,
+    SERVICES,
+    forged,
+    permission_table,
+    publisher_service,
+    service_user,
+)
 
 SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
 # A worker's messages travel on its host's connection; the CLI's `runner publish` is an operator.
@@ -63,3 +70,10 @@ def test_other_logins_are_not_checked() -> None:
     for user in (None, "", "guest", "admin", "runner-nobody", "runner-"):
         assert publisher_service(user) is None
         assert forged(user, "JobAccepted") is None
+
+
+def test_the_security_doc_holds_the_permission_table() -> None:
+    doc = (SERVICES_DIR.parent / "docs" / "SECURITY.md").read_text()
+    held = doc.split("<!-- bus-permissions -->\n")[1].split("\n<!-- /bus-permissions -->")[0]
+    assert held == permission_table(), (
+        "docs/SECURITY.md §8: paste `topology.permission_table()` between its markers")
