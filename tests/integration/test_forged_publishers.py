@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
+import aiormq
 import pytest
 from yarl import URL
 
@@ -121,14 +122,23 @@ async def test_a_message_from_a_service_that_may_not_emit_it_is_dead_lettered(
     assert len(warnings) == 2, warnings
 
 
-async def test_the_broker_refuses_a_user_id_other_than_the_login(
+async def test_the_broker_refuses_another_logins_user_id_and_an_exchange_not_in_the_row(
         settings: Settings, operator: AmqpBus) -> None:
-    connection = await aio_pika.connect(login(settings, service_user("worker-host")).amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.get_exchange("runner.events")
+    """A host cannot publish as the entitlement service; the scheduler, which publishes events
+    only, cannot publish a command."""
+    host = await aio_pika.connect(login(settings, service_user("worker-host")).amqp_url)
+    async with host:
+        exchange = await (await host.channel()).get_exchange("runner.events")
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed,
                            match="user_id property set to 'runner-entitlement'"):
             await exchange.publish(
                 aio_pika.Message(accepted("j3").to_json(), user_id="runner-entitlement"),
                 routing_key="event.JobAccepted")
+    scheduler = await aio_pika.connect(login(settings, service_user("scheduler")).amqp_url)
+    async with scheduler:
+        channel = await scheduler.channel()
+        exchange = await channel.get_exchange("runner.commands", ensure=False)
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused,
+                           match=r"exchange 'runner\.commands' .* refused for user 'runner-sch"):
+            await exchange.publish(aio_pika.Message(b"{}", user_id="runner-scheduler"),
+                                   routing_key="command.StopRunner")
