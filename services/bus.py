@@ -819,7 +819,8 @@ class _BatchConsumer:
             except (ValidationError, UnknownMessageType, ValueError) as exc:
                 dead.append((raw, poison_reason(exc)))
                 continue
-            refused = forged(raw.user_id, delivery.envelope.type)
+            # the catalogue's type, which an old one is upcast to
+            refused = forged(raw.user_id, delivery.message.type_name())
             if refused is not None:
                 log.warning("%s: %s %s dead-lettered: %s", self.spec.name,
                             delivery.envelope.type, delivery.envelope.event_id, refused)
