@@ -18,6 +18,11 @@ redelivered after a short backoff and dead-lettered with the error after `handle
 deliveries, while the rest of its batch is acked. Poison never crash-loops a consumer and never
 vanishes.
 
+Publishers: every message carries the connection's login as its AMQP `user_id`, which the
+broker verifies; a consumer dead-letters a message whose login is a service's that may not emit
+its type (`topology.forged`, `EMITTERS`). Other logins (the shared one, an operator's) are not
+checked.
+
 Request/reply (`serve`, `request`): each request is a `Query` model, validated before the
 handler runs; a refusal comes back to the caller as the same `QueryRefused` type.
 """
@@ -47,7 +52,7 @@ from events.queries import QUERIES, REFUSALS, Invalid, Query, QueryRefused
 from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
 from services import metrics
 from services.settings import Settings
-from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec
+from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec, forged
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +181,16 @@ def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def broker_login(amqp_url: str) -> str | None:
+    """The login the broker authenticates this connection as (the client's default is guest),
+    sent as every message's `user_id` so that consumers know who published it; None for a
+    mechanism other than PLAIN, whose login the URL does not name."""
+    url = URL(amqp_url)
+    if url.query.get("auth", "plain").lower() != "plain":
+        return None
+    return url.user or "guest"
+
+
 def _why(exc: BaseException | None) -> str:
     """A connection loss's reason, in a few words."""
     if exc is None:
@@ -284,6 +299,7 @@ class AmqpBus:
     def __init__(self, settings: Settings, service: str) -> None:
         self.settings = settings
         self.service = service
+        self.login = broker_login(settings.amqp_url)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._queues: list[QueueSpec] = []
         self._declared: list[Any] = []
@@ -464,6 +480,7 @@ class AmqpBus:
                     type=message.type_name(),
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                    user_id=self.login,
                 ),
                 routing_key=routing_key_for(type(message)),
                 mandatory=False,
@@ -517,6 +534,7 @@ class AmqpBus:
             message_id=message_id,
             type=message_type,
             app_id=self.service,
+            user_id=self.login,  # RabbitMQ refuses it unless it is this connection's login
         )
         try:
             target = self._exchanges.get(exchange)
@@ -540,6 +558,7 @@ class AmqpBus:
             "x-poison-service": self.service,
             "x-original-exchange": raw.exchange or "",
             "x-original-routing-key": raw.routing_key or "",
+            "x-original-user-id": raw.user_id or "",
         }
         await self.publish_raw(raw.body, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name,
                                headers=headers, message_id=raw.message_id,
@@ -796,10 +815,19 @@ class _BatchConsumer:
         dead: list[tuple[aio_pika.abc.AbstractIncomingMessage, str]] = []
         for raw in raws:
             try:
-                deliveries.append(decode_delivery(raw.body))
-                delivered.append(raw)
+                delivery = decode_delivery(raw.body)
             except (ValidationError, UnknownMessageType, ValueError) as exc:
                 dead.append((raw, poison_reason(exc)))
+                continue
+            # the catalogue's type, which an old one is upcast to
+            refused = forged(raw.user_id, delivery.message.type_name())
+            if refused is not None:
+                log.warning("%s: %s %s dead-lettered: %s", self.spec.name,
+                            delivery.envelope.type, delivery.envelope.event_id, refused)
+                dead.append((raw, refused))
+                continue
+            deliveries.append(delivery)
+            delivered.append(raw)
         failed: Mapping[int, str] = {}
         if deliveries:
             try:
@@ -885,6 +913,10 @@ class _TelemetryConsumer:
             message = model_for(raw.type or "").model_validate_json(raw.body)
         except (ValidationError, UnknownMessageType, ValueError) as exc:
             log.warning("%s: dropped telemetry sample: %s", self.spec.name, poison_reason(exc))
+            return
+        refused = forged(raw.user_id, message.type_name())
+        if refused is not None:
+            log.warning("%s: dropped telemetry sample: %s", self.spec.name, refused)
             return
         result = self.handler(message)
         if asyncio.iscoroutine(result):

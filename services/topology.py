@@ -397,3 +397,99 @@ def broker_users(admin: tuple[str, str], passwords: dict[str, str]) -> list[Brok
             BrokerUser(service_user(service), password_hash(password), permissions(service))
         )
     return users
+
+
+# ---------------------------------------------------------------- who may emit what
+
+# Which services may publish each message type of the catalogue (`events.REGISTRY`). A
+# consumer refuses a message whose broker-verified publisher (the AMQP `user_id`, a service's
+# login `runner-<service>`) is not listed for its type (`may_emit`). A worker's own messages
+# (trading events, flatten results) travel on its host's connection, so they are the
+# worker-host's. The operators' `runner publish` uses an operator login, which is not checked.
+EMITTERS: dict[str, frozenset[str]] = {
+    name: frozenset(services)
+    for name, services in {
+        # commands
+        "StartRunner": ("gateway",),
+        "StopRunner": ("gateway", "entitlement"),  # entitlement: a downgrade stops runners
+        "UpgradeEntitlement": ("gateway",),
+        # entitlements
+        "EntitlementUpgraded": ("entitlement",),
+        "EntitlementExpired": ("entitlement",),
+        "EntitlementDowngraded": ("entitlement",),
+        # hosts and load
+        "HostOnline": ("worker-host",),
+        "HostLost": ("worker-host", "monitor"),  # a host shutting down; the monitor's verdict
+        "QueuePaused": ("scheduler",),
+        "QueueResumed": ("scheduler",),
+        "CircuitOpened": ("scheduler",),
+        "CircuitClosed": ("scheduler",),
+        # jobs
+        "JobRequested": ("entitlement",),
+        "JobAccepted": ("entitlement",),
+        "JobRejected": ("entitlement",),
+        "JobQueued": ("scheduler",),
+        "JobDispatched": ("scheduler",),
+        "StopRequested": ("scheduler",),
+        "WorkerRestartScheduled": ("scheduler",),
+        "RestartsExhausted": ("scheduler",),
+        "HeartbeatMissed": ("monitor",),
+        "WorkerSpawned": ("worker-host",),
+        "WorkerRestarted": ("worker-host",),
+        "WorkerSpawnFailed": ("worker-host",),
+        "PositionsFlattened": ("worker-host",),
+        # the scheduler ends a job itself when its host is lost or it never ran
+        "WorkerCrashed": ("worker-host", "scheduler"),
+        "WorkerStopped": ("worker-host", "scheduler"),
+        "FlattenFailed": ("worker-host", "scheduler"),
+        # a worker's trading events and telemetry, relayed by its host
+        "OrderFilled": ("worker-host",),
+        "PositionChanged": ("worker-host",),
+        "TradeClosed": ("worker-host",),
+        "OrderRejected": ("worker-host",),
+        "RiskLimitHit": ("worker-host",),
+        "WorkerHeartbeat": ("worker-host",),
+        "WorkerHeartbeats": ("worker-host",),
+        "HostHeartbeat": ("worker-host",),
+    }.items()
+}
+
+SERVICE_USER_PREFIX = "runner-"
+
+
+def publisher_service(user_id: str | None) -> str | None:
+    """The service whose login `user_id` is, or None for no user or another login (the shared
+    login of a development system, an operator)."""
+    if not user_id or not user_id.startswith(SERVICE_USER_PREFIX):
+        return None
+    service = user_id.removeprefix(SERVICE_USER_PREFIX)
+    return service if service in SERVICES else None
+
+
+def forged(user_id: str | None, message_type: str) -> str | None:
+    """Why a message of `message_type` published by the login `user_id` must be refused, or
+    None when it may be handled: a service's login may publish only what `EMITTERS` lists for
+    it; any other login (or none) is not checked, as per-service logins are what make it mean
+    anything."""
+    service = publisher_service(user_id)
+    if service is None or service in EMITTERS.get(message_type, frozenset()):
+        return None
+    return f"published by {user_id}, which may not emit {message_type}"
+
+
+def permission_table() -> str:
+    """The bus's permission table for docs/SECURITY.md, in Markdown: each service's login, what
+    it may publish to, read and declare, and the message types it may emit."""
+    rows = ["| login | publishes to | consumes | declares its own | may emit |",
+            "| --- | --- | --- | --- | --- |"]
+    for service in SERVICES:
+        access = SERVICE_ACCESS[service]
+        emits = sorted(t for t, services in EMITTERS.items() if service in services)
+        rows.append(" | ".join((
+            f"| `{service_user(service)}`",
+            ", ".join(f"`{e}`" for e in access.publishes),
+            ", ".join(f"`{q}`" for q in access.consumes) or "—",
+            ", ".join(f"`{q}`" for q in access.own_queues) or "—",
+            ", ".join(emits) + " |",
+        )))
+    return "\n".join(rows)
