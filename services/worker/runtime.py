@@ -351,12 +351,16 @@ class HostLease:
         return self.until is not None and time.monotonic() >= self.until
 
     async def watch(self, settle: Callable[[Outcome], None]) -> None:
-        """Settle LEASE_LAPSED once the lease runs out without renewal."""
-        while self.until is not None:
-            if (left := self.until - time.monotonic()) <= 0:
+        """Settle LEASE_LAPSED once the lease runs out without renewal (a lease first given
+        after the start, too)."""
+        while True:
+            if self.until is None:
+                await self.renewed.wait()
+            elif (left := self.until - time.monotonic()) <= 0:
                 settle(LEASE_LAPSED)
                 return
-            await asyncio.sleep(left)
+            else:
+                await asyncio.sleep(left)
 
 
 @dataclass

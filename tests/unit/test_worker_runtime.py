@@ -25,6 +25,7 @@ from services.worker.flatten import flatten
 from services.worker.runtime import (
     EXIT_BAD_CONFIG,
     EXIT_OK,
+    LEASE_LAPSED,
     BadEnvironment,
     HostLease,
     MarketClock,
@@ -344,6 +345,16 @@ async def test_the_lease_is_confirmed_by_a_renewal_after_the_hello_only() -> Non
     assert not await lease.confirmed(0.05)
     asyncio.get_running_loop().call_soon(lease.renew, time.monotonic() + 60)
     assert await lease.confirmed(5)
+
+
+async def test_a_lease_first_given_after_the_start_is_watched() -> None:
+    lease, settled = HostLease(None), asyncio.get_running_loop().create_future()
+    watching = asyncio.ensure_future(lease.watch(settled.set_result))
+    await asyncio.sleep(0)  # one step of the loop: the watcher now waits for a lease
+    assert not settled.done()
+    lease.renew(time.monotonic() + 0.05)
+    assert await asyncio.wait_for(settled, 5) is LEASE_LAPSED
+    await watching
 
 
 async def test_a_strategy_that_ignores_ticks_is_not_woken_for_them() -> None:
