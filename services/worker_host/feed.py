@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from services.worker.brokers.catalogue import parse_broker_id
+from services.worker.protocol import Price, encode
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +43,14 @@ RETRY_DELAY = (0.5, 10.0)  # seconds: first, ceiling (doubling) after a failed w
 LINE_MAX = 1 << 16
 
 
-@dataclass(frozen=True)
-class Price:
-    source: str
-    instrument: str
-    bid: float
-    ask: float
-    mark: float
-    at: float
-
-    def line(self) -> bytes:
-        return json.dumps({"source": self.source, "instrument": self.instrument,
-                           "bid": self.bid, "ask": self.ask, "mark": self.mark,
-                           "at": self.at}).encode() + b"\n"
-
-
 def price_of(source: str, instrument: str, ticker: Mapping[str, Any]) -> Price | None:
     last = ticker.get("markPrice") or ticker.get("last") or ticker.get("close")
     bid = ticker.get("bid") or last
     ask = ticker.get("ask") or last
     if not (bid and ask):
         return None
-    return Price(source, instrument, float(bid), float(ask),
-                 float(last or (bid + ask) / 2), time.time())
+    return Price(source=source, instrument=instrument, bid=float(bid), ask=float(ask),
+                 mark=float(last or (bid + ask) / 2), at=time.time())
 
 
 def feed_client(source: str, urls: Mapping[str, str], websocket: bool) -> tuple[Any, bool]:
@@ -222,7 +208,7 @@ class MarketFeed:
         """The price to every worker subscribed to it (one encoding, written to each)."""
         key = (price.source, price.instrument)
         self.latest[key] = price
-        line = price.line()
+        line = encode(price)
         for writer in list(self.subscribers.get(key, ())):
             self._send(writer, line)
 
@@ -252,7 +238,7 @@ class MarketFeed:
                         continue
                     keys.add(key)
                     if (price := self.latest.get(key)) is not None:
-                        self._send(writer, price.line())
+                        self._send(writer, encode(price))
         except (ConnectionError, ValueError):
             pass
         finally:
