@@ -27,6 +27,7 @@ from services.cli.client import GatewayError
 from services.worker_host.container_spawner import LABEL_ATTEMPT, LABEL_HOST, LABEL_WORKER
 from tests.container_engine import engine_url
 from tests.e2e.conftest import System, start_body
+from tests.integration.broker_helpers import until as wait_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -110,11 +111,9 @@ def containers(engine: Any, worker_id: str, *, running: bool = False) -> list[An
                                   filters={"label": f"{LABEL_WORKER}={worker_id}"})
 
 
-async def until(condition: Any, timeout: float = 30.0, what: str = "") -> Any:
-    async with asyncio.timeout(timeout):
-        while not (found := await asyncio.to_thread(condition)):
-            await asyncio.sleep(0.1)
-    return found
+async def until(condition: Any, timeout: float = 30.0) -> Any:
+    """`broker_helpers.until` for a blocking condition (the engine's SDK), run in a thread."""
+    return await wait_until(lambda: asyncio.to_thread(condition), timeout, "the engine")
 
 
 async def test_a_container_worker_runs_restarts_and_stops_with_flatten(

@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
 from services.cli.client import GatewayClient
 from tests.e2e.conftest import System, start_body
+from tests.integration.broker_helpers import until
 from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres
 
 pytestmark = pytest.mark.broker
@@ -40,16 +39,6 @@ async def active_pid(postgres: Backend, service: str) -> int | None:
     return int(name.split()[3]) if name else None  # "runner <service> pid <pid> on <host>"
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def running_worker(system: System, client: GatewayClient, worker_id: str) -> dict:

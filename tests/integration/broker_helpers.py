@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aio_pika
@@ -34,10 +35,17 @@ async def eventually(predicate: Callable[[], Any], timeout: float, what: str) ->
         await asyncio.sleep(0.05)
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """`eventually`, for a condition that must be awaited."""
+async def until(check: Callable[[], Any], timeout: float = 20.0,
+                what: str = "the condition") -> Any:
+    """Wait until `check()`, or what it returns when that is awaitable, is truthy (polled every
+    50 ms), and return it; the test fails after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await predicate():
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)

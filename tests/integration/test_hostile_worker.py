@@ -5,7 +5,6 @@ that breaks the control protocol is killed and reported crashed, saying how, its
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from services.memory_bus import MemoryBroker, MemoryBus, settled
 from services.settings import Settings
 from services.worker_host.fork_spawner import ForkSpawner
 from services.worker_host.service import WorkerHostService
+from tests.integration.broker_helpers import until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")
 
@@ -107,11 +107,6 @@ async def deliver(service: WorkerHostService, emitted: Emitted, message: JobDisp
     assert emitted.broker.dead_letters("worker-host") == []
 
 
-async def until(condition: Any, timeout: float = 20.0) -> Any:
-    async with asyncio.timeout(timeout):
-        while not (result := await condition()):
-            await asyncio.sleep(0.05)
-    return result
 
 
 async def crash_of(emitted: Emitted, wid: str) -> dict[str, Any] | None:
@@ -130,8 +125,8 @@ async def victims(service: WorkerHostService, emitted: Emitted) -> dict[str, int
     """Two other users' workers, beating: their pids."""
     await dispatch(service, emitted, "w-alice", "alice", amount=1)
     await dispatch(service, emitted, "w-bob", "bob", amount=2)
-    await until(lambda: asyncio.sleep(0, all(
-        w in service.live and service.live[w].beating for w in ("w-alice", "w-bob"))))
+    await until(lambda: all(
+        w in service.live and service.live[w].beating for w in ("w-alice", "w-bob")))
     return {wid: service.live[wid].pid for wid in ("w-alice", "w-bob")}
 
 
@@ -182,13 +177,13 @@ async def test_a_hostile_worker_escapes_nowhere_and_its_limits_end_it(
         assert alive(pid) and service.live[wid].pid == pid
         assert (workers / wid / "state.json").read_bytes() == states[wid]
     seen = Counter(beats)
-    await until(lambda: asyncio.sleep(0, all(beats[w] > seen[w] + 1 for w in pids)))
+    await until(lambda: all(beats[w] > seen[w] + 1 for w in pids))
     assert not list(Path("/tmp").glob(f"hostile-{marker}"))
     assert not list(Path("/dev/shm").glob(f"hostile-{marker}"))
     assert not list(data.glob("hostile-*")) and not (plugin / "sitecustomize.py").exists()
     pool = service.spawner.isolation.pool
     assert pool is not None
-    await until(lambda: asyncio.sleep(0, pool.free == 10 - 2))  # its uid back, swept
+    await until(lambda: pool.free == 10 - 2)  # its uid back, swept
 
 
 @pytest.mark.parametrize(
