@@ -217,6 +217,8 @@ class ContainerSpawner(PlacingSpawner):
     `host_id` and its `workdir` (the workers' directory); placed by `isolation` (its directory,
     and its uid when the host has a pool)."""
 
+    runs_images = True
+
     def __init__(self, settings: Any, host_id: str, workdir: Path,
                  isolation: Isolation | None = None) -> None:
         self.settings = settings

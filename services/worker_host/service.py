@@ -226,11 +226,6 @@ class WorkerHostService(Service):
                 raise SpawnError(f"host {self.host_id} is full ({self.capacity} workers)")
             if self.lease.expired() or epoch != self._epoch:
                 raise SpawnError(f"host {self.host_id} was fenced since this dispatch")
-            image = StrategyConfig.model_validate_json(row.config).image
-            if image is not None and self.settings.spawn_mode != "container":
-                raise SpawnError(f"config.image {image!r} needs a worker-host running containers "
-                                 f"(RUNNER_SPAWN_MODE=container); {self.host_id} runs processes",
-                                 permanent=True)
             worker = await self.spawner.spawn(SpawnRequest(
                 worker_id=worker_id, job_id=row.job_id, user_id=row.user_id,
                 attempt=row.attempt,
@@ -247,7 +242,7 @@ class WorkerHostService(Service):
                 hello_timeout=max(10.0, self.settings.heartbeat_timeout),
                 credentials=self.sealer.open(row.credentials_sealed, user_id=row.user_id,
                                              worker_id=worker_id),
-                image=image))
+                image=StrategyConfig.model_validate_json(row.config).image))
         except (SpawnError, SealError, OSError) as exc:
             async with self.store.transaction() as uow:
                 await rows.forget(uow, worker_id)

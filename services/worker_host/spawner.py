@@ -268,6 +268,7 @@ class PlacingSpawner:
     log) before it starts, and its uid given back once it has ended (isolation.py)."""
 
     isolation: Isolation
+    runs_images = False  # whether a strategy's own image (SpawnRequest.image) can be honoured
 
     def describe(self) -> str:
         return self.isolation.describe()
@@ -276,6 +277,10 @@ class PlacingSpawner:
         if not re.fullmatch(ID_PATTERN, request.worker_id) or (
                 request.directory.name != request.worker_id):
             raise SpawnError(f"worker {request.worker_id!r}: not an id, or not its directory")
+        if request.image is not None and not self.runs_images:
+            raise SpawnError(f"config.image {request.image!r} needs a worker-host running "
+                             "containers (RUNNER_SPAWN_MODE=container); this one runs processes",
+                             permanent=True)
         try:
             placement = self.isolation.place(request.worker_id, request.directory)
         except PoolExhausted as exc:
