@@ -690,11 +690,7 @@ class WorkerRuntime:
         """The credentials, the host's first line (a lease may come before them); or the exit
         code when they never come: the host is gone (EOF), stopped it (0), or sent nonsense."""
         while True:
-            try:
-                raw = await reader.readline()
-            except (ConnectionError, ValueError):
-                raw = b""
-            if not raw.endswith(b"\n"):
+            if (raw := await _host_line(reader)) is None:
                 log.warning("control channel closed before the credentials came: host gone")
                 return EXIT_HOST_GONE
             try:
@@ -718,11 +714,7 @@ class WorkerRuntime:
         self, reader: asyncio.StreamReader, settle: Callable[[Outcome], None]
     ) -> None:
         while True:
-            try:
-                raw = await reader.readline()
-            except (ConnectionError, ValueError):
-                raw = b""
-            if not raw.endswith(b"\n"):
+            if (raw := await _host_line(reader)) is None:
                 settle(HOST_GONE)
                 return
             try:
@@ -741,6 +733,15 @@ class WorkerRuntime:
                     self.prices.update(line)
                 continue
             log.warning("ignoring an unexpected %r line from the host", line.type)
+
+
+async def _host_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The host's next whole line on the control channel; None once it is closed."""
+    try:
+        raw = await reader.readline()
+    except (ConnectionError, ValueError):
+        return None
+    return raw if raw.endswith(b"\n") else None
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:
