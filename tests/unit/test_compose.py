@@ -112,7 +112,9 @@ def test_each_service_has_its_own_database_password_and_db_setup_gives_its_role_
         store = command[1] if command[1] != "worker-host" else \
             f"worker-host-{env['RUNNER_HOST_ID']}"
         password = env["RUNNER_DATABASE_PASSWORD"]
-        if "extends" in COMPOSE["services"][name]:  # a replica: its service's role and database
+        if base := COMPOSE["services"][name].get("extends", {}).get("service"):
+            # a replica: its service's role and database
+            assert password == SERVICES[base]["environment"]["RUNNER_DATABASE_PASSWORD"], name
             continue
         assert password not in seen, name  # no two services share one
         seen.add(password)
