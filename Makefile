@@ -28,8 +28,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
-# the fault drills (the chaos drill, a whole-broker outage), kept out of `make test`: they
-# take long or stop the shared broker
+# the fault drills (the chaos drill, a whole-broker outage on a private node), kept out of
+# `make test`: they take long
 drill: $(STAMP)
 	$(BIN)/pytest -q -m drill
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -132,3 +133,13 @@ def without_broker(values: dict[str, float]) -> float:
     """The sum over our processes: the broker serves other vhosts too, so it is shown, not
     counted."""
     return sum(v for k, v in values.items() if k != SHARED_BROKER)
+
+
+def hold_start() -> dict[str, Any]:
+    """The body of `POST /runner/start` for a paper `hold` worker (benchmark traffic)."""
+    return {
+        "strategyId": f"bench-{uuid.uuid4().hex[:6]}",
+        "brokerId": "paper",
+        "credentials": {"apiKey": "bench", "apiSecret": "bench"},
+        "config": {"name": "bench", "type": "hold", "parameters": {"amount": 1}},
+    }

@@ -114,6 +114,22 @@ class LoggedEnvelope:
         return cls(raw["type"], raw["version"], raw.get("user_id"), raw["occurred_at"],
                    raw["payload"])
 
+    @classmethod
+    def of(cls, envelope: Envelope | LoggedEnvelope) -> LoggedEnvelope:
+        """What a fold reads of `envelope`, as logged."""
+        if isinstance(envelope, LoggedEnvelope):
+            return envelope
+        return cls(envelope.type, envelope.version, envelope.user_id,
+                   envelope.occurred_at.isoformat(), envelope.payload)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LoggedEnvelope):
+            return NotImplemented
+        return (self.type, self.version, self.user_id, self.occurred_at, self.payload) == (
+            other.type, other.version, other.user_id, other.occurred_at, other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
+
     @property
     def occurred_at(self) -> datetime:
         return datetime.fromisoformat(self._occurred_at)

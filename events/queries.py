@@ -45,6 +45,14 @@ class CheckEntitlement(Query):
     user_id: str = Field(min_length=1, max_length=200)
 
 
+class SlotQuery(Query):
+    """Entitlement: whether a job still holds a slot; with a `wait`, answered once it is freed
+    or when the wait is over (read-your-writes for a stop, so a start right after it counts)."""
+
+    job_id: str = Field(min_length=1, max_length=200)
+    wait: float = Field(default=0.0, ge=0, le=5)
+
+
 class StatusQuery(Query):
     """Monitor: the status document of a user's workers (all workers when `user_id` is None),
     or one page of it; answers once the `known` workers show, or after `wait` seconds."""

@@ -6,8 +6,13 @@ Updates are copy-on-write on `immutables.Map`, so an old state stays valid after
 built from it (replay to a point in time keeps every intermediate state cheaply).
 
 Only the types with a handler below are parsed; every other envelope (commands, fills, host and
-load events, and types this build does not know) only counts in `events_applied`. Events about a
-worker the state has never seen are ignored the same way, never raised.
+load events, and types this build does not know) only counts in `events_applied`.
+
+A job's events reach the log in the order their publishes were confirmed, which is not always
+the order they happened: a publish nacked during a queue leader's election is retried after the
+events it caused were recorded (the job's request after its spawn). So an event of a job whose
+request is not yet folded is held (`Projections.early`) and folded right after the request;
+held events whose request never comes are forgotten with the ended workers.
 
 Ended workers are kept for `ENDED_KEPT_HOURS` after they end, then forgotten (their history stays
 in the log): the state holds the workers of the last week, not every worker ever started. The
@@ -33,14 +38,13 @@ from typing import Any
 import immutables
 
 from events import (
+    REGISTRY,
     CrashReason,
     EntitlementDowngraded,
     EntitlementUpgraded,
     Envelope,
     HeartbeatMissed,
-    JobAccepted,
     JobDispatched,
-    JobQueued,
     JobRejected,
     JobRequested,
     JobStatus,
@@ -57,6 +61,7 @@ from events import (
     WorkerSpawnFailed,
     WorkerStopped,
 )
+from events.envelope import LoggedEnvelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +139,9 @@ class Projections:
     # Ended workers by the hour they ended (hours since the epoch): worker id → job id.
     ended_by_hour: immutables.Map[int, immutables.Map[str, str]] = field(
         default_factory=immutables.Map)
+    # A job's events recorded before its request, in log order, by job id (see the module doc).
+    early: immutables.Map[str, tuple[LoggedEnvelope, ...]] = field(
+        default_factory=immutables.Map)
 
 
 EMPTY = Projections()
@@ -156,8 +164,8 @@ class Draft:
     Handlers change a draft instead of building a whole new state per event: a batch of events
     (a replay page, a committed batch) builds one new state, not one per event."""
 
-    __slots__ = ("clock", "ended_by_hour", "entitlements", "positions", "rejected_jobs",
-                 "stats", "worker_by_job", "workers")
+    __slots__ = ("clock", "early", "ended_by_hour", "entitlements", "positions",
+                 "rejected_jobs", "stats", "worker_by_job", "workers")
 
     def __init__(self, state: Projections) -> None:
         self.workers = state.workers.mutate()
@@ -168,11 +176,13 @@ class Draft:
         self.rejected_jobs = state.rejected_jobs
         self.clock = state.clock
         self.ended_by_hour = state.ended_by_hour.mutate()
+        self.early = state.early.mutate()
 
     def finish(self, events_applied: int) -> Projections:
         return Projections(self.workers.finish(), self.positions.finish(), self.stats.finish(),
                            self.entitlements.finish(), self.rejected_jobs, events_applied,
-                           self.worker_by_job.finish(), self.clock, self.ended_by_hour.finish())
+                           self.worker_by_job.finish(), self.clock, self.ended_by_hour.finish(),
+                           self.early.finish())
 
     def tick(self, at: datetime) -> None:
         """The log's clock reads `at`, if that is later. Only a worker's request, start and
@@ -203,6 +213,15 @@ class Draft:
                 for views in (self.workers, self.positions, self.stats):
                     views.pop(worker_id, None)
                 self.worker_by_job.pop(job_id, None)
+        early = self.early.finish()
+        self.early = early.mutate()
+        for job_id, held in early.items():
+            if _hour(held[0].occurred_at) < before_hour:
+                self.early.pop(job_id)
+
+    def hold(self, job_id: str, envelope: Envelope) -> None:
+        """Keep `envelope` until the request of its job `job_id` is folded."""
+        self.early[job_id] = (*self.early.get(job_id, ()), LoggedEnvelope.of(envelope))
 
     def update_worker(self, worker_id: str, **changes: object) -> None:
         worker = self.workers.get(worker_id)
@@ -228,7 +247,11 @@ def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projectio
         events += 1
         handler = handlers.get(envelope.type)
         if handler is not None:
-            handler(envelope.message(), draft, envelope)
+            message = envelope.message()
+            if envelope.type in _AFTER_REQUEST and message.job_id not in draft.worker_by_job:
+                draft.hold(message.job_id, envelope)
+            else:
+                handler(message, draft, envelope)
     if (kept_since := kept_from(draft.clock)) > kept_from(state.clock):
         draft.forget_ended(kept_since)
     return draft.finish(state.events_applied + events)
@@ -358,6 +381,8 @@ def _(event: JobRequested, draft: Draft, envelope: Envelope) -> None:
         flatten_on_stop=event.flatten_on_stop,
     )
     draft.worker_by_job[event.job_id] = event.worker_id
+    for held in draft.early.pop(event.job_id, ()):
+        _HANDLERS[held.type](held.message(), draft, held)
 
 
 @_on.register
@@ -370,19 +395,14 @@ def _(event: JobRejected, draft: Draft, envelope: Envelope) -> None:
             views.pop(worker_id, None)
 
 
-@_on.register(JobAccepted)
-@_on.register(JobQueued)
-def _(event: JobAccepted | JobQueued, draft: Draft, envelope: Envelope) -> None:
-    worker = draft.workers.get(event.worker_id)
-    if worker is not None and worker.status not in ENDED:
-        draft.update_worker(event.worker_id, status=JobStatus.QUEUED)
-
-
 @_on.register
 def _(event: JobDispatched, draft: Draft, envelope: Envelope) -> None:
-    """Placed on a host, not yet running (also the way back from crashed to a restart)."""
+    """Placed on a host, not yet running (also the way back from crashed to a restart). A
+    dispatch recorded after its own attempt's spawn or crash (its publish retried) changes
+    nothing."""
     worker = draft.workers.get(event.worker_id)
-    if worker is not None and worker.status not in ENDED:
+    if worker is not None and worker.status not in ENDED and (
+            worker.status is JobStatus.QUEUED or event.attempt > worker.restart_count):
         draft.update_worker(event.worker_id, status=JobStatus.QUEUED, host_id=event.host_id)
 
 
@@ -520,6 +540,11 @@ _HANDLERS: dict[str, Handler] = {
     for t in list(_on.registry)
     if t is not object and issubclass(t, Message)
 }
+
+
+# The folded types of a job's events that come after its request, and are held until it.
+_AFTER_REQUEST = frozenset(name for name in _HANDLERS if name != JobRequested.type_name()
+                           and "job_id" in REGISTRY[name].model_fields)
 
 
 def folds(type_name: str) -> bool:

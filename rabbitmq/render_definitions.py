@@ -1,14 +1,17 @@
 """Write the broker's boot definitions for a deployment: the topology (`definitions.json`'s
-exchanges, queues, bindings, policies) in the deployment's vhost, plus an administrator and one
-user per service with only the permissions that service needs (`services.topology.permissions`).
+exchanges, queues, bindings, policies) in the deployment's vhost, plus an administrator, one
+user per service and one per worker-host, each with only the permissions it needs
+(`services.topology.permissions`, `topic_permissions`).
 
 Passwords come from the environment and are written only as salted SHA-256 hashes, RabbitMQ's
 own scheme, so the file holds no password in clear. The broker loads it at boot
 (`load_definitions` in `rabbitmq.conf`); loading is additive: a user or permission removed here
 stays on the broker until deleted there.
 
-Environment: BROKER_VHOST [runner], BROKER_ADMIN_USER, BROKER_ADMIN_PASSWORD, and
-BROKER_PASSWORD_<SERVICE> for GATEWAY, ENTITLEMENT, SCHEDULER, WORKER_HOST, MONITOR.
+Environment: BROKER_VHOST [runner], BROKER_ADMIN_USER, BROKER_ADMIN_PASSWORD,
+BROKER_PASSWORD_<SERVICE> for GATEWAY, ENTITLEMENT, SCHEDULER, MONITOR, BROKER_WORKER_HOSTS (the
+hosts' ids, comma-separated) and BROKER_PASSWORD_WORKER_HOST_<HOST ID> for each (its id in
+capitals, `-` and `.` as `_`).
 
     python rabbitmq/render_definitions.py OUTPUT.json
 """
@@ -20,7 +23,11 @@ import os
 import sys
 from pathlib import Path
 
-from services.topology import SERVICE_ACCESS, broker_users, definitions
+from services.topology import HOST_SERVICE, SERVICE_ACCESS, broker_users, definitions
+
+
+def _variable(name: str) -> str:
+    return "BROKER_PASSWORD_" + name.upper().replace("-", "_").replace(".", "_")
 
 
 def _required(name: str) -> str:
@@ -33,11 +40,12 @@ def _required(name: str) -> str:
 def main(output: Path) -> None:
     vhost = os.environ.get("BROKER_VHOST") or "runner"
     admin = (_required("BROKER_ADMIN_USER"), _required("BROKER_ADMIN_PASSWORD"))
-    passwords = {
-        service: _required(f"BROKER_PASSWORD_{service.upper().replace('-', '_')}")
-        for service in SERVICE_ACCESS
-    }
-    rendered = json.dumps(definitions(vhost, broker_users(admin, passwords)), indent=2)
+    passwords = {service: _required(_variable(service))
+                 for service in SERVICE_ACCESS if service != HOST_SERVICE}
+    hosts = {host: _required(_variable(f"{HOST_SERVICE}-{host}"))
+             for host in filter(None, (h.strip() for h in
+                                       os.environ.get("BROKER_WORKER_HOSTS", "").split(",")))}
+    rendered = json.dumps(definitions(vhost, broker_users(admin, passwords, hosts)), indent=2)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_suffix(".partial")
     partial.write_text(rendered + "\n")

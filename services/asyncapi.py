@@ -5,7 +5,8 @@ in step by a test).
 Channels are the exchanges (what a publisher sends to, by routing key) and the queues (what a
 consumer reads, with the messages its bindings let through). A command or event travels as its
 envelope (JSON, the message's payload inside); telemetry travels bare, its type in the AMQP
-`type` property; the RPC queues take JSON requests named by `op` and answer on direct reply-to.
+`type` property; the RPC queues take JSON requests named by their `type` on `runner.rpc` and
+answer on `runner.replies`.
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ from events.routing import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     EVENTS_EXCHANGE,
+    REPLIES_EXCHANGE,
+    RPC_EXCHANGE,
     exchange_for,
     routing_key_for,
 )
 from services.topology import (
     EXCHANGES,
     GATEWAY_WAITS,
-    HOST_BINDINGS,
     RPC_QUERIES,
     STATIC_QUEUES,
     QueueSpec,
+    host_inbox,
 )
 
 AMQP = "0.3.0"  # the AMQP bindings' version
 REF = "#/components/schemas/{model}"
+HOST_PARAMETER = "{hostId}"
 def _topic_matches(pattern: str, key: str) -> bool:
     """AMQP topic matching: `*` is one word, `#` zero or more."""
     def match(words: list[str], parts: list[str]) -> bool:
@@ -55,9 +59,10 @@ def _summary(model: type[Message]) -> str:
 
 def _messages_through(bindings: tuple[tuple[str, str], ...],
                       models: list[type[Message]]) -> list[str]:
+    """The types a queue bound so receives, for a message naming any host or none."""
     return [m.type_name() for m in models
-            if any(exchange == exchange_for(m) and _topic_matches(key, routing_key_for(m))
-                   for exchange, key in bindings)]
+            if any(exchange == exchange_for(m) and _topic_matches(key, routing_key_for(m, host))
+                   for exchange, key in bindings for host in (None, HOST_PARAMETER))]
 
 
 def _queue_channel(spec: QueueSpec, address: str, models: list[type[Message]],
@@ -105,6 +110,8 @@ def document() -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     for exchange in EXCHANGES:
+        if exchange.name in (RPC_EXCHANGE, REPLIES_EXCHANGE):
+            continue  # the RPC channels below
         routed = ([m.type_name() for m in models if exchange_for(m) == exchange.name]
                   if exchange.name != DEAD_LETTER_EXCHANGE else
                   [m.type_name() for m in models
@@ -116,7 +123,8 @@ def document() -> dict[str, Any]:
                             "(headers x-poison-reason, x-poison-service)"
                             if exchange.name == DEAD_LETTER_EXCHANGE else
                             f"The {exchange.type} exchange {exchange.name}: routing key "
-                            "`<category>.<Type>`"),
+                            "`<category>.<Type>`, then `.<host_id>` for a message naming a "
+                            "host"),
             "messages": {n: {"$ref": f"#/components/messages/{n}"} for n in routed},
             "bindings": {"amqp": {"is": "routingKey", "bindingVersion": AMQP, "exchange": {
                 "name": exchange.name, "type": exchange.type, "durable": exchange.durable,
@@ -134,8 +142,9 @@ def document() -> dict[str, Any]:
 
     queues = [(spec, spec.name, f"Queue {spec.name} ({spec.kind})", None)
               for spec in STATIC_QUEUES if not spec.name.endswith(".rpc")]
-    queues.append((QueueSpec("worker-host.{hostId}", bindings=HOST_BINDINGS),
-                   "worker-host.{hostId}", "Each worker-host's own inbox",
+    inbox = host_inbox(HOST_PARAMETER)
+    queues.append((inbox, inbox.name, "Each worker-host's own inbox: only the messages that "
+                   "name it, routed by its id",
                    {"hostId": {"description": "the host's id (RUNNER_HOST_ID)"}}))
     queues.append((QueueSpec("gateway.waits.{id}", bindings=GATEWAY_WAITS, kind="transient",
                              auto_delete=True),
@@ -160,7 +169,10 @@ def document() -> dict[str, Any]:
         channel_id = f"rpc.{spec.name}"
         channels[channel_id] = {
             "address": spec.name,
-            "description": "Request/reply on the default exchange, replies by direct reply-to; "
+            "description": f"Request/reply: requests are published to the direct exchange "
+                           f"{RPC_EXCHANGE} with this queue's name as routing key, replies to "
+                           f"the direct exchange {REPLIES_EXCHANGE} with the caller's own reply "
+                           "queue (`<service>.replies.<id>`, its `reply_to`) as routing key; "
                            "the AMQP `type` property names the query, a refusal comes back with "
                            "the header `refused` (invalid, not_found, conflict, internal)",
             "messages": {q.type_name(): {"$ref": f"#/components/messages/{q.type_name()}"}

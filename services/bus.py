@@ -2,7 +2,13 @@
 (aio-pika), `services.memory_bus.MemoryBus` in memory with the same delivery semantics.
 
 Publishing: persistent messages, publisher confirms awaited; an unroutable (returned) or nacked
-publish raises `PublishFailed` — never silence. `publish_many` pipelines confirms.
+publish raises `PublishFailed` — never silence. A nacked publish is first tried again on a fresh
+channel, a few times (a quorum queue's leader change makes RabbitMQ 3.10 nack a channel opened
+before it). `publish_many` pipelines confirms.
+
+Clusters: `RUNNER_AMQP_URL` may name several nodes (`Settings.amqp_nodes`); the connection fails
+over between them (`FailoverConnection`), and its channels, queues and consumers are restored on
+the node it reaches.
 
 Outages: the connection reconnects by itself and restores its channels, queues and consumers.
 While it is down, a publish or a call fails at once with `BusUnavailable` (nothing is queued in
@@ -24,14 +30,19 @@ its type (`topology.forged`, `EMITTERS`). Other logins (the shared one, an opera
 checked.
 
 Request/reply (`serve`, `request`): each request is a `Query` model, validated before the
-handler runs; a refusal comes back to the caller as the same `QueryRefused` type.
+handler runs; a refusal comes back to the caller as the same `QueryRefused` type. Requests go
+to the direct exchange `runner.rpc` (routing key: the serving queue's name), replies to
+`runner.replies` (routing key: the caller's own reply queue, its `reply_to`), so no login needs
+to write to the default exchange, which reaches every queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
 import ssl
 import time
 import uuid
@@ -44,15 +55,30 @@ from typing import Any, Protocol
 import aio_pika
 import orjson
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 from pydantic import ValidationError
 from yarl import URL
 
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.queries import QUERIES, REFUSALS, Invalid, Query, QueryRefused
-from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
+from events.routing import (
+    DEAD_LETTER_EXCHANGE,
+    REPLIES_EXCHANGE,
+    RPC_EXCHANGE,
+    exchange_for,
+    routing_key,
+)
 from services import metrics
-from services.settings import Settings
-from services.topology import EXCHANGES, STATIC_QUEUES, QueueSpec, forged
+from services.settings import Settings, amqp_node_urls
+from services.topology import (
+    EXCHANGES,
+    STATIC_QUEUES,
+    QueueSpec,
+    declared_by,
+    forged,
+    publisher,
+    reply_queue,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +86,16 @@ TelemetryHandler = Callable[[Message], Awaitable[None] | None]
 QueryHandler = Callable[[Any], Awaitable[Any]]  # takes the validated query
 WatchCallback = Callable[[bytes], Awaitable[None] | None]
 
-REPLY_TO = "amq.rabbitmq.reply-to"
 COMPRESS_REPLIES_FROM = 32 * 1024  # bytes
 AMQP_HEARTBEAT = 10  # seconds; RabbitMQ's 60 s default notices a silently cut link too late
 RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
 CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
 CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
 REPLY_WAIT = 5.0  # seconds a reply waits for the connection to be back (its caller gives up)
+NACK_RETRIES = 6  # fresh channels a nacked publish is tried on (over ~2.5 s) before it fails
+RETIRED_CHANNEL_LINGER = 30.0  # seconds a replaced channel stays open for its pending confirms
+# in the broker's refusal of a classic queue whose cluster node is down (not one that is missing)
+DOWN_NODE = "is down or inaccessible"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +113,14 @@ BatchHandler = Callable[[list[Delivery]], Awaitable[Mapping[int, str] | None]]
 
 class PublishFailed(RuntimeError):
     """The broker did not take responsibility for a message (nacked, returned, or lost)."""
+
+
+class Nacked(PublishFailed):
+    """The broker nacked a publish on `channel`."""
+
+    def __init__(self, message: str, channel: Any) -> None:
+        super().__init__(message)
+        self.channel = channel
 
 
 class RpcError(RuntimeError):
@@ -106,6 +143,11 @@ class CallInterrupted(BusUnavailable):
 class QueueMismatch(RuntimeError):
     """A queue exists with other arguments than this version declares (the broker refuses to
     change them): an operator must recreate it."""
+
+
+class TopologyMissing(RuntimeError):
+    """An exchange or a queue of the shared topology does not exist, and this login may not
+    declare it: the setup step (`runner bus setup`) has not run on this vhost."""
 
 
 class RawJson(bytes):
@@ -164,7 +206,7 @@ def amqp_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """TLS for an amqps:// URL: the broker's certificate verified against `amqp_ca_file` (else
     the system's roots) and its name against the URL's host, TLS 1.2 at least, this client's
     certificate presented where one is set. None for amqp://."""
-    if URL(settings.amqp_url).scheme != "amqps":
+    if URL(settings.amqp_nodes[0]).scheme != "amqps":
         return None
     ca = settings.amqp_ca_file
     try:
@@ -185,10 +227,72 @@ def broker_login(amqp_url: str) -> str | None:
     """The login the broker authenticates this connection as (the client's default is guest),
     sent as every message's `user_id` so that consumers know who published it; None for a
     mechanism other than PLAIN, whose login the URL does not name."""
-    url = URL(amqp_url)
+    url = URL(amqp_node_urls(amqp_url)[0])
     if url.query.get("auth", "plain").lower() != "plain":
         return None
     return url.user or "guest"
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection to a cluster: each time the connection closes, or an attempt to make
+    it fails, the next attempt goes to the next node of `nodes` (aio-pika takes one URL).
+
+    Uses `RobustConnection._on_connection_close`, which aio-pika calls on both (private: pinned
+    in constraints.txt, checked by tests/unit/test_amqp_nodes.py and, for real, by
+    tests/integration/test_cluster.py)."""
+
+    def __init__(self, url: Any, loop: asyncio.AbstractEventLoop | None = None, *,
+                 nodes: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(url, loop=loop, **kwargs)
+        # the URL as connect_robust made it (its options in the query), at each node's address
+        self.nodes = tuple(self.url.with_host(URL(node).host or "localhost")
+                           .with_port(URL(node).explicit_port) for node in nodes)
+        self._node = next((i for i, node in enumerate(self.nodes)
+                           if (node.host, node.port) == (self.url.host, self.url.port)), 0)
+
+    def next_node(self) -> None:
+        """Point the next connection attempt at the next node."""
+        self._node = (self._node + 1) % len(self.nodes)
+        self.url = self.nodes[self._node]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self.close_called:
+            self.next_node()
+        await super()._on_connection_close(closing)
+
+
+async def connect(settings: Settings, name: str) -> aio_pika.abc.AbstractRobustConnection:
+    """A robust connection to the broker `settings.amqp_url` names; to a cluster (several
+    nodes), one that fails over between them (`FailoverConnection`), made to whichever answers
+    first, starting at a random one so that services spread over the nodes."""
+    nodes = [with_heartbeat(node) for node in settings.amqp_nodes]
+    options: dict[str, Any] = {
+        "reconnect_interval": RECONNECT_INTERVAL, "timeout": CONNECT_TIMEOUT,
+        "ssl_context": amqp_ssl_context(settings), "client_properties": {"connection_name": name}}
+    if len(nodes) == 1:
+        return await aio_pika.connect_robust(nodes[0], **options)
+    first = random.randrange(len(nodes))
+    failure: BaseException | None = None
+    for turn in range(len(nodes)):
+        start = (first + turn) % len(nodes)
+        order = tuple(nodes[start:] + nodes[:start])
+        try:
+            # a class, not a keyword: connect_robust puts unknown keywords in the URL's query
+            return await aio_pika.connect_robust(
+                order[0], connection_class=functools.partial(FailoverConnection, nodes=order),
+                **options)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            log.debug("%s: broker node %s did not answer: %r", name,
+                      URL(order[0]).with_password(None), exc)
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+def nacked(exc: BaseException) -> bool:
+    """Whether a publish failed because the broker nacked it (it took no responsibility)."""
+    return (isinstance(exc, aio_pika.exceptions.DeliveryError)
+            and isinstance(getattr(exc, "frame", None), Basic.Nack))
 
 
 def _why(exc: BaseException | None) -> str:
@@ -305,6 +409,7 @@ class AmqpBus:
         self._declared: list[Any] = []
         self._pending: dict[str, asyncio.Future[aio_pika.abc.AbstractIncomingMessage]] = {}
         self._rpc_channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._replies = reply_queue(service, uuid.uuid4().hex[:12])
         self._publish_channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._consumers: list[_BatchConsumer | _TelemetryConsumer | _RpcServer] = []
@@ -313,24 +418,33 @@ class AmqpBus:
         self._closing = False
         self._reconnected: list[Callable[[], None]] = []
         self._reviving: asyncio.Task[None] | None = None
+        self._replacing = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Connect, declare exchanges and the whole static topology (whichever service starts
-        first, no message for another one is lost for want of its queue) and this service's
-        queues, then start consuming."""
-        self._connection = await aio_pika.connect_robust(
-            with_heartbeat(self.settings.amqp_url), reconnect_interval=RECONNECT_INTERVAL,
-            timeout=CONNECT_TIMEOUT, ssl_context=amqp_ssl_context(self.settings),
-            client_properties={"connection_name": self.service})
+        """Connect, make sure of the shared topology, declare this service's own queues, then
+        start consuming. With a shared login (development, `runner up` without an admin login)
+        it declares the exchanges and the whole static topology (whichever service starts
+        first, no message for another one is lost for want of its queue); a service's own
+        login may not, so it checks that they exist (`TopologyMissing` names the setup step)."""
+        self._connection = await connect(self.settings, self.service)
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._back)
         channel = await self.channel()
-        for spec in EXCHANGES:
-            self._declared.append(await channel.declare_exchange(
-                spec.name, aio_pika.ExchangeType(spec.type), durable=spec.durable))
-        for spec in (*STATIC_QUEUES, *self._queues):
+        if self.declares_topology:
+            for spec in EXCHANGES:
+                await self._declare_exchange(channel, spec.name)
+            ours = {spec.name for spec in self._queues}
+            for spec in STATIC_QUEUES:
+                if spec.name not in ours:
+                    channel = await self._declare_static(channel, spec)
+        else:
+            await self._check_topology()
+            for name in declared_by(self.service)[0]:
+                await self._declare_exchange(channel, name)
+        for spec in self._queues:
             await self.declare_on(channel, spec)
         self._publish_channel = await self.channel()
         for consumer in self._consumers:
@@ -402,6 +516,8 @@ class AmqpBus:
         self._closing = True
         if self._reviving is not None:
             self._reviving.cancel()
+        for task in list(self._retiring):
+            task.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
@@ -422,19 +538,72 @@ class AmqpBus:
             await channel.set_qos(prefetch_count=prefetch)
         return channel
 
-    async def declare_on(self, channel: Any, spec: QueueSpec) -> Any:
+    @property
+    def declares_topology(self) -> bool:
+        """Whether this bus declares the shared topology (a shared login) or only checks it (a
+        service's own login, which has no right to)."""
+        return publisher(self.login) is None
+
+    async def _declare_exchange(self, channel: Any, name: str) -> None:
+        spec = next(e for e in EXCHANGES if e.name == name)
+        self._declared.append(await channel.declare_exchange(
+            spec.name, aio_pika.ExchangeType(spec.type), durable=spec.durable))
+
+    async def _check_topology(self) -> None:
+        """Raise `TopologyMissing` unless every durable exchange and static queue exists
+        (passive declares, which need no rights); transient ones are their consumers' to make
+        (`declared_by`)."""
+        for kind, name in (*(("exchange", e.name) for e in EXCHANGES if e.durable),
+                           *(("queue", q.name) for q in STATIC_QUEUES if q.durable)):
+            channel = await self.channel()
+            try:
+                if kind == "exchange":
+                    await channel.declare_exchange(name, passive=True)
+                else:
+                    await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+                if kind == "queue" and DOWN_NODE in str(exc):  # a classic queue's node is down
+                    log.warning("%s: queue %s not checked: %s", self.service, name, exc)
+                    continue
+                raise TopologyMissing(
+                    f"the {kind} {name} does not exist on this vhost, and {self.login} may not "
+                    "declare it: run `runner bus setup` (with an administrator's login) "
+                    "first") from None
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+    async def declare_on(self, channel: Any, spec: QueueSpec, *, robust: bool = True) -> Any:
+        """Declare `spec` and its bindings on `channel`; `robust`: again after each reconnect.
+        A shared queue that a service's own login may not declare is only looked up."""
+        if not self.declares_topology and spec.durable and spec in STATIC_QUEUES:
+            queue = await channel.declare_queue(spec.name, passive=True, robust=robust)
+            self._declared.append(queue)
+            return queue
         try:
             queue = await channel.declare_queue(
                 spec.name, durable=spec.durable, auto_delete=spec.auto_delete,
-                arguments=spec.arguments or None)
+                arguments=spec.arguments or None, robust=robust)
         except aio_pika.exceptions.ChannelPreconditionFailed as exc:
             raise QueueMismatch(
                 f"the queue {spec.name} exists with other arguments than this version declares "
                 f"({exc}); recreate it as docs/OPERATIONS.md says (Upgrading queues)") from None
         self._declared.append(queue)
         for exchange, key in spec.bindings:
-            await queue.bind(exchange, routing_key=key)
+            await queue.bind(exchange, routing_key=key, robust=robust)
         return queue
+
+    async def _declare_static(self, channel: Any, spec: QueueSpec) -> Any:
+        """Declare another service's static queue, once: durable queues outlive a reconnect,
+        and re-declaring a classic one whose cluster node is down would fail the reconnect.
+        Such a queue (a dead-letter queue on a node that is down) is skipped with a warning, on
+        a fresh channel (the refusal closed this one); the channel to go on with."""
+        try:
+            await self.declare_on(channel, spec, robust=False)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            log.warning("%s: queue %s not declared: %s", self.service, spec.name, exc)
+            channel = await self.channel()
+        return channel
 
     async def declare(self, spec: QueueSpec) -> None:
         """Declare a queue and its bindings now (for queues no handler of ours consumes)."""
@@ -444,26 +613,41 @@ class AmqpBus:
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish one message and wait for the broker's confirm. Raises `PublishFailed`."""
+        await self._publish_envelope(envelope, NACK_RETRIES)
+
+    async def publish_many(self, envelopes: Iterable[Envelope]) -> None:
+        """Publish in order with pipelined confirms; raises if any one was not confirmed. The
+        nacked ones are published again together, in their order, on a fresh channel: a queue's
+        messages stay in the order given (the broker nacks every later one to that queue too)."""
+        pending = list(envelopes)
+        for attempt in range(NACK_RETRIES + 1):
+            results = await asyncio.gather(*(self._publish_envelope(e, 0) for e in pending),
+                                           return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if not failures:
+                return
+            nacks = [(e, r) for e, r in zip(pending, results, strict=True)
+                     if isinstance(r, Nacked)]
+            if len(nacks) < len(failures) or attempt == NACK_RETRIES:
+                down = any(isinstance(f, BusUnavailable) for f in failures)
+                raise (BusUnavailable if down else PublishFailed)(
+                    f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
+            await self._replace_publish_channel(nacks[0][1].channel,
+                                                f"{len(nacks)} publishes nacked")
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))  # a leader being elected
+            pending = [envelope for envelope, _ in nacks]
+
+    async def _publish_envelope(self, envelope: Envelope, nack_retries: int) -> None:
         model = model_for(envelope.type)
         await self.publish_raw(
             envelope.to_json(),
             exchange=exchange_for(model),
-            routing_key=routing_key_for(model),
+            routing_key=routing_key(model, envelope.payload),
             persistent=model.kind != "telemetry",
             message_id=str(envelope.event_id),
             message_type=envelope.type,
+            nack_retries=nack_retries,
         )
-
-    async def publish_many(self, envelopes: Iterable[Envelope]) -> None:
-        """Publish in order with pipelined confirms; raises if any one was not confirmed."""
-        results = await asyncio.gather(
-            *(self.publish(e) for e in envelopes), return_exceptions=True
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            down = any(isinstance(f, BusUnavailable) for f in failures)
-            raise (BusUnavailable if down else PublishFailed)(
-                f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
 
     async def send_telemetry(self, message: Message) -> None:
         """Transient telemetry (dropped when nobody listens), returning once the broker has
@@ -482,7 +666,7 @@ class AmqpBus:
                     delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
                     user_id=self.login,
                 ),
-                routing_key=routing_key_for(type(message)),
+                routing_key=routing_key(type(message), message),
                 mandatory=False,
                 timeout=self.settings.request_timeout,
             )
@@ -522,33 +706,68 @@ class AmqpBus:
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
         message_type: str | None = None,
+        nack_retries: int = NACK_RETRIES,
     ) -> None:
-        channel = await self._publishing(exchange)
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-            if persistent
-            else aio_pika.DeliveryMode.NOT_PERSISTENT,
-            headers=headers,
-            message_id=message_id,
-            type=message_type,
-            app_id=self.service,
-            user_id=self.login,  # RabbitMQ refuses it unless it is this connection's login
-        )
-        try:
-            target = self._exchanges.get(exchange)
-            if target is None:
-                target = self._exchanges[exchange] = await channel.get_exchange(
-                    exchange, ensure=False)
-            result = await target.publish(message, routing_key=routing_key, mandatory=True,
-                                          timeout=self.settings.request_timeout)
-        except Exception as exc:  # connection loss, nack, timeout: the caller must retry
-            if connection_lost(exc):
-                raise self._unavailable(f"publish to {exchange}/{routing_key}") from None
-            raise PublishFailed(f"publish to {exchange}/{routing_key} failed: {exc!r}") from exc
-        if isinstance(result, DeliveredMessage):
-            raise PublishFailed(f"unroutable: no queue bound to {exchange}/{routing_key}")
+        """Publish one message and wait for its confirm; a nacked one is tried again on a fresh
+        channel up to `nack_retries` times, then raises `Nacked`."""
+        where = f"{exchange}/{routing_key}"
+        for attempt in range(nack_retries + 1):
+            channel = await self._publishing(exchange)
+            message = aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT,
+                headers=headers,
+                message_id=message_id,
+                type=message_type,
+                app_id=self.service,
+                user_id=self.login,  # RabbitMQ refuses it unless it is this connection's login
+            )
+            try:
+                target = self._exchanges.get(exchange)
+                if target is None or target.channel is not channel:
+                    target = self._exchanges[exchange] = await channel.get_exchange(
+                        exchange, ensure=False)
+                result = await target.publish(message, routing_key=routing_key, mandatory=True,
+                                              timeout=self.settings.request_timeout)
+            except Exception as exc:  # connection loss, nack, timeout: the caller must retry
+                if connection_lost(exc):
+                    raise self._unavailable(f"publish to {where}") from None
+                if nacked(exc) and attempt < nack_retries:
+                    await self._replace_publish_channel(channel, f"publish to {where} nacked")
+                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))  # a leader being elected
+                    continue
+                if nacked(exc):
+                    raise Nacked(f"publish to {where} nacked", channel) from exc
+                raise PublishFailed(f"publish to {where} failed: {exc!r}") from exc
+            if isinstance(result, DeliveredMessage):
+                raise PublishFailed(f"unroutable: no queue bound to {where}")
+            return
+
+    async def _replace_publish_channel(self, nacking: Any, why: str) -> None:
+        """Publish on a fresh channel from now on: RabbitMQ 3.10 nacks every publish on a
+        channel opened before a quorum queue's leader changed whose first publish to that queue
+        came after. The old channel closes once its pending confirms had time to arrive."""
+        async with self._replacing:
+            if self._publish_channel is not nacking:
+                return  # another publish has replaced it already
+            log.warning("%s: %s; publishing on a fresh channel", self.service, why)
+            try:
+                self._publish_channel = await self.channel()
+            except Exception as exc:
+                raise self._unavailable(why) from exc
+            self._exchanges.clear()
+        task = asyncio.create_task(self._close_later(nacking), name="retire-channel")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _close_later(channel: Any) -> None:
+        await asyncio.sleep(RETIRED_CHANNEL_LINGER)
+        with contextlib.suppress(Exception):
+            await channel.close()
 
     async def dead_letter(self, spec: QueueSpec, raw: aio_pika.abc.AbstractIncomingMessage,
                           reason: str) -> None:
@@ -565,22 +784,27 @@ class AmqpBus:
                                message_type=raw.type)
 
     async def send_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        """Answer a request (direct reply-to; not confirmed, as a reply is worthless later).
-        After a reconnect, requests can arrive before the publishing channel is back: the reply
-        waits for it (a little)."""
+        """Answer a request on `REPLIES_EXCHANGE`, routed to the caller's reply queue (not
+        confirmed, as a reply is worthless later). After a reconnect, requests can arrive before
+        the publishing channel is back: the reply waits for it (a little)."""
         if not self._up.is_set():
             await self.until_connected(REPLY_WAIT)
-        channel = await self._publishing("replies")
-        await channel.default_exchange.publish(
+        channel = await self._publishing(REPLIES_EXCHANGE)
+        replies = self._exchanges.get(REPLIES_EXCHANGE)
+        if replies is None:
+            replies = self._exchanges[REPLIES_EXCHANGE] = await channel.get_exchange(
+                REPLIES_EXCHANGE, ensure=False)
+        await replies.publish(
             aio_pika.Message(
                 reply.body,
                 headers={"refused": reply.refused} if reply.refused else None,
                 correlation_id=correlation_id,
                 content_type="application/json",
                 content_encoding=reply.encoding,
+                user_id=self.login,
             ),
             routing_key=reply_to,
-            mandatory=False,  # RabbitMQ 3.10 returns direct replies sent as mandatory
+            mandatory=False,  # a caller gone meanwhile has no queue: the reply is dropped
         )
 
     # ---------------------------------------------------------------- consuming
@@ -656,24 +880,31 @@ class AmqpBus:
             asyncio.get_running_loop().create_future())
         self._pending[correlation_id] = future
         try:
-            await channel.default_exchange.publish(
+            requests = await channel.get_exchange(RPC_EXCHANGE, ensure=False)
+            sent = await requests.publish(
                 aio_pika.Message(
                     query.model_dump_json().encode(),
                     type=query.type_name(),
                     correlation_id=correlation_id,
-                    reply_to=REPLY_TO,
+                    reply_to=self._replies.name,
                     content_type="application/json",
                     expiration=timeout,
+                    user_id=self.login,
                 ),
                 routing_key=spec.name,
-                mandatory=False,
+                # returned when the queue is gone (a transient queue whose cluster node died,
+                # until its service declares it again): refused at once, not a timeout
+                mandatory=True,
             )
+            if isinstance(sent, DeliveredMessage):
+                raise RpcError(f"{spec.name} is not there: its service is not running, or is "
+                               "moving to another broker node")
             raw = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             metrics.rpc_called(self.service, spec.name, query.type_name(),
                                time.perf_counter() - called, "timeout")
             raise RpcTimeout(f"{spec.name} did not answer in time") from None
-        except BusUnavailable:
+        except RpcError:
             raise
         except Exception as exc:
             if connection_lost(exc) or isinstance(exc, aio_pika.exceptions.AMQPError):
@@ -690,12 +921,11 @@ class AmqpBus:
     async def _reply_channel(self) -> aio_pika.abc.AbstractRobustChannel:
         if self._rpc_channel is None or self._rpc_channel.is_closed:
             channel = await self.channel()
-            # a passive declare registers the pseudo-queue with the robust channel, so its
-            # consumer is restored after a reconnect
-            queue = await channel.get_queue(REPLY_TO)
+            # declared on the robust channel, so it and its consumer are restored after a
+            # reconnect (it goes with its consumer, as an auto-delete queue does)
+            queue = await self.declare_on(channel, self._replies)
             await queue.consume(self._on_reply, no_ack=True)
             self._rpc_channel = channel
-            self._declared.append(queue)
         return self._rpc_channel
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -820,7 +1050,7 @@ class _BatchConsumer:
                 dead.append((raw, poison_reason(exc)))
                 continue
             # the catalogue's type, which an old one is upcast to
-            refused = forged(raw.user_id, delivery.message.type_name())
+            refused = forged(raw.user_id, delivery.message)
             if refused is not None:
                 log.warning("%s: %s %s dead-lettered: %s", self.spec.name,
                             delivery.envelope.type, delivery.envelope.event_id, refused)
@@ -914,7 +1144,7 @@ class _TelemetryConsumer:
         except (ValidationError, UnknownMessageType, ValueError) as exc:
             log.warning("%s: dropped telemetry sample: %s", self.spec.name, poison_reason(exc))
             return
-        refused = forged(raw.user_id, message.type_name())
+        refused = forged(raw.user_id, message)
         if refused is not None:
             log.warning("%s: dropped telemetry sample: %s", self.spec.name, refused)
             return

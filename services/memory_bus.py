@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from events import Envelope, Message, UnknownMessageType, model_for
 from events.queries import Query
-from events.routing import DEAD_LETTER_EXCHANGE, exchange_for, routing_key_for
+from events.routing import DEAD_LETTER_EXCHANGE, RPC_EXCHANGE, exchange_for, routing_key
 from services.bus import (
     BatchHandler,
     BusUnavailable,
@@ -230,16 +230,16 @@ class MemoryBus:
         """Route them all in order, then yield once, as a confirm's round trip would."""
         for envelope in envelopes:
             model = model_for(envelope.type)
-            if not self.broker.route(exchange_for(model), routing_key_for(model),
+            key = routing_key(model, envelope.payload)
+            if not self.broker.route(exchange_for(model), key,
                                      Stored(envelope.to_json(), envelope.type,
                                             {"app_id": self.service})):
-                raise PublishFailed(f"unroutable: no queue bound to {exchange_for(model)}/"
-                                    f"{routing_key_for(model)}")
+                raise PublishFailed(f"unroutable: no queue bound to {exchange_for(model)}/{key}")
         await asyncio.sleep(0)
 
     async def send_telemetry(self, message: Message) -> None:
         kind = type(message)
-        self.broker.route(exchange_for(kind), routing_key_for(kind),
+        self.broker.route(exchange_for(kind), routing_key(kind, message),
                           Stored(message.model_dump_json().encode(), message.type_name()))
 
     # ---------------------------------------------------------------- consuming
@@ -394,8 +394,9 @@ class MemoryBus:
                               timeout: float | None = None) -> tuple[bytes, str | None]:
         reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
-            self.broker.route(DEFAULT, spec.name, Stored(query.model_dump_json().encode(),
-                                                         query.type_name(), reply=reply))
+            self.broker.route(RPC_EXCHANGE, spec.name,
+                              Stored(query.model_dump_json().encode(), query.type_name(),
+                                     reply=reply))
         except BusUnavailable:
             raise
         except PublishFailed as exc:

@@ -5,11 +5,42 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 POSTGRES_NAME_MAX = 63  # PostgreSQL silently truncates longer database names
+
+
+AMQP_URL_FORM = "amqp[s]://[login[:password]@]host[:port][,host[:port]…][/vhost][?options]"
+
+
+def amqp_node_urls(amqp_url: str) -> tuple[str, ...]:
+    """One URL per broker node that `amqp_url` names: it may list several hosts, comma-separated,
+    sharing its login, vhost and options (`AMQP_URL_FORM`); a URL with one host is returned as
+    it is. Raises ValueError for a malformed list."""
+    if "," not in amqp_url:
+        return (amqp_url,)
+    match = re.fullmatch(r"(amqps?)://([^/?#]*)(.*)", amqp_url, re.DOTALL)
+    if match is None:
+        raise ValueError(f"a list of broker nodes must look like {AMQP_URL_FORM}")
+    scheme, authority, rest = match.groups()
+    login, at, hosts = authority.rpartition("@")
+    if "://" in rest or "://" in hosts:
+        raise ValueError("list the nodes as hosts of one URL, not as several URLs: "
+                         "amqp://user:password@host1:5672,host2:5672/vhost")
+    urls = []
+    for host in hosts.split(","):
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?", host):
+            raise ValueError(f"{host!r} is not a host[:port] (RUNNER_AMQP_URL: {AMQP_URL_FORM})")
+        port = host.rpartition(":")[2] if not host.endswith("]") and ":" in host else None
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"{host!r}: port out of range")
+        urls.append(f"{scheme}://{login}{at}{host}{rest}")
+    if len(set(urls)) != len(urls):
+        raise ValueError("a broker node is listed twice")
+    return tuple(urls)
 
 
 def async_driver(url: str) -> str:
@@ -25,7 +56,16 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RUNNER_", extra="ignore", frozen=True)
 
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    amqp_url: str = Field(
+        default="amqp://guest:guest@localhost:5672/",
+        description="the broker; for a cluster, every node, comma-separated, as hosts of one "
+        f"URL: {AMQP_URL_FORM} (each connection fails over between them)",
+    )
+    amqp_url_file: Path | None = Field(
+        default=None,
+        description="a file holding the broker URL, read at start instead of `amqp_url`: a "
+        "secret mounted as files, one login per worker-host (deploy/kubernetes)",
+    )
     amqp_ca_file: Path | None = Field(
         default=None,
         description="amqps:// only: the PEM file of the CA(s) the broker's certificate must be "
@@ -262,6 +302,29 @@ class Settings(BaseSettings):
                              "with a letter or digit")
         return host_id
 
+    @model_validator(mode="before")
+    @classmethod
+    def _amqp_url_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("amqp_url_file"):
+            path = Path(data["amqp_url_file"])
+            try:
+                url = path.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"RUNNER_AMQP_URL_FILE ({path}): {exc.strerror}") from None
+            data = {**data, "amqp_url": url}
+        return data
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_nodes(cls, url: str) -> str:
+        amqp_node_urls(url)  # raises for a malformed list of nodes
+        return url
+
+    @property
+    def amqp_nodes(self) -> tuple[str, ...]:
+        """The broker URL of each node `amqp_url` lists (one for a lone broker)."""
+        return amqp_node_urls(self.amqp_url)
+
     @field_validator("database_url")
     @classmethod
     def _one_database_per_service(cls, url: str | None) -> str | None:
@@ -332,7 +395,7 @@ class Settings(BaseSettings):
     def vhost(self) -> str:
         from yarl import URL
 
-        return URL(self.amqp_url).path.lstrip("/") or "/"
+        return URL(self.amqp_nodes[0]).path.lstrip("/") or "/"
 
     def database_for(self, service: str) -> str:
         """The URL of `service`'s database, with `database_password` in it where the template

@@ -196,8 +196,11 @@ class Store:
         self.on_commit: list[Callable[[UnitOfWork], Any]] = []  # run after each commit
 
     async def open(self) -> None:
+        """Create what is missing of the schema; replicas opening at once (two gateways) take
+        turns, as each checks before it creates."""
         await self.db.ensure_exists()
         async with self.db.begin() as conn:
+            await UnitOfWork(conn).lock("schema")
             await conn.run_sync(SQLModel.metadata.create_all, list(self.tables))
             await conn.run_sync(_add_new_columns, self.tables)
             for backfill in self.backfills:

@@ -1,10 +1,12 @@
 """The RabbitMQ topology as data: exchanges, each service's queues and bindings, dead letters.
 
-One source for two consumers: services declare what they use from here at start-up
-(idempotently), and `rabbitmq/definitions.json` (for a broker container) is generated from it by
-`runner topology export`; a test keeps the two equal. A deployment's broker users and their
-least permissions are derived here too (`permissions`, `broker_users`), rendered with the
-passwords of that deployment by `rabbitmq/render_definitions.py`.
+One source for its consumers: on a shared login services declare what they use from here at
+start-up (idempotently), `runner bus setup` declares it with a privileged login (a service's own
+login may not), and `rabbitmq/definitions.json` (for a broker container) is generated from it by
+`runner topology export`; a test keeps the two equal. A deployment's broker users (one per
+service, one per worker-host) and their least permissions are derived here too (`permissions`,
+`topic_permissions`, `broker_users`), rendered with the passwords of that deployment by
+`rabbitmq/render_definitions.py`, and so is who may emit what (`EMITTERS`, `forged`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import base64
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from events import (
@@ -31,6 +34,7 @@ from events import (
     JobDispatched,
     JobRejected,
     JobRequested,
+    Message,
     PositionsFlattened,
     RestartsExhausted,
     StartRunner,
@@ -39,7 +43,6 @@ from events import (
     UpgradeEntitlement,
     WorkerCrashed,
     WorkerRestarted,
-    WorkerRestartScheduled,
     WorkerSpawned,
     WorkerSpawnFailed,
     WorkerStopped,
@@ -58,9 +61,15 @@ from events.routing import (
     COMMANDS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     EVENTS_EXCHANGE,
+    REPLIES_EXCHANGE,
+    RPC_EXCHANGE,
     TELEMETRY_EXCHANGE,
     binding_for,
+    host_binding_for,
+    host_named,
+    names_host,
 )
+from events.values import ID_PATTERN
 
 BROKER_DELIVERY_LIMIT = 20  # broker-side backstop; the bus dead-letters earlier, with a reason
 
@@ -119,6 +128,8 @@ EXCHANGES = (
     ExchangeSpec(EVENTS_EXCHANGE),
     ExchangeSpec(TELEMETRY_EXCHANGE, durable=False),
     ExchangeSpec(DEAD_LETTER_EXCHANGE),
+    ExchangeSpec(RPC_EXCHANGE, type="direct"),
+    ExchangeSpec(REPLIES_EXCHANGE, type="direct"),
 )
 
 
@@ -135,7 +146,20 @@ def dead_letter_queue(service: str) -> QueueSpec:
 
 
 def rpc_queue(service: str) -> QueueSpec:
-    return QueueSpec(f"{service}.rpc", kind="transient", message_ttl_ms=30_000)
+    """Where `service` takes its queries: requests are published to `RPC_EXCHANGE` with the
+    queue's name as routing key (no one needs to write to the default exchange)."""
+    name = f"{service}.rpc"
+    return QueueSpec(name, bindings=((RPC_EXCHANGE, name),), kind="transient",
+                     message_ttl_ms=30_000)
+
+
+def reply_queue(service: str, instance: str) -> QueueSpec:
+    """A caller's own queue for the replies to its requests (exclusive to its connection, gone
+    with it), bound to `REPLIES_EXCHANGE` under its own name, which the caller sends as
+    `reply_to`."""
+    name = f"{service}.replies.{instance}"
+    return QueueSpec(name, bindings=((REPLIES_EXCHANGE, name),), kind="transient",
+                     auto_delete=True)
 
 
 # Job ends that free an entitlement slot.
@@ -178,20 +202,17 @@ SCHEDULER_INBOX = QueueSpec(
     ),
     single_active=True,
 )
-HOST_BINDINGS = _bind(
-    JobDispatched,
-    StopRequested,
-    HeartbeatMissed,
-    HostLost,
-    WorkerCrashed,
-    WorkerRestartScheduled,
-    RestartsExhausted,
-)
+# What a worker-host is sent: only the messages that name it (routed by its id); it needs no
+# broadcast.
+HOST_EVENTS = (JobDispatched, StopRequested, HeartbeatMissed, HostLost)
+HOST_INBOX_PREFIX = "worker-host."
 
 
 def host_inbox(host_id: str) -> QueueSpec:
-    """Each worker-host's own inbox (hosts come and go, so it is declared by the host)."""
-    return QueueSpec(f"worker-host.{host_id}", bindings=HOST_BINDINGS)
+    """Each worker-host's own inbox, bound to the messages that name it (hosts come and go, so
+    it is declared by the host)."""
+    return QueueSpec(f"{HOST_INBOX_PREFIX}{host_id}",
+                     bindings=tuple(host_binding_for(host_id, *HOST_EVENTS)))
 
 
 # Events a gateway waits on to answer an HTTP request.
@@ -239,6 +260,9 @@ def definitions(vhost: str = "/", users: Sequence[BrokerUser] = ()) -> dict[str,
             "permissions": [
                 {"user": u.name, "vhost": vhost, **u.permissions.as_dict()} for u in users
             ],
+            "topic_permissions": [
+                {"user": u.name, "vhost": vhost, **t.as_dict()} for u in users for t in u.topics
+            ],
         }
     return access | {
         "exchanges": [
@@ -282,8 +306,8 @@ def definitions(vhost: str = "/", users: Sequence[BrokerUser] = ()) -> dict[str,
 # ---------------------------------------------------------------- policies
 
 # Queue TTL for worker-host inboxes: the inbox of a host retired (or renamed) for a week is
-# deleted instead of collecting every host's broadcast events forever. A host that comes back
-# declares it afresh; nothing it missed is still relevant (its jobs went elsewhere at HostLost).
+# deleted instead of keeping what was last sent to it. A host that comes back declares it
+# afresh; nothing it missed is still relevant (its jobs went elsewhere at HostLost).
 HOST_INBOX_EXPIRES_MS = 7 * 24 * 3600 * 1000
 POLICIES: tuple[dict[str, Any], ...] = (
     {
@@ -297,7 +321,6 @@ POLICIES: tuple[dict[str, Any], ...] = (
 
 # ---------------------------------------------------------------- broker users (deployments)
 
-DEFAULT_EXCHANGE = "amq.default"  # the nameless exchange, in permissions: RPC requests, replies
 
 
 @dataclass(frozen=True)
@@ -313,36 +336,58 @@ class Permissions:
 
 
 @dataclass(frozen=True)
+class TopicPermissions:
+    """RabbitMQ topic permission regexes over the routing keys of one topic exchange: `write`
+    for publishing, `read` for binding a queue to it."""
+
+    exchange: str
+    write: str
+    read: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"exchange": self.exchange, "write": self.write, "read": self.read}
+
+
+@dataclass(frozen=True)
 class ServiceAccess:
     """What a service does on the broker; its permissions follow from it (`permissions`)."""
 
     publishes: tuple[str, ...]  # exchanges
     consumes: tuple[str, ...] = ()  # static queue names
     own_queues: tuple[str, ...] = ()  # regexes of queues it declares and consumes itself
+    binds: tuple[tuple[str, str], ...] = ()  # (exchange, key) its own queues are bound to
 
 
 SERVICE_ACCESS: dict[str, ServiceAccess] = {
     "gateway": ServiceAccess(
-        publishes=(COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
-        own_queues=(r"gateway\.waits\..+",),
+        publishes=(COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, RPC_EXCHANGE),
+        own_queues=(r"gateway\.waits\..+", r"gateway\.replies\..+"),
+        binds=(*GATEWAY_WAITS, (REPLIES_EXCHANGE, "gateway.replies.<id>")),
     ),
     "entitlement": ServiceAccess(
-        publishes=(EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
+        publishes=(EVENTS_EXCHANGE, COMMANDS_EXCHANGE, DEAD_LETTER_EXCHANGE, REPLIES_EXCHANGE),
         consumes=(ENTITLEMENT_INBOX.name, ENTITLEMENT_RPC.name),
     ),
     "scheduler": ServiceAccess(
         publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE),
         consumes=(SCHEDULER_INBOX.name,),
     ),
+    # and each host its own inbox, bound to what names it (`host_access`)
     "worker-host": ServiceAccess(
         publishes=(EVENTS_EXCHANGE, TELEMETRY_EXCHANGE, DEAD_LETTER_EXCHANGE),
-        own_queues=(r"worker-host\..+",),
     ),
     "monitor": ServiceAccess(
-        publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE),
+        publishes=(EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, REPLIES_EXCHANGE),
         consumes=(MONITOR_LOG.name, MONITOR_TELEMETRY.name, MONITOR_RPC.name),
     ),
 }
+
+
+def host_access(host_id: str) -> ServiceAccess:
+    """One worker-host's access: the worker-host's, with its own inbox."""
+    inbox = host_inbox(host_id)
+    return ServiceAccess(publishes=SERVICE_ACCESS["worker-host"].publishes,
+                         own_queues=(re.escape(inbox.name),), binds=inbox.bindings)
 
 
 def _names(*names: str) -> list[str]:
@@ -350,21 +395,66 @@ def _names(*names: str) -> list[str]:
 
 
 def _any_of(patterns: Sequence[str]) -> str:
-    return "^(" + "|".join(patterns) + ")$"
+    return "^(" + "|".join(patterns) + ")$" if patterns else "^$"
 
 
-def permissions(service: str) -> Permissions:
-    """The least a service's user needs. Every service declares all exchanges and the whole
-    static topology at start (configure; write on the queues and read on the exchanges, to bind
-    them), so no message waits for its consumer's first start; beyond that each may publish
-    only to the exchanges it uses and consume only its own queues."""
-    access = SERVICE_ACCESS[service]
-    exchanges = _names(*(e.name for e in EXCHANGES))
-    queues = _names(*(q.name for q in STATIC_QUEUES))
+def _access(service: str, host_id: str | None) -> ServiceAccess:
+    if service == "worker-host":
+        if host_id is None:
+            raise ValueError("a worker-host's login is its own: give its host id")
+        return host_access(host_id)
+    return SERVICE_ACCESS[service]
+
+
+def declared_by(service: str) -> tuple[tuple[str, ...], tuple[QueueSpec, ...]]:
+    """The exchanges and static queues a service declares itself even with its own login: the
+    transient queues it consumes and the transient exchanges they are bound to, which do not
+    outlive a broker restart, so their consumer must be able to make them again."""
+    consumed = SERVICE_ACCESS[service].consumes if service in SERVICE_ACCESS else ()
+    queues = tuple(q for q in STATIC_QUEUES if q.name in consumed and not q.durable)
+    transient = {e.name for e in EXCHANGES if not e.durable}
+    exchanges = tuple(dict.fromkeys(
+        exchange for q in queues for exchange, _ in q.bindings if exchange in transient))
+    return exchanges, queues
+
+
+def permissions(service: str, host_id: str | None = None) -> Permissions:
+    """The least a service's login needs (a worker-host's: one host's, `host_id`). It declares
+    none of the shared topology (the setup step does: `runner bus setup`), only its own queues
+    and the transient ones it consumes (`declared_by`); it may publish only to the exchanges it
+    uses, consume only its own queues, and read (bind to) only the exchanges its queues are
+    bound to."""
+    access = _access(service, host_id)
+    exchanges, queues = declared_by(service)
+    bound = dict.fromkeys([*(exchange for exchange, _ in access.binds),
+                           *(exchange for q in queues for exchange, _ in q.bindings)])
+    declared = [*access.own_queues, *_names(*(q.name for q in queues))]
     return Permissions(
-        configure=_any_of([*exchanges, *queues, *access.own_queues]),
-        write=_any_of([*queues, *access.own_queues, *_names(*access.publishes)]),
-        read=_any_of([*exchanges, *_names(*access.consumes), *access.own_queues]),
+        configure=_any_of([*declared, *_names(*exchanges)]),
+        write=_any_of([*declared, *_names(*access.publishes)]),
+        read=_any_of([*_names(*access.consumes), *access.own_queues, *_names(*bound)]),
+    )
+
+
+def topic_permissions(service: str, host_id: str | None = None) -> tuple[TopicPermissions, ...]:
+    """Limits on routing keys: a login may bind its own queues only with the keys they need,
+    and a worker-host may publish only keys that name no host or its own (so it cannot put a
+    message into another host's inbox)."""
+    access = _access(service, host_id)
+    topic = {e.name for e in EXCHANGES if e.type == "topic"}
+    keys: dict[str, list[str]] = {}
+    for exchange, key in access.binds:
+        if exchange in topic:
+            keys.setdefault(exchange, []).append(re.escape(key))
+    if host_id is None:
+        return tuple(TopicPermissions(exchange, ".*", _any_of(bound))
+                     for exchange, bound in keys.items())
+    own_or_none = rf"^[a-z]+\.[A-Za-z]+(\.{re.escape(host_id)})?$"
+    return (
+        TopicPermissions(EVENTS_EXCHANGE, own_or_none, _any_of(keys.get(EVENTS_EXCHANGE, []))),
+        TopicPermissions(TELEMETRY_EXCHANGE, own_or_none, "^$"),
+        TopicPermissions(DEAD_LETTER_EXCHANGE, _any_of([re.escape(host_inbox(host_id).name)]),
+                         "^$"),
     )
 
 
@@ -374,6 +464,7 @@ class BrokerUser:
     password_hash: str
     permissions: Permissions
     tags: tuple[str, ...] = ()
+    topics: tuple[TopicPermissions, ...] = ()
 
 
 def password_hash(password: str, salt: bytes | None = None) -> str:
@@ -383,19 +474,27 @@ def password_hash(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
-def service_user(service: str) -> str:
-    return f"runner-{service}"
+def service_user(service: str, namespace: str | None = None) -> str:
+    """A service's login, `runner-<service>`; with a `namespace`, `runner-<service>@<namespace>`
+    (broker users are global to a broker: systems sharing one, such as tests, each have
+    theirs)."""
+    return f"{SERVICE_USER_PREFIX}{service}" + (f"@{namespace}" if namespace else "")
 
 
-def broker_users(admin: tuple[str, str], passwords: dict[str, str]) -> list[BrokerUser]:
-    """The operators' administrator (management UI, full rights in the vhost) and one user per
-    service in `passwords` (service name -> password)."""
+def broker_users(admin: tuple[str, str], passwords: Mapping[str, str],
+                 hosts: Mapping[str, str] = MappingProxyType({})) -> list[BrokerUser]:
+    """The operators' administrator (management UI, full rights in the vhost), one user per
+    service in `passwords` (service name -> password; not the worker-host) and one per
+    worker-host in `hosts` (host id -> password)."""
     everything = Permissions(".*", ".*", ".*")
     users = [BrokerUser(admin[0], password_hash(admin[1]), everything, ("administrator",))]
     for service, password in passwords.items():
-        users.append(
-            BrokerUser(service_user(service), password_hash(password), permissions(service))
-        )
+        users.append(BrokerUser(service_user(service), password_hash(password),
+                                permissions(service), topics=topic_permissions(service)))
+    for host_id, password in hosts.items():
+        users.append(BrokerUser(host_user(host_id), password_hash(password),
+                                permissions("worker-host", host_id),
+                                topics=topic_permissions("worker-host", host_id)))
     return users
 
 
@@ -455,41 +554,81 @@ EMITTERS: dict[str, frozenset[str]] = {
 }
 
 SERVICE_USER_PREFIX = "runner-"
+HOST_SERVICE = "worker-host"
+
+
+@dataclass(frozen=True)
+class Publisher:
+    """Who a service's login is: the service, and for a worker-host's own login, which host."""
+
+    service: str
+    host_id: str | None = None
+
+
+def host_user(host_id: str, namespace: str | None = None) -> str:
+    """A worker-host's own login, `runner-worker-host.<host_id>` (and `@<namespace>`, as
+    `service_user`)."""
+    return service_user(f"{HOST_SERVICE}.{host_id}", namespace)
+
+
+def publisher(user_id: str | None) -> Publisher | None:
+    """The service (and host) whose login `user_id` is, or None for no user or another login
+    (the shared login of a development system, an operator)."""
+    if not user_id or not user_id.startswith(SERVICE_USER_PREFIX):
+        return None
+    name = user_id.removeprefix(SERVICE_USER_PREFIX).partition("@")[0]
+    service, dot, host_id = name.partition(".")
+    if service not in SERVICES or (dot and (service != HOST_SERVICE
+                                            or not re.fullmatch(ID_PATTERN, host_id))):
+        return None
+    return Publisher(service, host_id or None)
 
 
 def publisher_service(user_id: str | None) -> str | None:
-    """The service whose login `user_id` is, or None for no user or another login (the shared
-    login of a development system, an operator)."""
-    if not user_id or not user_id.startswith(SERVICE_USER_PREFIX):
-        return None
-    service = user_id.removeprefix(SERVICE_USER_PREFIX)
-    return service if service in SERVICES else None
+    """The service whose login `user_id` is (see `publisher`), or None."""
+    who = publisher(user_id)
+    return who.service if who is not None else None
 
 
-def forged(user_id: str | None, message_type: str) -> str | None:
-    """Why a message of `message_type` published by the login `user_id` must be refused, or
-    None when it may be handled: a service's login may publish only what `EMITTERS` lists for
-    it; any other login (or none) is not checked, as per-service logins are what make it mean
-    anything."""
-    service = publisher_service(user_id)
-    if service is None or service in EMITTERS.get(message_type, frozenset()):
+def forged(user_id: str | None, message: Message) -> str | None:
+    """Why `message` published by the login `user_id` must be refused, or None when it may be
+    handled: a service's login may publish only what `EMITTERS` lists for it, and a host's own
+    login only messages that name that host, where its type names one; any other login (or
+    none) is not checked, as per-service logins are what make it mean anything."""
+    who = publisher(user_id)
+    if who is None:
         return None
-    return f"published by {user_id}, which may not emit {message_type}"
+    name = message.type_name()
+    if who.service not in EMITTERS.get(name, frozenset()):
+        return f"published by {user_id}, which may not emit {name}"
+    if who.host_id is not None and names_host(type(message)):
+        named = host_named(type(message), message)
+        if named != who.host_id:
+            return f"published by {user_id}, which may not emit a {name} of " + (
+                f"host {named}" if named else "no host")
+    return None
 
 
 def permission_table() -> str:
-    """The bus's permission table for docs/SECURITY.md, in Markdown: each service's login, what
-    it may publish to, read and declare, and the message types it may emit."""
-    rows = ["| login | publishes to | consumes | declares its own | may emit |",
-            "| --- | --- | --- | --- | --- |"]
+    """The bus's permission table for docs/SECURITY.md, in Markdown: each service's login (one
+    per worker-host), what it may publish to, read and declare, the keys it may bind its own
+    queues with, and the message types it may emit."""
+    rows = ["| login | publishes to | consumes | declares its own | binds it with | may emit |",
+            "| --- | --- | --- | --- | --- | --- |"]
     for service in SERVICES:
-        access = SERVICE_ACCESS[service]
+        if service == HOST_SERVICE:
+            user, access = host_user("<host_id>"), host_access("<host_id>")
+            own = [host_inbox("<host_id>").name]
+        else:
+            user, access = service_user(service), SERVICE_ACCESS[service]
+            own = list(access.own_queues)
         emits = sorted(t for t, services in EMITTERS.items() if service in services)
         rows.append(" | ".join((
-            f"| `{service_user(service)}`",
+            f"| `{user}`",
             ", ".join(f"`{e}`" for e in access.publishes),
             ", ".join(f"`{q}`" for q in access.consumes) or "—",
-            ", ".join(f"`{q}`" for q in access.own_queues) or "—",
+            ", ".join(f"`{q}`" for q in own) or "—",
+            ", ".join(f"`{key}`" for _, key in access.binds) or "—",
             ", ".join(emits) + " |",
         )))
     return "\n".join(rows)

@@ -14,7 +14,9 @@ import pytest_asyncio
 
 from services.cli.local import rabbitmqctl
 from services.settings import Settings
+from tests import rabbit_nodes
 from tests.exchanges.deribit import LocalDeribit
+from tests.rabbit_nodes import RabbitCluster
 
 AMQP_HOST = "127.0.0.1"
 AMQP_PORT = 5672
@@ -31,6 +33,27 @@ def broker_reachable() -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """Three private RabbitMQ nodes clustered beside the default one (tests/rabbit_nodes.py),
+    shared by the session's tests and removed at its end; a test that kills a node restarts it."""
+    if not rabbit_nodes.available():
+        pytest.fail("rabbitmq-server is not installed (/usr/lib/rabbitmq/bin/rabbitmq-server)")
+    with RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"), size=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(rabbit_cluster: RabbitCluster) -> Iterator[str]:
+    """The private cluster's URL (every node) on a fresh vhost of the test's own, every node
+    running."""
+    for name in set(rabbit_cluster.names) - set(rabbit_cluster.running()):
+        rabbit_cluster.restart(name)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield rabbit_cluster.vhost_url(name)
+    rabbit_cluster.delete_vhost(name)
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import time
 from rich.console import Console
 from yarl import URL
 
+from services.settings import amqp_node_urls
+
 LOCAL = ("localhost", "127.0.0.1", "::1")
 
 
@@ -26,12 +28,16 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
 def ensure_broker(amqp_url: str, console: Console, wait: float = 60.0) -> str | None:
     """None when the broker answers (after starting the local one if need be); else the message
     saying where we looked and how to start one."""
-    url = URL(amqp_url)
-    host = url.host or "localhost"
-    port = url.port or (5671 if url.scheme == "amqps" else 5672)
-    if reachable(host, port):
+    nodes = [URL(node) for node in amqp_node_urls(amqp_url)]
+    addresses = [(url.host or "localhost", url.port or (5671 if url.scheme == "amqps" else 5672))
+                 for url in nodes]
+    if any(reachable(host, port) for host, port in addresses):
         return None
-    where = f"RabbitMQ is not answering at {host}:{port} (RUNNER_AMQP_URL)"
+    host, port = addresses[0]
+    where = (f"RabbitMQ is not answering at {', '.join(f'{h}:{p}' for h, p in addresses)} "
+             "(RUNNER_AMQP_URL)")
+    if len(addresses) > 1:  # a cluster is not ours to start
+        return f"{where}. Start the cluster's nodes, or point RUNNER_AMQP_URL at running ones."
     server = shutil.which("rabbitmq-server")
     if host in LOCAL and server is not None:
         console.print(f"{where}: starting the local one (rabbitmq-server -detached)…")

@@ -18,7 +18,7 @@ from yarl import URL
 
 from services.cli.client import GatewayClient, GatewayError, status_table
 from services.cli.local import LocalSystem
-from services.settings import Settings
+from services.settings import Settings, amqp_node_urls
 
 DEMO_VHOST = "runner-demo"
 DEMO_DIR = Path("var/demo")
@@ -80,9 +80,8 @@ async def run_demo(console: Console, *, watch_seconds: float = 12.0) -> int:
     )
     console.rule("[bold]Runner Orchestrator demo[/] — five services over RabbitMQ, paper broker")
     if not local.own_vhost:
-        console.print(
-            f"[dim]using the configured broker as is: {URL(local.amqp_url).with_password('***')}[/]"
-        )
+        nodes = (str(URL(n).with_password("***")) for n in amqp_node_urls(local.amqp_url))
+        console.print(f"[dim]using the configured broker as is: {', '.join(nodes)}[/]")
     try:
         await local.start()
         admin = local.admin

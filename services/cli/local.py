@@ -7,9 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +17,18 @@ from rich.console import Console
 from yarl import URL
 
 from events import Envelope
+from services.cli.broker_logins import (
+    can_make_vhosts,
+    create_logins,
+    declare_topology,
+    delete_logins,
+    login_urls,
+    new_logins,
+    rabbitmqctl,
+)
 from services.cli.client import GatewayClient, GatewayError
-from services.cli.supervisor import Supervisor, prepare_data_dir, system
-from services.settings import Settings
+from services.cli.supervisor import Supervisor, host_ids, prepare_data_dir, system
+from services.settings import Settings, amqp_node_urls
 
 
 def free_port() -> int:
@@ -30,26 +37,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rabbitmqctl(*args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
-                            input=stdin)
-    if result.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
-def can_make_vhosts(amqp_url: str) -> bool:
-    """Whether this machine runs the broker (so we may create a private vhost)."""
-    return (
-        URL(amqp_url).host in ("localhost", "127.0.0.1") and shutil.which("rabbitmqctl") is not None
-    )
-
-
 class LocalSystem:
     """Five services (and `hosts` worker-hosts) under a supervisor, on a private vhost; with
-    `own_broker_user`, through a broker user of its own with a random password (deleted at the
-    end), so that a test can look for that password where it must not be; with `replicas`, that
-    many of each of the entitlement service, the scheduler and the monitor (PostgreSQL)."""
+    `own_broker_user`, as a deployment runs: an administrator of its own for the vhost (the
+    topology is declared with it, and the CLI uses it) and a login per service and per host
+    with only its own rights, all with random passwords (deleted at the end, listed in
+    `broker_passwords` so that a test can look for them where they must not be); with
+    `replicas`, that many of each of the entitlement service, the scheduler and the monitor
+    (PostgreSQL); with `amqp_url`, on that broker (a private node or cluster) as it is, without
+    a vhost of its own."""
 
     def __init__(
         self,
@@ -63,16 +59,22 @@ class LocalSystem:
         quiet: bool = False,
         own_broker_user: bool = False,
         replicas: int = 1,
+        amqp_url: str | None = None,
     ) -> None:
-        base = Settings()
+        base = Settings() if amqp_url is None else Settings(amqp_url=amqp_url)
         self.vhost = vhost or f"runner-{uuid.uuid4().hex[:10]}"
-        self.own_vhost = can_make_vhosts(base.amqp_url)
-        amqp = URL(base.amqp_url)
+        self.own_vhost = amqp_url is None and can_make_vhosts(base.amqp_url)
+        amqp = URL(base.amqp_nodes[0])
         self.broker_user: tuple[str, str] | None = None
         if own_broker_user and self.own_vhost:
             self.broker_user = (self.vhost, secrets.token_urlsafe(18))
             amqp = amqp.with_user(self.broker_user[0]).with_password(self.broker_user[1])
         self.amqp_url = str(amqp.with_path(f"/{self.vhost}")) if self.own_vhost else base.amqp_url
+        self.logins = (new_logins(host_ids(hosts), namespace=self.vhost)
+                       if self.broker_user is not None else [])
+        self.broker_passwords = [
+            *((self.broker_user[1],) if self.broker_user else ()),
+            *(login.password for login in self.logins)]
         self.data_dir = data_dir
         self.admin_token = secrets.token_urlsafe(24)
         self.port = free_port()
@@ -91,7 +93,8 @@ class LocalSystem:
             console=console or Console(file=log, width=200, stderr=log is None),
             quiet=(lambda line: " INFO " in line or " DEBUG " in line) if quiet else None,
         )
-        system(self.supervisor, hosts=hosts, replicas=replicas)
+        system(self.supervisor, hosts=hosts, replicas=replicas,
+               amqp_urls=login_urls(self.amqp_url, self.logins) if self.logins else None)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin = GatewayClient(self.base_url, self.admin_token)
         self._clients = [self.admin]
@@ -100,7 +103,7 @@ class LocalSystem:
     def create_vhost(self) -> None:
         """A fresh, empty vhost (an earlier one of the same name is deleted first)."""
         if self.own_vhost and not self._vhost_ready:
-            user = URL(self.amqp_url).user or "guest"
+            user = URL(amqp_node_urls(self.amqp_url)[0]).user or "guest"
             with contextlib.suppress(RuntimeError):
                 rabbitmqctl("delete_vhost", self.vhost)
             rabbitmqctl("add_vhost", self.vhost)
@@ -109,10 +112,13 @@ class LocalSystem:
                     rabbitmqctl("delete_user", user)
                 rabbitmqctl("add_user", user, stdin=self.broker_user[1])  # not in `ps`
             rabbitmqctl("set_permissions", "-p", self.vhost, user, ".*", ".*", ".*")
+            create_logins(self.vhost, self.logins)
         self._vhost_ready = True
 
     async def start(self, timeout: float = 60.0) -> None:
         self.create_vhost()
+        if self.logins:  # the services' own logins may not declare it
+            await declare_topology(self.amqp_url)
         prepare_data_dir(self.data_dir)
         await self.supervisor.start()
         for _ in range(int(timeout * 10)):
@@ -135,6 +141,7 @@ class LocalSystem:
         if self.broker_user is not None:
             with contextlib.suppress(RuntimeError):
                 rabbitmqctl("delete_user", self.broker_user[0])
+        delete_logins(self.logins)
 
     async def user(
         self, name: str | None = None, tier: str | None = None, days: float = 30

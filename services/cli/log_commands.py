@@ -69,8 +69,9 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 
 def _broker_name(settings: Settings) -> str:
-    url = URL(settings.amqp_url)  # never the password
-    return f"{url.host}:{url.port}" + ("" if settings.vhost == "/" else f"/{settings.vhost}")
+    nodes = [URL(node) for node in settings.amqp_nodes]  # never the password
+    return (",".join(f"{url.host}:{url.port}" for url in nodes)
+            + ("" if settings.vhost == "/" else f"/{settings.vhost}"))
 
 
 async def _connect(settings: Settings) -> Bus:

@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from yarl import URL
 
 from services.settings import Settings
 
@@ -98,7 +99,7 @@ def service(
     ),
 ) -> None:
     """Run one service in the foreground until SIGINT/SIGTERM (for compose and scale-out)."""
-    from services.bus import QueueMismatch
+    from services.bus import QueueMismatch, TopologyMissing
     from services.secrets import AdminTokenError
 
     cls = load_service(name)
@@ -113,7 +114,7 @@ def service(
         uvloop.run(run_service(cls(settings), settings))
     except KeyboardInterrupt:
         pass
-    except (OSError, AdminTokenError, QueueMismatch) as exc:
+    except (OSError, AdminTokenError, QueueMismatch, TopologyMissing) as exc:
         fail(f"{name}: {exc}")
 
 
@@ -124,9 +125,30 @@ def up(
         1, min=1, max=4,
         help="replicas of the entitlement service, the scheduler and the monitor (one active, "
         "the others standing by; needs PostgreSQL)"),
+    broker_admin_url: str | None = typer.Option(
+        None, "--broker-admin-url", envvar="RUNNER_AMQP_ADMIN_URL", show_default=False,
+        help="an administrator's login on RUNNER_AMQP_URL's vhost: the topology is declared "
+        "with it, and each service and worker-host runs on a login of its own with only its "
+        "rights (made with rabbitmqctl on this machine, deleted at the end); without it, every "
+        "service shares RUNNER_AMQP_URL's login"),
 ) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
-    from services.cli.supervisor import Supervisor, data_dir_of, prepare_data_dir, system
+    from services.cli.broker_logins import (
+        Login,
+        can_make_vhosts,
+        create_logins,
+        declare_topology,
+        delete_logins,
+        login_urls,
+        new_logins,
+    )
+    from services.cli.supervisor import (
+        Supervisor,
+        data_dir_of,
+        host_ids,
+        prepare_data_dir,
+        system,
+    )
     from services.secrets import AdminTokenError, check_admin_token
 
     if replicas > 1 and not (Settings().database_url or "").startswith("postgresql"):
@@ -139,19 +161,41 @@ def up(
         except AdminTokenError as exc:
             fail(str(exc))
     _broker_or_fail()
+    settings = Settings()
+    logins: list[Login] = []
+    if broker_admin_url:
+        if URL(broker_admin_url).path != URL(settings.amqp_url).path:
+            fail("--broker-admin-url must name RUNNER_AMQP_URL's vhost")
+        if not can_make_vhosts(settings.amqp_url):
+            fail("a login per service is made with rabbitmqctl, on the broker's machine; for "
+                 "another broker, render its definitions (rabbitmq/render_definitions.py)")
+        logins = new_logins(host_ids(hosts))
+    else:
+        console.print(f"[yellow]warning:[/] every service logs in as "
+                      f"{URL(settings.amqp_url).user or 'guest'}, one shared login: the broker "
+                      "cannot tell them apart, so any of them may publish anything; give "
+                      "RUNNER_AMQP_ADMIN_URL for a login per service (docs/SECURITY.md §8)")
 
     async def main() -> None:
         prepare_data_dir(data_dir_of(os.environ))
+        if logins:
+            assert broker_admin_url is not None
+            await declare_topology(broker_admin_url)
+            create_logins(settings.vhost, logins)
         supervisor = Supervisor(os.environ)
-        system(supervisor, hosts=hosts, replicas=replicas)
-        await supervisor.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        console.print("[bold]stopping (graceful drain)…[/]")
-        await supervisor.stop()
+        system(supervisor, hosts=hosts, replicas=replicas,
+               amqp_urls=login_urls(settings.amqp_url, logins) if logins else None)
+        try:
+            await supervisor.start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            console.print("[bold]stopping (graceful drain)…[/]")
+            await supervisor.stop()
+        finally:
+            delete_logins(logins)
 
     asyncio.run(main())
 
@@ -544,11 +588,13 @@ def _register_optional_commands() -> None:
         from services.cli import log_commands
     except ImportError:  # pragma: no cover - during bootstrap
         return
+    from services.cli.bus_commands import bus_app
     from services.cli.db_commands import db_app
     from services.cli.images import images_app
     from services.cli.keys import keys_app
 
     app.add_typer(db_app, name="db")
+    app.add_typer(bus_app, name="bus")
     app.add_typer(keys_app, name="keys")
     app.add_typer(images_app, name="images")
     app.add_typer(log_commands.events_app, name="events")

@@ -45,7 +45,8 @@ SECRETS_FOR = {
     "RUNNER_ADMIN_TOKEN": {"gateway"},
 }
 NEVER_PASSED = ("RUNNER_TOKEN", "RUNNER_API_KEY", "RUNNER_API_SECRET",
-                "RUNNER_DATABASE_ADMIN_URL")  # `runner db setup`'s, with the services' below
+                "RUNNER_DATABASE_ADMIN_URL",  # `runner db setup`'s, with the services' below
+                "RUNNER_AMQP_ADMIN_URL")  # `runner up`'s and `runner bus setup`'s
 NEVER_PASSED_PREFIXES = ("RUNNER_DATABASE_PASSWORD_",)
 
 
@@ -214,14 +215,23 @@ class Supervisor:
 BACKGROUND_NICE = 5
 
 
-def system(supervisor: Supervisor, hosts: int = 1, replicas: int = 1) -> None:
+def host_ids(hosts: int) -> list[str]:
+    """The ids of a system's `hosts` worker-hosts: `host-1`, `host-2`, …, or RUNNER_HOST_ID for
+    a single one."""
+    if hosts == 1 and os.environ.get("RUNNER_HOST_ID"):
+        return [os.environ["RUNNER_HOST_ID"]]
+    return [f"host-{n}" for n in range(1, hosts + 1)]
+
+
+def system(supervisor: Supervisor, hosts: int = 1, replicas: int = 1,
+           amqp_urls: Mapping[str, str] | None = None) -> None:
     """Add the five services (with `hosts` worker-hosts, and `replicas` of each of the
     entitlement service, the scheduler and the monitor: `monitor`, `monitor-2`, …, one active
-    and the others standing by) to `supervisor`. Those off the request
-    path (monitor, scheduler, worker-hosts and so their workers) run at a lower CPU priority
-    (`RUNNER_NICE`, 5 unless set), so that on a shared machine a start is answered first and
-    carried out in the time left. At 50 starts/s the POST's p50 was 21–38 ms against 31–96 ms at
-    nice 0, four runs each; a burst of starts got about 10 % slower (bench/RESULTS.md)."""
+    and the others standing by) to `supervisor`. Those off the request path (monitor,
+    scheduler, worker-hosts and so their workers) run at a lower CPU priority (`RUNNER_NICE`, 5
+    unless set), so that on a shared machine a start is answered first (bench/RESULTS.md).
+    `amqp_urls` gives each its own broker login: by service name, and `worker-host.<id>` for
+    each host (`broker_logins.Login.key`)."""
     background = supervisor.base_env.get("RUNNER_NICE") or str(BACKGROUND_NICE)
     root = data_dir_of(supervisor.base_env)
     keys = {} if {"RUNNER_SECRET_KEY", "RUNNER_SECRET_KEY_FILE"} & set(supervisor.base_env) else {
@@ -230,21 +240,23 @@ def system(supervisor: Supervisor, hosts: int = 1, replicas: int = 1) -> None:
     def own(name: str) -> str:
         return str(root / name)
 
+    def login(key: str) -> dict[str, str]:
+        return {"RUNNER_AMQP_URL": amqp_urls[key]} if amqp_urls else {}
+
     for n in range(1, replicas + 1):
         suffix = "" if n == 1 else f"-{n}"
         supervisor.add("monitor", f"monitor{suffix}", RUNNER_NICE=background,
-                       RUNNER_DATA_DIR=own("monitor"))
-        supervisor.add("entitlement", f"entitlement{suffix}", RUNNER_DATA_DIR=own("entitlement"))
+                       RUNNER_DATA_DIR=own("monitor"), **login("monitor"))
+        supervisor.add("entitlement", f"entitlement{suffix}", RUNNER_DATA_DIR=own("entitlement"),
+                       **login("entitlement"))
         supervisor.add("scheduler", f"scheduler{suffix}", RUNNER_NICE=background,
-                       RUNNER_DATA_DIR=own("scheduler"))
+                       RUNNER_DATA_DIR=own("scheduler"), **login("scheduler"))
     uids = supervisor.base_env.get("RUNNER_WORKER_UIDS")
-    for n in range(1, hosts + 1):
-        host_id = os.environ.get("RUNNER_HOST_ID") if hosts == 1 else None
-        host_id = host_id or f"host-{n}"
+    for n, host_id in enumerate(host_ids(hosts), start=1):
         supervisor.add("worker-host", label=f"worker-host {host_id}", RUNNER_HOST_ID=host_id,
                        RUNNER_NICE=background, RUNNER_DATA_DIR=own(f"worker-host-{host_id}"),
-                       **keys, **worker_uids(uids, n, hosts))
-    supervisor.add("gateway", RUNNER_DATA_DIR=own("gateway"), **keys)
+                       **keys, **worker_uids(uids, n, hosts), **login(f"worker-host.{host_id}"))
+    supervisor.add("gateway", RUNNER_DATA_DIR=own("gateway"), **keys, **login("gateway"))
 
 
 def worker_uids(uids: str | None, n: int, hosts: int) -> dict[str, str]:

@@ -3,16 +3,18 @@ circuits."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Column, Text, bindparam, delete, func, insert, select, update
 from sqlmodel import Field, SQLModel
 
+from events import Envelope
 from events.routing import circuit_key
 from services.database import UtcDateTime
 from services.entitlement.rules import Plan, Slot
-from services.store import UnitOfWork
+from services.store import DbConnection, UnitOfWork
 
 
 class PlanRow(SQLModel, table=True):
@@ -41,8 +43,18 @@ class SlotRow(SQLModel, table=True):
     flatten_on_stop: bool = True
 
 
-TABLES = tuple(t.__table__ for t in (PlanRow, SlotRow, CircuitRow))  # type: ignore[attr-defined]
-PLANS, SLOTS, CIRCUITS = TABLES
+class DecisionRow(SQLModel, table=True):
+    """A start's decision as answered (its envelope), kept for the ledger's retention so that a
+    request delivered again (its first answer lost with a replica) gets the same answer."""
+
+    __tablename__ = "decisions"
+    job_id: str = Field(primary_key=True, max_length=100)
+    envelope: str = Field(sa_column=Column(Text, nullable=False))
+    decided_at: int = Field(index=True)  # Unix seconds
+
+
+TABLES = tuple(t.__table__ for t in (PlanRow, SlotRow, CircuitRow, DecisionRow))  # type: ignore[attr-defined]
+PLANS, SLOTS, CIRCUITS, DECISIONS = TABLES
 
 # A user's plan and the slots they hold, in one read: what a start's decision and the check
 # query both go by.
@@ -55,9 +67,11 @@ _PLAN_FACTS = (
     .scalar_subquery().label("in_use"),
 )
 USER_FACTS = select(*_PLAN_FACTS)
-# Everything a start's decision reads, in one statement: whether the job holds a slot already,
-# its strategy's open circuit, and the user's facts.
+# Everything a start's decision reads, in one statement: whether the job was decided or holds a
+# slot already, its strategy's open circuit, and the user's facts.
 START_FACTS = select(
+    select(DECISIONS.c.job_id).where(DECISIONS.c.job_id == bindparam("job"))
+    .scalar_subquery().label("decided"),
     select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
     .scalar_subquery().label("taken"),
     select(CIRCUITS.c.open_until).where(CIRCUITS.c.key == bindparam("circuit"))
@@ -66,6 +80,7 @@ START_FACTS = select(
 )
 TAKE_SLOT = insert(SLOTS)
 FREE_SLOT = delete(SLOTS).where(SLOTS.c.job_id == bindparam("job"))
+SLOT_OF = select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
 SLOTS_OF = (select(SLOTS.c.job_id, SLOTS.c.worker_id, SLOTS.c.flatten_on_stop)
             .where(SLOTS.c.user_id == bindparam("user")).order_by(SLOTS.c.seq))
 
@@ -88,6 +103,10 @@ async def take_slot(uow: UnitOfWork, job_id: str, user_id: str, worker_id: str,
 
 async def free_slot(uow: UnitOfWork, job_id: str) -> None:
     await uow.execute(FREE_SLOT, {"job": job_id})
+
+
+async def slot_held(connection: DbConnection, job_id: str) -> bool:
+    return (await connection.execute(SLOT_OF, {"job": job_id})).first() is not None
 
 
 async def slots_of(uow: UnitOfWork, user_id: str) -> list[Slot]:
@@ -115,3 +134,15 @@ async def open_circuit(uow: UnitOfWork, user_id: str, strategy_id: str,
 
 async def close_circuit(uow: UnitOfWork, user_id: str, strategy_id: str) -> None:
     await uow.execute(delete(CIRCUITS).where(CIRCUITS.c.key == circuit_key(user_id, strategy_id)))
+
+
+async def record_decision(uow: UnitOfWork, job_id: str, decision: Envelope) -> None:
+    await uow.execute(insert(DECISIONS).values(
+        job_id=job_id, envelope=decision.to_json().decode(), decided_at=int(time.time())))
+
+
+async def decision_of(uow: UnitOfWork, job_id: str) -> Envelope | None:
+    """The decision recorded for `job_id`, or None (never decided, or forgotten)."""
+    body = (await uow.execute(select(DECISIONS.c.envelope)
+                              .where(DECISIONS.c.job_id == job_id))).scalar()
+    return None if body is None else Envelope.from_json(body)

@@ -13,6 +13,8 @@ the job ends (WorkerStopped, RestartsExhausted).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from events import (
@@ -26,7 +28,7 @@ from events import (
     UpgradeEntitlement,
     WorkerStopped,
 )
-from events.queries import CheckEntitlement, Conflict, DecideStart, Invalid
+from events.queries import CheckEntitlement, Conflict, DecideStart, Invalid, SlotQuery
 from events.routing import job_stream, user_stream
 from services.bus import RawJson
 from services.entitlement import rows
@@ -59,7 +61,9 @@ class EntitlementService(Service):
             UpgradeEntitlement: self.on_upgrade,
         })
         self.bus.serve(ENTITLEMENT_RPC, {DecideStart: self.decide_start,
-                                         CheckEntitlement: self.check})
+                                         CheckEntitlement: self.check,
+                                         SlotQuery: self.slot})
+        self._freed = asyncio.Event()
         self.timer_handlers["expire"] = self.on_expiry_due
 
     # ------------------------------------------------------------------ handlers
@@ -67,13 +71,13 @@ class EntitlementService(Service):
     async def on_start_runner(self, uow: UnitOfWork, env: Envelope,
                               cmd: StartRunner) -> Envelope | None:
         """Records the request (JobRequested) and decides it in the same transaction: exactly one
-        JobAccepted (taking a slot) or JobRejected per job. Returns the decision, or None for a
-        job decided before."""
+        JobAccepted (taking a slot) or JobRejected per job, kept for a request delivered again.
+        Returns the decision, or None for a job decided before."""
         user_id = env.user_id or ""
         await uow.lock(f"quota:{user_id}")
         facts = await rows.start_facts(uow, cmd.job_id, user_id, cmd.strategy_id)
-        if facts.taken is not None:
-            return None  # accepted before (the same start sent twice)
+        if facts.decided is not None or facts.taken is not None:
+            return None  # decided before (the same start sent twice)
         where = {"stream": env.stream, "correlation_id": cmd.job_id}
         verdict = judge_start(rows.plan_of(facts), facts.in_use, facts.circuit_until,
                               self.clock(), job_id=cmd.job_id, worker_id=cmd.worker_id,
@@ -88,7 +92,13 @@ class EntitlementService(Service):
                               flatten_on_stop=cmd.flatten_on_stop), **where)
         if isinstance(verdict, JobAccepted):
             await rows.take_slot(uow, cmd.job_id, user_id, cmd.worker_id, cmd.flatten_on_stop)
-        return uow.emit(verdict, **where)
+        decision = uow.emit(verdict, **where)
+        await rows.record_decision(uow, cmd.job_id, decision)
+        return decision
+
+    async def forget_ended(self, before: float) -> int:
+        """Forgets the decisions older than the ledger's retention, as the ledger does."""
+        return await self.store.forget_rows(rows.DECISIONS.c.decided_at, int(before))
 
     async def on_circuit(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """Remembers which strategies' circuits are open (the scheduler counts the failures)."""
@@ -100,6 +110,11 @@ class EntitlementService(Service):
     async def on_job_ended(self, uow: UnitOfWork, env: Envelope, event: Any) -> None:
         """Frees the job's slot (a job without one: a no-op)."""
         await rows.free_slot(uow, event.job_id)
+        uow.after_commit.append(self._wake_slot_queries)
+
+    def _wake_slot_queries(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     async def on_upgrade(self, uow: UnitOfWork, env: Envelope, cmd: UpgradeEntitlement) -> None:
         """Puts the user on the tier until now + days, arms the expiry timer, emits
@@ -133,10 +148,11 @@ class EntitlementService(Service):
 
     async def decide_start(self, query: DecideStart) -> RawJson:
         """Decides the StartRunner in `query` as `on_start_runner` does and answers, once that
-        has committed, with the decision's envelope. The command itself never travels on the
-        bus: its JobRequested, in the same commit, records it. It is marked processed in the
-        inbox's ledger, so the same command sent on the bus is skipped. Concurrent requests
-        share a transaction (group commit)."""
+        has committed, with the decision's envelope; a start decided before gets its recorded
+        decision again (a request redelivered after its replica died unanswered). The command
+        itself never travels on the bus: its JobRequested, in the same commit, records it. It is
+        marked processed in the inbox's ledger, so the same command sent on the bus is skipped.
+        Concurrent requests share a transaction (group commit)."""
         envelope = query.envelope
         try:
             command = envelope.message()
@@ -146,15 +162,30 @@ class EntitlementService(Service):
             raise Invalid(f"'envelope' must be a StartRunner envelope, not {envelope.type}")
 
         async def take_decision(uow: UnitOfWork) -> Envelope:
-            if not await self.store.claim(uow, [envelope], ENTITLEMENT_INBOX.name):
-                raise Conflict(f"job {command.job_id} was decided before")
-            uow.cause = envelope
-            decision = await self.on_start_runner(uow, envelope, command)
+            decision = None
+            if await self.store.claim(uow, [envelope], ENTITLEMENT_INBOX.name):
+                uow.cause = envelope
+                decision = await self.on_start_runner(uow, envelope, command)
             if decision is None:
-                raise Conflict(f"job {command.job_id} was accepted before")
+                decision = await rows.decision_of(uow, command.job_id)
+            if decision is None:  # decided longer ago than the ledger's retention
+                raise Conflict(f"job {command.job_id} was decided before")
             return decision
 
         return RawJson((await self.store.grouped(take_decision)).to_json())
+
+    async def slot(self, query: SlotQuery) -> dict[str, bool]:
+        """Whether the job holds a slot, once it does not or the `wait` is over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + query.wait
+        while True:
+            freed = self._freed  # before the read: a slot freed during it wakes this one
+            async with self.store.reading() as connection:
+                held = await rows.slot_held(connection, query.job_id)
+            if not held or (remaining := deadline - loop.time()) <= 0:
+                return {"held": held}
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), timeout=remaining)
 
     async def check(self, query: CheckEntitlement) -> dict[str, Any]:
         """The user's tier, limit and usage, as of now."""

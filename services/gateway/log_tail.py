@@ -94,10 +94,16 @@ class Subscriber:
     filter: EventFilter
     after: int
     max_pending: int
+    loop: asyncio.AbstractEventLoop  # its stream's (asked once: asking costs a system call)
     pending: deque[LogEntry] = field(default_factory=deque)
     dropped: str | None = None  # why it was cut
     quiet: bool = False  # nothing taken since the last keep-alive tick
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiter: asyncio.Future[None] | None = None  # set while `take` waits
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def offer(self, entry: LogEntry) -> bool:
         """Queue `entry` if wanted; False when that overflows the bound (the caller drops it)."""
@@ -106,21 +112,24 @@ class Subscriber:
         if len(self.pending) >= self.max_pending:
             return False
         self.pending.append(entry)
-        self._wake.set()
+        self._wake()
         return True
 
     def drop(self, reason: str) -> None:
         """Cut: forget what is pending (the client reads it again when it resumes)."""
         self.dropped = reason
         self.pending.clear()
-        self._wake.set()
+        self._wake()
 
     async def take(self) -> list[LogEntry]:
         """Every pending entry, once there is one; an empty list when the tail's keep-alive
         tick finds the stream idle. Raises `Dropped`."""
         if not self.pending and not self.dropped:
-            self._wake.clear()
-            await self._wake.wait()
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if self.dropped:
             raise Dropped(self.dropped)
         taken = list(self.pending)
@@ -133,8 +142,64 @@ class Subscriber:
     def tick(self) -> None:
         """The keep-alive clock: a stream quiet since the previous tick gets an empty batch."""
         if self.quiet:
-            self._wake.set()
+            self._wake()
         self.quiet = True
+
+
+class OpenStream:
+    """One stream served from a position (`LogTail.open`): its history in batches
+    (`history`), then, if it follows the log, its `subscriber`'s live entries; `close` it
+    when done."""
+
+    def __init__(self, tail: LogTail, wanted: EventFilter, after: int | None,
+                 follow: bool) -> None:
+        self.tail, self.wanted, self.after, self.follow = tail, wanted, after, follow
+        self.subscriber: Subscriber | None = None  # once `history` has reached the present
+        self.closed = False
+
+    async def history(self) -> AsyncIterator[list[LogEntry]]:
+        """The entries wanted from the start position up to the present, in log order, each
+        once; at its end the stream has its `subscriber` (for every position after those), or,
+        without `follow`, none (it has reached where it stops)."""
+        tail, wanted = self.tail, self.wanted
+        await tail._live.wait()
+        cursor = tail.position if self.after is None else self.after
+        until = None if self.follow else tail.position
+        while until is None or cursor < until:
+            # no await between the check and the subscription below: nothing falls between
+            if tail._recent_after(cursor) is not None or cursor >= tail.position:
+                break
+            rows = await tail._fetch(cursor, tail.page, 0.0)
+            if not rows:
+                break  # the log holds nothing after `cursor` (it was reset): go live
+            entries = [LogEntry.from_row(row) for row in rows]
+            if until is not None:
+                entries = [e for e in entries if e.position <= until]
+                if not entries:
+                    return
+            yield [e for e in entries if wanted.wants(e)]
+            if until is not None and entries[-1].position >= until:
+                return
+            cursor = entries[-1].position
+        else:
+            return
+        recent = [e for e in tail._recent_after(cursor) or () if wanted.wants(e)]
+        if until is not None:
+            yield [e for e in recent if e.position <= until]
+            return
+        if self.closed:
+            return
+        self.subscriber = tail.subscribe(wanted, max(cursor, tail.position))
+        if recent:
+            yield recent
+
+    def close(self) -> None:
+        """Stop: no more entries are kept for it."""
+        if not self.closed:
+            self.closed = True
+            self.tail._streams -= 1
+            if self.subscriber is not None:
+                self.tail.unsubscribe(self.subscriber)
 
 
 class LogTail:
@@ -244,7 +309,7 @@ class LogTail:
                 subscriber.drop("the gateway is stopping")
 
     def subscribe(self, wanted: EventFilter, after: int) -> Subscriber:
-        subscriber = Subscriber(wanted, after, self.max_pending)
+        subscriber = Subscriber(wanted, after, self.max_pending, asyncio.get_running_loop())
         self._by_user.setdefault(wanted.user_id, set()).add(subscriber)
         return subscriber
 
@@ -266,6 +331,15 @@ class LogTail:
 
     # ------------------------------------------------------------------ streams
 
+    def open(self, wanted: EventFilter, after: int | None = None, *,
+             follow: bool = True) -> OpenStream:
+        """A stream of the entries `wanted` after position `after` (None: from now on), as
+        `stream` gives them, for a caller that takes the live ones from its subscriber
+        itself."""
+        self._streams += 1
+        self._demand.set()
+        return OpenStream(self, wanted, after, follow)
+
     async def stream(self, wanted: EventFilter, after: int | None = None, *,
                      follow: bool = True) -> AsyncIterator[list[LogEntry]]:
         """The entries `wanted` after position `after` (None: from now on), in log order, each
@@ -273,46 +347,12 @@ class LogTail:
         when the stream has been quiet for about `idle` seconds (for keep-alives). Without
         `follow`, only those recorded when the stream starts, then it ends. Raises `Dropped`
         when it falls `max_pending` entries behind."""
-        self._streams += 1
-        self._demand.set()
+        opened = self.open(wanted, after, follow=follow)
         try:
-            async for batch in self._stream(wanted, after, follow):
+            async for batch in opened.history():
                 yield batch
+            if opened.subscriber is not None:
+                while True:
+                    yield await opened.subscriber.take()
         finally:
-            self._streams -= 1
-
-    async def _stream(self, wanted: EventFilter, after: int | None,
-                      follow: bool) -> AsyncIterator[list[LogEntry]]:
-        await self._live.wait()
-        cursor = self.position if after is None else after
-        until = None if follow else self.position
-        while until is None or cursor < until:
-            # no await between the check and the subscription below: nothing falls between
-            if self._recent_after(cursor) is not None or cursor >= self.position:
-                break
-            rows = await self._fetch(cursor, self.page, 0.0)
-            if not rows:
-                break  # the log holds nothing after `cursor` (it was reset): go live
-            entries = [LogEntry.from_row(row) for row in rows]
-            if until is not None:
-                entries = [e for e in entries if e.position <= until]
-                if not entries:
-                    return
-            yield [e for e in entries if wanted.wants(e)]
-            if until is not None and entries[-1].position >= until:
-                return
-            cursor = entries[-1].position
-        else:
-            return
-        recent = [e for e in self._recent_after(cursor) or () if wanted.wants(e)]
-        if until is not None:
-            yield [e for e in recent if e.position <= until]
-            return
-        subscriber = self.subscribe(wanted, max(cursor, self.position))
-        try:
-            if recent:
-                yield recent
-            while True:
-                yield await subscriber.take()
-        finally:
-            self.unsubscribe(subscriber)
+            opened.close()

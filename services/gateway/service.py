@@ -25,6 +25,7 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from events import (
     EntitlementUpgraded,
@@ -47,6 +48,7 @@ from events.queries import (
     Invalid,
     NotFound,
     QueryRefused,
+    SlotQuery,
     StatusQuery,
     WorkerQuery,
 )
@@ -93,7 +95,7 @@ REJECT_STATUS = {
 
 
 RETRY_AFTER = 2  # seconds a client is told to wait when the bus is unavailable (it reconnects each)
-READ_YOUR_WRITES_WAIT = 2.0  # seconds the monitor may take to show a start answered here
+READ_YOUR_WRITES_WAIT = 2.0  # seconds the monitor or entitlement may take to show what was answered
 STATUS_PAGE_MAX = 1000  # workers per page of `GET /runner/status?limit=`
 
 
@@ -108,6 +110,17 @@ class ApiError(Exception):
 # reuse (httpx: 5 s, uvicorn's own default too): with equal times a client could send a request
 # just as the server closed the connection, and get a bare `ReadError` (seen once in CI).
 HTTP_KEEP_ALIVE = 75.0
+
+
+class _GZipUnlessStreaming(GZipMiddleware):
+    """GZip for answers, not for `GET /events`: an event stream is never compressed, and its
+    every frame would pass through the compressor's checks."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/events":
+            await self.app(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 class _QuietServer(uvicorn.Server):
@@ -153,7 +166,7 @@ class GatewayService(Service):
     async def started(self) -> None:
         self.background(self.tail.run(), "event-log-tail")
         config = uvicorn.Config(
-            self.app,
+            events_stream.with_server_send(self.app),
             host=self.settings.http_host,
             port=self.settings.http_port,
             log_level="warning",
@@ -285,7 +298,8 @@ class GatewayService(Service):
                     flatten_error = event.error
                 elif isinstance(event, WorkerStopped):
                     break
-        await self._until_monitor_shows(wid, "ended")
+        await asyncio.gather(self._until_monitor_shows(wid, "ended"),
+                             self._until_slot_freed(worker["jobId"]))
         if flatten_error is not None:
             return failed(
                 f"worker stopped, but flatten failed: {flatten_error}",
@@ -403,6 +417,13 @@ class GatewayService(Service):
             await self.bus.request(MONITOR_RPC, WorkerQuery(worker_id=worker_id, until=until,
                                                             wait=READ_YOUR_WRITES_WAIT))
 
+    async def _until_slot_freed(self, job_id: str) -> None:
+        """Read-your-writes: wait (bounded) until the entitlement service has freed the slot of
+        a job just stopped, so a start right after the answer counts without it."""
+        with contextlib.suppress(RpcError, QueryRefused):
+            await self.bus.request(ENTITLEMENT_RPC, SlotQuery(job_id=job_id,
+                                                              wait=READ_YOUR_WRITES_WAIT))
+
     async def _next(self, answers: asyncio.Queue, error: str, timeout: float | None = None) -> Any:
         try:
             return await asyncio.wait_for(answers.get(), timeout or self.settings.request_timeout)
@@ -471,7 +492,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
     app.state.gateway = gateway
     # A thousand workers' status is half a megabyte of JSON; gzip (fast level) for clients that
     # take it.
-    app.add_middleware(GZipMiddleware, minimum_size=32 * 1024, compresslevel=1)
+    app.add_middleware(_GZipUnlessStreaming, minimum_size=32 * 1024, compresslevel=1)
     settings = gateway.settings
     app.add_middleware(Edge, max_body=settings.http_max_body,  # outermost: before all else
                        max_depth=settings.http_max_json_depth,

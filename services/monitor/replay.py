@@ -306,7 +306,7 @@ def _disjoint_union(parts: Sequence[Folded], position: int) -> Folded | None:
 
     states = [p.state for p in parts]
     keyed = {name: union([getattr(s, name) for s in states]) for name in
-             ("workers", "positions", "stats", "entitlements", "worker_by_job")}
+             ("workers", "positions", "stats", "entitlements", "worker_by_job", "early")}
     hosts = union([p.hosts for p in parts])
     silenced = set().union(*(p.silenced for p in parts))
     if hosts is None or None in keyed.values() or len(silenced) != sum(

@@ -42,6 +42,7 @@ from sqlalchemy import (
 import events
 import projections
 from events import JobStatus
+from events.envelope import LoggedEnvelope
 from projections import EntitlementView, PositionView, Projections, TradingStats, WorkerView
 from services.database import Database
 from services.monitor.liveness import HostView
@@ -96,6 +97,8 @@ def encode(folded: Folded) -> bytes:
         "worker_by_job": dict(state.worker_by_job),
         "clock": state.clock,
         "ended_by_hour": {str(hour): dict(ended) for hour, ended in state.ended_by_hour.items()},
+        "early": {job: [[e.type, e.version, e.user_id, e.occurred_at, e.payload] for e in held]
+                  for job, held in state.early.items()},
         "hosts": dict(folded.hosts),
         "silenced": sorted(folded.silenced),
     }), 1)
@@ -118,6 +121,8 @@ def decode(body: bytes) -> Folded:
         clock=_time(raw["clock"]),
         ended_by_hour=immutables.Map({int(hour): immutables.Map(ended)
                                       for hour, ended in raw["ended_by_hour"].items()}),
+        early=immutables.Map({job: tuple(LoggedEnvelope(*row) for row in held)
+                              for job, held in raw["early"].items()}),
     )
     hosts = immutables.Map({k: HostView(**{**v, "online_at": _time(v["online_at"])})
                             for k, v in raw["hosts"].items()})

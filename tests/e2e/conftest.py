@@ -39,7 +39,7 @@ class System(LocalSystem):
     """A running system plus the means to watch it from outside."""
 
     def __init__(self, root: Path, hosts: int = 1, own_broker_user: bool = False,
-                 replicas: int = 1, **env: str) -> None:
+                 replicas: int = 1, amqp_url: str | None = None, **env: str) -> None:
         if not broker_reachable():
             pytest.fail("RabbitMQ is not reachable on 5672 (.ci/run starts it)")
         self.log_path = root / "services.log"
@@ -52,6 +52,7 @@ class System(LocalSystem):
             log=self._log_file,
             own_broker_user=own_broker_user,
             replicas=replicas,
+            amqp_url=amqp_url,
         )
 
     async def stop(self, *, keep_vhost: bool = False) -> None:
@@ -85,6 +86,16 @@ class System(LocalSystem):
         raise AssertionError(
             f"log never satisfied the condition; types: {[e.type for e in events]}"
         )
+
+    async def running_workers(self, client: GatewayClient, count: int) -> dict[str, int]:
+        """`count` paper `hold` runners started and running: each worker id with its pid."""
+        pids = {}
+        for _ in range(count):
+            wid = (await client.start(**start_body("hold", amount=1)))["workerId"]
+            entry = await self.wait_for_worker(
+                client, wid, lambda e: e["worker"]["status"] == "running" and e["worker"]["pid"])
+            pids[wid] = entry["worker"]["pid"]
+        return pids
 
     async def wait_for_worker(
         self,

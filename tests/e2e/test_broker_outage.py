@@ -2,8 +2,9 @@
 runners up and users calling: nothing is restarted, the gateway answers 503 with Retry-After
 while the bus is down, and a start made after the broker is back takes effect.
 
-It stops the machine's shared RabbitMQ for a few seconds, so it is a drill (`make drill`, which
-runs alone: `make test` runs two test files at a time) and always starts the broker again."""
+The system runs on a private RabbitMQ node of its own (`tests.rabbit_nodes`), started beside
+the machine's shared one and removed afterwards: the shared broker is never stopped. It takes
+about half a minute, so it is a drill (`make drill`)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from services.cli.client import GatewayClient, GatewayError
-from services.cli.local import rabbitmqctl
+from tests import rabbit_nodes
 from tests.e2e.conftest import System, start_body
 from tests.e2e.test_lifecycle import alive
+from tests.integration.broker_helpers import until
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.drill]
 
@@ -47,62 +50,66 @@ async def poll_status(client: httpx.AsyncClient, stop: asyncio.Event,
                             time.monotonic() - began))
         except httpx.HTTPError:
             answers.append((0, None, time.monotonic() - began))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a dashboard's pace, not a wait for a condition
 
 
-async def start_once_back(client: GatewayClient, deadline: float) -> dict:
-    """A start, tried until the gateway takes it (a 503 while the services reconnect)."""
-    while True:
-        try:
-            return await client.start(**start_body("hold", amount=1))
-        except GatewayError as exc:
-            if exc.status != 503 or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.1)
+async def started(client: GatewayClient) -> dict | None:
+    """A start, or None if the gateway answers 503 (the services still reconnecting)."""
+    try:
+        return await client.start(**start_body("hold", amount=1))
+    except GatewayError as exc:
+        if exc.status != 503:
+            raise
+        return None
 
 
-async def host_seen_since(system: System, since: float, deadline: float) -> None:
-    """Until the monitor has heard the worker-host's heartbeat after `since` (Unix seconds)."""
-    while True:
-        with contextlib.suppress(GatewayError):
-            hosts = await system.admin.hosts()
-            if hosts and all((h["lastSeen"] or 0) / 1000 > since for h in hosts):
-                return
-        assert time.monotonic() < deadline, "the worker-host's heartbeats never came back"
-        await asyncio.sleep(0.1)
+async def host_heard_since(system: System, since: float) -> bool:
+    """Whether the monitor has heard every worker-host's heartbeat after `since` (Unix s)."""
+    with contextlib.suppress(GatewayError):
+        hosts = await system.admin.hosts()
+        return bool(hosts) and all((h["lastSeen"] or 0) / 1000 > since for h in hosts)
+    return False
 
 
-async def test_broker_outage_shorter_than_the_lease_restarts_nothing(tmp_path: Path) -> None:
-    system = System(tmp_path, **LEASED)
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[rabbit_nodes.RabbitNode]:
+    """A private RabbitMQ node, removed afterwards."""
+    if not rabbit_nodes.available():
+        pytest.skip("no rabbitmq-server package for a private node")
+    with rabbit_nodes.RabbitNode(tmp_path / "rabbit") as private:
+        yield private
+
+
+async def test_broker_outage_shorter_than_the_lease_restarts_nothing(
+    tmp_path: Path, node: rabbit_nodes.RabbitNode
+) -> None:
+    system = System(tmp_path, amqp_url=node.url, **LEASED)
     await system.start()
     try:
         _, client = await system.user(tier="pro")
-        before = [(await client.start(**start_body("hold", amount=1)))["workerId"]
-                  for _ in range(2)]
-        pids = {}
-        for wid in before:
-            entry = await system.wait_for_worker(
-                client, wid, lambda e: e["worker"]["status"] == "running" and e["worker"]["pid"])
-            pids[wid] = entry["worker"]["pid"]
+        pids = await system.running_workers(client, 2)
+        before = list(pids)
 
         answers: list[tuple[int, str | None, float]] = []
         stop_polling = asyncio.Event()
         async with httpx.AsyncClient(base_url=system.base_url, timeout=30,
                                      headers=dict(client.http.headers)) as raw:
             poller = asyncio.create_task(poll_status(raw, stop_polling, answers))
-            rabbitmqctl("stop_app")
+            await asyncio.to_thread(node.stop_app)
             try:
                 down_at = time.monotonic()
                 with pytest.raises(GatewayError) as refused:  # and nothing started behind it
                     await client.start(**start_body("hold", amount=1))
                 assert refused.value.status == 503
+                # the outage's length (the drill's pace, not a wait for a condition)
                 await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))
             finally:
-                rabbitmqctl("start_app")
+                await asyncio.to_thread(node.start_app)
             back_at, back_wall = time.monotonic(), time.time()
-            await host_seen_since(system, back_wall, deadline=back_at + 20)
+            await until(lambda: host_heard_since(system, back_wall), 20,
+                        "the worker-host's heartbeats back")
             heard_after = time.monotonic() - back_at
-            after = await start_once_back(client, deadline=back_at + 20)
+            after = await until(lambda: started(client), 20, "a start taken after the return")
             started_after = time.monotonic() - back_at
             await system.wait_for_worker(client, after["workerId"],
                                          lambda e: e["worker"]["status"] == "running")

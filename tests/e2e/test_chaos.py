@@ -1,7 +1,9 @@
 """A seeded chaos drill: every service is SIGKILLed at random moments (and restarted by the
-supervisor) while users start and stop runners. Afterwards the invariants are checked from the
-log: no accepted job lost, no worker ever running twice, no limit exceeded, no event recorded
-twice, the hash chain intact, and the live projections equal to a replay of the log."""
+supervisor) while users start and stop runners; on a three-node RabbitMQ cluster (private nodes
+beside the default one), broker nodes are killed too (`kill -9`, one at a time, each restarted
+at once and rejoining). Afterwards the invariants are checked from the log: no accepted job
+lost, no worker ever running twice, no limit exceeded, no event recorded twice, the hash chain
+intact, and the live projections equal to a replay of the log."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from services.cli.client import GatewayClient, GatewayError
 from tests.e2e.conftest import System, start_body
 from tests.e2e.test_hosts import NeverTwice
+from tests.rabbit_nodes import RabbitCluster
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.drill]
 
@@ -31,6 +34,7 @@ VICTIMS = (
     "worker-host host-1",
     "worker-host host-2",
 )
+BROKER_NODE = "a broker node"  # on a cluster: twice as likely as each service
 TIERS = {"free": 1, "basic": 3, "pro": 10}
 ENDINGS = ("WorkerStopped", "RestartsExhausted")
 
@@ -59,15 +63,31 @@ async def traffic(
     return outcomes
 
 
-async def chaos(rng: random.Random, system: System, stop: asyncio.Event) -> list[str]:
+async def chaos(rng: random.Random, system: System, stop: asyncio.Event,
+                cluster: RabbitCluster | None = None) -> list[str]:
+    """Kill a service (or, on `cluster`, a broker node: one at a time, restarted at once) every
+    1.5-3 s; what was killed."""
     killed = []
+    victims = VICTIMS + ((BROKER_NODE,) * 2 if cluster is not None else ())
+    rejoining: asyncio.Task[None] | None = None
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(1.5, 3.0))
-        victim = rng.choice(VICTIMS)
+        victim = rng.choice(victims)
+        if victim == BROKER_NODE:
+            assert cluster is not None
+            if rejoining is not None and not rejoining.done():
+                continue  # a quorum needs two nodes of three
+            node = rng.choice(cluster.names)
+            cluster.kill(node)
+            killed.append(node)
+            rejoining = asyncio.create_task(asyncio.to_thread(cluster.restart, node))
+            continue
         child = system.supervisor.child(victim)
         if child.process is not None and child.process.returncode is None:
             system.supervisor.kill(victim)
             killed.append(victim)
+    if rejoining is not None:
+        await rejoining
     return killed
 
 
@@ -104,9 +124,19 @@ async def settled(system: System, timeout: float = 60.0) -> dict:
     raise AssertionError(f"system never settled: {stuck}")
 
 
-async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["one node", "a cluster"])
+async def test_services_killed_mid_traffic_keep_every_invariant(
+    tmp_path: Path, broker: str, request: pytest.FixtureRequest,
+) -> None:
     rng = random.Random(SEED)
-    system = System(tmp_path, hosts=2)
+    cluster: RabbitCluster | None = None
+    amqp_url = None
+    if broker == "a cluster":
+        cluster = request.getfixturevalue("rabbit_cluster")
+        for name in set(cluster.names) - set(cluster.running()):
+            cluster.restart(name)
+        amqp_url = cluster.vhost_url(f"chaos-{SEED}-{os.getpid()}")
+    system = System(tmp_path, hosts=2, amqp_url=amqp_url)
     await system.start()
     try:
         users: dict[str, GatewayClient] = {}
@@ -121,7 +151,7 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         stop = asyncio.Event()
         async with NeverTwice(seen).running() as guard:
             load = asyncio.create_task(traffic(rng, users, stop, seen))
-            kills = asyncio.create_task(chaos(rng, system, stop))
+            kills = asyncio.create_task(chaos(rng, system, stop, cluster))
             await asyncio.sleep(DURATION)
             stop.set()
             outcomes, killed = await load, await kills
@@ -129,6 +159,9 @@ async def test_services_killed_mid_traffic_keep_every_invariant(tmp_path: Path) 
         assert guard.doubles == [], f"a worker ran twice: {guard.doubles}"
         print("chaos:", dict(outcomes), killed)
         assert outcomes["started"] > 5 and killed, (outcomes, killed)
+        if cluster is not None:
+            assert set(cluster.running()) == set(cluster.names)  # every killed node rejoined
+            assert len(cluster.cluster_members()) == len(cluster.names)
 
         log = await system.log()
         ids = [e.event_id for e in log]

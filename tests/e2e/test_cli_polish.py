@@ -24,8 +24,6 @@ from tests.conftest import AMQP_PORT
 from tests.e2e.conftest import System
 from tests.integration.broker_helpers import eventually
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 cli = CliRunner()
 
 
@@ -53,6 +51,7 @@ def test_a_missing_broker_is_one_message_saying_where_and_how(monkeypatch: Any) 
     assert "not answering at localhost:1" in problem and "systemctl start" in problem
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_users_hosts_paged_status_risk_limits_and_a_stop_with_progress(
         running: System) -> None:
     token = await running.admin.add_user("gina")
@@ -80,6 +79,7 @@ async def test_users_hosts_paged_status_risk_limits_and_a_stop_with_progress(
     assert "stopped" in stopped.stdout and stopped.returncode == 0
 
 
+@pytest.mark.asyncio(loop_scope="session")
 async def test_status_watch_redraws_from_the_event_stream(running: System) -> None:
     token = await running.admin.add_user("hana")
     output = io.StringIO()

@@ -8,19 +8,24 @@ import os
 import signal
 import stat
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from services.cli.client import GatewayError
+from services.cli.local import rabbitmqctl
 from tests.e2e.conftest import System, start_body
+from tests.integration.broker_helpers import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
-    """The system, through a broker user of its own: its password is a secret to look for."""
+    """The system as a deployment runs it: the topology declared by the vhost's administrator,
+    then each service and the host on a login of its own, with only its own rights (their
+    passwords are secrets to look for)."""
     system_ = System(tmp_path_factory.mktemp("system"), own_broker_user=True)
     await system_.start()
     yield system_
@@ -86,8 +91,39 @@ async def test_expiry_downgrades_to_free_and_stops_the_newest_excess_workers(
         await client.start(**start_body())
 
 
+async def test_each_service_and_host_runs_on_its_own_login(running: System) -> None:
+    listed = rabbitmqctl("list_connections", "-p", running.vhost, "user", "--silent")
+    assert set(listed.split()) >= {f"{login}@{running.vhost}" for login in (
+        "runner-gateway", "runner-entitlement", "runner-scheduler", "runner-monitor",
+        "runner-worker-host.host-1")}
+
+
+async def test_on_their_own_logins_the_services_survive_the_broker_closing_their_connections(
+        running: System) -> None:
+    """After a reconnect each login restores only what it may: its own queues declared again,
+    the shared ones checked again; a stop (through the host's inbox) and a new start work."""
+    _, client = await running.user()
+    before = (await client.start(**start_body("hold", amount=1)))["workerId"]
+    await running.wait_for_worker(client, before, lambda e: e["positions"])
+    rabbitmqctl("close_all_connections", "--vhost", running.vhost, "--limit", "1000",
+                "e2e: broker drop")
+
+    async def stop() -> dict[str, Any] | None:
+        try:
+            return await client.stop(before, flatten=True)
+        except GatewayError:  # the gateway's connection is not back yet
+            return None
+
+    stopped = await until(stop, 10, "the stop answered")
+    assert stopped["flattenedPositions"] == 1
+    after = (await client.start(**start_body("hold", amount=1)))["workerId"]
+    entry = await running.wait_for_worker(client, after, lambda e: e["positions"])
+    assert entry["worker"]["status"] == "running"
+    await client.stop(after)
+
+
 async def test_no_secret_appears_in_clear(running: System) -> None:
-    """Neither a user's credentials nor the sealing key, the broker password or the admin
+    """Neither a user's credentials nor the sealing key, the broker passwords or the admin
     token, in any file (but the key file), log line, event or response; every file and
     directory the system wrote is its owner's alone."""
     secret = "Sup3r-Secret-Value-Never-Shown-42"
@@ -103,8 +139,9 @@ async def test_no_secret_appears_in_clear(running: System) -> None:
     assert secret not in str(bad.value)
 
     key_file = running.data_dir / "keys" / "secret.key"
-    assert running.broker_user is not None
-    service_secrets = (key_file.read_text().strip(), running.broker_user[1], running.admin_token)
+    assert len(running.broker_passwords) == 6  # the vhost's administrator, a login per service
+    service_secrets = (key_file.read_text().strip(), *running.broker_passwords,
+                       running.admin_token)
     needles = [s.encode() for s in (secret, body["credentials"]["apiKey"], *service_secrets)]
     written = list(running.data_dir.rglob("*"))
     leaks = [

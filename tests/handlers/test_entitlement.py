@@ -21,7 +21,14 @@ from events import (
     UpgradeEntitlement,
     WorkerStopped,
 )
-from events.queries import CheckEntitlement, Conflict, DecideStart, Invalid, StatusQuery
+from events.queries import (
+    CheckEntitlement,
+    Conflict,
+    DecideStart,
+    Invalid,
+    SlotQuery,
+    StatusQuery,
+)
 from services.entitlement import rows
 from services.entitlement.rules import Plan
 from services.entitlement.service import EntitlementService
@@ -68,22 +75,33 @@ async def test_the_answer_is_the_committed_decision_and_its_request_is_published
 
 async def test_a_command_is_decided_once_over_the_query_and_on_the_bus(
         harness: Harness, service: EntitlementService) -> None:
-    """A rejected command holds no slot, so only the ledger can tell it was decided; the same
-    job in a new envelope finds its slot taken."""
+    """Asked again (a request redelivered after a replica died before answering, or the same
+    job in a new envelope), a start gets its first decision back and nothing is emitted."""
     accepted = start_command()
-    assert (await decide(harness, accepted)).type == "JobAccepted"
+    first = await decide(harness, accepted)
+    assert first.type == "JobAccepted"
     again = Envelope.wrap(accepted.message(), stream=accepted.stream, user_id="alice",
                           correlation_id=accepted.correlation_id)
-    with pytest.raises(Conflict, match="accepted before"):
-        await decide(harness, again)
+    assert (await decide(harness, again)).event_id == first.event_id
+    assert (await decide(harness, accepted)).event_id == first.event_id
     command = start_command()
-    assert (await decide(harness, command)).type == "JobRejected"  # over the free tier's one
-    with pytest.raises(Conflict, match="decided before"):
-        await decide(harness, command)
+    rejected = await decide(harness, command)
+    assert rejected.type == "JobRejected"  # over the free tier's one
+    assert (await decide(harness, command)).event_id == rejected.event_id
     await harness.bus.publish(command)  # the CLI's way: the inbox finds it in the ledger
     await harness.settle()
     assert harness.types(about=command.correlation_id) == [
         "JobRequested", "JobRejected", "StartRunner"]
+    assert harness.types(about=accepted.correlation_id) == ["JobRequested", "JobAccepted"]
+
+
+async def test_a_start_decided_longer_ago_than_the_retention_is_refused_as_decided_before(
+        harness: Harness, service: EntitlementService) -> None:
+    command = start_command()
+    await decide(harness, command)
+    assert await service.forget_ended(before=2**40) == 1
+    with pytest.raises(Conflict, match="decided before"):
+        await decide(harness, command)
 
 
 async def test_concurrent_starts_against_a_limit_of_one_accept_exactly_one(
@@ -150,6 +168,22 @@ async def test_a_job_ending_frees_its_slot_once(
     await harness.send(WorkerStopped(job_id=job.job_id, worker_id=job.worker_id,
                                      reason="late"), user_id="alice")
     assert (await check(harness, "alice"))["currentWorkers"] == 0
+
+
+async def test_the_slot_query_answers_once_the_job_has_freed_its_slot(
+        harness: Harness, service: EntitlementService) -> None:
+    """A stop's read-your-writes: asked with a wait, the answer comes when the slot is freed,
+    not when the wait is over; without a wait, at once."""
+    command = start_command()
+    job = command.message()
+    await decide(harness, command)
+    assert await harness.bus.request(ENTITLEMENT_RPC, SlotQuery(job_id=job.job_id)) == {
+        "held": True}
+    answer = asyncio.create_task(harness.bus.request(
+        ENTITLEMENT_RPC, SlotQuery(job_id=job.job_id, wait=5)))
+    await harness.send(WorkerStopped(job_id=job.job_id, worker_id=job.worker_id,
+                                     reason="stopped by user"), user_id="alice")
+    assert await asyncio.wait_for(answer, 4) == {"held": False}
 
 
 async def test_a_circuit_opened_refuses_starts_of_that_strategy_only(

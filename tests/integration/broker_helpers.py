@@ -15,14 +15,14 @@ import aio_pika
 import httpx
 import pytest
 
-from events import Envelope, QueueResumed
+from events import Envelope, QueueResumed, StopRunner
 from events.queries import Query
-from services.bus import AmqpBus, QueryHandler
+from services.bus import AmqpBus, Delivery, QueryHandler
 from services.cli.local import free_port
 from services.gateway.service import GatewayService
 from services.service import Service
 from services.settings import Settings
-from services.topology import rpc_queue
+from services.topology import SCHEDULER_INBOX, rpc_queue
 
 TOKEN = "test-admin-token-of-32-characters-at-least"
 
@@ -158,3 +158,23 @@ async def gateway_against(settings: Settings,
     finally:
         await gateway.stop()
         await bus.close()
+
+
+def stop(worker_id: str) -> Envelope:
+    """A StopRunner of `worker_id`, as the gateway sends it."""
+    return Envelope.wrap(StopRunner(worker_id=worker_id, flatten=False, reason="test"),
+                         stream=f"job-{worker_id}")
+
+
+async def stops_collected(settings: Settings, name: str, received: list[str]) -> AmqpBus:
+    """A started bus consuming the scheduler's inbox: the worker ids of the stops it gets go to
+    `received`."""
+    bus = AmqpBus(settings, name)
+
+    async def collect(deliveries: list[Delivery]) -> None:
+        received.extend(d.message.worker_id for d in deliveries  # type: ignore[attr-defined]
+                        if isinstance(d.message, StopRunner))
+
+    bus.consume_batches(SCHEDULER_INBOX, collect)
+    await bus.start()
+    return bus

@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from yarl import URL
 
-from events import Envelope, StopRunner
 from events.queries import StatusQuery
-from services.bus import AmqpBus, BusUnavailable, CallInterrupted, Delivery
+from services.bus import AmqpBus, BusUnavailable, CallInterrupted
 from services.settings import Settings
-from services.topology import SCHEDULER_INBOX, rpc_queue
+from services.topology import MONITOR_RPC, rpc_queue
 from tests.conftest import rabbitmqctl
-from tests.integration.broker_helpers import eventually
+from tests.integration.broker_helpers import eventually, stop, stops_collected
 
 pytestmark = pytest.mark.broker
 
@@ -62,14 +61,7 @@ async def cut_bus(settings: Settings, cut_user: str, received: list[str]) -> Asy
     """A bus connected as `cut_user`, consuming the scheduler's inbox: the worker ids of the
     stops it gets go to `received`."""
     url = str(URL(settings.amqp_url).with_user(cut_user).with_password("pw"))
-    bus = AmqpBus(settings.model_copy(update={"amqp_url": url}), "cut")
-
-    async def collect(deliveries: list[Delivery]) -> None:
-        received.extend(d.message.worker_id for d in deliveries  # type: ignore[attr-defined]
-                        if isinstance(d.message, StopRunner))
-
-    bus.consume_batches(SCHEDULER_INBOX, collect)
-    await bus.start()
+    bus = await stops_collected(settings.model_copy(update={"amqp_url": url}), "cut", received)
     yield bus
     await bus.close()
 
@@ -81,10 +73,6 @@ async def other_bus(settings: Settings) -> AsyncIterator[AmqpBus]:
     yield bus
     await bus.close()
 
-
-def stop(worker_id: str) -> Envelope:
-    return Envelope.wrap(StopRunner(worker_id=worker_id, flatten=False, reason="test"),
-                         stream=f"job-{worker_id}")
 
 
 async def test_a_cut_off_bus_refuses_at_once_says_so_once_and_comes_back_with_its_consumers(
@@ -124,6 +112,7 @@ async def test_a_cut_off_bus_refuses_at_once_says_so_once_and_comes_back_with_it
 async def test_a_call_in_flight_when_the_connection_drops_fails_at_once(
     cut_bus: AmqpBus, vhost: str, cut_user: str,
 ) -> None:
+    await cut_bus.declare(rpc_queue("nobody"))
     call = asyncio.create_task(  # nobody answers: without the outage it would wait 10 s
         cut_bus.request(rpc_queue("nobody"), StatusQuery(), timeout=10.0))
     await eventually(lambda: cut_bus._pending, 5.0, "the request sent")
@@ -155,3 +144,26 @@ async def test_a_consumer_whose_channel_did_not_come_back_consumes_again(
     assert await cut_bus.until_connected(timeout=10.0)
     await other_bus.publish(stop("w-after"))
     await eventually(lambda: "w-after" in received, 5.0, "the stop consumed")
+
+
+async def test_calls_are_answered_again_after_an_outage(
+    settings: Settings, cut_bus: AmqpBus, vhost: str, cut_user: str,
+) -> None:
+    """The caller's reply queue (auto-delete, gone with its connection) comes back with the
+    connection, bound again, and answers reach it."""
+    server = AmqpBus(settings, "monitor")
+
+    async def status(query: StatusQuery) -> dict[str, int]:
+        return {"workers": 0}
+
+    server.serve(MONITOR_RPC, {StatusQuery: status})
+    await server.start()
+    try:
+        assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
+        cut_off(vhost, cut_user)
+        await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
+        let_in(vhost, cut_user)
+        assert await cut_bus.until_connected(timeout=10.0)
+        assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
+    finally:
+        await server.close()

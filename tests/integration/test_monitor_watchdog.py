@@ -61,7 +61,7 @@ async def test_records_takes_heartbeats_answers_status_and_reports_silence(
     await bus.start()
     try:
         async with collecting(settings.amqp_url,
-                              (EVENTS_EXCHANGE, "worker.HeartbeatMissed")) as missed:
+                              (EVENTS_EXCHANGE, "worker.HeartbeatMissed.#")) as missed:
             await bus.publish_many([*worker_started("j1", "w1"), *worker_started("j2", "w2")])
             beat = WorkerHeartbeat(job_id="j1", worker_id="w1", host_id="h1", pid=4242,
                                    at=datetime.now(UTC))

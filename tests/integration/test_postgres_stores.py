@@ -317,6 +317,19 @@ async def test_a_missing_postgres_database_is_created_at_first_open(postgres: Ba
         await conn.close()
 
 
+async def test_replicas_opening_a_new_database_at_once_all_open_it(postgres: Backend) -> None:
+    """Two gateways (which serve side by side, with no lease) starting together on a database
+    neither has made yet: the schema is created once, and neither fails."""
+    from services.gateway.service import GatewayService
+
+    stores = [Store(postgres.url("gateway"), GatewayService.tables) for _ in range(4)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+    finally:
+        for store in stores:
+            await store.close()
+
+
 # ---------------------------------------------------------------------------- exactly-once effect
 
 

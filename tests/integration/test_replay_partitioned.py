@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from bench.replay import history
-from events import EntitlementUpgraded, Envelope, JobRequested, StrategyConfig
+from events import (
+    CrashReason,
+    EntitlementUpgraded,
+    Envelope,
+    JobRequested,
+    StrategyConfig,
+    WorkerCrashed,
+)
 from projections import ENDED_KEPT_HOURS
 from services.monitor import replay as replay_module
 from services.monitor.log import EventLog
@@ -70,6 +77,10 @@ async def test_a_log_folded_in_partitions_is_the_log_folded_in_one_process(
         late = requested("w-late", "job-late")  # own clocks are behind the log's
         envelopes.append(late.model_copy(
             update={"occurred_at": envelopes[-1].occurred_at + timedelta(days=2)}))
+    stray = WorkerCrashed(job_id="job-stray", worker_id="w-stray", host_id="h-1",
+                          reason=CrashReason.EXITED, exit_code=1)  # its request never comes
+    envelopes.append(Envelope.wrap(stray, stream="job-stray", user_id="u-1",
+                                   occurred_at=envelopes[-1].occurred_at))
     await event_log.append(envelopes)
     plan = EntitlementUpgraded(tier="basic", max_workers=3,
                                expires_at=datetime(2030, 1, 1, tzinfo=UTC))
@@ -90,6 +101,7 @@ async def test_a_log_folded_in_partitions_is_the_log_folded_in_one_process(
                             if e.type == "WorkerStopped" and e.occurred_at < long_ago}
         assert stopped_long_ago and not stopped_long_ago & set(everything.state.workers)
     assert everything.hosts and everything.state.entitlements["u-1"].tier == "basic"
+    assert list(everything.state.early) == ["job-stray"]  # held, in whichever partition
 
 
 def requested(worker: str, stream: str) -> Envelope:

@@ -4,6 +4,7 @@ that loses its lease and stops, and timers that fire once when two replicas race
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from services.settings import Settings
 from services.standby import PostgresLease
 from services.store import Store
 from services.topology import SCHEDULER_INBOX
+from tests.integration.broker_helpers import until
 from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres
 
 
@@ -88,10 +90,11 @@ async def test_one_replica_holds_the_lease_and_another_takes_it_once_its_session
 
 @pytest.mark.broker
 async def test_a_standby_takes_over_when_the_active_replica_stops(
-    postgres: Backend, settings: Settings
+    postgres: Backend, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The second replica stands by (nothing declared, nothing consumed) while the first is
     active, and starts when the first is gone; the first, if it finds its lease taken, exits."""
+    caplog.set_level(logging.INFO, logger="services.service")
     settings = postgres.settings(settings)
     # the first checks its lease seldom, the standby tries often: the standby wins the race
     first = EntitlementService(settings.model_copy(update={"lease_poll": 1.0}))
@@ -101,7 +104,8 @@ async def test_a_standby_takes_over_when_the_active_replica_stops(
     await first.start()
     standing = asyncio.create_task(second.start())
     try:
-        await asyncio.sleep(0.5)
+        await until(lambda: any("standing by" in r.getMessage() for r in caplog.records), 10,
+                    "the second replica standing by")
         assert not standing.done() and not second.active and second.ready is False
 
         # the first's lease connection breaks; the standby takes the lease before it can

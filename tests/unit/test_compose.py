@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 import yaml
+from yarl import URL
 
 from services.database_roles import password_variable
+from services.settings import Settings
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -133,3 +135,34 @@ def test_the_tls_override_adds_a_read_only_listener_to_the_broker_alone() -> Non
     mounted = {volume.split(":")[1] for volume in broker["volumes"]}
     for path in re.findall(r"^ssl_options\.\w+ = (/\S+)$", conf, re.MULTILINE):
         assert any(path.startswith(m) for m in mounted), path
+
+
+def test_the_cluster_profile_adds_two_nodes_that_join_the_first_and_every_service_lists_them(
+) -> None:
+    nodes = {name: service for name, service in SERVICES.items()
+             if "rabbitmq" in default(service.get("image", ""))}
+    assert set(nodes) == {"rabbitmq", "rabbitmq-2", "rabbitmq-3"}
+    assert "profiles" not in nodes["rabbitmq"]
+    for name in ("rabbitmq-2", "rabbitmq-3"):
+        node = nodes[name]
+        assert node["profiles"] == ["cluster"] and node["hostname"] == name
+        assert "ports" not in node  # reached by the services on the compose network
+        assert f"{name}-data:/var/lib/rabbitmq" in node["volumes"]
+        assert "./rabbitmq/cluster.conf:/etc/rabbitmq/conf.d/30-cluster.conf:ro" in node["volumes"]
+    cookies = {n["environment"]["RABBITMQ_ERLANG_COOKIE"] for n in nodes.values()}
+    assert cookies == {"${RABBITMQ_ERLANG_COOKIE:-}"}  # one cookie for the three
+    conf = (ROOT / "rabbitmq" / "cluster.conf").read_text()
+    listed = re.findall(r"^cluster_formation\.classic_config\.nodes\.\d = rabbit@(\S+)$", conf,
+                        re.MULTILINE)
+    assert listed == [nodes[n]["hostname"] for n in ("rabbitmq", "rabbitmq-2", "rabbitmq-3")]
+
+    three = "rabbitmq:5672,rabbitmq-2:5672,rabbitmq-3:5672"
+    for name, service in SERVICES.items():
+        url = service.get("environment", {}).get("RUNNER_AMQP_URL")
+        if url is None:
+            continue
+        assert "@${RUNNER_AMQP_HOSTS:-rabbitmq:5672}/" in url, name
+        with_three = re.sub(r"\$\{[A-Z0-9_]+:\?[^}]*\}", "pw",
+                            url.replace("${RUNNER_AMQP_HOSTS:-rabbitmq:5672}", three))
+        nodes_listed = Settings(amqp_url=default(with_three)).amqp_nodes
+        assert [URL(n).host for n in nodes_listed] == ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]

@@ -184,6 +184,13 @@ def test_spawned_worker_is_running_with_pid_host_and_start_time() -> None:
     assert (view.restart_count, view.reason) == (0, None)
 
 
+def test_a_queued_event_recorded_after_the_spawn_leaves_the_worker_running() -> None:
+    """A publish retried after a nack can put a job's JobQueued after its WorkerSpawned."""
+    view = worker(requested(1), dispatched(1, "h-3"), WorkerSpawned(**ids(1), host_id="h-3", pid=7),
+                  JobAccepted(**ids(1), tier="pro", max_workers=10, in_use=0), JobQueued(**ids(1)))
+    assert (view.status, view.pid) == (JobStatus.RUNNING, 7)
+
+
 def test_crash_then_restart_counts_one_restart() -> None:
     view = worker(*running(1, pid=100), crashed(1), *restarted(1, 1, pid=200))
     assert (view.status, view.pid, view.host_id) == (JobStatus.RUNNING, 200, "h-2")
@@ -359,7 +366,9 @@ def test_an_ended_worker_is_kept_for_a_week_then_forgotten_with_its_positions_an
     assert "job-1" not in state.worker_by_job and state.ended_by_hour == immutables.Map()
 
     late = timed(ended + 2 * week, trade(1, 1.0), WorkerStopped(**ids(1), reason="again"))
-    assert fold(late, state) == replace(state, events_applied=state.events_applied + 2)
+    after = fold(late, state)
+    assert replace(after, early=state.early) == replace(
+        state, events_applied=state.events_applied + 2)
 
 
 def test_a_worker_ended_twice_keeps_its_first_end() -> None:
@@ -419,7 +428,7 @@ def test_rejected_job_leaves_no_worker_and_is_counted() -> None:
     assert queue_stats(state) == QueueStats(queued_jobs=1, total_workers=1)
 
 
-def test_events_about_unknown_workers_are_ignored() -> None:
+def test_events_of_a_job_never_requested_show_nothing_and_are_forgotten_after_a_week() -> None:
     strays = history(
         crashed(9),
         WorkerSpawned(**ids(9), host_id="h-1", pid=1),
@@ -433,16 +442,42 @@ def test_events_about_unknown_workers_are_ignored() -> None:
         PositionsFlattened(**ids(9), count=1),
     )
     state = fold(strays)
-    assert state == Projections(events_applied=len(strays))
+    assert replace(state, early=EMPTY.early) == Projections(events_applied=len(strays))
+    assert len(state.early["job-9"]) == len(strays)
+
+    a_week_on = T0 + timedelta(hours=ENDED_KEPT_HOURS + 1)
+    state = fold(timed(a_week_on, requested(1)), state)
+    assert state.early == EMPTY.early and set(state.workers) == {"w-1"}
 
 
-def test_rejection_of_an_unknown_job_is_still_counted() -> None:
-    state = fold(
-        history(
-            JobRejected(job_id="job-9", reason=RejectReason.INVALID_REQUEST, detail="bad config")
-        )
-    )
-    assert (state.rejected_jobs, len(state.workers)) == (1, 0)
+# A job's events are recorded in the order their publishes were confirmed: a publish nacked
+# during a queue leader's election is recorded when retried, after the events it caused.
+
+
+def test_a_spawn_recorded_before_its_request_is_folded_after_it() -> None:
+    view = worker(WorkerSpawned(**ids(1), host_id="h-3", pid=7), requested(1),
+                  dispatched(1, "h-3"), JobAccepted(**ids(1), tier="pro", max_workers=10,
+                                                    in_use=0))
+    assert (view.status, view.pid, view.host_id) == (JobStatus.RUNNING, 7, "h-3")
+    assert view.created_at == at(1) and view.started_at == at(0)
+
+
+def test_a_dispatch_recorded_after_its_spawn_or_crash_changes_nothing() -> None:
+    spawned = WorkerSpawned(**ids(1), host_id="h-3", pid=7)
+    view = worker(requested(1), spawned, dispatched(1, "h-3"))
+    assert (view.status, view.pid) == (JobStatus.RUNNING, 7)
+    view = worker(requested(1), spawned, crashed(1), dispatched(1, "h-3"))
+    assert view.status is JobStatus.CRASHED
+    scheduled, dispatch, restart = restarted(1, 1, pid=8)
+    view = worker(*running(1), crashed(1), scheduled, restart, dispatch)
+    assert (view.status, view.pid, view.restart_count) == (JobStatus.RUNNING, 8, 1)
+
+
+def test_a_rejection_recorded_before_its_request_leaves_no_worker_and_is_counted() -> None:
+    state = fold(history(
+        JobRejected(job_id="job-9", reason=RejectReason.INVALID_REQUEST, detail="bad config"),
+        requested(9)))
+    assert (state.rejected_jobs, len(state.workers), len(state.early)) == (1, 0, 0)
 
 
 def test_every_envelope_counts_including_commands_telemetry_and_unknown_types() -> None:

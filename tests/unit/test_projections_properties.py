@@ -412,6 +412,22 @@ def test_the_light_replay_decode_folds_to_the_live_state(history: History) -> No
 
 
 @PROPERTY_SETTINGS
+@given(history=histories(), data=st.data())
+def test_a_request_recorded_after_the_events_it_caused_folds_to_the_same_state(
+    history: History, data: st.DataObject,
+) -> None:
+    """A job's request whose publish was retried after a nack is recorded after its job's later
+    events: the state is the one its causal order gives."""
+    envelopes = list(history.envelopes)
+    requests = [i for i, e in enumerate(envelopes) if e.type == JobRequested.type_name()]
+    i = data.draw(st.sampled_from(requests), label="request")
+    to = data.draw(st.integers(i, len(envelopes) - 1), label="recorded at")
+    envelopes.insert(to, envelopes.pop(i))
+
+    assert fold(envelopes) == fold(history.envelopes)
+
+
+@PROPERTY_SETTINGS
 @given(history=histories())
 def test_fold_matches_what_each_job_went_through(history: History) -> None:
     state = fold(history.envelopes)
