@@ -8,8 +8,9 @@ on the event loop: they take microseconds, and no thread hand-over is paid per s
 mode; a write transaction is `BEGIN IMMEDIATE` (read-modify-write decisions never race, across
 tasks or processes), and one refused because another connection holds the write lock is tried
 again after an `asyncio.sleep`, so the loop never blocks on a lock. Reads are a deferred `BEGIN`:
-a snapshot that takes no lock. PostgreSQL (or any other async URL) runs on SQLAlchemy's async
-engine; `open_database` creates the service's database there when missing.
+a snapshot that never waits for a writer, only out WAL's brief refusals (while a checkpoint
+runs). PostgreSQL (or any other async URL) runs on SQLAlchemy's async engine; `open_database`
+creates the service's database there when missing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sqlalchemy.sql import Executable
 T = TypeVar("T")
 
 LOCK_PATIENCE = 30.0  # seconds a write transaction waits for another connection's write lock
+READ_PATIENCE_MS = 5000  # a WAL read is refused for a moment while a checkpoint or recovery runs
 _READ_ONLY = "runner_read_only"  # execution option of read transactions on SQLite
 
 
@@ -128,7 +130,7 @@ class Database:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[DbConnection]:
-        """A read transaction: a snapshot (on SQLite it takes no lock and never waits)."""
+        """A read transaction: a snapshot (on SQLite it never waits for a writer)."""
         if self._async is not None:
             async with self._async.connect() as connection:
                 yield connection
@@ -154,8 +156,7 @@ class Database:
 
 
 def _sqlite_engine(path: str) -> Engine:
-    # timeout 0: a busy BEGIN IMMEDIATE fails at once and is retried by `_begin_immediate`
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": READ_PATIENCE_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -167,8 +168,15 @@ def _sqlite_engine(path: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        read_only = connection.get_execution_options().get(_READ_ONLY, False)
-        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        # a read waits out SQLite's brief refusals; a busy BEGIN IMMEDIATE fails at once and
+        # `_begin_immediate` tries it again without blocking the loop
+        sqlite = connection.connection.dbapi_connection
+        if connection.get_execution_options().get(_READ_ONLY, False):
+            sqlite.execute(f"PRAGMA busy_timeout = {READ_PATIENCE_MS}")
+            sqlite.execute("BEGIN")
+        else:
+            sqlite.execute("PRAGMA busy_timeout = 0")
+            sqlite.execute("BEGIN IMMEDIATE")
 
     return engine
 
@@ -178,7 +186,7 @@ async def _begin_immediate(engine: Engine) -> Connection:
     connection holds the write lock, for up to `LOCK_PATIENCE` seconds."""
     deadline, pause = time.monotonic() + LOCK_PATIENCE, 0.001
     while True:
-        connection = engine.connect()
+        connection = engine.connect()  # a new pooled connection waits out a busy WAL setup
         try:
             connection.begin()
             return connection

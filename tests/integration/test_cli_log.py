@@ -100,7 +100,8 @@ def test_publish_tail_replay_and_verify_through_the_cli(
         replay, early, tables, verify = pool.map(lambda args: runner(env, *args), [
             ("replay", "--json"), ("replay", "--json", "--until-position", "0"), ("replay",),
             ("audit", "verify")])
-    assert replay.returncode == 0, replay.stderr
+    for result in (replay, early, tables, verify):  # none refused by a checkpoint of the monitor's
+        assert result.returncode == 0, result.stderr
     status = json.loads(replay.stdout)
     assert status["position"] == 2
     assert status["queueStats"]["queuedJobs"] == 1
@@ -108,8 +109,7 @@ def test_publish_tail_replay_and_verify_through_the_cli(
         ("worker-1", "queued")]
     assert json.loads(early.stdout) | {"queueStats": None} == {
         "position": 0, "workers": [], "queueStats": None}
-    assert tables.returncode == 0 and "worker-1" in tables.stdout
-    assert verify.returncode == 0, verify.stderr
+    assert "worker-1" in tables.stdout
     assert verify.stdout.startswith("ok: 2 events, chain intact")
 
     with sqlite3.connect(settings.data_dir / "monitor.db") as db:
