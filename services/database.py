@@ -170,13 +170,10 @@ def _sqlite_engine(path: str) -> Engine:
     def _on_begin(connection: Connection) -> None:
         # a read waits out SQLite's brief refusals; a busy BEGIN IMMEDIATE fails at once and
         # `_begin_immediate` tries it again without blocking the loop
-        sqlite = connection.connection.dbapi_connection
-        if connection.get_execution_options().get(_READ_ONLY, False):
-            sqlite.execute(f"PRAGMA busy_timeout = {READ_PATIENCE_MS}")
-            sqlite.execute("BEGIN")
-        else:
-            sqlite.execute("PRAGMA busy_timeout = 0")
-            sqlite.execute("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+            f"PRAGMA busy_timeout = {READ_PATIENCE_MS if read_only else 0}")
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
