@@ -7,10 +7,10 @@ SQLite (the default) runs on SQLAlchemy's synchronous pysqlite driver, its state
 on the event loop: they take microseconds, and no thread hand-over is paid per statement. WAL
 mode; a write transaction is `BEGIN IMMEDIATE` (read-modify-write decisions never race, across
 tasks or processes), and one refused because another connection holds the write lock is tried
-again after an `asyncio.sleep`, so the loop never blocks on a lock. Reads are a deferred `BEGIN`:
-a snapshot that never waits for a writer, only out WAL's brief refusals (while a checkpoint
-runs). PostgreSQL (or any other async URL) runs on SQLAlchemy's async engine; `open_database`
-creates the service's database there when missing.
+again after an `asyncio.sleep`, so the loop never blocks on a lock. Reads are a deferred `BEGIN`
+whose snapshot is taken at once: it never waits for a writer, and one refused while WAL is briefly
+unavailable (a checkpoint) is tried again the same way. PostgreSQL (or any other async URL) runs
+on SQLAlchemy's async engine; `open_database` creates the service's database there when missing.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from sqlalchemy.sql import Executable
 T = TypeVar("T")
 
 LOCK_PATIENCE = 30.0  # seconds a write transaction waits for another connection's write lock
-READ_PATIENCE_MS = 5000  # a WAL read is refused for a moment while a checkpoint or recovery runs
 _READ_ONLY = "runner_read_only"  # execution option of read transactions on SQLite
+_SNAPSHOT = "SELECT 1 FROM sqlite_master LIMIT 1"  # a read: starts the transaction's snapshot
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -117,7 +117,7 @@ class Database:
             async with self._async.begin() as connection:
                 yield connection
             return
-        connection = await _begin_immediate(self._engine)  # type: ignore[arg-type]
+        connection = await _begin(self._engine)  # type: ignore[arg-type]
         try:
             yield _InlineConnection(connection)
         except BaseException:
@@ -130,17 +130,18 @@ class Database:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[DbConnection]:
-        """A read transaction: a snapshot (on SQLite it never waits for a writer)."""
+        """A read transaction: a snapshot (on SQLite it takes no lock and never waits)."""
         if self._async is not None:
             async with self._async.connect() as connection:
                 yield connection
             return
         assert self._engine is not None
-        with self._engine.connect().execution_options(**{_READ_ONLY: True}) as connection:
-            try:
-                yield _InlineConnection(connection)
-            finally:
-                connection.rollback()
+        connection = await _begin(self._engine, read_only=True)
+        try:
+            yield _InlineConnection(connection)
+        finally:
+            connection.rollback()
+            connection.close()
 
     async def dispose(self) -> None:
         if self._async is not None:
@@ -156,7 +157,8 @@ class Database:
 
 
 def _sqlite_engine(path: str) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": READ_PATIENCE_MS / 1000})
+    # timeout 0: a busy statement fails at once and `_begin` tries it again off the loop
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -168,27 +170,27 @@ def _sqlite_engine(path: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        # a read waits out SQLite's brief refusals; a busy BEGIN IMMEDIATE fails at once and
-        # `_begin_immediate` tries it again without blocking the loop
         read_only = connection.get_execution_options().get(_READ_ONLY, False)
-        connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-            f"PRAGMA busy_timeout = {READ_PATIENCE_MS if read_only else 0}")
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
 
-async def _begin_immediate(engine: Engine) -> Connection:
-    """A connection in a `BEGIN IMMEDIATE` transaction, waiting (asynchronously) while another
-    connection holds the write lock, for up to `LOCK_PATIENCE` seconds."""
+async def _begin(engine: Engine, read_only: bool = False) -> Connection:
+    """A connection in a `BEGIN IMMEDIATE` transaction, or a read's with its snapshot taken,
+    waiting (asynchronously) while SQLite refuses it, for up to `LOCK_PATIENCE` seconds."""
     deadline, pause = time.monotonic() + LOCK_PATIENCE, 0.001
     while True:
-        connection = engine.connect()  # a new pooled connection waits out a busy WAL setup
+        connection = None
         try:
+            connection = engine.connect().execution_options(**{_READ_ONLY: read_only})
             connection.begin()
+            if read_only:
+                connection.exec_driver_sql(_SNAPSHOT)
             return connection
         except OperationalError as exc:
-            connection.close()
+            if connection is not None:
+                connection.close()
             if not busy(exc) or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(pause)

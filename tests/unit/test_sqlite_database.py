@@ -3,6 +3,7 @@ a status read beside a busy writer never fails with "database is locked"."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from pathlib import Path
@@ -45,12 +46,24 @@ async def test_a_read_and_a_write_wait_out_a_database_held_for_a_moment(tmp_path
     await db.dispose()
 
 
-async def test_a_read_waits_out_refusals_and_a_write_lock_is_tried_again_off_the_loop(
-        tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'service.db'}")
-    busy_timeout = text("PRAGMA busy_timeout")
-    async with db.connect() as conn:
-        assert (await conn.execute(busy_timeout)).scalar() > 0
+async def test_a_read_waits_out_a_refusal_without_blocking_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "service.db"
+    db = Database(f"sqlite:///{path}")
     async with db.begin() as conn:
-        assert (await conn.execute(busy_timeout)).scalar() == 0  # `_begin_immediate` retries
+        await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    await db.dispose()
+    ticks = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    held_exclusively(path, 0.3)
+    ticker = asyncio.create_task(ticking())
+    async with db.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+    ticker.cancel()
+    assert ticks > 0  # the loop ran other tasks while the read waited
     await db.dispose()
