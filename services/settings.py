@@ -43,6 +43,15 @@ def amqp_node_urls(amqp_url: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def node_addresses(amqp_url: str) -> list[tuple[str, int]]:
+    """(host, port) of each node `amqp_url` names, AMQP's default port where none is given."""
+    from yarl import URL
+
+    nodes = [URL(node) for node in amqp_node_urls(amqp_url)]
+    return [(url.host or "localhost", url.port or (5671 if url.scheme == "amqps" else 5672))
+            for url in nodes]
+
+
 def async_driver(url: str) -> str:
     """`postgresql://…` means the async driver here (asyncpg), not psycopg2."""
     for plain in ("postgresql://", "postgres://"):

@@ -10,9 +10,8 @@ import subprocess
 import time
 
 from rich.console import Console
-from yarl import URL
 
-from services.settings import amqp_node_urls
+from services.settings import node_addresses
 
 LOCAL = ("localhost", "127.0.0.1", "::1")
 
@@ -28,9 +27,7 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
 def ensure_broker(amqp_url: str, console: Console, wait: float = 60.0) -> str | None:
     """None when the broker answers (after starting the local one if need be); else the message
     saying where we looked and how to start one."""
-    nodes = [URL(node) for node in amqp_node_urls(amqp_url)]
-    addresses = [(url.host or "localhost", url.port or (5671 if url.scheme == "amqps" else 5672))
-                 for url in nodes]
+    addresses = node_addresses(amqp_url)
     if any(reachable(host, port) for host, port in addresses):
         return None
     host, port = addresses[0]

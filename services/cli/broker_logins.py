@@ -108,7 +108,7 @@ def delete_logins(logins: Sequence[Login]) -> None:
 async def declare_topology(amqp_url: str) -> None:
     """Declare the exchanges, the static queues and their bindings with `amqp_url`'s login,
     which must be allowed to (not a service's own)."""
-    bus = AmqpBus(Settings(amqp_url=amqp_url), "setup")
+    bus = AmqpBus(Settings(amqp_url=amqp_url, amqp_url_file=None), "setup")
     if not bus.declares_topology:
         raise ValueError(f"{bus.login} is a service's own login, which may not declare the "
                          "topology: give an administrator's")

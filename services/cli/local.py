@@ -17,6 +17,7 @@ from rich.console import Console
 from yarl import URL
 
 from events import Envelope
+from services.bus import broker_login
 from services.cli.broker_logins import (
     can_make_vhosts,
     create_logins,
@@ -28,7 +29,7 @@ from services.cli.broker_logins import (
 )
 from services.cli.client import GatewayClient, GatewayError
 from services.cli.supervisor import Supervisor, host_ids, prepare_data_dir, system
-from services.settings import Settings, amqp_node_urls
+from services.settings import Settings
 
 
 def free_port() -> int:
@@ -61,7 +62,7 @@ class LocalSystem:
         replicas: int = 1,
         amqp_url: str | None = None,
     ) -> None:
-        base = Settings() if amqp_url is None else Settings(amqp_url=amqp_url)
+        base = Settings() if amqp_url is None else Settings(amqp_url=amqp_url, amqp_url_file=None)
         self.vhost = vhost or f"runner-{uuid.uuid4().hex[:10]}"
         self.own_vhost = amqp_url is None and can_make_vhosts(base.amqp_url)
         amqp = URL(base.amqp_nodes[0])
@@ -103,7 +104,7 @@ class LocalSystem:
     def create_vhost(self) -> None:
         """A fresh, empty vhost (an earlier one of the same name is deleted first)."""
         if self.own_vhost and not self._vhost_ready:
-            user = URL(amqp_node_urls(self.amqp_url)[0]).user or "guest"
+            user = broker_login(self.amqp_url) or "guest"
             with contextlib.suppress(RuntimeError):
                 rabbitmqctl("delete_vhost", self.vhost)
             rabbitmqctl("add_vhost", self.vhost)

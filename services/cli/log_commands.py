@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
-from yarl import URL
 
 from events import REGISTRY, Envelope, UnknownMessageType, model_for
 from events.queries import LogQuery, QueryRefused
@@ -36,7 +35,7 @@ from services.bus import AmqpBus, Bus, PublishFailed, RpcError, poison_reason
 from services.monitor import views
 from services.monitor.log import EventLog, EventLogMissing
 from services.monitor.replay import Folded, replay
-from services.settings import Settings, async_driver
+from services.settings import Settings, async_driver, node_addresses
 from services.topology import MONITOR_RPC
 
 events_app = typer.Typer(no_args_is_help=True, help="Watch the event stream.",
@@ -69,8 +68,7 @@ def _run(coro: Awaitable[Any]) -> Any:
 
 
 def _broker_name(settings: Settings) -> str:
-    nodes = [URL(node) for node in settings.amqp_nodes]  # never the password
-    return (",".join(f"{url.host}:{url.port}" for url in nodes)
+    return (",".join(f"{host}:{port}" for host, port in node_addresses(settings.amqp_url))
             + ("" if settings.vhost == "/" else f"/{settings.vhost}"))
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from yarl import URL
 
 from services.settings import Settings
 
@@ -133,6 +132,7 @@ def up(
         "service shares RUNNER_AMQP_URL's login"),
 ) -> None:
     """Run all five services (one process each, supervised, logs prefixed) until Ctrl-C."""
+    from services.bus import broker_login
     from services.cli.broker_logins import (
         Login,
         can_make_vhosts,
@@ -164,7 +164,7 @@ def up(
     settings = Settings()
     logins: list[Login] = []
     if broker_admin_url:
-        if URL(broker_admin_url).path != URL(settings.amqp_url).path:
+        if Settings(amqp_url=broker_admin_url, amqp_url_file=None).vhost != settings.vhost:
             fail("--broker-admin-url must name RUNNER_AMQP_URL's vhost")
         if not can_make_vhosts(settings.amqp_url):
             fail("a login per service is made with rabbitmqctl, on the broker's machine; for "
@@ -172,7 +172,7 @@ def up(
         logins = new_logins(host_ids(hosts))
     else:
         console.print(f"[yellow]warning:[/] every service logs in as "
-                      f"{URL(settings.amqp_url).user or 'guest'}, one shared login: the broker "
+                      f"{broker_login(settings.amqp_url)}, one shared login: the broker "
                       "cannot tell them apart, so any of them may publish anything; give "
                       "RUNNER_AMQP_ADMIN_URL for a login per service (docs/SECURITY.md §8)")
 
