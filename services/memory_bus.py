@@ -47,8 +47,6 @@ from services.topology import STATIC_QUEUES, QueueSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT = ""  # the nameless exchange: routes by queue name
-
 
 @dataclass(frozen=True)
 class Stored:
@@ -147,12 +145,9 @@ class MemoryBroker:
         """Put `message` in every queue bound to it; False when none is."""
         if not self.online:
             raise BusUnavailable("broker unreachable")
-        if exchange == DEFAULT:
-            targets = [routing_key] if routing_key in self.queues else []
-        else:
-            targets = list(dict.fromkeys(
-                queue for source, key, queue in self._bindings
-                if source == exchange and topic_matches(key, routing_key)))
+        targets = list(dict.fromkeys(
+            queue for source, key, queue in self._bindings
+            if source == exchange and topic_matches(key, routing_key)))
         for name in targets:
             self.queues[name].put(replace(message, exchange=exchange, routing_key=routing_key))
         return bool(targets)

@@ -12,6 +12,7 @@ service, one per worker-host) and their least permissions are derived here too (
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -571,6 +572,7 @@ def host_user(host_id: str, namespace: str | None = None) -> str:
     return service_user(f"{HOST_SERVICE}.{host_id}", namespace)
 
 
+@functools.lru_cache(maxsize=256)  # asked for every message consumed; a system has few logins
 def publisher(user_id: str | None) -> Publisher | None:
     """The service (and host) whose login `user_id` is, or None for no user or another login
     (the shared login of a development system, an operator)."""
@@ -582,12 +584,6 @@ def publisher(user_id: str | None) -> Publisher | None:
                                             or not re.fullmatch(ID_PATTERN, host_id))):
         return None
     return Publisher(service, host_id or None)
-
-
-def publisher_service(user_id: str | None) -> str | None:
-    """The service whose login `user_id` is (see `publisher`), or None."""
-    who = publisher(user_id)
-    return who.service if who is not None else None
 
 
 def forged(user_id: str | None, message: Message) -> str | None:

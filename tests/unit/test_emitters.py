@@ -24,7 +24,6 @@ from services.topology import (
     host_user,
     permission_table,
     publisher,
-    publisher_service,
     service_user,
 )
 
@@ -110,7 +109,7 @@ def test_logins_are_read_as_their_service_and_host() -> None:
 def test_other_logins_are_not_checked() -> None:
     """The shared login of a development system, an operator's, or none at all."""
     for user in (None, "", "guest", "admin", "runner-nobody", "runner-"):
-        assert publisher_service(user) is None
+        assert publisher(user) is None
         assert forged(user, ACCEPTED) is None
 
 
