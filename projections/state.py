@@ -8,11 +8,10 @@ built from it (replay to a point in time keeps every intermediate state cheaply)
 Only the types with a handler below are parsed; every other envelope (commands, fills, host and
 load events, and types this build does not know) only counts in `events_applied`.
 
-A job's events reach the log in the order their publishes were confirmed, which is not always
-the order they happened: a publish nacked during a queue leader's election is retried after the
-events it caused were recorded (the job's request after its spawn). So an event of a job whose
-request is not yet folded is held (`Projections.early`) and folded right after the request;
-held events whose request never comes are forgotten with the ended workers.
+A job's request can reach the log after the events it caused (its publish nacked while a queue's
+leader was elected, then retried), so an event of a job whose request is not yet folded is held
+(`Projections.early`) and folded right after the request; held events whose request never comes
+are forgotten with the ended workers.
 
 Ended workers are kept for `ENDED_KEPT_HOURS` after they end, then forgotten (their history stays
 in the log): the state holds the workers of the last week, not every worker ever started. The

@@ -69,18 +69,17 @@ _PLAN_FACTS = (
 USER_FACTS = select(*_PLAN_FACTS)
 # Everything a start's decision reads, in one statement: whether the job was decided or holds a
 # slot already, its strategy's open circuit, and the user's facts.
+SLOT_OF = select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
 START_FACTS = select(
     select(DECISIONS.c.job_id).where(DECISIONS.c.job_id == bindparam("job"))
     .scalar_subquery().label("decided"),
-    select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
-    .scalar_subquery().label("taken"),
+    SLOT_OF.scalar_subquery().label("taken"),
     select(CIRCUITS.c.open_until).where(CIRCUITS.c.key == bindparam("circuit"))
     .scalar_subquery().label("circuit_until"),
     *_PLAN_FACTS,
 )
 TAKE_SLOT = insert(SLOTS)
 FREE_SLOT = delete(SLOTS).where(SLOTS.c.job_id == bindparam("job"))
-SLOT_OF = select(SLOTS.c.seq).where(SLOTS.c.job_id == bindparam("job"))
 SLOTS_OF = (select(SLOTS.c.job_id, SLOTS.c.worker_id, SLOTS.c.flatten_on_stop)
             .where(SLOTS.c.user_id == bindparam("user")).order_by(SLOTS.c.seq))
 

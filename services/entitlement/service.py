@@ -147,12 +147,9 @@ class EntitlementService(Service):
     # ------------------------------------------------------------------ queries
 
     async def decide_start(self, query: DecideStart) -> RawJson:
-        """Decides the StartRunner in `query` as `on_start_runner` does and answers, once that
-        has committed, with the decision's envelope; a start decided before gets its recorded
-        decision again (a request redelivered after its replica died unanswered). The command
-        itself never travels on the bus: its JobRequested, in the same commit, records it. It is
-        marked processed in the inbox's ledger, so the same command sent on the bus is skipped.
-        Concurrent requests share a transaction (group commit)."""
+        """Decides the StartRunner in `query` as `on_start_runner` does (marked processed in the
+        inbox's ledger, concurrent requests in one commit) and answers with the decision's
+        envelope once committed; a start asked again gets its recorded decision."""
         envelope = query.envelope
         try:
             command = envelope.message()

@@ -88,7 +88,7 @@ def start_position(last_event_id: str | None, after: int | None) -> int | None:
 
 
 def _frames(batch: list[LogEntry]) -> bytes:
-    return batch[0].frame if len(batch) == 1 else b"".join([entry.frame for entry in batch])
+    return b"".join([entry.frame for entry in batch])
 
 
 def with_server_send(app: ASGIApp) -> ASGIApp:
@@ -108,7 +108,7 @@ class EventStreamResponse(Response):
     """The `text/event-stream` of a tail's entries for one caller: a `retry:` line, history
     then live, a keep-alive for each quiet spell, and a last frame saying why it ended
     (`dropped`, `error`, `end`). Each batch is written straight to `send` as the subscriber
-    hands it over (one event reaches a thousand streams); a client's disconnect ends it."""
+    hands it over; a client's disconnect ends it."""
 
     media_type = "text/event-stream"
 

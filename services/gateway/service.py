@@ -25,7 +25,6 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
 
 from events import (
     EntitlementUpgraded,
@@ -110,17 +109,6 @@ class ApiError(Exception):
 # reuse (httpx: 5 s, uvicorn's own default too): with equal times a client could send a request
 # just as the server closed the connection, and get a bare `ReadError` (seen once in CI).
 HTTP_KEEP_ALIVE = 75.0
-
-
-class _GZipUnlessStreaming(GZipMiddleware):
-    """GZip for answers, not for `GET /events`: an event stream is never compressed, and its
-    every frame would pass through the compressor's checks."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/events":
-            await self.app(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
 
 
 class _QuietServer(uvicorn.Server):
@@ -492,7 +480,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
     app.state.gateway = gateway
     # A thousand workers' status is half a megabyte of JSON; gzip (fast level) for clients that
     # take it.
-    app.add_middleware(_GZipUnlessStreaming, minimum_size=32 * 1024, compresslevel=1)
+    app.add_middleware(GZipMiddleware, minimum_size=32 * 1024, compresslevel=1)
     settings = gateway.settings
     app.add_middleware(Edge, max_body=settings.http_max_body,  # outermost: before all else
                        max_depth=settings.http_max_json_depth,
