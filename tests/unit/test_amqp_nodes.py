@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.bus import FailoverConnection, broker_login
-from services.settings import Settings, amqp_node_urls
+from services.settings import Settings, amqp_node_urls, node_addresses
 
 
 def test_a_single_url_is_unchanged() -> None:
@@ -55,6 +55,17 @@ def test_the_url_may_come_from_a_file_a_secret_mounted_per_host(tmp_path: Path) 
     assert broker_login(settings.amqp_url) == "runner-worker-host.worker-host-0"
     with pytest.raises(ValidationError, match=r"RUNNER_AMQP_URL_FILE .*No such file"):
         Settings(amqp_url_file=tmp_path / "absent")
+    # a URL given in code (an administrator's, a test system's) is the one used
+    assert Settings(amqp_url="amqp://admin:pw@r1/runner", amqp_url_file=None).amqp_url == (
+        "amqp://admin:pw@r1/runner")
+
+
+def test_each_node_has_an_address_and_a_node_list_a_login_and_a_vhost() -> None:
+    listed = "amqp://runner-gateway:pw@r1,r2:5673/runner"
+    assert node_addresses(listed) == [("r1", 5672), ("r2", 5673)]
+    assert node_addresses("amqps://u:p@broker/") == [("broker", 5671)]
+    assert broker_login(listed) == "runner-gateway"
+    assert Settings(amqp_url=listed).vhost == "runner"
 
 
 def test_the_client_hook_the_failover_uses_is_there() -> None:
