@@ -3,8 +3,8 @@ runners up and users calling: nothing is restarted, the gateway answers 503 with
 while the bus is down, and a start made after the broker is back takes effect.
 
 The system runs on a private RabbitMQ node of its own (`tests.rabbit_nodes`), started beside
-the machine's shared one and removed afterwards: the shared broker is never stopped. It takes
-about half a minute, so it is a drill (`make drill`)."""
+the machine's shared one and removed afterwards: the shared broker is never stopped. A drill
+(`make drill`), for its length."""
 
 from __future__ import annotations
 

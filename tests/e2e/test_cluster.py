@@ -25,7 +25,7 @@ from tests.rabbit_nodes import RabbitCluster
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.broker]
 
 REQUEST_TIMEOUT = 5.0
-LEASED = {  # a lease far longer than a failover (about a second), far shorter than the defaults
+LEASED = {  # a lease far longer than a failover, far shorter than the defaults
     "RUNNER_HOST_LEASE": "5",
     "RUNNER_HOST_HEARTBEAT_INTERVAL": "0.5",
     "RUNNER_HOST_TIMEOUT": "10",
@@ -43,7 +43,6 @@ class Traffic:
         self.client = client
         self.started: list[str] = []  # answered with success
         self.stopped: list[str] = []
-        self.unsure: list[str] = []  # a start answered 503 with its job id: it may have run
         self.answers: Counter[int] = Counter()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -318,8 +318,8 @@ async def test_a_missing_postgres_database_is_created_at_first_open(postgres: Ba
 
 
 async def test_replicas_opening_a_new_database_at_once_all_open_it(postgres: Backend) -> None:
-    """Two gateways (which serve side by side, with no lease) starting together on a database
-    neither has made yet: the schema is created once, and neither fails."""
+    """Gateways (which serve side by side, with no lease) starting together on a database none
+    has made yet: none fails to create the schema."""
     from services.gateway.service import GatewayService
 
     stores = [Store(postgres.url("gateway"), GatewayService.tables) for _ in range(4)]
