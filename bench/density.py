@@ -160,8 +160,8 @@ async def run(quick: bool) -> list[Figure]:
                 BenchClient((await local.user(tier="enterprise"))[1])
                 for _ in range((density + PER_USER - 1) // PER_USER)
             ]
-            # Warm: a worker running, so the fork-server's preload (about 0.5 s of CPU, once per
-            # host) is not counted per start; the floor's processes are ready before it is timed.
+            # Warm: a worker running, so the fork-server's preload (once per host) is not
+            # counted per start; the floor's processes are ready before it is timed.
             warm = BenchClient((await local.user(tier="enterprise"))[1])
             clients.append(warm)  # after the users of the starts: `start_many` never picks it
             await beats.first_of((await warm.start(strategyId="warm-up", **BODY))["workerId"])

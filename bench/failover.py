@@ -92,7 +92,8 @@ def node_of(bus: AmqpBus, cluster: RabbitCluster) -> str:
     return next(name for name, node in cluster.nodes.items() if node.port == port)
 
 
-async def measure(kills: int, console: Console) -> tuple[list[float], list[float], int]:
+async def measure(kills: int,
+                  console: Console) -> tuple[list[float], list[float], int, int]:
     for noisy in QUIET_LIBRARIES:  # their reconnect attempts; the bus says what matters
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
@@ -103,7 +104,7 @@ async def measure(kills: int, console: Console) -> tuple[list[float], list[float
             await probe.start()
             consumed_again, published_again = [], []
             for n in range(kills):
-                await asyncio.sleep(1.0)  # traffic flowing
+                await asyncio.sleep(1.0)  # traffic flowing a while before the kill (pacing)
                 busy = Counter([cluster.leaders()[SCHEDULER_INBOX.name],
                                 node_of(probe.publisher, cluster),
                                 node_of(probe.consumer, cluster)])
@@ -122,16 +123,18 @@ async def measure(kills: int, console: Console) -> tuple[list[float], list[float
                 console.print(f"kill {n + 1}/{kills} of {victim} ({dict(busy)}): publishing "
                               f"{published:.2f} s, consuming {consumed:.2f} s after")
                 await asyncio.to_thread(cluster.restart, victim)
-            await asyncio.sleep(1.0)
-            lost = set(probe.confirmed) - set(probe.consumed)
-            return consumed_again, published_again, len(lost)
+            deadline = time.monotonic() + 10
+            while (lost := set(probe.confirmed) - set(probe.consumed)) and (
+                    time.monotonic() < deadline):
+                await asyncio.sleep(0.05)  # a confirmed message still on its way
+            return consumed_again, published_again, len(lost), probe.failed
         finally:
             await probe.close()
             cluster.close()
 
 
 async def run(quick: bool) -> list[Figure]:
-    consumed, published, lost = await measure(3 if quick else 10, Console(stderr=True))
+    consumed, published, lost, failed = await measure(3 if quick else 10, Console(stderr=True))
     again = [max(c, p) for c, p in zip(consumed, published, strict=True)]
     p99 = percentile(again, 99)
     return [
@@ -146,7 +149,7 @@ async def run(quick: bool) -> list[Figure]:
                  f"the slowest); p50 {statistics.median(again) * 1000:.0f}; first confirm p50 "
                  f"{statistics.median(published) * 1000:.0f}, first consumption p50 "
                  f"{statistics.median(consumed) * 1000:.0f}; confirmed but never consumed: "
-                 f"{lost}",
+                 f"{lost}; publishes refused during the failovers: {failed}",
         ),
     ]
 
