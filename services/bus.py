@@ -244,11 +244,11 @@ class FailoverConnection(aio_pika.RobustConnection):
     def __init__(self, url: Any, loop: asyncio.AbstractEventLoop | None = None, *,
                  nodes: tuple[str, ...], **kwargs: Any) -> None:
         super().__init__(url, loop=loop, **kwargs)
-        # the URL as connect_robust made it (its options in the query), at each node's address;
-        # it is connected to the first
+        # the URL as connect_robust made it (its options in the query), at each node's address
         self.nodes = tuple(self.url.with_host(URL(node).host or "localhost")
                            .with_port(URL(node).explicit_port) for node in nodes)
-        self._node = 0
+        self._node = next((i for i, node in enumerate(self.nodes)
+                           if (node.host, node.port) == (self.url.host, self.url.port)), 0)
 
     def next_node(self) -> None:
         """Point the next connection attempt at the next node."""
@@ -634,7 +634,7 @@ class AmqpBus:
                     f"{len(failures)} of {len(results)} not confirmed: {failures[0]}")
             await self._replace_publish_channel(nacks[0][1].channel,
                                                 f"{len(nacks)} publishes nacked")
-            await asyncio.sleep(redelivery_backoff(attempt, cap=1.0))
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))  # a leader being elected
             pending = [envelope for envelope, _ in nacks]
 
     async def _publish_envelope(self, envelope: Envelope, nack_retries: int) -> None:
@@ -657,7 +657,7 @@ class AmqpBus:
         name = exchange_for(type(message))
         channel = await self._publishing(name)
         try:
-            exchange = await self._exchange(channel, name)
+            exchange = await channel.get_exchange(name, ensure=False)
             await exchange.publish(
                 aio_pika.Message(
                     message.model_dump_json().encode(),
@@ -687,9 +687,13 @@ class AmqpBus:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.ready(), CHANNEL_RESTORE_WAIT)
         if channel.is_closed and self._up.is_set():
-            await self._replace_publish_channel(
-                channel, "the publishing channel did not come back with the connection")
-            channel = self._publish_channel
+            log.warning("%s: the publishing channel did not come back with the connection; "
+                        "opening another", self.service)
+            try:
+                channel = self._publish_channel = await self.channel()
+            except Exception as exc:
+                raise self._unavailable(f"publish to {exchange}") from exc
+            self._exchanges.clear()
         return channel
 
     async def publish_raw(
@@ -722,7 +726,10 @@ class AmqpBus:
                 user_id=self.login,  # RabbitMQ refuses it unless it is this connection's login
             )
             try:
-                target = await self._exchange(channel, exchange)
+                target = self._exchanges.get(exchange)
+                if target is None or target.channel is not channel:
+                    target = self._exchanges[exchange] = await channel.get_exchange(
+                        exchange, ensure=False)
                 result = await target.publish(message, routing_key=routing_key, mandatory=True,
                                               timeout=self.settings.request_timeout)
             except Exception as exc:  # connection loss, nack, timeout: the caller must retry
@@ -730,7 +737,7 @@ class AmqpBus:
                     raise self._unavailable(f"publish to {where}") from None
                 if nacked(exc) and attempt < nack_retries:
                     await self._replace_publish_channel(channel, f"publish to {where} nacked")
-                    await asyncio.sleep(redelivery_backoff(attempt, cap=1.0))
+                    await asyncio.sleep(min(0.05 * 2**attempt, 1.0))  # a leader being elected
                     continue
                 if nacked(exc):
                     raise Nacked(f"publish to {where} nacked", channel) from exc
@@ -739,18 +746,12 @@ class AmqpBus:
                 raise PublishFailed(f"unroutable: no queue bound to {where}")
             return
 
-    async def _exchange(self, channel: Any, name: str) -> aio_pika.abc.AbstractExchange:
-        """The exchange `name` on `channel`, kept while that channel is the one in use."""
-        target = self._exchanges.get(name)
-        if target is None or target.channel is not channel:
-            target = self._exchanges[name] = await channel.get_exchange(name, ensure=False)
-        return target
-
-    async def _replace_publish_channel(self, old: Any, why: str) -> None:
-        """Publish on a fresh channel from now on (the old one did not come back, or was nacked:
-        see the module doc); the old one closes once its pending confirms had time to arrive."""
+    async def _replace_publish_channel(self, nacking: Any, why: str) -> None:
+        """Publish on a fresh channel from now on: RabbitMQ 3.10 nacks every publish on a
+        channel opened before a quorum queue's leader changed whose first publish to that queue
+        came after. The old channel closes once its pending confirms had time to arrive."""
         async with self._replacing:
-            if self._publish_channel is not old:
+            if self._publish_channel is not nacking:
                 return  # another publish has replaced it already
             log.warning("%s: %s; publishing on a fresh channel", self.service, why)
             try:
@@ -758,7 +759,7 @@ class AmqpBus:
             except Exception as exc:
                 raise self._unavailable(why) from exc
             self._exchanges.clear()
-        task = asyncio.create_task(self._close_later(old), name="retire-channel")
+        task = asyncio.create_task(self._close_later(nacking), name="retire-channel")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -789,7 +790,10 @@ class AmqpBus:
         if not self._up.is_set():
             await self.until_connected(REPLY_WAIT)
         channel = await self._publishing(REPLIES_EXCHANGE)
-        replies = await self._exchange(channel, REPLIES_EXCHANGE)
+        replies = self._exchanges.get(REPLIES_EXCHANGE)
+        if replies is None:
+            replies = self._exchanges[REPLIES_EXCHANGE] = await channel.get_exchange(
+                REPLIES_EXCHANGE, ensure=False)
         await replies.publish(
             aio_pika.Message(
                 reply.body,
@@ -876,7 +880,7 @@ class AmqpBus:
             asyncio.get_running_loop().create_future())
         self._pending[correlation_id] = future
         try:
-            requests = await self._exchange(channel, RPC_EXCHANGE)
+            requests = await channel.get_exchange(RPC_EXCHANGE, ensure=False)
             sent = await requests.publish(
                 aio_pika.Message(
                     query.model_dump_json().encode(),
@@ -1104,10 +1108,9 @@ class _BatchConsumer:
             await _settle_quietly(channel.basic_ack(delivery_tag=tag, multiple=True))
 
 
-def redelivery_backoff(attempt: int, cap: float = 2.0) -> float:
-    """Seconds before a failed delivery goes back to its queue (or a nacked publish is tried
-    again, with a cap of 1 s: a quorum queue's leader being elected)."""
-    return min(0.05 * 2**attempt, cap)
+def redelivery_backoff(attempt: int) -> float:
+    """Seconds before a failed delivery goes back to its queue."""
+    return min(0.05 * 2**attempt, 2.0)
 
 
 def _delivery_count(raw: aio_pika.abc.AbstractIncomingMessage) -> int:
