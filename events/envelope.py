@@ -91,12 +91,9 @@ def _message(type_name: str, version: int, payload: dict[str, Any]) -> Message:
 
 
 class LoggedEnvelope:
-    """An envelope read back from the log for folding only: what projections read (type, user,
-    time, message), without validating the envelope itself again — the log holds only envelopes
-    that were validated when they were recorded, and the hash chain vouches for them. The
-    message is validated (and upcast) exactly as `Envelope.message` does, so a fold gives the
-    same state either way; the time is parsed only when read. About three times as fast to
-    decode; never re-published."""
+    """An envelope read back from the log for folding only (never re-published): its message is
+    validated and upcast as `Envelope.message` does, the envelope itself not again, since the
+    log holds only envelopes validated when recorded and the hash chain vouches for them."""
 
     __slots__ = ("_occurred_at", "payload", "type", "user_id", "version")
 

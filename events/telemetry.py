@@ -18,8 +18,8 @@ class WorkerHeartbeat(Telemetry):
 
 
 class WorkerHeartbeats(Telemetry):
-    """Several workers' heartbeats relayed by their host in one message: a thousand workers
-    beating every 5 s are 200 messages a second one by one, a few as batches."""
+    """Several workers' heartbeats relayed by their host in one message, so that many workers'
+    beats are a few messages a second rather than one each."""
 
     host_id: Id
     beats: tuple[WorkerHeartbeat, ...]

@@ -1,29 +1,9 @@
 """The read model: workers, positions, trading stats and entitlements, folded from the log.
 
-`fold` is pure (no I/O, no clock, no ids made up here): everything it records comes from the
-envelopes, so the monitor's live state and any replay of the log are equal by construction.
-Updates are copy-on-write on `immutables.Map`, so an old state stays valid after a new one is
-built from it (replay to a point in time keeps every intermediate state cheaply).
-
-Only the types with a handler below are parsed; every other envelope (commands, fills, host and
-load events, and types this build does not know) only counts in `events_applied`.
-
-A job's request can reach the log after the events it caused (its publish nacked while a queue's
-leader was elected, then retried), so an event of a job whose request is not yet folded is held
-(`Projections.early`) and folded right after the request; held events whose request never comes
-are forgotten with the ended workers.
-
-Ended workers are kept for `ENDED_KEPT_HOURS` after they end, then forgotten (their history stays
-in the log): the state holds the workers of the last week, not every worker ever started. The
-clock that decides it is the log's own (`Projections.clock`: the latest time of a start or an
-end folded), so a replay forgets exactly what the live state forgot. Forgetting commutes with
-folding (an ended worker's later events change nothing that outlives it), so it is the same
-whether done per event, per batch or after a partitioned fold (`forget_ended`).
-
-Speed (replay folds a million events in seconds): handlers are found by type name in a table
-built once from the `singledispatch` registry, and they change a `Draft` in place, which a batch
-of events freezes into one new state (building a whole new state per event cost more than the
-events' own changes).
+`fold` is pure (no I/O, no clock, no ids made up here), so the monitor's live state and any
+replay of the log are equal by construction. Ended workers are forgotten `ENDED_KEPT_HOURS` after
+they end, by the log's own clock (`Projections.clock`), so a replay forgets what the live state
+forgot.
 """
 
 from __future__ import annotations
@@ -138,7 +118,8 @@ class Projections:
     # Ended workers by the hour they ended (hours since the epoch): worker id → job id.
     ended_by_hour: immutables.Map[int, immutables.Map[str, str]] = field(
         default_factory=immutables.Map)
-    # A job's events recorded before its request, in log order, by job id (see the module doc).
+    # A job's events recorded before its request (whose publish was retried), in log order, by
+    # job id: folded right after the request, or forgotten with the ended workers.
     early: immutables.Map[str, tuple[LoggedEnvelope, ...]] = field(
         default_factory=immutables.Map)
 
@@ -156,12 +137,9 @@ _NO_TRADES = TradingStats()
 
 
 class Draft:
-    """A state being folded: its maps are `immutables` mutations, changed in place, and `finish`
-    freezes them into a new `Projections`. The state it started from never changes (a mutation
-    copies the nodes it touches, once), so every earlier state stays valid.
-
-    Handlers change a draft instead of building a whole new state per event: a batch of events
-    (a replay page, a committed batch) builds one new state, not one per event."""
+    """A state being folded: `immutables` mutations changed in place, which `finish` freezes
+    into a new `Projections` (the state it started from stays valid), so a batch of events
+    builds one new state, not one per event."""
 
     __slots__ = ("clock", "early", "ended_by_hour", "entitlements", "positions",
                  "rejected_jobs", "stats", "worker_by_job", "workers")
@@ -275,8 +253,7 @@ def forget_ended(state: Projections) -> Projections:
 
 # The hot events' values (positions, trade stats, changed workers) are built without their
 # `__init__` (which goes through `object.__setattr__` once per field of a frozen dataclass): the
-# slots are written directly, for about half the cost. None of these classes has a
-# `__post_init__` or a computed default.
+# slots are written directly. None of these classes has a `__post_init__` or a computed default.
 _new = object.__new__
 _set_instrument, _set_side, _set_amount, _set_entry = (
     PositionView.__dict__[name].__set__ for name in ("instrument", "side", "amount", "entry_price"))
@@ -290,7 +267,7 @@ _WORKER_SLOTS = tuple((name, WorkerView.__dict__[name].__set__, WorkerView.__dic
 
 
 def _replaced_worker(worker: WorkerView, changes: dict[str, object]) -> WorkerView:
-    """`dataclasses.replace(worker, **changes)` at half the cost (the lifecycle events')."""
+    """`dataclasses.replace(worker, **changes)`, its slots written directly (lifecycle events)."""
     new = _new(WorkerView)
     for name, set_slot, get_slot in _WORKER_SLOTS:
         set_slot(new, changes[name] if name in changes else get_slot(worker))

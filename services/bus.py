@@ -1,39 +1,19 @@
 """The bus: one publish path, one consume path, request/reply; `AmqpBus` runs it on RabbitMQ
 (aio-pika), `services.memory_bus.MemoryBus` in memory with the same delivery semantics.
 
-Publishing: persistent messages, publisher confirms awaited; an unroutable (returned) or nacked
-publish raises `PublishFailed` — never silence. A nacked publish is first tried again on a fresh
-channel, a few times (a quorum queue's leader change makes RabbitMQ 3.10 nack a channel opened
-before it). `publish_many` pipelines confirms.
-
-Clusters: `RUNNER_AMQP_URL` may name several nodes (`Settings.amqp_nodes`); the connection fails
-over between them (`FailoverConnection`), and its channels, queues and consumers are restored on
-the node it reaches.
-
-Outages: the connection reconnects by itself and restores its channels, queues and consumers.
-While it is down, a publish or a call fails at once with `BusUnavailable` (nothing is queued in
-memory, where a crash would lose it): the caller retries (the outbox waits with
-`until_connected`) or answers its own caller that the bus is unavailable. The bus logs one
-WARNING when the connection goes and one INFO when it is back.
-
-Consuming (`consume_batches`; every service inbox and the event log): the deliveries that have
-arrived are handed over as one batch, committed by the handler in one transaction (group commit),
-and acked after it returns. A message that cannot be decoded (bad JSON, unknown type, invalid
-payload) is dead-lettered at once with its reason; a delivery the handler could not commit is
-redelivered after a short backoff and dead-lettered with the error after `handler_attempts`
-deliveries, while the rest of its batch is acked. Poison never crash-loops a consumer and never
-vanishes.
-
-Publishers: every message carries the connection's login as its AMQP `user_id`, which the
-broker verifies; a consumer dead-letters a message whose login is a service's that may not emit
-its type (`topology.forged`, `EMITTERS`). Other logins (the shared one, an operator's) are not
-checked.
-
-Request/reply (`serve`, `request`): each request is a `Query` model, validated before the
-handler runs; a refusal comes back to the caller as the same `QueryRefused` type. Requests go
-to the direct exchange `runner.rpc` (routing key: the serving queue's name), replies to
-`runner.replies` (routing key: the caller's own reply queue, its `reply_to`), so no login needs
-to write to the default exchange, which reaches every queue.
+- Publishing: persistent, confirms awaited; a returned or nacked publish raises `PublishFailed`
+  (a nack is first retried on a fresh channel: RabbitMQ 3.10 nacks a channel opened before a
+  quorum queue's leader change).
+- Clusters and outages: the connection fails over between the nodes `RUNNER_AMQP_URL` names
+  (`FailoverConnection`) and restores its channels, queues and consumers; while it is down a
+  publish or a call fails at once with `BusUnavailable` (nothing is queued in memory).
+- Consuming (`consume_batches`): what has arrived is one batch, committed by the handler in one
+  transaction and acked after; an undecodable message is dead-lettered at once, a delivery that
+  fails `handler_attempts` times is dead-lettered with its error, the rest of its batch acked.
+- Publishers: each message carries its login as the AMQP `user_id`; a consumer dead-letters one
+  that a service's login may not emit (`topology.forged`).
+- Request/reply (`serve`, `request`): requests are `Query` models sent to `runner.rpc`, replies
+  come on `runner.replies`, a refusal is raised as the same `QueryRefused` type.
 """
 
 from __future__ import annotations
@@ -425,10 +405,8 @@ class AmqpBus:
 
     async def start(self) -> None:
         """Connect, make sure of the shared topology, declare this service's own queues, then
-        start consuming. With a shared login (development, `runner up` without an admin login)
-        it declares the exchanges and the whole static topology (whichever service starts
-        first, no message for another one is lost for want of its queue); a service's own
-        login may not, so it checks that they exist (`TopologyMissing` names the setup step)."""
+        start consuming. A shared login declares the whole static topology; a service's own
+        login may not, so it checks that it exists (`TopologyMissing` names the setup step)."""
         self._connection = await connect(self.settings, self.service)
         self._connection.close_callbacks.add(self._lost)
         self._connection.reconnect_callbacks.add(self._back)
@@ -594,10 +572,9 @@ class AmqpBus:
         return queue
 
     async def _declare_static(self, channel: Any, spec: QueueSpec) -> Any:
-        """Declare another service's static queue, once: durable queues outlive a reconnect,
-        and re-declaring a classic one whose cluster node is down would fail the reconnect.
-        Such a queue (a dead-letter queue on a node that is down) is skipped with a warning, on
-        a fresh channel (the refusal closed this one); the channel to go on with."""
+        """Declare another service's static queue, once (durable queues outlive a reconnect);
+        a classic one whose cluster node is down is skipped with a warning. Returns the channel
+        to go on with (a fresh one when the refusal closed this one)."""
         try:
             await self.declare_on(channel, spec, robust=False)
         except aio_pika.exceptions.ChannelNotFoundEntity as exc:
@@ -969,14 +946,10 @@ class _Subscription:
 
 class _BatchConsumer:
     """`AmqpBus.consume_batches`: one task takes every delivery that has arrived (up to
-    `max_batch`), runs the handler on them in delivery order, settles them, and takes the next,
-    so a lone message at idle is handled at once and batches grow by themselves under load.
-
-    One `basic.ack(multiple=True)` per batch is exact: the channel carries this one consumer, so
-    its delivery tags number exactly our deliveries, in order, and every earlier delivery has
-    been settled before the batch commits. After a reconnect the new channel numbers from 1
-    again; deliveries of the old channel cannot be settled and are redelivered by the broker.
-    """
+    `max_batch`), handles and settles them in order, so batches grow by themselves under load.
+    One `basic.ack(multiple=True)` per batch is exact: the channel carries this one consumer,
+    and every earlier delivery is settled before the batch commits. After a reconnect the old
+    channel's deliveries cannot be settled: the broker redelivers them."""
 
     def __init__(self, bus: AmqpBus, spec: QueueSpec, handler: BatchHandler, *, max_batch: int,
                  linger: float, prefetch: int) -> None:

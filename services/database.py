@@ -1,16 +1,9 @@
 """A service's database on SQLAlchemy Core: write transactions and read snapshots, async.
 
-`Database.begin()` is a write transaction, `Database.connect()` a read-only one; both yield a
-connection whose `execute` is awaited and returns a buffered `Result`, on every backend.
-
-SQLite (the default) runs on SQLAlchemy's synchronous pysqlite driver, its statements inline
-on the event loop: they take microseconds, and no thread hand-over is paid per statement. WAL
-mode; a write transaction is `BEGIN IMMEDIATE` (read-modify-write decisions never race, across
-tasks or processes), and one refused because another connection holds the write lock is tried
-again after an `asyncio.sleep`, so the loop never blocks on a lock. Reads are a deferred `BEGIN`
-whose snapshot is taken at once: it never waits for a writer, and one refused while WAL is briefly
-unavailable (a checkpoint) is tried again the same way. PostgreSQL (or any other async URL) runs
-on SQLAlchemy's async engine; `open_database` creates the service's database there when missing.
+`Database.begin()` is a write transaction, `Database.connect()` a read-only one. SQLite (the
+default, WAL) runs its statements inline on the event loop, writes as `BEGIN IMMEDIATE` so that
+read-modify-write decisions never race, and a transaction it refuses for a lock is tried again
+after an `asyncio.sleep`, so the loop never blocks; PostgreSQL runs on SQLAlchemy's async engine.
 """
 
 from __future__ import annotations

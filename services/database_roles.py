@@ -1,12 +1,8 @@
 """A PostgreSQL role and a database per service, the role owning its database and nothing else.
 
-`logins` reads them off the `RUNNER_DATABASE_URL` template (its `{service}` names the role as
-well as the database) and the passwords given; `set_up` makes them with an administrator's
-connection, idempotently: a missing role or database is created, an existing one is brought
-back to this shape (its password set again, its privileges taken back, its tables given to
-the role). Each database refuses every role but its owner (PUBLIC's CONNECT and TEMPORARY
-revoked), so a service's login cannot open another service's store; the roles cannot create
-databases or roles, and inherit nothing.
+`logins` reads them off the `RUNNER_DATABASE_URL` template (its `{service}` names both), and
+`set_up` creates or repairs them idempotently with an administrator's connection; each database
+refuses every role but its owner, so a service's login cannot open another service's store.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 outbox, the monitor and the gateway call as things happen (each a few counter increments).
 
 Every series carries the service's name (`service`), so that several services in one process
-(the tests) keep theirs apart. `RUNNER_METRICS=false` turns the instruments into no-ops (what
-`bench.metrics` compares against). What a scrape reads from a service's state (workers by host
-and state, the event stream's subscribers) is computed at scrape time by a collector
-(`watch`), so the hot path does not keep it.
+keep theirs apart; `RUNNER_METRICS=false` turns the instruments into no-ops. Gauges of a
+service's state are computed at scrape time (`watch`), so the hot path does not keep them.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Sealing of broker credentials, the deployment's keys, and its generated secrets.
 
-Credentials are sealed (Fernet: AES-128-CBC + HMAC) at the gateway together with the user and
-the worker they are for, and opened only by a worker-host, for that worker only: a sealed blob
-copied into another job is refused. Nothing else ever sees them in clear.
-
-Keys: RUNNER_SECRET_KEY (comma-separated), or the key file (one key per line), newest first. The
-newest seals; every listed key opens (MultiFernet), so keys rotate without a stop: add a key,
-re-seal what is stored (`reseal`, `reseal_table`), retire the old key (`runner keys`;
-docs/SECURITY.md). A key file is read again whenever it changes, so a running service takes up a
-new key at its next seal or open.
+Credentials are sealed (Fernet) at the gateway, bound to the user and worker they are for, and
+opened only by a worker-host for that worker, so nothing else ever sees them in clear. Keys
+(RUNNER_SECRET_KEY or the key file, newest first) rotate without a stop: the newest seals, every
+listed key opens (`runner keys`; docs/SECURITY.md).
 """
 
 from __future__ import annotations

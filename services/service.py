@@ -1,14 +1,9 @@
 """The shell every service shares: bus + own store + outbox relay + durable timers + shutdown.
 
-A service is given its bus and store (RabbitMQ and its own database by default; a `MemoryBus`
-and a temporary database in handler tests). It declares which messages it handles on which queue;
-each handler runs as `handler(uow, envelope, message)` inside `Store.processing_many`, so it runs
-at most once per message in effect, its state change and emitted messages commit together, and
-the ack follows the commit.
-
-A service whose state is one of a kind (`single_active`: entitlement, scheduler, monitor) may run
-as several replicas on PostgreSQL: only the one holding its lease (`services.standby`) starts;
-the others stand by until it is gone, and the one that loses its lease exits.
+Each handler runs as `handler(uow, envelope, message)` inside `Store.processing_many`: at most
+once per message in effect, its state change and emitted messages committed together, the ack
+after the commit. A `single_active` service (entitlement, scheduler, monitor) may run as replicas
+on PostgreSQL: only the holder of its lease (`services.standby`) runs, the others stand by.
 """
 
 from __future__ import annotations
@@ -94,14 +89,11 @@ class Service:
         then: Callable[[UnitOfWork], Awaitable[None]] | None = None,
         then_skip: Collection[type[Message]] = (),
     ) -> None:
-        """Consume `spec`, dispatching by message type; other types are acked and ignored.
-
-        Group commit: the deliveries that have arrived (up to `INBOX_BATCH`) are handled in
-        order in one transaction, and acked once it commits; `then(uow)`, if given, runs last in
-        that transaction, unless every message handled is of a type in `then_skip` (types whose
-        handlers cannot change what `then` does). A handler that raises rolls the transaction
-        back; the batch is then handled again one message per transaction, so that only the
-        failing message is retried (and dead-lettered in the end) and the rest commit."""
+        """Consume `spec`, dispatching by message type (other types are acked and ignored):
+        what has arrived (up to `INBOX_BATCH`) is handled in order in one transaction, with
+        `then(uow)` last unless every message is of a `then_skip` type, and acked once it
+        commits. If a handler raises, the batch is handled again one message per transaction,
+        so only the failing message is retried (and dead-lettered in the end)."""
 
         async def on_batch(deliveries: list[Delivery]) -> dict[int, str]:
             mine = {i: d for i, d in enumerate(deliveries) if type(d.message) in handlers}

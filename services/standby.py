@@ -1,20 +1,10 @@
 """One active replica of a stateful service at a time; the others stand by and take over.
 
-The active replica holds a lease: a session-level advisory lock in the service's own PostgreSQL
-database, on a connection of its own. Only the holder runs the service (consumes its queues, fires
-its timers, relays its outbox, watches heartbeats); a standby tries to take the lease every
-`lease_poll` seconds, then starts as a service starts after a crash. A holder that dies loses
-its session and so its lock: at once when its process dies (the server sees the socket close),
-within the TCP keepalive set on the session (`KEEPALIVE`, about 5 s) when its machine vanishes.
-A holder whose lease connection breaks tries to take the lease again for `lease_grace` seconds,
-and exits if it cannot (a standby may be active by then).
-
-The lease keeps replicas from working at the same time; what makes a brief overlap harmless is
-in the transactions themselves: the processed-message ledger, the single active consumer of each
-inbox, timers taken under a row lock, the event log appended under its own advisory lock with the
-head read in the same transaction.
-
-Other backends (SQLite: a file on one machine) have no lease: run one replica.
+The lease is a session-level advisory lock in the service's own PostgreSQL database, lost with
+its session when the holder dies (or, its machine gone, within the `KEEPALIVE` probes); a
+standby tries to take it every `lease_poll` seconds. A brief overlap is harmless because the
+transactions themselves guard it (the ledger, single active consumers, timers under a row lock);
+other backends (SQLite) have no lease: run one replica.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Each service's own database: its state, its processed-message ledger, its outbox, its timers.
 
-Exactly-once effect on top of at-least-once delivery: a handler runs inside
-`Store.processing_many`, which records the message's `event_id` in `processed` in the same
-transaction as the state change and the outgoing messages (`outbox`). A redelivered message
-finds its id and is skipped. The outbox is published after the commit by `OutboxRelay`, so a
-crash between commit and publish loses nothing: the relay publishes the rows at the next start.
-Everything here is SQLAlchemy Core on a `Database` (see `services.database`).
+Exactly-once effect on top of at-least-once delivery: a handler's state change, its outgoing
+messages (`outbox`) and the message's id (`processed`) commit in one transaction
+(`Store.processing_many`), so a redelivery is skipped; `OutboxRelay` publishes the outbox after
+the commit, so a crash in between loses nothing.
 """
 
 from __future__ import annotations
@@ -233,11 +231,11 @@ class Store:
         return bool(self._group) or (self._grouper is not None and not self._grouper.done())
 
     async def grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
-        """Run `work(uow)` in a transaction shared with every other `grouped` call waiting at
-        that moment (group commit), and return its result once that transaction has committed.
-        If one work of a group raises, the group is rolled back and each of its works runs
-        again alone, so a failure reaches only its own caller; a work that fails transiently is
-        run again (`_commit_alone`). A work must keep its effects to the unit of work."""
+        """Run `work(uow)` in one transaction with every other `grouped` call waiting at that
+        moment (group commit), and return its result once committed. If one work raises, each
+        work of the group runs again alone (`_commit_alone`, which also retries a transient
+        failure), so a failure reaches only its own caller; a work must keep its effects to the
+        unit of work."""
         return await self.queue_grouped(work)
 
     def queue_grouped(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> asyncio.Future[T]:
@@ -360,12 +358,9 @@ class Store:
 
 
 class OutboxRelay:
-    """Publishes committed outbox rows in commit order, with confirms, then deletes them.
-
-    Each commit hands its rows over in memory (no polling, no re-read); rows an earlier run left
-    unconfirmed are loaded at start. Confirmed rows are deleted in batches, off the hot path.
-    Guarantee: every committed message is published at least once, in commit order per service.
-    """
+    """Publishes committed outbox rows with confirms, then deletes them: every committed
+    message is published at least once, in commit order per service. Each commit hands its rows
+    over in memory; rows an earlier run left unconfirmed are loaded at start and go first."""
 
     def __init__(self, store: Store, bus: Publisher, batch: int = 500,
                  delete_every: float = 0.5) -> None:

@@ -1,12 +1,9 @@
 """The RabbitMQ topology as data: exchanges, each service's queues and bindings, dead letters.
 
-One source for its consumers: on a shared login services declare what they use from here at
-start-up (idempotently), `runner bus setup` declares it with a privileged login (a service's own
-login may not), and `rabbitmq/definitions.json` (for a broker container) is generated from it by
-`runner topology export`; a test keeps the two equal. A deployment's broker users (one per
-service, one per worker-host) and their least permissions are derived here too (`permissions`,
-`topic_permissions`, `broker_users`), rendered with the passwords of that deployment by
-`rabbitmq/render_definitions.py`, and so is who may emit what (`EMITTERS`, `forged`).
+The one source for services declaring what they use, `runner bus setup`, and
+`rabbitmq/definitions.json` (`runner topology export`); the broker users' least permissions
+(`permissions`, `topic_permissions`, `broker_users`) and who may emit what (`EMITTERS`,
+`forged`) are derived here too.
 """
 
 from __future__ import annotations
@@ -84,14 +81,10 @@ class ExchangeSpec:
 
 @dataclass(frozen=True)
 class QueueSpec:
-    """A queue, what it is bound to, and how it behaves.
-
-    `quorum` queues hold commands and events (replicated, delivery-limited, dead-lettered);
-    `classic` durable queues hold dead letters; `transient` queues hold telemetry and RPC
-    requests that are worthless after a restart. A `single_active` queue delivers to one
-    consumer at a time (the others wait, in order, to take over): the inbox of a service that
-    runs as replicas, so that two of them never handle its messages at once.
-    """
+    """A queue, what it is bound to, and how it behaves: `quorum` for commands and events,
+    `classic` durable for dead letters, `transient` for telemetry and RPC requests. A
+    `single_active` queue delivers to one consumer at a time, so replicas of a service never
+    handle its messages at once."""
 
     name: str
     bindings: tuple[tuple[str, str], ...] = ()
@@ -503,7 +496,7 @@ def broker_users(admin: tuple[str, str], passwords: Mapping[str, str],
 
 # Which services may publish each message type of the catalogue (`events.REGISTRY`). A
 # consumer refuses a message whose broker-verified publisher (the AMQP `user_id`, a service's
-# login `runner-<service>`) is not listed for its type (`may_emit`). A worker's own messages
+# login `runner-<service>`) is not listed for its type (`forged`). A worker's own messages
 # (trading events, flatten results) travel on its host's connection, so they are the
 # worker-host's. The operators' `runner publish` uses an operator login, which is not checked.
 EMITTERS: dict[str, frozenset[str]] = {

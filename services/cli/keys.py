@@ -1,10 +1,8 @@
 """`runner keys`: the sealing keys (list, add, re-seal what is stored, retire the old; `rotate`
-does all three). Keys are named by fingerprint only; no command prints a key it did not make.
+does all three), named by fingerprint only: no command prints a key it did not make.
 
-Stores holding sealed credentials: the scheduler's `jobs` and each worker-host's
-`local_workers` (columns worker_id, user_id, credentials_sealed). `reseal_table` re-seals one,
-in batches, each row only if it has not changed meanwhile. The event log's copies are not
-re-sealed: once the old key is retired they can no longer be opened.
+The stores holding sealed credentials are the scheduler's `jobs` and each worker-host's
+`local_workers`; `reseal_table` re-seals one in batches, each row only if unchanged meanwhile.
 """
 
 from __future__ import annotations

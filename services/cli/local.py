@@ -39,14 +39,11 @@ def free_port() -> int:
 
 
 class LocalSystem:
-    """Five services (and `hosts` worker-hosts) under a supervisor, on a private vhost; with
-    `own_broker_user`, as a deployment runs: an administrator of its own for the vhost (the
-    topology is declared with it, and the CLI uses it) and a login per service and per host
-    with only its own rights, all with random passwords (deleted at the end, listed in
-    `broker_passwords` so that a test can look for them where they must not be); with
-    `replicas`, that many of each of the entitlement service, the scheduler and the monitor
-    (PostgreSQL); with `amqp_url`, on that broker (a private node or cluster) as it is, without
-    a vhost of its own."""
+    """Five services (and `hosts` worker-hosts, `replicas` of each single-active service) under a
+    supervisor, on a private vhost or on the broker at `amqp_url` as it is. With
+    `own_broker_user`, as a deployment runs: an administrator for the vhost and a login per
+    service and per host with only its own rights, their random passwords listed in
+    `broker_passwords` so that a test can look for them where they must not be."""
 
     def __init__(
         self,

@@ -1,11 +1,8 @@
 """Event-log tools: `runner publish`, `runner events tail`, `runner replay`, `runner audit verify`.
 
 With a token (`--token`, `RUNNER_TOKEN`), `tail` and `replay` go through the gateway's event
-stream (`GET /events`): a user sees their own events, the admin everyone's. Without one they are
-the operators' direct tools: `publish` and `tail` talk to the bus (tail's history comes from the
-monitor's `log` RPC); `replay` and `audit verify` read the monitor's log database directly, so
-they work with every service stopped. Errors are one line on stderr and exit code 1, never a
-stack trace.
+stream (a user sees their own events, the admin everyone's); without one they are operators' tools
+on the bus and on the monitor's log database, which `replay` and `audit verify` read directly.
 """
 
 from __future__ import annotations
@@ -337,7 +334,7 @@ def _parse_time(value: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-SHOWN_WORKERS = 100  # a long log holds thousands; a table of them all takes minutes to print
+SHOWN_WORKERS = 100  # a long log holds thousands: a table of them all is too long to print
 
 
 def replay_command(

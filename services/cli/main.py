@@ -18,8 +18,8 @@ from rich.console import Console
 
 from services.settings import Settings
 
-# rich_markup_mode=None: help texts are shown as written ("[default: …]", "[type-instrument]"
-# were taken for markup and vanished)
+# rich_markup_mode=None: help texts are shown as written (rich would take "[default: …]" or
+# "[type-instrument]" for markup and drop them)
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False,
     rich_markup_mode=None,

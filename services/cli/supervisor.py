@@ -66,14 +66,13 @@ def data_dir_of(env: Mapping[str, str]) -> Path:
 
 
 def prepare_data_dir(root: Path) -> None:
-    """The data dir, 0700. A data dir laid out before each service had its own (one file per
-    service store, the admin token and the sealing key side by side) is moved into the new
-    layout first, so that no store is left behind."""
+    """The data dir, 0700. A flat layout (the services' stores, the admin token and the sealing
+    key side by side) is moved into a directory per service first, so no store is left behind."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
     for store in list(root.glob("*.db")):
         own = root / store.stem
-        if own.is_dir():  # a worker-host's workers: they now live in its own directory
+        if own.is_dir():  # a worker-host's workers, in a dir named as its store: it goes inside
             moving = root / f".{store.stem}.moving"
             own.rename(moving)
             own.mkdir(mode=0o700)
@@ -225,13 +224,10 @@ def host_ids(hosts: int) -> list[str]:
 
 def system(supervisor: Supervisor, hosts: int = 1, replicas: int = 1,
            amqp_urls: Mapping[str, str] | None = None) -> None:
-    """Add the five services (with `hosts` worker-hosts, and `replicas` of each of the
-    entitlement service, the scheduler and the monitor: `monitor`, `monitor-2`, …, one active
-    and the others standing by) to `supervisor`. Those off the request path (monitor,
-    scheduler, worker-hosts and so their workers) run at a lower CPU priority (`RUNNER_NICE`, 5
-    unless set), so that on a shared machine a start is answered first (bench/RESULTS.md).
-    `amqp_urls` gives each its own broker login: by service name, and `worker-host.<id>` for
-    each host (`broker_logins.Login.key`)."""
+    """Add the five services to `supervisor`: `hosts` worker-hosts, `replicas` of the
+    entitlement service, the scheduler and the monitor (one active, the others standing by),
+    each with its broker login from `amqp_urls` (by `broker_logins.Login.key`). Those off the
+    request path run at a lower CPU priority (`RUNNER_NICE`), so that a start is answered first."""
     background = supervisor.base_env.get("RUNNER_NICE") or str(BACKGROUND_NICE)
     root = data_dir_of(supervisor.base_env)
     keys = {} if {"RUNNER_SECRET_KEY", "RUNNER_SECRET_KEY_FILE"} & set(supervisor.base_env) else {

@@ -1,14 +1,9 @@
 """Entitlement service: owns plans, slot usage and open circuits; decides every start
 (StartRunner → JobRequested + JobAccepted | JobRejected, one transaction); expires upgrades.
 
-A start comes as a command on the bus, or from the gateway as the query `DecideStart`, answered
-with the decision once it has committed. Both decide in the same handler and record the command
-in the same ledger, so either way a command is decided once.
-
-Race-free counting: every decision runs in one write transaction (SQLite `BEGIN IMMEDIATE`, or a
-per-user advisory lock elsewhere) that counts the user's slots and takes one, so N parallel
-starts against a limit of one give exactly one JobAccepted. A slot is held from JobAccepted until
-the job ends (WorkerStopped, RestartsExhausted).
+A start, whether a bus command or the gateway's `DecideStart` query, goes through one handler and
+one ledger, so it is decided once; each decision counts the user's slots and takes one in a single
+write transaction, so N parallel starts against a limit of one give exactly one JobAccepted.
 """
 
 from __future__ import annotations

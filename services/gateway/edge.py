@@ -1,11 +1,9 @@
 """The gateway's HTTP edge: bodies bounded before they are read, JSON bounded before FastAPI
 parses it, and every unexpected error a JSON answer without a trace.
 
-A pure ASGI middleware, so a body over the limit is refused from its `Content-Length` before a
-byte of it is read, and a body streamed without one is cut off at the limit (413; what follows
-is dropped, a little at most, so the client can read the answer). A JSON body
-must be valid JSON with finite numbers, nested at most `max_depth` deep, with at most
-`max_items` keys and array items in all (422); FastAPI then parses what passed.
+A pure ASGI middleware, so a body over the limit is refused (413) from its `Content-Length`
+before a byte is read, or cut off at the limit when streamed; a JSON body must be valid JSON with
+finite numbers, within `max_depth` and `max_items` (422), before FastAPI parses it.
 """
 
 from __future__ import annotations

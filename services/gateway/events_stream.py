@@ -1,14 +1,13 @@
 """`GET /events`: the caller's events as Server-Sent Events.
 
-Each event's `id:` is its position in the log, `event:` its type and `data:` its envelope as
-JSON (sealed credentials withheld). A user's token streams that user's events only; the admin's
-everyone's, or one user's with `?userId=`. `?type=` (repeatable, or comma-separated),
-`?workerId=` and `?jobId=` narrow it. A stream starts after `Last-Event-ID` (a reconnecting
-client's), else after `?after=`, else at the present; history then live, every position once, in
-order (`log_tail`). `?follow=false` ends the stream at the position the log had when it began
-(`event: end`). Idle streams carry a comment line every `RUNNER_SSE_KEEPALIVE` seconds; a client
-that reads too slowly is cut with `event: dropped` naming the last id it got, from which it
-resumes.
+- Frames: `id:` the log position, `event:` the type, `data:` the envelope as JSON (sealed
+  credentials withheld); a comment line every `RUNNER_SSE_KEEPALIVE` seconds while idle.
+- Scope: a user's token streams that user's events, the admin's everyone's (or one user's with
+  `?userId=`); `?type=` (repeatable, or comma-separated), `?workerId=` and `?jobId=` narrow it.
+- Start: after `Last-Event-ID`, else after `?after=`, else at the present; history then live,
+  every position once, in order (`log_tail`).
+- End: with `?follow=false`, `event: end` at the position the log had when it began; a client
+  that reads too slowly is cut with `event: dropped` naming the last id it got (it resumes there).
 """
 
 # no `from __future__ import annotations`: the route's parameters are annotated with the

@@ -1,15 +1,11 @@
 """The event log as this gateway streams it (`GET /events`): one reader following the monitor's
 log, handing each new entry to the streams that want it.
 
-The reader (`LogTail.run`) long-polls the monitor's `log` RPC after the last position it has
-read, so every entry it hands on carries its log position, in order, each once. A stream
-(`LogTail.stream`) starts from a position: it reads the entries after it (from the tail's recent
-entries in memory, else from older pages of the log asked of the monitor) until it reaches the
-position the tail stands at, then subscribes, in the same step, to the entries after that one.
-Every position after the start therefore comes once, in order, with no gap at the switch from
-history to live. A subscriber that falls `max_pending` matching entries behind (a client reading
-too slowly) is dropped, so it costs bounded memory and never delays the others; its stream ends
-saying where to resume.
+A stream reads the entries after its start (recent ones from memory, older pages from the
+monitor) up to where the reader stands, then subscribes in the same step, so every position
+comes once, in order, with no gap between history and live. A subscriber that falls
+`max_pending` entries behind is dropped (bounded memory, no delay to the others), its stream
+ending with where to resume.
 """
 
 from __future__ import annotations
@@ -242,9 +238,8 @@ class LogTail:
 
     async def _follow(self) -> None:
         """Read the head, then, while any stream is open, long-poll for the entries after the
-        last one read. With no stream open it stops asking (a gateway nobody watches costs
-        the monitor nothing) and starts again at the head when one opens. An unreachable
-        monitor is retried with a growing pause (streams stay open meanwhile)."""
+        last one read; with none open it stops asking (an unwatched gateway costs the monitor
+        nothing). An unreachable monitor is retried with a growing pause."""
         pause = 0.2
         while True:
             if self.ready.is_set() and not self._streams:
@@ -343,10 +338,9 @@ class LogTail:
     async def stream(self, wanted: EventFilter, after: int | None = None, *,
                      follow: bool = True) -> AsyncIterator[list[LogEntry]]:
         """The entries `wanted` after position `after` (None: from now on), in log order, each
-        once, in batches (what is there when the client is ready for more); an empty batch
-        when the stream has been quiet for about `idle` seconds (for keep-alives). Without
-        `follow`, only those recorded when the stream starts, then it ends. Raises `Dropped`
-        when it falls `max_pending` entries behind."""
+        once, in batches, with an empty batch after about `idle` quiet seconds (keep-alives).
+        Without `follow` it ends at the present; raises `Dropped` when it falls `max_pending`
+        entries behind."""
         opened = self.open(wanted, after, follow=follow)
         try:
             async for batch in opened.history():

@@ -1,11 +1,8 @@
 """Gateway service: the HTTP contract (README, "HTTP API") over the bus.
 
-Guarantees: a start answers once the entitlement decision has committed (JobAccepted /
-JobRejected, asked of the entitlement service over RPC); a stop answers once the worker has
-stopped (with the flatten count); status comes from the monitor's projections, and shows every
-start and stop this gateway has answered (read-your-writes). Credentials are sealed before
-anything leaves the request handler and never appear in a response, a log line or an error.
-Errors are `{success: false, error}`.
+A start answers once its entitlement decision has committed, a stop once the worker has stopped,
+and status shows every start and stop this gateway has answered (read-your-writes); credentials
+are sealed before anything leaves the request handler, never in a response, a log line or an error.
 """
 
 from __future__ import annotations
@@ -107,7 +104,7 @@ class ApiError(Exception):
 
 # How long an idle HTTP connection stays open. Longer than clients keep idle connections for
 # reuse (httpx: 5 s, uvicorn's own default too): with equal times a client could send a request
-# just as the server closed the connection, and get a bare `ReadError` (seen once in CI).
+# just as the server closed the connection, and get a bare `ReadError`.
 HTTP_KEEP_ALIVE = 75.0
 
 
@@ -339,10 +336,9 @@ class GatewayService(Service):
     async def status(self, caller: Caller, user_id: str | None, offset: int = 0,
                      limit: int | None = None, *,
                      deflate_ok: bool = False) -> tuple[bytes, str | None]:
-        """The status document as JSON, and its content encoding: the monitor's answer, passed
-        through as it came. Every worker in scope, or with `limit` one page of them
-        (`page: {offset, limit, total}`). A large one comes deflated from the monitor and goes
-        on so (no inflating, no re-compressing here) when the client takes `deflate`."""
+        """The status document as JSON (every worker in scope, or with `limit` one page) and its
+        content encoding, passed on as the monitor sent it: a large one stays deflated when the
+        client takes `deflate`."""
         if user_id is not None:
             _acting_user(caller, user_id)
         scope = user_id if user_id is not None else (None if caller.admin else caller.user_id)
@@ -478,8 +474,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         description="Start, stop and watch trading-strategy runners.",
     )
     app.state.gateway = gateway
-    # A thousand workers' status is half a megabyte of JSON; gzip (fast level) for clients that
-    # take it.
+    # A large status is a lot of JSON; gzip (fast level) for clients that take it.
     app.add_middleware(GZipMiddleware, minimum_size=32 * 1024, compresslevel=1)
     settings = gateway.settings
     app.add_middleware(Edge, max_body=settings.http_max_body,  # outermost: before all else
@@ -552,8 +547,7 @@ def create_app(gateway: GatewayService) -> FastAPI:
         limit: Annotated[int | None, Query(ge=1, le=STATUS_PAGE_MAX,
                                            description="page size; all workers if absent")] = None,
     ) -> Response:
-        # Already JSON from the monitor, perhaps deflated: no decoding, no FastAPI encoder, no
-        # gzip (with a thousand workers, each cost more than the rest of the call).
+        # Already JSON from the monitor, perhaps deflated: no decoding, no FastAPI encoder, no gzip.
         deflate_ok = accepts_encoding(request.headers.get("accept-encoding", ""), "deflate")
         body, encoding = await gateway.status(who, userId, offset, limit, deflate_ok=deflate_ok)
         headers = {"Vary": "Accept-Encoding"} | ({"Content-Encoding": encoding} if encoding else {})

@@ -1,10 +1,9 @@
 """Who is calling: the admin token, or a user's token (stored hashed, compared in constant time).
 
-A user's token can expire, be revoked and be rotated. A gateway trusts a token it looked up for
-`token_cache_seconds` (under a second) at most, so a token revoked through any gateway sharing
-the store is refused by every one within that. The admin token is RUNNER_ADMIN_TOKEN, or the
-token file, read again whenever it changes (a rotation takes at once on every gateway reading
-that file).
+A user's token can expire, be revoked and be rotated; a gateway trusts a token it looked up for
+`token_cache_seconds` at most, so a revocation through any gateway sharing the store holds on
+every one within that. The admin token is RUNNER_ADMIN_TOKEN, or the token file, read again
+whenever it changes.
 """
 
 from __future__ import annotations

@@ -48,12 +48,10 @@ class Waiters:
 
 
 class Unseen:
-    """Workers whose start this gateway has answered, which the monitor may not show yet.
-
-    A start is answered once it is decided, before the monitor has recorded it; a status call
-    that could show one of these asks the monitor to wait (bounded) until it does, so a client
-    reads its own writes without the start's answer waiting for them. An entry is forgotten once
-    a status call has waited for it, or `keep` seconds after its start."""
+    """Workers whose start this gateway has answered, which the monitor may not show yet: a
+    status call that could show one asks the monitor to wait (bounded) until it does, so a
+    client reads its own writes. An entry is forgotten once a status call has waited for it,
+    or `keep` seconds after its start."""
 
     def __init__(self, keep: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -1,13 +1,9 @@
 """Who is alive: known hosts (a fold over the log) and the heartbeat overlay (telemetry).
 
-Heartbeats never enter the log, so what they tell (last beat, position marks) is an overlay kept
-beside the projections, not part of the fold. The watchdog decisions (`silent_workers`,
-`silent_hosts`) are pure functions of that overlay, the projections and `now`.
-
-A worker or host is reported silent once per silence episode. The episode ends with a new sign
-of life: a heartbeat, or a recorded WorkerSpawned/WorkerRestarted (workers) or HostOnline (hosts).
-A report already in the log (HeartbeatMissed, HostLost) counts as made, so a restarted monitor
-does not report the same episode again.
+The watchdog decisions (`silent_workers`, `silent_hosts`) are pure functions of that overlay,
+the projections and `now`. A worker or host is reported silent once per silence episode (until a
+new sign of life), and a report already in the log counts as made, so a restarted monitor does
+not report the same episode again.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """The append-only event log: every command and event, in one global order, hash-chained.
 
-Each row keeps the envelope JSON as the recorder received it (after envelope validation, so a
-row always parses back) and `hash = sha256(prev_hash + canonical JSON)`, where canonical JSON is
-the stored envelope re-serialised with sorted keys and no whitespace. Every row therefore vouches
-for all rows before it: editing, reordering or deleting a row in the middle breaks the chain at
-that row (`verify`). Truncating the tail or rewriting every later hash is only detectable against
-a head hash kept elsewhere (`head()` gives it).
-
-One writer: `append` takes the batch's positions from the current head inside its transaction,
-so positions are contiguous. On SQLite the database's `BEGIN IMMEDIATE` (`services.database`)
-makes that read-then-insert atomic across connections and processes; on PostgreSQL a
-transaction-scoped advisory lock does.
+- A row keeps the envelope JSON as received (validated, so it always parses back) and
+  `hash = sha256(prev_hash + canonical_json(envelope_json))` (sorted keys, no whitespace):
+  editing, reordering or deleting a row breaks the chain at that row (`verify`); a cut tail or
+  rewritten later hashes show only against a head hash kept elsewhere (`head()`).
+- One writer: `append` takes the batch's positions from the head inside its transaction
+  (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL), so positions are contiguous.
 """
 
 from __future__ import annotations
@@ -59,7 +54,7 @@ event_log = Table(
     metadata,
     # On SQLite an INTEGER primary key is the rowid: the table itself is ordered by position,
     # so a page of the log is one range of the table (no separate position index to look up
-    # first, nor to keep up on append). Logs made before this keep that index, and work as well.
+    # first, nor to keep up on append).
     Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
            autoincrement=False),
     Column("event_id", String(36), nullable=False, unique=True),
@@ -110,8 +105,8 @@ _SMALL_FLOAT = re.compile(rb"[:,\[]-?(?:\d+(?:\.\d+)?e-|0\.0000)")
 
 
 def _loads(text: str) -> Any:
-    """`json.loads`, twice as fast: orjson (which reads integers beyond 64 bits as floats), or
-    `json` for what orjson refuses (NaN, lone surrogates)."""
+    """`json.loads` through orjson (which reads integers beyond 64 bits as floats), or `json`
+    for what orjson refuses (NaN, lone surrogates)."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -121,7 +116,7 @@ def _loads(text: str) -> Any:
 def canonical_json(envelope_json: str) -> bytes:
     """`json.dumps(_loads(envelope_json), sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)` in UTF-8, the form every hash of the chain is over. orjson writes the
-    same bytes five times faster but for floats below 1e-4 (`0.00001` against `1e-05`), which
+    same bytes, faster, but for floats below 1e-4 (`0.00001` against `1e-05`), which
     `_SMALL_FLOAT` finds in its output, and what it cannot write: `json` writes those."""
     value = _loads(envelope_json)
     try:
@@ -150,10 +145,9 @@ class Page:
 
 def _sqlite_page(path: str, after: int, limit: int, until: int | None,
                  types: Collection[str] | None) -> Page:
-    """A page of the log read with the stdlib driver, read-only (WAL: a consistent snapshot
-    while the monitor writes), twice as fast per row as going through SQLAlchemy. Rows of the
-    other types are only counted (`+type`: the scan stays in position order, off the type
-    index)."""
+    """A page of the log read with the stdlib driver, without SQLAlchemy's row layer, read-only
+    (WAL: a consistent snapshot while the monitor writes). Rows of the other types are only
+    counted (`+type`: the scan stays in position order, off the type index)."""
     bound = [after, until if until is not None else 2**63 - 1]
     only = "" if types is None else f" AND +type IN ({','.join('?' * len(types))})"
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
@@ -197,8 +191,8 @@ _SQLITE_INSERT = (f"INSERT INTO event_log ({', '.join(_COLUMNS)}) "
 
 async def _insert(conn: DbConnection, rows: list[tuple[Any, ...]]) -> None:
     """Insert `rows` (values in `event_log`'s column order, one `recorded_at`). On SQLite
-    through the driver's own `executemany`, each time bound as SQLAlchemy binds it: its per-row
-    parameter processing cost more than SQLite's insert itself."""
+    through the driver's own `executemany`, each time bound as SQLAlchemy binds it, without
+    SQLAlchemy's per-row parameter processing."""
     if conn.dialect.name != "sqlite":
         await conn.execute(event_log.insert(),
                            [dict(zip(_COLUMNS, row, strict=True)) for row in rows])
@@ -370,13 +364,10 @@ class EventLog:
     async def pages(self, after_position: int = 0, until_position: int | None = None,
                     until_time: datetime | None = None, batch: int = 5000,
                     types: Collection[str] | None = None) -> AsyncIterator[Page]:
-        """The log after `after_position` in order, in pages of up to `batch` rows. With
-        `types`, the rows of other types are only counted (`Page.skipped`), not even read.
-
-        The pages end at the head the log has when they start (or `until_position`), so what
-        they count stays put while rows are appended. The next page is read while the caller
-        works on this one: the database driver's thread fetches (SQLite releases the GIL while
-        it steps) as the caller decodes and folds."""
+        """The log after `after_position` in order, in pages of up to `batch` rows, up to the
+        head it has when they start (or `until_position`); with `types`, rows of other types
+        are only counted (`Page.skipped`). The next page is fetched while the caller works on
+        this one."""
         head = (await self.head()).position
         until_position = head if until_position is None else min(until_position, head)
 

@@ -1,15 +1,9 @@
 """The log consumer: one log transaction per batch of deliveries from `monitor.log`.
 
-The bus (`Bus.consume_batches`) hands over up to a batch of decoded deliveries at a time and acks
-them only after `record` returns, that is after their transaction has committed. A crash before
-the commit leaves the whole batch unacked and the broker redelivers it; the log skips event ids
-it already holds, so every message is recorded exactly once. If the batch's transaction fails,
-its envelopes are appended one at a time, so an envelope the database refuses fails alone (the
-bus retries it and dead-letters it in the end) and the rest are recorded and acked.
-
-What it hands on (`on_recorded`) is the log itself, in order, without a gap: rows another
-writer appended since this recorder's last batch (a replica that still believed it was active)
-are read back and handed on first, so the fold stays the fold of the log.
+At-least-once in, recorded exactly once: a batch is acked only after its transaction commits,
+the log skips event ids it holds, and after a failed batch its envelopes are appended one at a
+time so that one the database refuses fails alone. What it hands on (`on_recorded`) is the log
+itself, in order, without a gap (rows another writer appended are read back first).
 """
 
 from __future__ import annotations

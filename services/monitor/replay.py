@@ -1,13 +1,9 @@
 """Fold recorded envelopes into the projections and host membership: live and in replay alike.
 
-The monitor folds each committed batch with `Folded.fold`; a restart or `runner replay` folds
-the log, a page at a time, with the same method, so a replay reproduces the live state exactly.
-
-A replay decodes only what someone reads: an envelope of a type that neither the projections
-(`projections.folds`), host membership nor the caller's `each` looks at is only counted
-(`projections.counted`, which is all `fold` does with it), and the log does not even send it,
-only counts it (`EventLog.pages(types=...)`). Most of a busy log is such (fills, commands),
-and reading and decoding are most of a replay's cost.
+The monitor folds each committed batch with `Folded.fold`, and a restart or `runner replay` folds
+the log with the same method, so a replay reproduces the live state exactly. A replay decodes
+only what someone reads: envelopes of other types are only counted (`projections.counted`), and
+the log does not even send them (`EventLog.pages(types=...)`).
 """
 
 from __future__ import annotations
@@ -77,12 +73,9 @@ class Folded:
     def fold(self, envelopes: Sequence[Envelope | LoggedEnvelope], position: int,
              skipped: int = 0) -> bool:
         """Fold recorded `envelopes`, in log order, and `skipped` more envelopes of types only
-        counted (`reads` is False for them); the last of all is at `position`.
-
-        One new state for the whole batch. A projection that raises skips only that envelope
-        (logged once per type): the batch is folded again one envelope at a time. The log stays
-        the truth and a fixed projection rebuilds from it. The workers the projections forget
-        leave the silenced ones too; returns whether any may have been forgotten."""
+        counted, the last of all at `position`; returns whether any worker may have been
+        forgotten. A projection that raises skips only that envelope (the batch is folded again
+        one by one): the log stays the truth, and a fixed projection rebuilds from it."""
         clock = self.state.clock
         try:
             state = fold(envelopes, self.state)
@@ -129,11 +122,9 @@ async def replay(event_log: EventLog, *, until_position: int | None = None,
                  each_types: Collection[str] | None = None,
                  start: Folded | None = None) -> Folded:
     """Fold the log from the start, or onto `start` from its position on (a snapshot),
-    optionally only up to a position or a moment; `each` is called with every envelope, or
-    only those of `each_types` when given, in log order, after the page it is in is folded.
-
-    A long SQLite log folded from the start with no `each` is folded in partitions, one
-    process per core (`replay_partitioned`)."""
+    optionally only up to a position or a moment; `each` is called with every envelope (or those
+    of `each_types`), in log order, after its page is folded. A long SQLite log folded from the
+    start with no `each` is folded in partitions (`replay_partitioned`)."""
     path = event_log.sqlite_file
     if (start is None and each is None and until_time is None and path is not None
             and PARTITIONS > 1):
@@ -185,8 +176,7 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 # host), so the partitions' states are disjoint and their union is the state. The merge checks
 # that they are disjoint, and a log that breaks it is folded in one process instead.
 PARTITIONS = min(usable_cores(), 4)
-# events; below this a fork gains little (forked, two partitions folded 20,000 events in 0.09 s
-# against 0.12 s in one process, 10,000 in the same time, 50,000 in 0.17 against 0.28 s)
+# events; below this a fork gains little over folding in one process
 PARTITION_FROM = 50_000
 MMAP_BYTES = 1 << 40  # a partition maps the log file (up to SQLite's cap) instead of reading pages
 
@@ -243,11 +233,10 @@ class _Child:
 
 
 def _fork_partition(path: str, until: int, part: int) -> _Child:
-    """Fold partition `part` in a forked child, which writes its pickled (Folded, rows read) to
-    a pipe. Forked, not started anew: the child has the code imported and begins at once
-    (starting Python and importing the events took 0.3 s of a 3.5 s replay). It only reads the
-    log through a connection of its own and never touches what it inherited (the event loop,
-    other connections), and it ends with `os._exit`, running no cleanup of the parent's."""
+    """Fold partition `part` in a forked child (its code already imported), which writes its
+    pickled (Folded, rows read) to a pipe. The child reads the log through a connection of its
+    own, touches nothing it inherited (the event loop, other connections) and ends with
+    `os._exit`, running no cleanup of the parent's."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
@@ -335,9 +324,8 @@ def _rebuilt(cls: type[Any], values: tuple[Any, ...]) -> Any:
 
 
 def _pickled_as_values(cls: type[Any]) -> None:
-    """Pickle a frozen slots dataclass as its fields' values, rebuilt without `__init__`: about
-    twice as fast both ways as the dataclass's own state (a partition's state crosses a pipe
-    whole, thousands of worker, position and stats views)."""
+    """Pickle a frozen slots dataclass as its fields' values, rebuilt without `__init__`: a
+    partition's state, thousands of views, crosses a pipe whole."""
     values = operator.attrgetter(*cls.__slots__)
     copyreg.pickle(cls, lambda view: (_rebuilt, (cls, values(view))))
 

@@ -1,17 +1,10 @@
 """The monitor: records the event log, keeps the live projections, watches heartbeats, answers
 status queries.
 
-Storage: the log lives in the monitor's own database, the same file as its Store (outbox,
-processed ids), on the Store's database. On SQLite every write transaction there is
-`BEGIN IMMEDIATE` under a 30 s busy timeout, so the recorder's batch commits, the Store's
-rare watchdog emits and the snapshots serialise on the file's single write lock without further
-coordination.
-
-Guarantees: every command and event is recorded once, in one global order, before it is acked
-(see `recorder`); the live state is the fold of exactly the recorded envelopes, and a restart
-rebuilds it before consuming again: from the latest usable snapshot and the log after it (see
-`snapshot`), or from the whole log. HeartbeatMissed and HostLost go out
-through the Store's outbox, once per silence episode (see `liveness`).
+Every command and event is recorded once, in one global order, before it is acked (`recorder`);
+the live state is the fold of exactly the recorded envelopes, rebuilt at a restart from the latest
+usable snapshot and the log after it (`snapshot`) before consuming again. HeartbeatMissed and
+HostLost go out through the Store's outbox, once per silence episode (`liveness`).
 """
 
 from __future__ import annotations

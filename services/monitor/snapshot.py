@@ -1,17 +1,9 @@
 """Snapshots of the monitor's folded state, so that a restart folds only the log's tail.
 
-A snapshot is `Folded` at a log position, kept as JSON beside the log in the monitor's database:
-written every `Settings.snapshot_every` recorded events and when the monitor stops. A restart
-starts from the latest snapshot that
-
-- was made by this build's fold (`CODE`, a digest of the source of the events, the projections
-  and this package's fold: any change there makes every older snapshot unusable), and
-- matches the log: the chain hash recorded with it is the log's hash at its position (a log
-  restored from a backup, replaced or cut short is replayed whole);
-
-else it replays the whole log. Folding the tail onto the snapshot gives exactly the state a full
-replay gives (the fold is deterministic and `apply`-pure). An audit (`runner replay`) never
-starts from a snapshot: it folds the log itself.
+A snapshot is `Folded` at a log position, as JSON in the monitor's database, written every
+`Settings.snapshot_every` recorded events and when the monitor stops. A restart starts from the
+latest one made by this build's fold (`CODE`) whose chain hash is the log's at its position, else
+replays the whole log; either way it reaches the state a full replay gives.
 """
 
 from __future__ import annotations

@@ -83,11 +83,10 @@ def status(state: Projections, user_id: str | None = None,
 
 def status_json(state: Projections, user_id: str | None, beats: Mapping[str, WorkerBeat],
                 encoded: dict[str, bytes], offset: int = 0, limit: int | None = None) -> bytes:
-    """`status` encoded as JSON as the HTTP API answers it (`{"success": true, ...}`), so the
-    gateway passes it on untouched. It reuses the entries in `encoded` (worker id → its entry
-    as JSON) and adds the missing ones to it; the caller drops a worker's entry from `encoded`
-    whenever something it shows changes. With a `limit`, only that many workers from `offset`
-    on (in the order of their creation), and `page: {offset, limit, total}` says where it is."""
+    """`status` as the HTTP API answers it (`{"success": true, ...}`, passed on untouched),
+    reusing the entries in `encoded` (worker id → JSON entry, which the caller drops when the
+    worker changes) and adding the missing ones; with a `limit`, only that many workers from
+    `offset` on, with `page: {offset, limit, total}`."""
     workers = _workers_of(state, user_id)
     shown = workers if limit is None else workers[offset:offset + limit]
     parts = []

@@ -1,13 +1,9 @@
 """A job's whole life as one pure decision: `decide(job, message, now, settings)`.
 
-A job is requested, accepted (queued) or rejected, dispatched to a host, running, crashed and
-waiting for its restart, stopping, and finally stopped or failed. Every message about it, and the
-scheduler's own inputs (a restart falling due, a placement), moves it by `decide`, which returns
-the job as it is now, the events that tell so, and the timers to set or cancel. No I/O, no clock:
-the shell (`service.py`) loads the job, decides, saves and emits in one transaction.
-
-A message about an earlier attempt, another host or a job in the wrong state changes nothing,
-so no job ever gets two live workers from the scheduler.
+Every message about a job, and the scheduler's own inputs (a restart due, a placement), moves it
+by `decide`, which returns the job as it is now, the events that tell so and the timers to set or
+cancel (no I/O, no clock). A message about an earlier attempt, another host or a job in the wrong
+state changes nothing, so no job ever gets two live workers from the scheduler.
 """
 
 from __future__ import annotations
@@ -237,9 +233,8 @@ def _restart_or_give_up(job: Job, now: datetime, settings: Settings, entitled: b
 
 def _stop(job: Job, command: StopRunner, now: datetime) -> Decision:
     """Stop the worker wherever it is in its life: ask its host, or, before it runs on one, end
-    it here at once. A job that ran and is not running now (crashed awaiting its restart, or
-    failed) asked to flatten gets a flatten-only run, under its own credentials, which closes
-    what its account really holds and ends it. Any other ended job stays as it is."""
+    it here at once. A job that ran and is not running now, asked to flatten, gets a
+    flatten-only run that closes what its account holds; any other ended job stays as it is."""
     ids = {"job_id": job.job_id, "worker_id": job.worker_id}
     if job.state in (State.DISPATCHED, State.RUNNING):
         return Decision(replace(job, state=State.STOPPING), (

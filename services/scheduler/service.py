@@ -1,11 +1,9 @@
 """Scheduler service: owns the job queue (its own store, so it survives restarts).
 
-Every message about a job is handled the same way: load the job, `lifecycle.decide`, save it and
-emit what the decision says, in the inbox batch's transaction (exactly-once effect; acked after
-the commit). After each batch, queued jobs are placed on online hosts within the spawn throttle
-and the system ceiling (`policy.admit`, `policy.assign`), in the same transaction, so a job
-accepted is dispatched in the commit that queues it. Crashes that are the strategy's own count
-toward its circuit breaker (`policy.strategy_failed`).
+Every message about a job loads it, decides (`lifecycle.decide`), saves it and emits what the
+decision says in the inbox batch's transaction (at-least-once in, exactly-once effect, acked after
+the commit); queued jobs are then placed on hosts in the same transaction (`policy.admit`,
+`policy.assign`), so an accepted job is dispatched in the commit that queues it.
 """
 
 from __future__ import annotations

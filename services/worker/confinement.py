@@ -1,19 +1,9 @@
 """What a worker process gives up before any strategy code runs in it (docs/SECURITY.md).
 
-In order: it enters its own directory; drops to its own uid and gid with no supplementary groups
-(when it is handed one: a forked child of a root fork-server; an exec'd worker is switched by
-its spawner before the exec); takes resource limits (address space, open files, processes, no
-core files); can gain no privileges again (`PR_SET_NO_NEW_PRIVS`) and cannot be read or traced
-by its peers (`PR_SET_DUMPABLE 0`, which an exec resets, so it is set here, after any exec); and,
-sandboxed, where the kernel has Landlock, may write only beneath its directory, connect only to
-the TCP ports it is allowed, bind no TCP port, and signal or reach over abstract unix sockets no
-process outside itself and its children; and, with seccomp (through libseccomp), may open no
-unix socket (a path's socket is Landlock's blind spot: a local database trusting local users
-would let it in) and make none of the system calls a strategy has no use for that widen the
-kernel's surface (tracing, namespaces, keyrings, BPF, perf, userfaultfd, io_uring).
-
-Only the standard library (ctypes for prctl, Landlock and libseccomp): a fork-server imports this
-before it forks, an exec'd worker before anything else.
+In order: its own directory, its own uid and gid (`switch_identity`), resource limits (`Limits`),
+no new privileges and not dumpable (`set_dumpable`), and, sandboxed, Landlock (`sandbox`) and a
+seccomp filter (`refuse_syscalls`) where available. Only the standard library (ctypes), since a
+fork-server imports this before it forks and an exec'd worker before anything else.
 """
 
 from __future__ import annotations

@@ -37,15 +37,9 @@ async def flatten(
     timeout: float | None = None,
 ) -> PositionsFlattened | FlattenFailed:
     """Cancel resting orders (they could reopen a position), then close each open position with
-    a reduce-only market order and read the positions again, until the account shows none: at
-    most `rounds` rounds, within `timeout` seconds.
-
-    Every position flat: PositionsFlattened (count = positions open at the first read, their
-    closing fills, the realized P&L of those closes). Anything else: FlattenFailed naming the
-    errors and the positions still open (the last ones read; when no read succeeded after the
-    closes, those whose close did not fill; when none succeeded at all, the positions the account
-    showed last); nothing is swallowed.
-    """
+    a reduce-only market order and read the positions again until the account shows none, in at
+    most `rounds` rounds within `timeout` seconds. PositionsFlattened when all are flat, else
+    FlattenFailed naming the errors and the positions still open as last known."""
     closed: list[ClosedTrade] = []
     fills: list[Fill] = []
     errors: list[str] = []

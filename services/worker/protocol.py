@@ -1,40 +1,24 @@
 """The control channel between a worker-host and each worker process it spawns.
 
-JSON lines over a Unix socketpair whose worker end is fd `RUNNER_CONTROL_FD` in the worker (a
-container worker connects to the Unix socket at `RUNNER_CONTROL_SOCKET` instead).
-The worker's stdout/stderr are for logs only (they go to a file), never for this protocol.
+JSON lines over a Unix socketpair, fd `RUNNER_CONTROL_FD` in the worker (a container worker
+connects to the socket at `RUNNER_CONTROL_SOCKET` instead); stdout and stderr are for logs only.
 
-host -> worker, first: `Credentials`, the user's broker credentials (the seed's `API_KEY` and
-`API_SECRET`), written by the host the moment the worker's process exists, and read by the worker
-before it opens its broker. They never travel in an environment (readable in /proc, inherited
-by every child) nor through the fork-server, and so never sit in the memory later workers are
-forked from.
-worker -> host: `Hello` once ready (for a real exchange: once its credentials are checked and
-its positions read), a `Beat` every heartbeat interval, a `Report` for every trading fact
-(OrderFilled, PositionChanged, TradeClosed, OrderRejected, RiskLimitHit, PositionsFlattened,
-FlattenFailed). A worker that cannot start sends `CannotStart` instead of `Hello` (its reason,
-never a secret) and exits: with `EXIT_CREDENTIALS_REJECTED` when the exchange rejected its keys
-(`permanent`: restarting cannot help).
-host -> worker: `Stop` (graceful; flatten first when asked). After a Stop the worker reports the
-flatten outcome (when asked) and exits 0. On EOF of the channel (its host is gone) the worker
-exits with `EXIT_HOST_GONE` without touching positions. SIGTERM = Stop(flatten=False).
-Market prices: a worker trading on an exchange's prices sends `Subscribe` (its instruments) once
-started, and its host relays the prices of its one feed per exchange as `Price` lines; a worker
-opens no socket of its own (docs/SECURITY.md), and without fresh prices asks the exchange.
-
-A worker's lines are untrusted (any strategy plugin, or its dependencies, may write to the
-channel): `decode` takes a line of at most `MAX_LINE` bytes, of JSON with finite numbers, strings
-of at most `MAX_STRING` characters, at most `MAX_ITEMS` items in a list or object, nested at most
-`MAX_DEPTH` deep, that is a valid line; and `LineBudget` bounds how many lines a second. Anything
-else raises `ProtocolViolation`; the host kills the worker and reports it crashed, saying why.
-
-The host's lease reaches its workers: `RUNNER_LEASE_UNTIL` at spawn, a `Lease` line in answer
-to the worker's Hello (a worker runs nothing before it: its spawn may have outlasted the lease it
-was given), then one each time the host renews its own. Both are `time.monotonic()` instants
-(host and worker share the machine, hence the clock; a container has no clock of its own, no
-time namespace). A worker whose lease runs out exits with `EXIT_LEASE_LAPSED` without touching
-positions: a stalled or cut-off host cannot leave it running past the moment the system may
-restart it elsewhere.
+- host → worker, first: `Credentials` (the seed's `API_KEY` and `API_SECRET`), written as soon as
+  the process exists, never through an environment or the fork-server.
+- worker → host: `Hello` once ready (credentials checked, positions read), a `Beat` every
+  heartbeat interval, a `Report` per trading fact; or, instead of `Hello`, `CannotStart` (its
+  reason, no secret) and an exit (`EXIT_CREDENTIALS_REJECTED` when the exchange rejected its keys).
+- host → worker: `Stop` (flatten first when asked), after which the worker reports the flatten
+  and exits 0; SIGTERM is Stop(flatten=False); at EOF it exits `EXIT_HOST_GONE`, positions
+  untouched.
+- Prices: the worker sends `Subscribe` (its instruments); its host relays its feed's `Price` lines.
+- Lease: `RUNNER_LEASE_UNTIL` at spawn, then a `Lease` line answering the Hello and at each renewal
+  (`time.monotonic()` instants: host and worker share the clock); a worker whose lease runs out
+  exits `EXIT_LEASE_LAPSED`, positions untouched.
+- Bounds: a worker's lines are untrusted: `decode` refuses a line over `MAX_LINE` bytes, a string
+  over `MAX_STRING` characters, more than `MAX_ITEMS` items or `MAX_DEPTH` levels, and
+  `LineBudget` bounds the lines a second; the host kills a worker that breaks them
+  (`ProtocolViolation`) and reports it crashed.
 """
 
 from __future__ import annotations

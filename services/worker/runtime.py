@@ -16,18 +16,10 @@ Exit paths (what the host can rely on):
   `CannotStart` line ("exchange rejected the API key", permanent), exit
   `EXIT_CREDENTIALS_REJECTED` (5). An exchange unreachable at start: `CannotStart`, exit 1.
 
-Before its Hello the worker reaches its account (`Broker.connect`) and reads its open positions;
-after the Hello it reports each as PositionChanged: the exchange, not the last run, is the
-source of truth. Its strategy trades through `GuardedBroker` (risk.py), which enforces
-`riskManagement`; each heartbeat's marks are checked against the stop-loss and take-profit.
-
-`RUNNER_WORKER_MODE=flatten`: a flatten-only run (a stopped job whose worker is not running):
-connect, read, Hello, close everything, report PositionsFlattened or FlattenFailed, exit 0.
-
-Credentials come as the first line on the control channel (`protocol.Credentials`), before the
-broker is opened, never from the environment; they are kept in `Credentials` (hidden from
-`repr`), handed only to the broker
-adapter, and scrubbed from every log line and from the free-text error of FlattenFailed.
+The worker reports the positions its account holds after its Hello (the exchange is the source
+of truth), trades through `GuardedBroker` (risk.py), and takes its credentials from the first
+line on the control channel, never the environment, scrubbing them from every log line.
+`RUNNER_WORKER_MODE=flatten` is a flatten-only run: connect, read, Hello, close all, report, exit 0.
 """
 
 from __future__ import annotations
@@ -365,11 +357,10 @@ class HostLease:
 
 @dataclass
 class MarketClock:
-    """The market's steps for a strategy that does not act on ticks (`acts_on_ticks` False).
-    Instead of waking every `interval` to move a market nobody is watching, the worker takes the
-    steps due since it started in one go whenever the market is looked at (each heartbeat's
-    marks, a flatten). The seeded walk gives the same marks as stepping one by one, and an idle
-    worker sleeps from one heartbeat to the next."""
+    """The market's steps for a strategy that does not act on ticks (`acts_on_ticks` False),
+    taken in one go whenever the market is looked at (a heartbeat's marks, a flatten) instead of
+    every `interval`, so an idle worker sleeps between heartbeats; the seeded walk gives the same
+    marks either way."""
 
     broker: Broker
     interval: float

@@ -11,9 +11,8 @@ from events import WorkerHeartbeat, WorkerHeartbeats
 
 class BeatRelay:
     """Sends the heartbeats `add`ed to it as one `WorkerHeartbeats` per `window` seconds, not a
-    message each: a thousand workers beating every 5 s are 200 messages a second one by one. A
-    worker's first heartbeat goes at once (with whatever waits beside it), so a new worker is
-    seen alive without delay; the others are at most `window` late, against a 30 s timeout."""
+    message each; a worker's first heartbeat goes at once (with whatever waits beside it), so a
+    new worker is seen alive without delay, and the others are at most `window` late."""
 
     def __init__(self, host_id: str, send: Callable[[WorkerHeartbeats], Awaitable[None]],
                  window: float) -> None:

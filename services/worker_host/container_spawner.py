@@ -1,22 +1,11 @@
 """Workers as containers, through the Docker Engine API (Docker or Podman): `RUNNER_SPAWN_MODE=
 container` (docs/CONTAINERS.md).
 
-Each worker runs `python -m services.worker` in a container of its own, from the image its
-strategy names (the default worker image, or one of the allow-list), with the seed's per-worker
-environment, labels naming its host, job and worker, the limits of the settings, a read-only
-root filesystem, no capability, no new privileges, a non-root user, and an init as its pid 1.
-Its control channel is the same JSON-lines protocol as a process worker's: the host listens on
-a Unix socket in the worker's own directory, the only host directory mounted into the container
-(at /work, where its log and state also live); the worker connects, the host sends its
-credentials over the connection and the worker says Hello. No port is opened, and the worker
-needs no route to the host: its network (bridge by default) is for its exchange only.
-
-Its exit is noticed at once through a pidfd on the container's init (the engine runs on this
-machine: the control socket is a file mounted into the container), its code then read from the
-engine; the container is removed once its end is known, after the engine's copy of its output
-(what it wrote before opening its log) is appended to its log. A host starting again removes
-the containers its earlier run left: their channels died with that run, so they could not be
-driven, and none may run beside its restart.
+Each worker runs `python -m services.worker` in a container of its own (its strategy's image, a
+read-only root filesystem, no capability, a non-root user), speaking the process workers' protocol
+over a Unix socket in its own directory, the only host directory mounted into it, so no port is
+opened. A host starting again removes the containers its earlier run left, which nothing could
+drive any more.
 """
 
 from __future__ import annotations

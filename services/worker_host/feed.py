@@ -1,19 +1,16 @@
 """One market-data feed per host: one public connection per exchange, its prices fanned out to
 the host's workers, so a hundred workers trading BTC-PERPETUAL do not each poll Deribit.
 
-The feed watches each exchange's tickers over ccxt.pro's WebSocket client where ccxt has one
-(one connection per exchange, whatever the number of instruments), else polls them through
-ccxt's REST client (one kept-alive connection). Private calls never come here: they stay in
-each worker, under its user's keys.
-
-Its client is the host's `FeedRelay` (feed_relay.py), over a Unix stream socket, JSON lines:
+It watches tickers over ccxt.pro's WebSocket client where ccxt has one, else polls ccxt's REST
+client; private calls stay in each worker. Its client is the host's `FeedRelay` (feed_relay.py),
+over a Unix stream socket, JSON lines:
 - relay → feed: `{"subscribe": [["deribit", "BTC-PERPETUAL"], ...]}` (the source is the
   exchange id, `-testnet` for its sandbox);
 - feed → relay: `{"source", "instrument", "bid", "ask", "mark", "at"}` (`at`: the feed's
-  `time.time()` when the price came), the latest at once on subscribing, then every change.
-A client that stops reading (its socket buffer past `SLOW_SUBSCRIBER_BYTES`) is dropped.
+  `time.time()` when the price came), the latest at once on subscribing, then every change;
+- a client that stops reading (its socket buffer past `SLOW_SUBSCRIBER_BYTES`) is dropped.
 
-The relay runs it as a process of its own (ccxt stays out of the host's process):
+Run as a process of its own, so ccxt stays out of the host's process:
 `python -m services.worker_host.feed PATH [--urls JSON] [--poll S]`.
 """
 

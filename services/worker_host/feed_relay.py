@@ -1,9 +1,7 @@
-"""A worker-host's market-data feed as its workers get it: one feed process (`feed.py`, one
-public connection per exchange) started at the first subscription, and its prices relayed to each
-subscribed worker as `Price` lines on the worker's control channel. Workers open no socket of
-their own (their seccomp filter refuses unix sockets: docs/SECURITY.md); the feed's ccxt stays
-out of the host's own process. A feed process that dies is started again; meanwhile workers get
-no fresh price and ask their exchange."""
+"""A worker-host's market-data feed as its workers get it: one feed process (`feed.py`) started
+at the first subscription, its prices relayed to each subscribed worker as `Price` lines on its
+control channel, since workers open no socket of their own (docs/SECURITY.md). A feed process
+that dies is started again; meanwhile workers ask their exchange."""
 
 from __future__ import annotations
 

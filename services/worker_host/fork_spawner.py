@@ -280,10 +280,10 @@ class ForkSpawner(PlacingSpawner):
         return await greeted(request, process, host_end)
 
     async def _adopt(self, request: SpawnRequest, host_end: socket.socket) -> WorkerProcess:
-        """The fork-server died with our request in flight. A child it forked says hello (with
+        """The fork-server died with our request in flight: a child it forked says hello (with
         its pid) and is watched as an orphan; if none does in time, closing the channel ends a
-        late one at its first read (EOF: it exits with EXIT_HOST_GONE). The credentials go
-        first: only such a child holds the channel's other end now."""
+        late one at its first read (EXIT_HOST_GONE). The credentials go first, since only such a
+        child holds the channel's other end now."""
         try:
             send_credentials(host_end, request.credentials)
         except OSError:

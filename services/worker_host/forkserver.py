@@ -1,16 +1,9 @@
 """The fork-server: a pre-imported template process that forks workers on its host's request.
 
-`python -m services.worker_host.forkserver FD` — FD is its end of a SOCK_SEQPACKET socket to
-the worker-host. It imports the worker runtime, the strategies and the paper broker once, runs
-a paper worker's whole life a few times in-process (`rehearse`) so its children inherit that
-code already specialized, and holds no secrets (its environment is a worker's
-`base_environment` only; no user's credentials ever pass through it: they reach each worker
-over its channel after the fork) and no connection. It is not dumpable. It keeps `SPARES`
-children forked and warmed up ahead, each in its own session, holding only its end of a
-socketpair to the server; a request is handed to the oldest spare (the env, the confinement and
-the two fds, the same way), or forked at once when none is ready. A child takes its confinement
-(its directory, its uid, its limits: `services.worker.confinement`) before it runs the worker,
-so no strategy code ever runs with the server's privileges.
+`python -m services.worker_host.forkserver FD` (FD: its end of a SOCK_SEQPACKET socket to the
+worker-host). It holds no secrets and no connection, keeps `SPARES` children forked and warmed up
+ahead, and each child takes its confinement (`services.worker.confinement`) before it runs the
+worker, so no strategy code ever runs with the server's privileges.
 
 Wire (one JSON object per packet):
 - host → server: `{"id": n, "env": {...}, "confinement": "<json>"}` with two fds attached
@@ -19,11 +12,11 @@ Wire (one JSON object per packet):
   and `{"exited": p, "code": c}` when it reaps a worker (`c` negative for a signal, like
   asyncio). A worker's pid always reaches the host before its exit; a spare that dies before
   it is given a worker is never reported.
+- The server exits when the host closes the socket; its workers live on until their control
+  channels close.
 
 The server is a plain synchronous loop (no threads, no event loop), so a fork copies nothing
-half-done; the child starts its own asyncio loop in `run_worker`. The server exits when the host
-closes the socket; its workers live on until their control channels close, and its spares,
-finding their socketpair closed, exit.
+half-done.
 """
 
 from __future__ import annotations
@@ -104,13 +97,10 @@ def warm_up() -> None:
 
 
 def rehearse(times: int = REHEARSALS) -> None:
-    """Run a worker's whole life `times` times here, before the first fork: a paper `hold` worker
-    that says hello, beats, buys (its account saved to a scratch file) and is stopped with a
-    flatten. Python 3.11 writes to the code it runs (a function's calls count up to its
-    quickening, then its instructions specialize in place) and fills the type attribute cache
-    as it goes; each such write in a child copies a page of the server's. Rehearsed here, a
-    worker starts from code already specialized: about 1,110 pages copied instead of 1,380
-    (4.0 MiB unique against 5.0). A failed rehearsal only costs that; it is reported."""
+    """Run a paper `hold` worker's whole life (hello, beats, a buy, a stop with flatten) `times`
+    times here before the first fork, so that children start from code already specialized:
+    Python writes to the code it runs as it quickens it, and each such write in a child would
+    copy a page of the server's. A failed rehearsal is reported."""
     from services.worker.confinement import Confinement, Limits, describe_limits
     from services.worker.runtime import run_worker
 
@@ -171,10 +161,9 @@ def _quietly() -> Iterator[None]:
 
 class ForkServer:
     """Serves its host's requests; keeps `spares` children forked and warmed up ahead, each
-    waiting to become the next worker. A fork costs its child a few milliseconds before it runs
-    a line (copying pages on write, mostly); a spare has paid that already (a probe of a minimal
-    worker: 1.1 ms from request to hello, against 5.2 ms forking on request). A request that
-    finds no spare ready forks at once; spares are replaced while no request waits."""
+    waiting to become the next worker, so that a request need not wait for a fork's copying on
+    write. A request that finds no spare ready forks at once; spares are replaced while no
+    request waits."""
 
     def __init__(self, host: socket.socket, spares: int = SPARES) -> None:
         self.host = host

@@ -1,14 +1,10 @@
 """The worker-host's side of worker isolation (docs/SECURITY.md): who each worker runs as, the
 directory it owns, what it is confined to, and when its uid may serve another worker.
 
-Where the host can switch ids (root, or CAP_SETUID and CAP_SETGID) every worker runs under a
-uid and gid of its own from `RUNNER_WORKER_UIDS`; a uid goes back to the pool only once no
-process runs under it any more (`sweep`), so two workers, or a worker and what an earlier one
-left behind, never share one. While a worker lives its host holds a claim on its uid (an
-abstract unix socket named after it), so worker-hosts on one machine whose ranges overlap never
-hand out the same uid either: a uid claimed by another is skipped. Where it cannot switch ids,
-workers run under the host's own uid, and the host says so once at start. Either way each worker
-is confined (`services.worker.confinement`).
+Where the host can switch ids, every worker runs under a uid of its own from
+`RUNNER_WORKER_UIDS`, given back only once no process runs under it (`sweep`) and claimed while
+in use, so no two workers (nor two hosts on one machine) ever share one; elsewhere workers run
+under the host's uid. Either way each worker is confined (`services.worker.confinement`).
 """
 
 from __future__ import annotations
@@ -406,10 +402,9 @@ class Isolation:
 
 def prepare_directory(worker_id: str, directory: Path, identity: Identity | None) -> bool:
     """The worker's own directory, 0700, and everything in it, given to `identity` (its files
-    may come from an earlier attempt under another uid); True when it is new. Symbolic links are
-    never followed: the directory's content is the worker's doing. A paper account kept by a host
-    before workers had directories is moved in. A worker's first start makes two or three system
-    calls here (a burst of starts is bound by its host's share of them)."""
+    may come from an earlier attempt under another uid), never following a symbolic link; True
+    when it is new. A paper account left beside the directory (`<worker>.state.json`) is moved
+    in."""
     try:
         os.mkdir(directory, 0o700)
         fresh = True

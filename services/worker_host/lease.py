@@ -14,10 +14,10 @@ class Renewal(Enum):
 
 
 class HostLease:
-    """The host holds its lease while the broker confirms its heartbeats: each confirm renews
-    it from the moment that heartbeat was sent. Past `duration` seconds without one it has
-    lapsed, and the host must end its workers (the scheduler restarts them elsewhere after it).
-    Times are the clock's (`time.monotonic` by default, which the workers share)."""
+    """The host holds its lease while the broker confirms its heartbeats, each confirm renewing
+    it from when that heartbeat was sent; past `duration` seconds without one it has lapsed, and
+    the host must end its workers. Times are the clock's (`time.monotonic` by default, which the
+    workers share)."""
 
     def __init__(self, duration: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.duration = duration

@@ -1,14 +1,9 @@
 """Spawning worker processes and talking to them over their control channels.
 
-Two spawners give the same `WorkerProcess`: `ExecSpawner` runs `python -m services.worker` per
-worker (a fresh interpreter importing everything), `ForkSpawner` (fork_spawner.py) asks a
-pre-imported fork-server to fork one (an order of magnitude faster, most pages shared; figures
-in bench/spawn.py). `RUNNER_SPAWN_MODE` picks one (default fork).
-
-Either way a worker runs in a directory of its own (its log and its state), as the spawner's
-`Isolation` places and confines it (isolation.py: its own uid where the host can switch ids),
-and gets its credentials over its channel as soon as its process exists, never in its
-environment.
+`ExecSpawner` runs `python -m services.worker` per worker, `ForkSpawner` (fork_spawner.py) has a
+pre-imported fork-server fork one (faster, most pages shared). Either way a worker runs in a
+directory of its own, placed and confined by the spawner's `Isolation` (isolation.py), and gets
+its credentials over its channel, never in its environment.
 """
 
 from __future__ import annotations
@@ -45,10 +40,9 @@ from services.worker_host.isolation import (
 INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT",
              "RUNNER_ENABLE_CHAOS")
 # libuv, under uvloop, gives each event loop two io_uring rings, one with a kernel thread polling
-# it, for file operations a worker never makes through its loop. Without them a worker's start
-# took about 1 ms less CPU (7.2-8.0 ms against 8.1-9.3 in bursts of 200), and 1,000 workers hold
-# no 1,000 kernel threads. libuv reads it once per process, at its first loop: the fork-server's
-# first (its rehearsal's) decides for the children it forks.
+# it, for file operations a worker never makes through its loop: without them a worker starts on
+# less CPU and holds no kernel thread. libuv reads it once per process, at its first loop: the
+# fork-server's first (its rehearsal's) decides for the children it forks.
 WORKER_LOOP_ENV = {"UV_USE_IO_URING": "0"}
 CANNOT_START_EXIT_WAIT = 2.0  # seconds a worker that cannot start has to exit by itself
 # Neither the fork-server nor a worker writes bytecode into the shared tree: written under
@@ -158,11 +152,10 @@ class WorkerProcess:
         self.send_encoded(protocol.encode(line))
 
     def send_encoded(self, line: bytes) -> None:
-        """Best effort, straight to the socket rather than through the stream's transport: a
-        write to a worker that has just exited fails, and in the transport that failure would
-        also close the reading side, losing the worker's last lines (its final reports) still
-        unread in the socket. Lines are short; a worker that stops reading until its buffer
-        fills is hung (the watchdog deals with it), and what does not fit is dropped."""
+        """Best effort, straight to the socket rather than through the stream's transport, in
+        which a failed write to a worker that has just exited would also close the reading side
+        and lose its last lines still unread. What does not fit in a full buffer is dropped (a
+        worker that stops reading is hung: the watchdog deals with it)."""
         with contextlib.suppress(OSError):  # already gone: the supervisor reports its exit
             os.write(self.writer.get_extra_info("socket").fileno(), line)
 

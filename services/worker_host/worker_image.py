@@ -1,11 +1,8 @@
 """The worker image, built offline from this machine's own Python (`runner images build`).
 
-No registry is needed: the image's root filesystem is assembled here from the interpreter that
-runs the project (its binary, its standard library), the installed distributions the project
-needs at run time (the closure of its requirements, no dev extras), the project's own packages,
-and the shared libraries all of those link against (as `ldd` resolves them); then the engine
-builds it `FROM scratch` through the Docker Engine API, so Docker and Podman alike can. The
-image holds no secret and runs `python -m services.worker` as a non-root user.
+Its root filesystem is assembled here (the interpreter, the run-time distributions, the project's
+packages and the shared libraries they link against) and built `FROM scratch` through the Docker
+Engine API, so no registry is needed; it holds no secret and runs as a non-root user.
 """
 
 from __future__ import annotations

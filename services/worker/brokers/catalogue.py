@@ -5,15 +5,10 @@ Forms of `brokerId`:
 - `<exchange>`: a real account on a ccxt exchange, `<exchange>-testnet` its sandbox;
 - `paper-<exchange>`: a paper account priced by that exchange's public market data (no keys).
 
-Support levels (README's table): `verified` (deribit: every call the adapter makes is tested
-against a local exchange speaking its wire API through the real ccxt client, and by an opt-in
-live test on its testnet); `unverified` (another ccxt exchange whose client has every unified
-call the adapter uses, listed in `exchanges.json`; same code path, untested against that
-exchange). Anything else is refused. The gateway checks ids here; importing ccxt (about a
-second and 60 MiB) is left to the worker.
-
-`exchanges.json` is derived from the installed ccxt: `python -m
-services.worker.brokers.catalogue` rewrites it (a unit test fails when it is out of date).
+Support levels (README's table): `verified` (deribit, tested against its wire API), `unverified`
+(another ccxt exchange listed in `exchanges.json`, which `python -m
+services.worker.brokers.catalogue` rewrites from the installed ccxt); anything else is refused.
+The gateway checks ids here and leaves importing ccxt, which is heavy, to the worker.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """A real exchange account through ccxt (`ccxt.async_support`): `deribit`, `deribit-testnet`,
 and the other exchanges of the catalogue (catalogue.py says how well each is supported).
 
-Orders survive failures:
-- every order carries a client order id (Deribit's `label`) from the worker's journal
-  (journal.py), written to disk before the order leaves;
-- a transient failure (network, timeout, rate limit, exchange busy) is retried with backoff,
-  and before any re-send the label is looked up: an order the exchange already has is taken
-  as placed, never placed again (Deribit does not refuse a second order with the same label);
-- aiohttp silently resends a GET once when its connection drops mid-call, and ccxt's Deribit
-  orders are GETs: a client middleware refuses that resend for order-placing calls, so the
-  failure reaches the retry above (which looks the label up) instead of placing it twice;
-- a permanent refusal (insufficient funds, invalid amount, ...) raises `OrderRefused` at once;
-- a restarted worker settles what its predecessor left in flight (`connect`).
-
-The exchange is the source of truth: positions are read from it (a flat position is dropped),
-and after every fill the position it reports is what is reported. ccxt's rate limiter is on.
+Orders survive failures: each carries a client order id (Deribit's `label`) from the worker's
+journal (journal.py), written to disk before the order leaves, and looked up before any re-send
+after a transient failure, so an order is never placed twice (aiohttp's own silent resend is
+refused: `ResendGuard`); a permanent refusal raises `OrderRefused`. The exchange is the source of
+truth for positions.
 """
 
 from __future__ import annotations
@@ -244,8 +235,8 @@ def make_client(spec: BrokerSpec, credentials: Credentials | None,
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
-    """ccxt's TLS roots (certifi's), loaded once per process: loading them takes tens of
-    milliseconds, so the fork-server loads them for every worker it forks."""
+    """ccxt's TLS roots (certifi's), loaded once per process: the fork-server loads them for
+    every worker it forks, which would otherwise each pay for loading them."""
     return ssl.create_default_context(cafile=certifi.where())
 
 

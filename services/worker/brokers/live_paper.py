@@ -1,11 +1,9 @@
 """`paper-<exchange>` (e.g. `paper-deribit`): a paper account priced by a real exchange's public
 market data, with that exchange's fees; no keys, no orders leave the process.
 
-Market orders fill at the exchange's current ask (buy) or bid (sell) as taker; a limit order
-rests until the exchange's ask (buy) or bid (sell) crosses it, and fills at its own price as
-maker. Accounting is the offline paper broker's (paper.py), kept in the worker's state file
-across restarts: amounts in the base currency, P&L linear in the quote currency, whatever the
-contract (for an inverse perpetual too, unlike the real account's USD-sized contracts).
+Market orders fill at the exchange's ask (buy) or bid (sell) as taker, a limit order at its own
+price as maker once the exchange's price crosses it; the accounting is the offline paper broker's
+(paper.py): amounts in the base currency, P&L linear in the quote currency, whatever the contract.
 """
 
 from __future__ import annotations

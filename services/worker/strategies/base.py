@@ -48,20 +48,11 @@ class StrategyParameters(BaseModel):
 
 
 class Strategy:
-    """One strategy trading one account.
-
-    The runtime calls `start()` once, then every `tick_interval` seconds advances the broker's
-    market data and calls `on_tick()`. For a strategy without an `on_tick` of its own the
-    runtime does not wake for ticks: it moves the market by as many steps as are due whenever it
-    looks at it (`MarketClock`). A stop cancels it at any `await`; an exception ends the worker
-    with exit code 1, except `OrderRefused`: the order was refused for good (by the exchange or
-    by the runtime's risk limits), already reported, and `on_order_refused` told; the worker
-    goes on with the next tick.
-
-    The runtime enforces `riskManagement` itself (services/worker/risk.py): an order that would
-    take a position past `maxPositionSize` is refused, and a position past its stop-loss or
-    take-profit is closed at market (`on_forced_close` tells).
-    """
+    """One strategy trading one account: the runtime calls `start()` once, then `on_tick()`
+    every `tick_interval` seconds after moving the market data; a stop cancels it at any
+    `await`, and an exception ends the worker with exit code 1, except `OrderRefused` (already
+    reported, `on_order_refused` told), after which it goes on. The runtime enforces
+    `riskManagement` itself (services/worker/risk.py; `on_forced_close` tells of its closes)."""
 
     tick_interval: float = 1.0
     # the model of `config.parameters` (its JSON schema is what `GET /strategies` shows)

@@ -21,12 +21,9 @@ def parse_timeframe(timeframe: str) -> float:
 
 
 class Candles:
-    """Closing prices of fixed-width time buckets, built from (time, price) ticks.
-
-    A candle closes when the first tick of a later bucket arrives; its close is the last price
-    seen in its bucket. Buckets without ticks produce no candle. Only the last `keep` closes are
-    kept.
-    """
+    """Closing prices of fixed-width time buckets, built from (time, price) ticks: a candle
+    closes when a later bucket's first tick arrives, at the last price seen in its bucket
+    (buckets without ticks make none). Only the last `keep` closes are kept."""
 
     def __init__(self, width: float, keep: int = 500) -> None:
         if width <= 0:

@@ -44,12 +44,10 @@ def decide(
     parameters: ScalpingParameters,
     risk: RiskManagement,
 ) -> Signal | None:
-    """What to do on one instrument now. `strength` is the RSI of a candle that just closed
-    (None between candles): risk exits are checked every tick, RSI signals once per candle.
-
-    Flat: oversold -> long, overbought -> short. In a position: exit on the stop-loss or
-    take-profit (percent from entry) or on the opposite extreme (long at overbought, short at
-    oversold)."""
+    """What to do on one instrument now; `strength` is the RSI of a candle that just closed
+    (None between candles), so risk exits are checked every tick, RSI signals once per candle.
+    Flat: oversold -> long, overbought -> short; in a position: exit on the stop-loss or
+    take-profit (percent from entry) or on the opposite extreme."""
     if position is None:
         if strength is None:
             return None
