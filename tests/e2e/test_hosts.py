@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from events import Envelope
 from services.cli.client import GatewayClient
 from services.settings import Settings
 from tests.conftest import rabbitmqctl
@@ -133,7 +134,7 @@ async def test_killed_host_workers_move_to_the_other_host_and_never_run_twice(
 
         # host-1 comes back: it reports its old workers (stale, ignored) and resurrects nothing.
         await two_hosts.supervisor.revive("worker-host host-1")
-        await asyncio.sleep(3)
+        await until_back_with_its_stale_exits(two_hosts, "host-1", on_host_1)
         for wid in ids:
             entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
             assert entry["worker"]["hostId"] == "host-2" and entry["worker"]["status"] == "running"
@@ -208,6 +209,29 @@ async def until_rejoined(system: System, host_id: str, timeout: float = 20.0) ->
         await asyncio.sleep(0.1)
 
 
+def reported_itself(log: list[Envelope], host_id: str, worker_ids: set[str]) -> bool:
+    """Whether `host_id` has itself reported the end of each of `worker_ids`' first run (stale
+    news): that attempt's crash on it is then in the log twice, the scheduler's own when the host
+    was declared lost, and the host's."""
+    return all(
+        sum(
+            e.type == "WorkerCrashed" and e.payload["worker_id"] == wid
+            and e.payload["host_id"] == host_id and e.payload.get("attempt", 0) == 0
+            for e in log
+        ) >= 2
+        for wid in worker_ids
+    )
+
+
+async def until_back_with_its_stale_exits(system: System, host_id: str,
+                                          worker_ids: set[str]) -> None:
+    """Wait until the lost `host_id` is back (`/admin/hosts`: online again) and the log has its
+    own reports of the ends of `worker_ids`, which were moved elsewhere meanwhile: what a
+    returning host does (and the monitor folds) has then happened."""
+    await until_rejoined(system, host_id)
+    await system.wait_for_log(lambda log: reported_itself(log, host_id, worker_ids))
+
+
 async def test_frozen_host_workers_fence_themselves_before_they_run_elsewhere(
     two_hosts: System,
 ) -> None:
@@ -239,7 +263,8 @@ async def test_frozen_host_workers_fence_themselves_before_they_run_elsewhere(
                 )
         finally:
             host_1.send_signal(signal.SIGCONT)
-        await asyncio.sleep(3)  # host-1 wakes: reports the lapsed exits (stale), rejoins
+        # host-1 wakes: reports the lapsed exits (stale), rejoins
+        await until_back_with_its_stale_exits(two_hosts, "host-1", on_host_1)
         for wid in ids:
             entry = await two_hosts.wait_for_worker(client, wid, lambda e: True)
             assert entry["worker"]["status"] == "running"

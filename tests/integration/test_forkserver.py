@@ -294,7 +294,8 @@ async def test_spawn_in_flight_when_the_fork_server_dies_fails_cleanly(
     request = hold_request(tmp_path, 1, 0.2)
     request = SpawnRequest(**{**request.__dict__, "hello_timeout": 1.0})
     spawning = asyncio.create_task(fork_spawner.spawn(request))
-    await asyncio.sleep(0.2)
+    # in flight: the host registers a request as it sends it, and it has no answer
+    await eventually(lambda: fork_spawner.server.pending, 5, "the request sent")
     os.kill(server, signal.SIGKILL)
     with pytest.raises(SpawnError):
         await spawning
@@ -408,7 +409,12 @@ def test_a_spare_becomes_a_worker_and_a_spare_that_dies_is_never_reported(
         spares = children_of(server.pid)
         killed = min(spares)
         os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)  # reaped by the server: it must tell the host nothing
+        # reaped by the server (its pid gone): it must tell the host nothing, and would have
+        # told it on reaping, before it answers the next request
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{killed}"):
+            assert time.monotonic() < deadline, "the killed spare was never reaped"
+            time.sleep(0.01)
         host.settimeout(10)
         for number in (1, 2):
             env = {"USER_ID": f"user-{number}", "API_KEY": API_KEY, "PATH": "/bin"}

@@ -146,6 +146,17 @@ def start_runner(user: str, job: str | None = None) -> Envelope:
     )
 
 
+async def lock_waiters(database: str) -> int:
+    """How many sessions in `database` wait for a lock (a lock in pg_locks not granted)."""
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE NOT l.granted AND a.datname = $1", database)
+    finally:
+        await conn.close()
+
+
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -464,6 +475,7 @@ async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
     """`UnitOfWork.lock` (PostgreSQL: transaction-scoped advisory lock; SQLite: the write lock
     of BEGIN IMMEDIATE) keeps a second store, on its own connections, out until commit."""
     url = backend.url("entitlement")
+    database = url.rsplit("/", 1)[1]
     first, second = Store(url, EntitlementService.tables), Store(url, EntitlementService.tables)
     await first.open()
     await second.open()
@@ -474,7 +486,10 @@ async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
         async with first.transaction() as uow:
             await uow.lock("quota:alice")
             held.set()
-            await asyncio.sleep(0.5)  # holding the lock a while: the waiter tries meanwhile
+            if backend.name == "postgres":  # held until pg_locks shows the waiter waiting for it
+                await eventually(lambda: lock_waiters(database), 10, "the waiter waiting")
+            else:  # an observation window: SQLite's BEGIN IMMEDIATE is retried unseen
+                await asyncio.sleep(0.5)
             order.append("first commits")
 
     async def waiter() -> None:

@@ -22,7 +22,7 @@ from services.standby import PostgresLease
 from services.store import Store
 from services.topology import SCHEDULER_INBOX
 from tests.integration.broker_helpers import until
-from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres
+from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres, lock_waiters
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -148,7 +148,11 @@ async def test_a_due_timer_fires_once_when_two_replicas_race_for_it(backend: Bac
         first = asyncio.create_task(take(stores[0], hold=True))
         await first_took.wait()
         second = asyncio.create_task(take(stores[1], hold=False))
-        await asyncio.sleep(0.3)
+        if backend.name == "postgres":  # pg_locks shows it waiting on the first's row lock
+            database = backend.url("scheduler").rsplit("/", 1)[1]
+            await until(lambda: lock_waiters(database), 10, "the second waiting on the lock")
+        else:  # an observation window: SQLite's BEGIN IMMEDIATE is retried unseen
+            await asyncio.sleep(0.3)
         assert not second.done()  # waits on the first's lock
         release.set()
         taken = await asyncio.gather(first, second)
