@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.worker import protocol
 from services.worker.confinement import Confinement
-from services.worker_host.forkserver import encode
+from services.worker_host.forkserver import MARKETS_FLAG, encode
 from services.worker_host.isolation import Isolation, Placement
 from services.worker_host.spawner import (
     PlacingSpawner,
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 REPLY_MAX = 1 << 16
 RESTART_BACKOFF = (0.05, 5.0)  # seconds: first retry, ceiling (doubling while it dies young)
 YOUNG = 10.0  # seconds: a fork-server dying sooner than this is crash-looping
+PAPER = "paper"  # the broker id of the offline simulator (brokers/catalogue.py)
 
 
 class ForkServerLost(ConnectionError):
@@ -90,10 +91,12 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """One fork-server process, restarted whenever it dies."""
+    """One fork-server process, restarted whenever it dies; with `markets`, the one whose
+    template holds the exchange adapter (forkserver.preload)."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.log_file = workdir / "forkserver.log"
+    def __init__(self, workdir: Path, markets: bool = False) -> None:
+        self.markets = markets
+        self.log_file = workdir / ("forkserver-markets.log" if markets else "forkserver.log")
         self.process: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.up = asyncio.Event()
@@ -174,6 +177,7 @@ class ForkServer:
                     "-m",
                     "services.worker_host.forkserver",
                     str(server_end.fileno()),
+                    *([MARKETS_FLAG] if self.markets else []),
                     env=base_environment(),  # none of the host's secrets
                     pass_fds=(server_end.fileno(),),
                     stdin=asyncio.subprocess.DEVNULL,
@@ -240,11 +244,14 @@ class ForkServer:
 
 
 class ForkSpawner(PlacingSpawner):
-    """Workers forked from the host's fork-server, each confined in the child before it runs a
-    line of its own; its credentials reach it once the server has handed it its channel."""
+    """Workers forked from the host's fork-servers, each confined in the child before it runs a
+    line of its own; its credentials reach it once the server has handed it its channel. Paper
+    workers fork from `server`; workers of real markets from `markets`, started at the first."""
 
     def __init__(self, workdir: Path, isolation: Isolation | None = None) -> None:
         self.server = ForkServer(workdir)
+        self.markets = ForkServer(workdir, markets=True)
+        self._markets_started: asyncio.Future[None] | None = None
         self.isolation = isolation or Isolation()
 
     async def start(self) -> None:
@@ -252,14 +259,24 @@ class ForkSpawner(PlacingSpawner):
         await self.server.start()
 
     async def close(self) -> None:
+        await self.markets.close()
         await self.server.close()
         await self.isolation.close()
+
+    async def _server_for(self, env: dict[str, str]) -> ForkServer:
+        if env.get(protocol.ENV_BROKER_ID, PAPER) == PAPER:
+            return self.server
+        if self._markets_started is None:
+            self._markets_started = asyncio.ensure_future(self.markets.start())
+        await asyncio.shield(self._markets_started)
+        return self.markets
 
     async def _start(self, request: SpawnRequest, placement: Placement) -> WorkerProcess:
         host_end, child_end = socket.socketpair()
         try:
-            forked = self.server.fork(request.env, self.isolation.confinement(placement),
-                                      child_end.fileno(), placement.log_fd)
+            server = await self._server_for(request.env)
+            forked = server.fork(request.env, self.isolation.confinement(placement),
+                                 child_end.fileno(), placement.log_fd)
             process = await asyncio.wait_for(forked, timeout=request.hello_timeout)
         except ForkServerLost:
             return await self._adopt(request, host_end)

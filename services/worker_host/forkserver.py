@@ -1,9 +1,10 @@
 """The fork-server: a pre-imported template process that forks workers on its host's request.
 
-`python -m services.worker_host.forkserver FD` (FD: its end of a SOCK_SEQPACKET socket to the
-worker-host). It holds no secrets and no connection, keeps `SPARES` children forked and warmed up
-ahead, and each child takes its confinement (`services.worker.confinement`) before it runs the
-worker, so no strategy code ever runs with the server's privileges.
+`python -m services.worker_host.forkserver FD [--markets]` (FD: its end of a SOCK_SEQPACKET
+socket to the worker-host; `--markets`: for workers of real markets, see `preload`). It holds
+no secrets and no connection, keeps `SPARES` children forked and warmed up ahead, and each child
+takes its confinement (`services.worker.confinement`) before it runs the worker, so no strategy
+code ever runs with the server's privileges.
 
 Wire (one JSON object per packet):
 - host → server: `{"id": n, "env": {...}, "confinement": "<json>"}` with two fds attached
@@ -47,25 +48,30 @@ FDS_PER_REQUEST = 2
 SPARES = 2  # children forked and warmed up ahead, each waiting to become the next worker
 # Python quickens a function after 8 calls, then specializes its instructions as they run.
 REHEARSALS = 10
+MARKETS_FLAG = "--markets"  # serves workers of real markets: the exchange adapter preloaded
 
 
 def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def preload() -> None:
+def preload(markets: bool = False) -> None:
     """Import (and warm) everything a worker needs, so a forked child only runs: the paper
-    broker, and the exchange adapter with ccxt (whose package imports all of its exchanges:
-    shared here once, not imported by each worker)."""
+    broker, and with `markets` the exchange adapter with ccxt (whose package imports all of its
+    exchanges: shared here once, not imported by each worker). Without them the server is much
+    smaller, and so is what each fork copies (its page tables) and each exit tears down."""
     from services.worker import runtime  # noqa: F401
-    from services.worker.brokers import exchange, live_paper, paper  # noqa: F401
+    from services.worker.brokers import paper  # noqa: F401
     from services.worker.confinement import libseccomp
     from services.worker.strategies.base import BUILTIN_STRATEGIES, find_strategy
 
     for name in BUILTIN_STRATEGIES:
         find_strategy(name)
-    exchange.client_class("deribit")({})  # a client's first construction fills ccxt's caches
-    exchange.tls_context()
+    if markets:
+        from services.worker.brokers import exchange, live_paper  # noqa: F401
+
+        exchange.client_class("deribit")({})  # a client's first construction fills caches
+        exchange.tls_context()
     libseccomp()  # loaded (and relocated) once, shared by every worker
     # The layers every child takes that suit the server as well (umask 077, no core file, no
     # new privileges, not dumpable), taken here as often as a rehearsal: so its children run
@@ -350,7 +356,7 @@ def main() -> None:
     host = socket.socket(fileno=int(sys.argv[1]))
     set_dumpable(False)  # its children inherit it until their own confinement
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when it stops (EOF)
-    preload()
+    preload(markets=MARKETS_FLAG in sys.argv[2:])
     try:
         ForkServer(host).serve()
     except ConnectionError:  # the host is gone mid-reply: nothing left to serve
