@@ -72,6 +72,9 @@ RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
 CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
 CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
 REPLY_WAIT = 5.0  # seconds a reply waits for the connection to be back (its caller gives up)
+# seconds between the checks, after a reconnect, that the broker lists a transient queue's
+# consumer (`_revive_consumers`)
+TRANSIENT_RECHECKS = (1.0, 2.0, 4.0, 8.0)
 NACK_RETRIES = 6  # fresh channels a nacked publish is tried on (over ~2.5 s) before it fails
 RETIRED_CHANNEL_LINGER = 30.0  # seconds a replaced channel stays open for its pending confirms
 # in the broker's refusal of a classic queue whose cluster node is down (not one that is missing)
@@ -466,20 +469,57 @@ class AmqpBus:
         self._down_since = None
         self._up.set()
         log.info("%s: connection to the broker back after %.1fs", self.service, down)
+        if self._reviving is not None:
+            self._reviving.cancel()
         self._reviving = asyncio.create_task(self._revive_consumers(), name="revive-consumers")
         for callback in self._reconnected:
             callback()
 
     async def _revive_consumers(self) -> None:
         """A consumer whose channel did not come back with the connection consumes again on a
-        new one (the client restores only what it still tracks; once lost, nothing arrives)."""
-        for consumer in self._consumers:
-            try:
-                if await consumer._subscription.revive():
-                    log.warning("%s: the consumer of %s did not come back with the connection; "
-                                "consuming again", self.service, consumer.spec.name)
-            except Exception as exc:  # the connection went again: the next return retries
-                log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name, exc)
+        new one (the client restores only what it still tracks; once lost, nothing arrives).
+        Then, a few times over the next seconds, a consumer of a transient queue (its replies
+        included) that the broker no longer lists consumes again too: a transient queue of a
+        node that died can be restored onto its stale record, which the cluster deletes moments
+        later, consumer and all, without telling the client."""
+        for delay in (0.0, *TRANSIENT_RECHECKS):
+            await asyncio.sleep(delay)
+            if not self._up.is_set():
+                return  # the next return starts again
+            replies = self._rpc_channel
+            if delay and replies is not None and not replies.is_closed:
+                with contextlib.suppress(Exception):  # the connection went again
+                    if not await self.consumer_listed(self._replies.name):
+                        log.warning("%s: the consumer of its replies did not come back with "
+                                    "the connection; consuming again", self.service)
+                        self._rpc_channel = None  # the next call makes it again
+                        await replies.close()
+            for consumer in self._consumers:
+                subscription = consumer._subscription
+                if delay and subscription.spec.durable:
+                    continue
+                try:
+                    if await subscription.revive(check_broker=bool(delay)):
+                        log.warning("%s: the consumer of %s did not come back with the "
+                                    "connection; consuming again", self.service,
+                                    consumer.spec.name)
+                except Exception as exc:  # the connection went again: the next return retries
+                    log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name,
+                              exc)
+
+    async def consumer_listed(self, queue: str) -> bool:
+        """Whether the broker lists a consumer on `queue` (asked on a channel of its own, which
+        a missing queue closes)."""
+        probe = await self.channel()
+        try:
+            underlay = await probe.get_underlay_channel()
+            declared = await underlay.queue_declare(queue, passive=True)
+            return declared.consumer_count > 0
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
 
     def _unavailable(self, what: str) -> BusUnavailable:
         return BusUnavailable(f"{what}: the bus is unavailable (no connection to the broker)")
@@ -928,14 +968,20 @@ class _Subscription:
         self._queue = await self.bus.declare_on(self._channel, self.spec)
         self._consumer_tag = await self._queue.consume(callback, no_ack=no_ack)
 
-    async def revive(self) -> bool:
-        """Consume again on a fresh channel if ours did not come back with the connection;
-        whether it had to."""
-        if self._consumer_tag is None or self._consuming is None or not self._channel.is_closed:
+    async def revive(self, check_broker: bool = False) -> bool:
+        """Consume again on a fresh channel if ours did not come back with the connection, or,
+        with `check_broker`, if the broker lists no consumer on the queue; whether it had to."""
+        if self._consumer_tag is None or self._consuming is None:
             return False
+        if not self._channel.is_closed and not (
+                check_broker and not await self.bus.consumer_listed(self.spec.name)):
+            return False
+        with contextlib.suppress(Exception):  # what is left of the old consumer goes with it
+            await self._channel.close()
         callback, prefetch, no_ack = self._consuming
         await self.consume(callback, prefetch=prefetch, no_ack=no_ack)
         return True
+
 
     async def cancel(self, timeout: float) -> None:
         if self._queue is not None and self._consumer_tag is not None:

@@ -167,3 +167,61 @@ async def test_calls_are_answered_again_after_an_outage(
         assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
     finally:
         await server.close()
+
+
+async def test_a_transient_queue_consumer_the_broker_drops_silently_after_a_return_comes_back(
+    settings: Settings, other_bus: AmqpBus, vhost: str, cut_user: str,
+) -> None:
+    """After a reconnect, the broker can drop a transient queue's consumer without telling the
+    client (the queue restored onto the stale record of a dead node, which the cluster then
+    deletes): the server finds its consumer unlisted and consumes again, so calls are answered
+    again. Here the consumer is cancelled under the client's feet, which is what it sees."""
+    url = str(URL(settings.amqp_url).with_user(cut_user).with_password("pw"))
+    server = AmqpBus(settings.model_copy(update={"amqp_url": url}), "monitor")
+
+    async def status(query: StatusQuery) -> dict[str, int]:
+        return {"workers": 0}
+
+    server.serve(MONITOR_RPC, {StatusQuery: status})
+    await server.start()
+    try:
+        cut_off(vhost, cut_user)
+        await eventually(lambda: not server.connected(), 5.0, "the server to notice the outage")
+        let_in(vhost, cut_user)
+        assert await server.until_connected(timeout=10.0)
+        subscription = server._consumers[0]._subscription
+        await eventually(lambda: not subscription._channel.is_closed, 5.0, "its channel back")
+        underlay = await subscription._channel.get_underlay_channel()
+        await underlay.basic_cancel(subscription._consumer_tag)  # the client still consumes
+        assert await other_bus.request(MONITOR_RPC, StatusQuery(), timeout=10.0) == {"workers": 0}
+    finally:
+        await server.close()
+
+
+async def test_a_caller_whose_replies_consumer_the_broker_drops_silently_consumes_again(
+    settings: Settings, cut_bus: AmqpBus, vhost: str, cut_user: str,
+) -> None:
+    """The same for a caller's own reply queue: it is made again, and answers reach it."""
+    server = AmqpBus(settings, "monitor")
+
+    async def status(query: StatusQuery) -> dict[str, int]:
+        return {"workers": 0}
+
+    server.serve(MONITOR_RPC, {StatusQuery: status})
+    await server.start()
+    try:
+        assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
+        cut_off(vhost, cut_user)
+        await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
+        let_in(vhost, cut_user)
+        assert await cut_bus.until_connected(timeout=10.0)
+        replies = cut_bus._rpc_channel
+        assert replies is not None
+        await eventually(lambda: not replies.is_closed, 5.0, "its reply channel back")
+        underlay = await replies.get_underlay_channel()
+        for tag in list(underlay.consumers):
+            await underlay.basic_cancel(tag)  # the client still consumes
+        await eventually(lambda: cut_bus._rpc_channel is not replies, 10.0, "replies made again")
+        assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
+    finally:
+        await server.close()
