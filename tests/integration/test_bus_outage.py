@@ -66,6 +66,28 @@ async def cut_bus(settings: Settings, cut_user: str, received: list[str]) -> Asy
     await bus.close()
 
 
+async def status(query: StatusQuery) -> dict[str, int]:
+    return {"workers": 0}
+
+
+@pytest.fixture
+async def status_server(settings: Settings) -> AsyncIterator[AmqpBus]:
+    """A bus answering `StatusQuery` on the monitor's RPC queue."""
+    server = AmqpBus(settings, "monitor")
+    server.serve(MONITOR_RPC, {StatusQuery: status})
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def out_and_back(bus: AmqpBus, vhost: str, user: str) -> None:
+    """An outage of `user`'s connections, noticed by `bus`, and its return."""
+    cut_off(vhost, user)
+    await eventually(lambda: not bus.connected(), 5.0, "the bus to notice the outage")
+    let_in(vhost, user)
+    assert await bus.until_connected(timeout=10.0)
+
+
 @pytest.fixture
 async def other_bus(settings: Settings) -> AsyncIterator[AmqpBus]:
     bus = AmqpBus(settings, "other")
@@ -138,35 +160,19 @@ async def test_a_consumer_whose_channel_did_not_come_back_consumes_again(
 ) -> None:
     subscription = cut_bus._consumers[0]._subscription
     await subscription._channel.close()  # closed for good: the client will not restore it
-    cut_off(vhost, cut_user)
-    await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
-    let_in(vhost, cut_user)
-    assert await cut_bus.until_connected(timeout=10.0)
+    await out_and_back(cut_bus, vhost, cut_user)
     await other_bus.publish(stop("w-after"))
     await eventually(lambda: "w-after" in received, 5.0, "the stop consumed")
 
 
 async def test_calls_are_answered_again_after_an_outage(
-    settings: Settings, cut_bus: AmqpBus, vhost: str, cut_user: str,
+    status_server: AmqpBus, cut_bus: AmqpBus, vhost: str, cut_user: str,
 ) -> None:
     """The caller's reply queue (auto-delete, gone with its connection) comes back with the
     connection, bound again, and answers reach it."""
-    server = AmqpBus(settings, "monitor")
-
-    async def status(query: StatusQuery) -> dict[str, int]:
-        return {"workers": 0}
-
-    server.serve(MONITOR_RPC, {StatusQuery: status})
-    await server.start()
-    try:
-        assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
-        cut_off(vhost, cut_user)
-        await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
-        let_in(vhost, cut_user)
-        assert await cut_bus.until_connected(timeout=10.0)
-        assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
-    finally:
-        await server.close()
+    assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
+    await out_and_back(cut_bus, vhost, cut_user)
+    assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
 
 
 async def test_a_transient_queue_consumer_the_broker_drops_silently_after_a_return_comes_back(
@@ -178,17 +184,10 @@ async def test_a_transient_queue_consumer_the_broker_drops_silently_after_a_retu
     again. Here the consumer is cancelled under the client's feet, which is what it sees."""
     url = str(URL(settings.amqp_url).with_user(cut_user).with_password("pw"))
     server = AmqpBus(settings.model_copy(update={"amqp_url": url}), "monitor")
-
-    async def status(query: StatusQuery) -> dict[str, int]:
-        return {"workers": 0}
-
     server.serve(MONITOR_RPC, {StatusQuery: status})
     await server.start()
     try:
-        cut_off(vhost, cut_user)
-        await eventually(lambda: not server.connected(), 5.0, "the server to notice the outage")
-        let_in(vhost, cut_user)
-        assert await server.until_connected(timeout=10.0)
+        await out_and_back(server, vhost, cut_user)
         subscription = server._consumers[0]._subscription
         await eventually(lambda: not subscription._channel.is_closed, 5.0, "its channel back")
         underlay = await subscription._channel.get_underlay_channel()
@@ -199,29 +198,16 @@ async def test_a_transient_queue_consumer_the_broker_drops_silently_after_a_retu
 
 
 async def test_a_caller_whose_replies_consumer_the_broker_drops_silently_consumes_again(
-    settings: Settings, cut_bus: AmqpBus, vhost: str, cut_user: str,
+    status_server: AmqpBus, cut_bus: AmqpBus, vhost: str, cut_user: str,
 ) -> None:
     """The same for a caller's own reply queue: it is made again, and answers reach it."""
-    server = AmqpBus(settings, "monitor")
-
-    async def status(query: StatusQuery) -> dict[str, int]:
-        return {"workers": 0}
-
-    server.serve(MONITOR_RPC, {StatusQuery: status})
-    await server.start()
-    try:
-        assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
-        cut_off(vhost, cut_user)
-        await eventually(lambda: not cut_bus.connected(), 5.0, "the bus to notice the outage")
-        let_in(vhost, cut_user)
-        assert await cut_bus.until_connected(timeout=10.0)
-        replies = cut_bus._rpc_channel
-        assert replies is not None
-        await eventually(lambda: not replies.is_closed, 5.0, "its reply channel back")
-        underlay = await replies.get_underlay_channel()
-        for tag in list(underlay.consumers):
-            await underlay.basic_cancel(tag)  # the client still consumes
-        await eventually(lambda: cut_bus._rpc_channel is not replies, 10.0, "replies made again")
-        assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
-    finally:
-        await server.close()
+    assert await cut_bus.request(MONITOR_RPC, StatusQuery()) == {"workers": 0}
+    await out_and_back(cut_bus, vhost, cut_user)
+    replies = cut_bus._rpc_channel
+    assert replies is not None
+    await eventually(lambda: not replies.is_closed, 5.0, "its reply channel back")
+    underlay = await replies.get_underlay_channel()
+    for tag in list(underlay.consumers):
+        await underlay.basic_cancel(tag)  # the client still consumes
+    await eventually(lambda: cut_bus._rpc_channel is not replies, 10.0, "replies made again")
+    assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
