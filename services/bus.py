@@ -401,6 +401,7 @@ class AmqpBus:
         self._closing = False
         self._reconnected: list[Callable[[], None]] = []
         self._reviving: asyncio.Task[None] | None = None
+        self._rechecking: asyncio.Task[None] | None = None
         self._replacing = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -469,8 +470,8 @@ class AmqpBus:
         self._down_since = None
         self._up.set()
         log.info("%s: connection to the broker back after %.1fs", self.service, down)
-        if self._reviving is not None:
-            self._reviving.cancel()
+        if self._rechecking is not None:
+            self._rechecking.cancel()
         self._reviving = asyncio.create_task(self._revive_consumers(), name="revive-consumers")
         for callback in self._reconnected:
             callback()
@@ -482,30 +483,34 @@ class AmqpBus:
         included) that the broker no longer lists consumes again too: a transient queue of a
         node that died can be restored onto its stale record, which the cluster deletes moments
         later, consumer and all, without telling the client."""
-        for delay in (0.0, *TRANSIENT_RECHECKS):
+        await self._revive(self._consumers, check_broker=False)
+        self._rechecking = asyncio.create_task(self._recheck_transient(), name="recheck")
+
+    async def _recheck_transient(self) -> None:
+        """`_revive_consumers`' later checks, cancelled by the next return."""
+        transient = [c for c in self._consumers if not c.spec.durable]
+        for delay in TRANSIENT_RECHECKS:
             await asyncio.sleep(delay)
             if not self._up.is_set():
                 return  # the next return starts again
             replies = self._rpc_channel
-            if delay and replies is not None and not replies.is_closed:
+            if replies is not None and not replies.is_closed:
                 with contextlib.suppress(Exception):  # the connection went again
                     if not await self.consumer_listed(self._replies.name):
                         log.warning("%s: the consumer of its replies did not come back with "
                                     "the connection; consuming again", self.service)
                         self._rpc_channel = None  # the next call makes it again
                         await replies.close()
-            for consumer in self._consumers:
-                subscription = consumer._subscription
-                if delay and subscription.spec.durable:
-                    continue
-                try:
-                    if await subscription.revive(check_broker=bool(delay)):
-                        log.warning("%s: the consumer of %s did not come back with the "
-                                    "connection; consuming again", self.service,
-                                    consumer.spec.name)
-                except Exception as exc:  # the connection went again: the next return retries
-                    log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name,
-                              exc)
+            await self._revive(transient, check_broker=True)
+
+    async def _revive(self, consumers: list[Any], check_broker: bool) -> None:
+        for consumer in consumers:
+            try:
+                if await consumer._subscription.revive(check_broker=check_broker):
+                    log.warning("%s: the consumer of %s did not come back with the connection; "
+                                "consuming again", self.service, consumer.spec.name)
+            except Exception as exc:  # the connection went again: the next return retries
+                log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name, exc)
 
     async def consumer_listed(self, queue: str) -> bool:
         """Whether the broker lists a consumer on `queue` (asked on a channel of its own, which
@@ -532,10 +537,9 @@ class AmqpBus:
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, disconnect."""
         self._closing = True
-        if self._reviving is not None:
-            self._reviving.cancel()
-        for task in list(self._retiring):
-            task.cancel()
+        for task in (self._reviving, self._rechecking, *self._retiring):
+            if task is not None:
+                task.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
