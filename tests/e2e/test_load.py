@@ -47,11 +47,9 @@ async def test_ceiling_pauses_the_queue_and_resumes_without_dropping_jobs(
         if (await statuses()).count("running") == 2:
             break
         await asyncio.sleep(0.1)
-    # an observation window: a round of the scheduler's placement loop (every 1 s) in which
-    # it must place nothing more (a paused queue emits nothing to wait for)
-    await asyncio.sleep(1.0)
-    assert sorted(await statuses()) == ["queued", "queued", "running", "running"]
+    # the scheduler has met the ceiling with jobs still queued: it paused instead of placing them
     log = await system.wait_for_log(lambda ev: any(e.type == "QueuePaused" for e in ev))
+    assert sorted(await statuses()) == ["queued", "queued", "running", "running"]
     paused = next(e for e in log if e.type == "QueuePaused")
     assert paused.payload["ceiling"] == 2 and paused.payload["running"] == 2
 

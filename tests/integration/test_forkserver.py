@@ -154,6 +154,26 @@ async def fork_spawn(fork_spawner: ForkSpawner, tmp_path: Path) -> AsyncIterator
         yield start
 
 
+def test_the_paper_template_holds_no_exchange_library() -> None:
+    """Paper workers fork from a template without ccxt (its forks copy a third as much); the
+    markets' template preloads it."""
+    check = ("import sys; from services.worker_host.forkserver import preload; "
+             "preload(markets=sys.argv[1] == 'markets'); print('ccxt' in sys.modules)")
+    for template, holds in (("paper", "False"), ("markets", "True")):
+        out = subprocess.run([sys.executable, "-c", check, template], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        assert out.split()[-1] == holds, (template, out)
+
+
+async def test_a_paper_worker_never_starts_the_markets_server(
+        fork_spawner: ForkSpawner, tmp_path: Path) -> None:
+    async for spawn in spawning(fork_spawner, tmp_path):
+        worker = await spawn(interval=30.0)
+        worker.send(protocol.Stop())
+        assert await asyncio.wait_for(worker.wait(), 5) == 0
+    assert fork_spawner.markets.pid is None
+
+
 async def test_spawned_worker_says_hello_and_beats_at_once(spawn: Spawn) -> None:
     worker = await spawn(interval=30.0)  # returns once the worker has said hello
     started = time.monotonic()

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
 
+import services.database
 from events import (
     CrashReason,
     Envelope,
@@ -155,6 +156,33 @@ async def lock_waiters(database: str) -> int:
             "WHERE NOT l.granted AND a.datname = $1", database)
     finally:
         await conn.close()
+
+
+def lock_waits(backend: Backend, url: str,
+               monkeypatch: pytest.MonkeyPatch) -> Callable[[], Awaitable[None]]:
+    """A wait, with a deadline, until a transaction waits for a lock another holds on `url`:
+    pg_locks shows it on PostgreSQL; on SQLite, its BEGIN IMMEDIATE has been refused (seen
+    through `services.database.busy`, which `_begin` asks before it tries again)."""
+    refused = asyncio.Event()
+    if backend.name != "postgres":
+        real = services.database.busy
+
+        def busy(exc: BaseException) -> bool:
+            if real(exc):
+                refused.set()
+                return True
+            return False
+
+        monkeypatch.setattr(services.database, "busy", busy)
+
+    async def wait() -> None:
+        if backend.name == "postgres":
+            database = url.rsplit("/", 1)[1]
+            await eventually(lambda: lock_waiters(database), 10, "a transaction waiting")
+        else:
+            await asyncio.wait_for(refused.wait(), 10)
+
+    return wait
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
@@ -471,11 +499,12 @@ async def test_an_old_ledger_gets_its_times_at_the_upgrade(backend: Backend) -> 
         await store.close()
 
 
-async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
+async def test_lock_holds_until_the_transaction_ends(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """`UnitOfWork.lock` (PostgreSQL: transaction-scoped advisory lock; SQLite: the write lock
     of BEGIN IMMEDIATE) keeps a second store, on its own connections, out until commit."""
     url = backend.url("entitlement")
-    database = url.rsplit("/", 1)[1]
+    waiting = lock_waits(backend, url, monkeypatch)
     first, second = Store(url, EntitlementService.tables), Store(url, EntitlementService.tables)
     await first.open()
     await second.open()
@@ -486,10 +515,7 @@ async def test_lock_holds_until_the_transaction_ends(backend: Backend) -> None:
         async with first.transaction() as uow:
             await uow.lock("quota:alice")
             held.set()
-            if backend.name == "postgres":  # held until pg_locks shows the waiter waiting for it
-                await eventually(lambda: lock_waiters(database), 10, "the waiter waiting")
-            else:  # an observation window: SQLite's BEGIN IMMEDIATE is retried unseen
-                await asyncio.sleep(0.5)
+            await waiting()  # held until the waiter waits for it
             order.append("first commits")
 
     async def waiter() -> None:

@@ -61,3 +61,5 @@ async def test_good_key_says_hello(
     worker.signal(9)
     await worker.wait()
     assert deribit.calls["private/get_account_summary"] == 1
+    if isinstance(spawner, ForkSpawner):  # forked from the server that preloads the adapter
+        assert spawner.markets.pid is not None

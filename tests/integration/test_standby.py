@@ -22,7 +22,7 @@ from services.standby import PostgresLease
 from services.store import Store
 from services.topology import SCHEDULER_INBOX
 from tests.integration.broker_helpers import until
-from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres, lock_waiters
+from tests.integration.test_postgres_stores import PG_DSN, Backend, fresh_postgres, lock_waits
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -125,10 +125,12 @@ async def test_a_standby_takes_over_when_the_active_replica_stops(
                 await service.stop()
 
 
-async def test_a_due_timer_fires_once_when_two_replicas_race_for_it(backend: Backend) -> None:
+async def test_a_due_timer_fires_once_when_two_replicas_race_for_it(
+        backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two replicas' stores on one database take the same due timer at once: the second waits
     for the first's transaction and finds the timer gone."""
     stores = [Store(backend.url("scheduler")), Store(backend.url("scheduler"))]
+    waiting = lock_waits(backend, backend.url("scheduler"), monkeypatch)
     for store in stores:
         await store.open()
     now = datetime.now(UTC)
@@ -148,11 +150,7 @@ async def test_a_due_timer_fires_once_when_two_replicas_race_for_it(backend: Bac
         first = asyncio.create_task(take(stores[0], hold=True))
         await first_took.wait()
         second = asyncio.create_task(take(stores[1], hold=False))
-        if backend.name == "postgres":  # pg_locks shows it waiting on the first's row lock
-            database = backend.url("scheduler").rsplit("/", 1)[1]
-            await until(lambda: lock_waiters(database), 10, "the second waiting on the lock")
-        else:  # an observation window: SQLite's BEGIN IMMEDIATE is retried unseen
-            await asyncio.sleep(0.3)
+        await waiting()
         assert not second.done()  # waits on the first's lock
         release.set()
         taken = await asyncio.gather(first, second)
