@@ -72,9 +72,8 @@ RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach the broker again
 CONNECT_TIMEOUT = 10.0  # seconds one attempt may take (a broker still starting may not answer)
 CHANNEL_RESTORE_WAIT = 1.0  # seconds a channel may take to come back after its connection
 REPLY_WAIT = 5.0  # seconds a reply waits for the connection to be back (its caller gives up)
-# seconds between the checks, after a reconnect, that the broker lists a transient queue's
-# consumer (`_revive_consumers`)
-TRANSIENT_RECHECKS = (1.0, 2.0, 4.0, 8.0)
+# seconds between the checks that the broker lists each transient queue's consumer
+TRANSIENT_CHECK_EVERY = 2.0
 NACK_RETRIES = 6  # fresh channels a nacked publish is tried on (over ~2.5 s) before it fails
 RETIRED_CHANNEL_LINGER = 30.0  # seconds a replaced channel stays open for its pending confirms
 # in the broker's refusal of a classic queue whose cluster node is down (not one that is missing)
@@ -401,7 +400,7 @@ class AmqpBus:
         self._closing = False
         self._reconnected: list[Callable[[], None]] = []
         self._reviving: asyncio.Task[None] | None = None
-        self._rechecking: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         self._replacing = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -432,6 +431,7 @@ class AmqpBus:
         for consumer in self._consumers:
             await consumer.start()
         self._up.set()
+        self._watching = asyncio.create_task(self._watch_transient(), name="watch-transient")
 
     def connected(self) -> bool:
         """Whether the broker connection is up right now, its channels restored (health)."""
@@ -470,45 +470,42 @@ class AmqpBus:
         self._down_since = None
         self._up.set()
         log.info("%s: connection to the broker back after %.1fs", self.service, down)
-        if self._rechecking is not None:
-            self._rechecking.cancel()
         self._reviving = asyncio.create_task(self._revive_consumers(), name="revive-consumers")
         for callback in self._reconnected:
             callback()
 
     async def _revive_consumers(self) -> None:
         """A consumer whose channel did not come back with the connection consumes again on a
-        new one (the client restores only what it still tracks; once lost, nothing arrives).
-        Then, a few times over the next seconds, a consumer of a transient queue (its replies
-        included) that the broker no longer lists consumes again too: a transient queue of a
-        node that died can be restored onto its stale record, which the cluster deletes moments
-        later, consumer and all, without telling the client."""
+        new one (the client restores only what it still tracks; once lost, nothing arrives)."""
         await self._revive(self._consumers, check_broker=False)
-        self._rechecking = asyncio.create_task(self._recheck_transient(), name="recheck")
 
-    async def _recheck_transient(self) -> None:
-        """`_revive_consumers`' later checks, cancelled by the next return."""
-        transient = [c for c in self._consumers if not c.spec.durable]
-        for delay in TRANSIENT_RECHECKS:
-            await asyncio.sleep(delay)
+    async def _watch_transient(self) -> None:
+        """Every `TRANSIENT_CHECK_EVERY` seconds while connected, a consumer of a transient
+        queue (an RPC queue, telemetry, its own replies) that the broker does not list consumes
+        again. Such a queue lives on one node: when that node dies, or a return restores the
+        queue onto the dead node's stale record, its consumer can go without the client being
+        told."""
+        while True:
+            await asyncio.sleep(TRANSIENT_CHECK_EVERY)
             if not self._up.is_set():
-                return  # the next return starts again
+                continue  # the return revives what did not come back
             replies = self._rpc_channel
             if replies is not None and not replies.is_closed:
-                with contextlib.suppress(Exception):  # the connection went again
+                with contextlib.suppress(Exception):  # the connection went meanwhile
                     if not await self.consumer_listed(self._replies.name):
-                        log.warning("%s: the consumer of its replies did not come back with "
-                                    "the connection; consuming again", self.service)
+                        log.warning("%s: the broker lists no consumer of its replies; "
+                                    "consuming again", self.service)
                         self._rpc_channel = None  # the next call makes it again
                         await replies.close()
-            await self._revive(transient, check_broker=True)
+            await self._revive([c for c in self._consumers if not c.spec.durable],
+                               check_broker=True)
 
     async def _revive(self, consumers: list[Any], check_broker: bool) -> None:
         for consumer in consumers:
             try:
                 if await consumer._subscription.revive(check_broker=check_broker):
-                    log.warning("%s: the consumer of %s did not come back with the connection; "
-                                "consuming again", self.service, consumer.spec.name)
+                    log.warning("%s: the consumer of %s is gone; consuming again",
+                                self.service, consumer.spec.name)
             except Exception as exc:  # the connection went again: the next return retries
                 log.debug("%s: reviving %s failed: %r", self.service, consumer.spec.name, exc)
 
@@ -537,9 +534,12 @@ class AmqpBus:
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, disconnect."""
         self._closing = True
-        for task in (self._reviving, self._rechecking, *self._retiring):
+        for task in (self._reviving, self._watching, *self._retiring):
             if task is not None:
                 task.cancel()
+        if self._watching is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RpcError("bus closed"))
@@ -964,6 +964,7 @@ class _Subscription:
         self._consumer_tag: str | None = None
         self._channel: Any = None
         self._consuming: tuple[Callable[[Any], Awaitable[None]], int, bool] | None = None
+        self._reviving = asyncio.Lock()
 
     async def consume(self, callback: Callable[[Any], Awaitable[None]], *, prefetch: int,
                       no_ack: bool) -> None:
@@ -975,6 +976,10 @@ class _Subscription:
     async def revive(self, check_broker: bool = False) -> bool:
         """Consume again on a fresh channel if ours did not come back with the connection, or,
         with `check_broker`, if the broker lists no consumer on the queue; whether it had to."""
+        async with self._reviving:  # the return's revival and the watch never both consume
+            return await self._revive_unless_consuming(check_broker)
+
+    async def _revive_unless_consuming(self, check_broker: bool) -> bool:
         if self._consumer_tag is None or self._consuming is None:
             return False
         if not self._channel.is_closed and not (
