@@ -57,6 +57,7 @@ class RabbitNode:
 
     def __init__(self, root: Path, name: str | None = None, cookie: str | None = None) -> None:
         self.root = root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
         self.name = name or f"rt{secrets.token_hex(3)}@localhost"
         self.port, self.dist_port = _free_ports(2)
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
@@ -84,7 +85,7 @@ class RabbitNode:
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """`rabbitmqctl -n <this node> …` with this node's cookie; its output, raising
         RuntimeError when it fails."""
-        result = subprocess.run([CTL, "-n", self.name, *args], env=self.env,
+        result = subprocess.run([CTL, "-n", self.name, *args], env=self.env, cwd=self.root,
                                 capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)} failed: "
@@ -104,8 +105,8 @@ class RabbitNode:
         (self.root / "enabled_plugins").write_text("[].\n")
         (self.root / "rabbitmq.conf").write_text("loopback_users = none\n")
         self.pid_file.unlink(missing_ok=True)
-        subprocess.run([SERVER, "-detached"], env=self.env, capture_output=True, timeout=60,
-                       check=True)
+        subprocess.run([SERVER, "-detached"], env=self.env, cwd=self.root, capture_output=True,
+                       timeout=60, check=True)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Boot the node (and its app) and wait until it serves."""
