@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from services.worker import protocol
+from services.worker.brokers.catalogue import PAPER
 from services.worker.confinement import Confinement
 from services.worker_host.forkserver import MARKETS_FLAG, encode
 from services.worker_host.isolation import Isolation, Placement
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 REPLY_MAX = 1 << 16
 RESTART_BACKOFF = (0.05, 5.0)  # seconds: first retry, ceiling (doubling while it dies young)
 YOUNG = 10.0  # seconds: a fork-server dying sooner than this is crash-looping
-PAPER = "paper"  # the broker id of the offline simulator (brokers/catalogue.py)
 
 
 class ForkServerLost(ConnectionError):

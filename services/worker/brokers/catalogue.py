@@ -25,6 +25,7 @@ from services.worker.brokers.base import UnknownBroker
 
 CATALOGUE_FILE = Path(__file__).with_name("exchanges.json")
 TESTNET_SUFFIX = "-testnet"
+PAPER = "paper"  # the offline simulator
 PAPER_PREFIX = "paper-"
 # The unified ccxt calls the adapter makes (the client must have each of them).
 REQUIRED_CALLS = ("fetchBalance", "createOrder", "cancelOrder", "fetchOpenOrders",
@@ -60,7 +61,7 @@ def exchanges() -> dict[str, bool]:
 
 def parse_broker_id(broker_id: str) -> BrokerSpec:
     """The spec of `broker_id`; UnknownBroker (naming it) when no adapter serves it."""
-    if broker_id == "paper":
+    if broker_id == PAPER:
         return BrokerSpec(broker_id, "paper")
     known = exchanges()
     if broker_id.startswith(PAPER_PREFIX):
