@@ -53,6 +53,7 @@ from services.store import OUTBOX, PROCESSED, TIMERS, OutboxRelay, Store, UtcDat
 from services.topology import ENTITLEMENT_INBOX, ENTITLEMENT_RPC
 from services.worker_host.rows import LOCAL_WORKERS
 from services.worker_host.service import WorkerHostService
+from tests.integration.broker_helpers import until
 
 PG_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 EVERY_TABLE = (
@@ -178,23 +179,11 @@ def lock_waits(backend: Backend, url: str,
     async def wait() -> None:
         if backend.name == "postgres":
             database = url.rsplit("/", 1)[1]
-            await eventually(lambda: lock_waiters(database), 10, "a transaction waiting")
+            await until(lambda: lock_waiters(database), 10, "a transaction waiting")
         else:
             await asyncio.wait_for(refused.wait(), 10)
 
     return wait
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 class Sink:
@@ -622,7 +611,7 @@ async def test_outbox_publishes_only_what_commits_and_survives_a_restart(
             uow.emit(JobQueued(job_id="j1", worker_id="w1"), stream="job-j1")
             assert relay.lag == 0  # nothing handed to the relay before the commit
         assert relay.lag == 1
-        await eventually(lambda: sink.of("JobQueued"), what="JobQueued published after commit")
+        await until(lambda: sink.of("JobQueued"), what="JobQueued published after commit")
 
         with pytest.raises(RuntimeError):
             async with store.transaction() as uow:
@@ -640,14 +629,14 @@ async def test_outbox_publishes_only_what_commits_and_survives_a_restart(
         await store.open()
         relay = OutboxRelay(store, bus)
         relay.start()
-        await eventually(lambda: len(sink.of("JobQueued")) == 2, what="j3 after the restart")
+        await until(lambda: len(sink.of("JobQueued")) == 2, what="j3 after the restart")
         assert [e.payload["job_id"] for e in sink.of("JobQueued")] == ["j1", "j3"]
 
         async def outbox_empty() -> bool:  # confirmed rows are deleted in batches, soon after
             async with store.reading() as conn:
                 return (await conn.execute(select(OUTBOX))).all() == []
 
-        await eventually(outbox_empty, what="the confirmed row deleted")
+        await until(outbox_empty, what="the confirmed row deleted")
     finally:
         await relay.stop()
         await store.close()
@@ -675,18 +664,18 @@ async def test_expiry_timer_fires_after_the_service_restarts(
         ):
             assert fresh == [0]
             await first.on_upgrade(uow, upgrade, upgrade.message())
-        await eventually(lambda: sink.of("EntitlementUpgraded"), what="EntitlementUpgraded")
+        await until(lambda: sink.of("EntitlementUpgraded"), what="EntitlementUpgraded")
     finally:
         await first.stop()
     due = sink.of("EntitlementUpgraded")[0].payload["expires_at"]
     assert sink.of("EntitlementDowngraded") == []
 
     # the timer falls due while no entitlement service runs
-    await eventually(lambda: datetime.now(UTC) > datetime.fromisoformat(due), what="the expiry")
+    await until(lambda: datetime.now(UTC) > datetime.fromisoformat(due), what="the expiry")
     second = EntitlementService(settings)
     await second.start()
     try:
-        await eventually(lambda: sink.of("EntitlementDowngraded"), what="EntitlementDowngraded")
+        await until(lambda: sink.of("EntitlementDowngraded"), what="EntitlementDowngraded")
         assert [e.type for e in sink.received if e.user_id == "bob"] == [
             "EntitlementUpgraded",
             "EntitlementExpired",
@@ -735,7 +724,7 @@ async def test_free_user_twenty_parallel_starts_one_wins(
         await asyncio.gather(
             publisher.publish_many(requests[:10]),
             *(publisher.request(ENTITLEMENT_RPC, DecideStart(envelope=r)) for r in requests[10:]))
-        await eventually(lambda: len(sink.received) == 20, timeout=30, what="20 decisions")
+        await until(lambda: len(sink.received) == 20, timeout=30, what="20 decisions")
         accepted, rejected = sink.of("JobAccepted"), sink.of("JobRejected")
         assert len(accepted) == 1 and len(rejected) == 19
         assert {e.payload["reason"] for e in rejected} == {"worker_limit"}
@@ -744,9 +733,9 @@ async def test_free_user_twenty_parallel_starts_one_wins(
         winner = next(r for r in requests if r.payload["job_id"] == accepted[0].payload["job_id"])
         await publisher.publish(winner)  # redelivery of the same event
         await publisher.publish(start_runner("carol", job=winner.payload["job_id"]))  # retry
-        await eventually(lambda: sum(handled) == 21, what="the redelivery reached a service")
+        await until(lambda: sum(handled) == 21, what="the redelivery reached a service")
         for service in services:
-            await eventually(lambda service=service: not service.busy, what="their outboxes")
+            await until(lambda service=service: not service.busy, what="their outboxes")
         assert len(sink.received) == 20
         async with services[0].store.reading() as conn:
             slots = (await conn.execute(select(SLOTS))).all()
