@@ -11,7 +11,7 @@ stays on the broker until deleted there.
 Environment: BROKER_VHOST [runner], BROKER_ADMIN_USER, BROKER_ADMIN_PASSWORD,
 BROKER_PASSWORD_<SERVICE> for GATEWAY, ENTITLEMENT, SCHEDULER, MONITOR, BROKER_WORKER_HOSTS (the
 hosts' ids, comma-separated) and BROKER_PASSWORD_WORKER_HOST_<HOST ID> for each (its id in
-capitals, `-` and `.` as `_`).
+capitals, each character but a letter or a digit as `_`).
 
     python rabbitmq/render_definitions.py OUTPUT.json
 """
@@ -23,11 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from services.settings import variable_name
 from services.topology import HOST_SERVICE, SERVICE_ACCESS, broker_users, definitions
-
-
-def _variable(name: str) -> str:
-    return "BROKER_PASSWORD_" + name.upper().replace("-", "_").replace(".", "_")
 
 
 def _required(name: str) -> str:
@@ -40,9 +37,9 @@ def _required(name: str) -> str:
 def main(output: Path) -> None:
     vhost = os.environ.get("BROKER_VHOST") or "runner"
     admin = (_required("BROKER_ADMIN_USER"), _required("BROKER_ADMIN_PASSWORD"))
-    passwords = {service: _required(_variable(service))
+    passwords = {service: _required(variable_name("BROKER_PASSWORD_", service))
                  for service in SERVICE_ACCESS if service != HOST_SERVICE}
-    hosts = {host: _required(_variable(f"{HOST_SERVICE}-{host}"))
+    hosts = {host: _required(variable_name("BROKER_PASSWORD_", f"{HOST_SERVICE}-{host}"))
              for host in filter(None, (h.strip() for h in
                                        os.environ.get("BROKER_WORKER_HOSTS", "").split(",")))}
     rendered = json.dumps(definitions(vhost, broker_users(admin, passwords, hosts)), indent=2)

@@ -7,7 +7,6 @@ refuses every role but its owner, so a service's login cannot open another servi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -15,10 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from services.settings import Settings
+from services.settings import Settings, variable_name
 
 SERVICES = ("gateway", "entitlement", "scheduler", "monitor")  # a worker-host's: by host id
-PASSWORD_VARIABLE = "RUNNER_DATABASE_PASSWORD_{}"
 
 
 class SetupError(ValueError):
@@ -45,7 +43,7 @@ def service_names(host_ids: Iterable[str]) -> list[str]:
 
 def password_variable(service: str) -> str:
     """The environment variable `runner db setup` reads `service`'s password from."""
-    return PASSWORD_VARIABLE.format(re.sub(r"[^A-Z0-9]", "_", service.upper()))
+    return variable_name("RUNNER_DATABASE_PASSWORD_", service)
 
 
 def logins(template: str | None, services: Iterable[str],

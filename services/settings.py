@@ -52,6 +52,12 @@ def node_addresses(amqp_url: str) -> list[tuple[str, int]]:
             for url in nodes]
 
 
+def variable_name(prefix: str, name: str) -> str:
+    """The environment variable `prefix` + `name` in capitals, each character but a letter or a
+    digit as `_` (`worker-host-h.1` -> `WORKER_HOST_H_1`)."""
+    return prefix + re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
 def async_driver(url: str) -> str:
     """`postgresql://…` means the async driver here (asyncpg), not psycopg2."""
     for plain in ("postgresql://", "postgres://"):
