@@ -213,6 +213,7 @@ def host_inbox(host_id: str) -> QueueSpec:
 GATEWAY_WAITS = _bind(WorkerStopped, PositionsFlattened, FlattenFailed, EntitlementUpgraded)
 
 SERVICES = ("gateway", "entitlement", "scheduler", "worker-host", "monitor")
+HOST_SERVICE = "worker-host"  # the one service run once per host, each with its own login
 
 ENTITLEMENT_RPC = rpc_queue("entitlement")
 MONITOR_RPC = rpc_queue("monitor")
@@ -380,7 +381,7 @@ SERVICE_ACCESS: dict[str, ServiceAccess] = {
 def host_access(host_id: str) -> ServiceAccess:
     """One worker-host's access: the worker-host's, with its own inbox."""
     inbox = host_inbox(host_id)
-    return ServiceAccess(publishes=SERVICE_ACCESS["worker-host"].publishes,
+    return ServiceAccess(publishes=SERVICE_ACCESS[HOST_SERVICE].publishes,
                          own_queues=(re.escape(inbox.name),), binds=inbox.bindings)
 
 
@@ -393,7 +394,7 @@ def _any_of(patterns: Sequence[str]) -> str:
 
 
 def _access(service: str, host_id: str | None) -> ServiceAccess:
-    if service == "worker-host":
+    if service == HOST_SERVICE:
         if host_id is None:
             raise ValueError("a worker-host's login is its own: give its host id")
         return host_access(host_id)
@@ -487,8 +488,8 @@ def broker_users(admin: tuple[str, str], passwords: Mapping[str, str],
                                 permissions(service), topics=topic_permissions(service)))
     for host_id, password in hosts.items():
         users.append(BrokerUser(host_user(host_id), password_hash(password),
-                                permissions("worker-host", host_id),
-                                topics=topic_permissions("worker-host", host_id)))
+                                permissions(HOST_SERVICE, host_id),
+                                topics=topic_permissions(HOST_SERVICE, host_id)))
     return users
 
 
@@ -548,7 +549,6 @@ EMITTERS: dict[str, frozenset[str]] = {
 }
 
 SERVICE_USER_PREFIX = "runner-"
-HOST_SERVICE = "worker-host"
 
 
 @dataclass(frozen=True)

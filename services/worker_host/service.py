@@ -53,7 +53,7 @@ from services.bus import BusUnavailable
 from services.secrets import Sealer, SealError
 from services.service import Service
 from services.store import UnitOfWork
-from services.topology import host_inbox
+from services.topology import HOST_SERVICE, host_inbox
 from services.worker import protocol
 from services.worker_host import rows
 from services.worker_host.beats import BeatRelay
@@ -78,7 +78,7 @@ REPORTS_IN_FLIGHT = 100  # a worker's reports queued for commit before its lines
 
 
 class WorkerHostService(Service):
-    name = "worker-host"
+    name = HOST_SERVICE
     tables = rows.TABLES
 
     def __init__(self, settings: Any, **wiring: Any) -> None:
