@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from services.cli.broker_logins import declare_topology
+from services.cli.errors import fail
 from services.topology import EXCHANGES, STATIC_QUEUES
 
 bus_app = typer.Typer(no_args_is_help=True, help="The broker's topology.")
@@ -29,10 +30,7 @@ def setup(
     try:
         asyncio.run(declare_topology(admin_url))
     except (ValueError, OSError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        fail(str(exc))
     except Exception as exc:  # the broker refused: name it, without a trace
-        typer.secho(f"error: the broker refused the setup: {exc}", err=True,
-                    fg=typer.colors.RED)
-        raise typer.Exit(1) from None
+        fail(f"the broker refused the setup: {exc}")
     console.print(f"declared {len(EXCHANGES)} exchanges and {len(STATIC_QUEUES)} queues")

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
+from services.cli.errors import fail
 from services.database_roles import SetupError, logins, service_names, set_up
 from services.settings import Settings
 
@@ -37,15 +38,10 @@ def setup(
         for line in asyncio.run(set_up(admin_url, wanted)):
             console.print(line)
     except SetupError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except ValidationError as exc:
         error = exc.errors()[0]
-        _fail(f"RUNNER_{str(error['loc'][0]).upper()}: {error['msg']}" if error["loc"]
-              else error["msg"])
+        fail(f"RUNNER_{str(error['loc'][0]).upper()}: {error['msg']}" if error["loc"]
+             else error["msg"])
     except (DBAPIError, InterfaceError, OSError) as exc:
-        _fail(f"PostgreSQL refused the setup: {getattr(exc, 'orig', None) or exc}")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
+        fail(f"PostgreSQL refused the setup: {getattr(exc, 'orig', None) or exc}")

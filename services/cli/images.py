@@ -8,15 +8,11 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from services.cli.errors import fail
 from services.settings import Settings
 
 images_app = typer.Typer(no_args_is_help=True, help="Container workers' images.")
 console = Console()
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
 
 
 def _client(settings: Settings) -> Any:
@@ -26,7 +22,7 @@ def _client(settings: Settings) -> Any:
         client = engine_client(settings.container_url)
         client.ping()
     except Exception as exc:
-        _fail(engine_problem(settings, exc))
+        fail(engine_problem(settings, exc))
     return client
 
 
@@ -46,7 +42,7 @@ def build_command(
     try:
         image_id, built = build(client, tag, force=force)
     except Exception as exc:
-        _fail(f"the image could not be built: {exc}")
+        fail(f"the image could not be built: {exc}")
     finally:
         client.close()
     console.print(f"{tag} {'built' if built else 'is up to date'}: {image_id[:19]}", soft_wrap=True)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from sqlalchemy import text
 
+from services.cli.errors import fail
 from services.database import Database
 from services.secrets import (
     Sealer,
@@ -35,11 +36,6 @@ TABLES = ("jobs", "local_workers")  # the scheduler's and a worker-host's
 BATCH = 500
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
-
-
 def _settings() -> Settings:
     """Settings with the data dir where the key file is (`runner up` keeps it in keys/)."""
     return Settings().own("keys")
@@ -47,9 +43,9 @@ def _settings() -> Settings:
 
 def _file(settings: Settings) -> Path:
     if settings.secret_key:
-        _fail("the keys come from RUNNER_SECRET_KEY: set it to the new key, a comma and the old "
-              "ones (newest first), restart the gateways and worker-hosts, and re-seal "
-              "(runner keys reseal); or keep them in a file (RUNNER_SECRET_KEY_FILE)")
+        fail("the keys come from RUNNER_SECRET_KEY: set it to the new key, a comma and the old "
+             "ones (newest first), restart the gateways and worker-hosts, and re-seal "
+             "(runner keys reseal); or keep them in a file (RUNNER_SECRET_KEY_FILE)")
     path = key_file(settings)
     secret_key(settings)  # made at first use, as a service would
     return path
@@ -143,8 +139,8 @@ def retire(yes: bool = typer.Option(False, "--yes", help="retire them")) -> None
         console.print("one key only: nothing to retire")
         return
     if not yes:
-        _fail(f"this retires {', '.join(map(fingerprint, keys[1:]))}: re-seal first "
-              "(runner keys reseal), then pass --yes")
+        fail(f"this retires {', '.join(map(fingerprint, keys[1:]))}: re-seal first "
+             "(runner keys reseal), then pass --yes")
     write_keys(path, keys[:1])
     console.print(f"retired {', '.join(map(fingerprint, keys[1:]))}; {fingerprint(keys[0])} "
                   "is the only key")

@@ -15,7 +15,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from aiormq.exceptions import AMQPError
@@ -29,6 +29,7 @@ from events import REGISTRY, Envelope, UnknownMessageType, model_for
 from events.queries import LogQuery, QueryRefused
 from events.routing import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from services.bus import AmqpBus, Bus, PublishFailed, RpcError, poison_reason
+from services.cli.errors import fail
 from services.monitor import views
 from services.monitor.log import EventLog, EventLogMissing
 from services.monitor.replay import Folded, replay
@@ -42,11 +43,6 @@ audit_app = typer.Typer(no_args_is_help=True, help="Check the event log's integr
 
 HISTORY_PAGE = 1000
 RECENT_IDS = 50_000  # history ids remembered to drop their live twins (the overlap is the tail)
-
-
-def _fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(1)
 
 
 TOKEN_HELP = ("a user's (or the admin's) token: go through the gateway's event stream instead "
@@ -76,7 +72,7 @@ async def _connect(settings: Settings) -> Bus:
     try:
         await asyncio.wait_for(bus.start(), timeout=settings.request_timeout)
     except (OSError, TimeoutError, AMQPError) as exc:
-        _fail(f"cannot reach the broker at {_broker_name(settings)}: {type(exc).__name__}")
+        fail(f"cannot reach the broker at {_broker_name(settings)}: {type(exc).__name__}")
     return bus
 
 
@@ -102,17 +98,17 @@ def publish_command(
     try:
         model = model_for(type_name)
     except UnknownMessageType:
-        _fail(f"unknown message type {type_name!r} (not in the catalogue)")
+        fail(f"unknown message type {type_name!r} (not in the catalogue)")
     try:
         payload = json.loads(payload_json)
     except ValueError as exc:
-        _fail(f"payload is not valid JSON: {exc}")
+        fail(f"payload is not valid JSON: {exc}")
     if not isinstance(payload, dict):
-        _fail("payload must be a JSON object")
+        fail("payload must be a JSON object")
     try:
         message = model.model_validate(payload)
     except ValidationError as exc:
-        _fail(f"{type_name}: {poison_reason(exc)}")
+        fail(f"{type_name}: {poison_reason(exc)}")
     envelope = Envelope.wrap(
         message,
         stream=stream or _default_stream(payload, user),
@@ -128,7 +124,7 @@ async def _publish(settings: Settings, envelope: Envelope) -> None:
     try:
         await bus.publish(envelope)
     except PublishFailed as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         await bus.close()
 
@@ -205,7 +201,7 @@ def tail(
     types = types or []
     unknown = [t for t in types if t not in REGISTRY]
     if unknown:
-        _fail(f"unknown message type {unknown[0]!r} (not in the catalogue)")
+        fail(f"unknown message type {unknown[0]!r} (not in the catalogue)")
     if not from_start and not follow:
         return
     printer = _Printer(user=user, types=types, stream=stream, as_json=as_json, limit=limit)
@@ -241,7 +237,7 @@ async def _tail_gateway(settings: Settings, token: str, printer: _Printer, *,
             if shown.done():
                 shown.result()
         except RunnerError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         finally:
             for task in (shown, stop):
                 task.cancel()
@@ -275,7 +271,7 @@ async def _print_history(bus: Bus, printer: _Printer, recent: deque[str]) -> Non
         try:
             rows = await bus.request(MONITOR_RPC, LogQuery(after=after, limit=HISTORY_PAGE))
         except (RpcError, QueryRefused) as exc:
-            _fail(f"monitor: {exc}")
+            fail(f"monitor: {exc}")
         for row in rows:
             envelope = Envelope.model_validate(row["envelope"])
             recent.append(str(envelope.event_id))
@@ -318,9 +314,9 @@ async def _open_log(url: str) -> EventLog:
         event_log = EventLog.at(url, must_exist=True)
         await event_log.ensure_exists()
     except EventLogMissing as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except (OSError, SQLAlchemyError) as exc:
-        _fail(f"cannot open the event log: {type(exc).__name__}: {exc}")
+        fail(f"cannot open the event log: {type(exc).__name__}: {exc}")
     return event_log
 
 
@@ -330,7 +326,7 @@ def _parse_time(value: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        _fail(f"--until: not an ISO time: {value!r}")
+        fail(f"--until: not an ISO time: {value!r}")
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -393,7 +389,7 @@ async def _replay_gateway(settings: Settings, token: str, until_position: int | 
                     batch = []
                 folded.position = event.position
         except RunnerError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     folded.fold(batch, folded.position)
     return {"position": folded.position, **views.status(folded.state, user)}
 
@@ -454,7 +450,7 @@ def verify(
     """Walk the log's hash chain; exit 1 naming the first row that breaks it."""
     count, head, broken = _run(_verify(_log_url(database)))
     if broken is not None:
-        _fail(str(broken))
+        fail(str(broken))
     typer.echo(f"ok: {count} events, chain intact, head {head[:16]}")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from services.cli.errors import fail
 from services.settings import Settings
 
 # rich_markup_mode=None: help texts are shown as written (rich would take "[default: …]" or
@@ -34,12 +35,6 @@ SERVICE_CLASSES = {
     "worker-host": "services.worker_host.service:WorkerHostService",
     "monitor": "services.monitor.service:MonitorService",
 }
-
-
-def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr and a non-zero exit: never a stack trace."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
 
 
 def load_service(name: str) -> type:
