@@ -92,7 +92,7 @@ class LocalSystem:
             quiet=(lambda line: " INFO " in line or " DEBUG " in line) if quiet else None,
         )
         system(self.supervisor, hosts=hosts, replicas=replicas,
-               amqp_urls=login_urls(self.amqp_url, self.logins) if self.logins else None)
+               amqp_urls=login_urls(self.amqp_url, self.logins))
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin = GatewayClient(self.base_url, self.admin_token)
         self._clients = [self.admin]

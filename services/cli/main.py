@@ -179,7 +179,7 @@ def up(
             create_logins(settings.vhost, logins)
         supervisor = Supervisor(os.environ)
         system(supervisor, hosts=hosts, replicas=replicas,
-               amqp_urls=login_urls(settings.amqp_url, logins) if logins else None)
+               amqp_urls=login_urls(settings.amqp_url, logins))
         try:
             await supervisor.start()
             stop = asyncio.Event()
