@@ -29,6 +29,7 @@ from services.worker_host.spawner import (
     SpawnRequest,
     WorkerProcess,
     base_environment,
+    first_line,
     greeted,
     send_credentials,
     signal_group,
@@ -308,11 +309,7 @@ class ForkSpawner(PlacingSpawner):
             raise SpawnError("the fork-server died while forking this worker") from None
         reader, writer = await asyncio.open_unix_connection(sock=host_end,
                                                             limit=protocol.MAX_LINE)
-        try:
-            line = await asyncio.wait_for(reader.readline(), timeout=request.hello_timeout)
-            hello = protocol.decode(line) if line else None
-        except (TimeoutError, ValueError):
-            hello = None
+        hello = await first_line(reader, request.hello_timeout)
         if not isinstance(hello, protocol.Hello):
             writer.close()
             raise SpawnError("the fork-server died while forking this worker")

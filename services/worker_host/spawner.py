@@ -291,6 +291,16 @@ class PlacingSpawner:
         raise NotImplementedError
 
 
+async def first_line(reader: asyncio.StreamReader, timeout: float) -> object:
+    """The first line a worker sends on its channel, decoded; None when none comes within
+    `timeout` seconds or it is not a valid line."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout=timeout)
+        return protocol.decode(line) if line else None
+    except (TimeoutError, ValueError):
+        return None
+
+
 async def greeted(
     request: SpawnRequest, process: OsProcess, host_end: socket.socket
 ) -> WorkerProcess:
@@ -301,11 +311,7 @@ async def greeted(
     worker = WorkerProcess(
         request.worker_id, request.job_id, request.user_id, request.attempt, process, reader, writer
     )
-    try:
-        line = await asyncio.wait_for(reader.readline(), timeout=request.hello_timeout)
-        hello = protocol.decode(line) if line else None
-    except (TimeoutError, ValueError):
-        hello = None
+    hello = await first_line(reader, request.hello_timeout)
     if not isinstance(hello, protocol.Hello):
         if isinstance(hello, protocol.CannotStart):
             with contextlib.suppress(TimeoutError):  # it exits on its own right after
