@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from events.values import Fill, OrderSide, StrategyConfig
-from services.worker.brokers.base import BrokerError, Credentials, EventSink, closing_side
+from services.worker.brokers.base import BrokerError, Credentials, EventSink
 from services.worker.brokers.catalogue import BrokerSpec, parse_broker_id
 from services.worker.brokers.exchange import ExchangeBroker, RetryPolicy, make_client
 from services.worker.brokers.journal import Journal
@@ -99,10 +99,7 @@ class LivePaperBroker(PaperBroker):
         self._admit(amount)
         quote = await self._quote(instrument)
         if reduce_only:
-            held = self.account.positions.get(instrument)
-            if held is None or closing_side(held) != side:
-                raise BrokerError(f"reduce-only {side} on {instrument} would not reduce a position")
-            amount = min(amount, held.amount)
+            amount = self._reducing(instrument, side, amount)
         price = quote.ask if side == "buy" else quote.bid
         return self._execute(instrument, side, amount, price, self.fee_rate(instrument, False))
 

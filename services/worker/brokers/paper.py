@@ -161,10 +161,7 @@ class PaperBroker(Broker):
         self._admit(amount)
         mark = self._market(instrument)
         if reduce_only:
-            held = self.account.positions.get(instrument)
-            if held is None or closing_side(held) != side:
-                raise BrokerError(f"reduce-only {side} on {instrument} would not reduce a position")
-            amount = min(amount, held.amount)
+            amount = self._reducing(instrument, side, amount)
         half_spread = self.settings.spread / 2
         price = mark * (1 + half_spread) if side == "buy" else mark * (1 - half_spread)
         return self._execute(instrument, side, amount, price, TAKER_FEE)
@@ -261,6 +258,14 @@ class PaperBroker(Broker):
         if self.settings.faults.reject_orders:
             raise BrokerError("paper exchange rejected the order (fault injection: rejectOrders)")
         check_amount(amount)
+
+    def _reducing(self, instrument: str, side: OrderSide, amount: float) -> float:
+        """`amount` of a reduce-only order, cut to the position it reduces; BrokerError when it
+        would not reduce one."""
+        held = self.account.positions.get(instrument)
+        if held is None or closing_side(held) != side:
+            raise BrokerError(f"reduce-only {side} on {instrument} would not reduce a position")
+        return min(amount, held.amount)
 
     def _market(self, instrument: str) -> float:
         if instrument not in self.account.marks:
