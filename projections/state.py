@@ -218,14 +218,15 @@ def fold(envelopes: Iterable[Envelope], state: Projections = EMPTY) -> Projectio
     """`state` after `envelopes`, in order: each counted, those of folded types parsed and
     handled. Raises what a handler raises (`state` itself is unchanged then)."""
     draft = Draft(state)
-    handlers = _HANDLERS
+    handlers, after_request, worker_by_job = _HANDLERS, _AFTER_REQUEST, draft.worker_by_job
     events = 0
     for envelope in envelopes:
         events += 1
-        handler = handlers.get(envelope.type)
+        type_name = envelope.type
+        handler = handlers.get(type_name)
         if handler is not None:
             message = envelope.message()
-            if envelope.type in _AFTER_REQUEST and message.job_id not in draft.worker_by_job:
+            if type_name in after_request and message.job_id not in worker_by_job:
                 draft.hold(message.job_id, envelope)
             else:
                 handler(message, draft, envelope)

@@ -99,9 +99,11 @@ class ChainBreak:
         return f"row {self.position} (event_id {self.event_id}): {self.reason}"
 
 
-# a number token (after `:`, `,` or `[`) of a float below 1e-4 as orjson writes it; a string
-# may match too, which costs only the slower path
-_SMALL_FLOAT = re.compile(rb"[:,\[]-?(?:\d+(?:\.\d+)?e-|0\.0000)")
+# What comes before a float below 1e-4 as orjson writes it (`1e-7`, `0.00001`): from the start
+# of its number token (the text's start, or after `:`, `,` or `[`) to its `e-` or its `0.0000`.
+# A string may match too, which costs only the slower path.
+_BEFORE_SMALL_FLOAT = {b"e-": re.compile(rb"(?:^|[:,\[])-?\d+(?:\.\d+)?\Z"),
+                       b"0.0000": re.compile(rb"(?:^|[:,\[])-?\Z")}
 
 
 def _loads(text: str) -> Any:
@@ -113,15 +115,28 @@ def _loads(text: str) -> Any:
         return json.loads(text)
 
 
+def _small_float_in(text: bytes) -> bool:
+    """Whether orjson's `text` may hold a float below 1e-4: only the few characters before each
+    `e-` or `0.0000` are matched (UUIDs hold many an `e-`), since no number orjson writes is
+    longer than 24."""
+    for mark, before in _BEFORE_SMALL_FLOAT.items():
+        at = text.find(mark)
+        while at != -1:
+            if before.search(text, max(at - 32, 0), at):
+                return True
+            at = text.find(mark, at + 1)
+    return False
+
+
 def canonical_json(envelope_json: str) -> bytes:
     """`json.dumps(_loads(envelope_json), sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)` in UTF-8, the form every hash of the chain is over. orjson writes the
     same bytes, faster, but for floats below 1e-4 (`0.00001` against `1e-05`), which
-    `_SMALL_FLOAT` finds in its output, and what it cannot write: `json` writes those."""
+    `_small_float_in` finds in its output, and what it cannot write: `json` writes those."""
     value = _loads(envelope_json)
     try:
         fast = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-        if (b"e-" not in fast and b"0.0000" not in fast) or not _SMALL_FLOAT.search(b"[" + fast):
+        if not _small_float_in(fast):
             return fast
     except orjson.JSONEncodeError:
         pass
@@ -187,6 +202,8 @@ def _utc(moment: datetime) -> datetime:
 _COLUMNS = tuple(column.name for column in event_log.columns)
 _SQLITE_INSERT = (f"INSERT INTO event_log ({', '.join(_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_COLUMNS))})")
+_SQLITE_EXISTING = ("SELECT event_id FROM event_log"
+                    " WHERE event_id IN (SELECT value FROM json_each(?))")
 
 
 async def _insert(conn: DbConnection, rows: list[tuple[Any, ...]]) -> None:
@@ -283,6 +300,12 @@ class EventLog:
 
     @staticmethod
     async def _existing(conn: DbConnection, event_ids: list[str]) -> set[str]:
+        """The ones of `event_ids` already in the log; on SQLite in one statement, the ids
+        passed as one JSON array."""
+        if conn.dialect.name == "sqlite":
+            ids = orjson.dumps(event_ids).decode()
+            return await conn.run_sync(
+                lambda sync: set(sync.exec_driver_sql(_SQLITE_EXISTING, (ids,)).scalars()))
         found: set[str] = set()
         for start in range(0, len(event_ids), _ID_CHUNK):
             chunk = event_ids[start : start + _ID_CHUNK]

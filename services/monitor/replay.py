@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copyreg
 import gc
+import json
 import logging
 import operator
 import os
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from services.monitor.log import EventLog
 
 log = logging.getLogger(__name__)
+_SIDE_TYPES = HOST_TYPES | SILENCE_TYPES  # the types `Folded.fold` reads beside the projections
 
 
 @dataclass
@@ -83,10 +85,11 @@ class Folded:
             state = self._fold_one_by_one(envelopes, position)
         self.state = counted(state, skipped) if skipped else state
         for envelope in envelopes:
-            if envelope.type in HOST_TYPES:
-                self.hosts = apply_host(self.hosts, envelope)
-            elif envelope.type in SILENCE_TYPES:
-                silenced(self.silenced, envelope)
+            if envelope.type in _SIDE_TYPES:
+                if envelope.type in HOST_TYPES:
+                    self.hosts = apply_host(self.hosts, envelope)
+                else:
+                    silenced(self.silenced, envelope)
         forgot = kept_from(state.clock) > kept_from(clock)
         if forgot:
             self.silenced.intersection_update(state.workers.keys())
@@ -260,18 +263,39 @@ def _fork_partition(path: str, until: int, part: int) -> _Child:
 def partition_pages(path: str, until: int, part: int, parts: int, types: Collection[str],
                     batch: int = 5000) -> Iterator[list[tuple[int, str]]]:
     """One of `parts` disjoint partitions of a SQLite log up to position `until`, its rows of
-    `types` only, as pages of (position, envelope JSON) in order. A row's partition is set by
-    the last character of its stream (an empty stream's is the first partition), so a stream
-    (a job, a user, a host) lies in one partition whole, in order."""
+    `types` only, as pages of (position, envelope JSON) in order. A partition is a range of
+    stream names (`_stream_bounds`), so a stream (a job, a user, a host) lies in one partition
+    whole, in order."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")  # pages read in place, not copied
+        low, high = [None, *_stream_bounds(conn, until, parts), None][part : part + 2]
+        where, args = "position <= ?", [until]
+        # the stream's range first: a comparison or two, which leave the type's lookup half
+        # the rows
+        if low is not None:
+            where, args = f"{where} AND +stream >= ?", [*args, low]
+        if high is not None:
+            where, args = f"{where} AND +stream < ?", [*args, high]
         cursor = conn.execute(
-            f"SELECT position, envelope FROM event_log WHERE position <= ?"
-            f" AND +type IN ({','.join('?' * len(types))})"
-            " AND coalesce(unicode(substr(stream, -1)), 0) % ? = ? ORDER BY position",
-            [until, *types, parts, part])
+            f"SELECT position, envelope FROM event_log WHERE {where}"
+            f" AND +type IN ({','.join('?' * len(types))}) ORDER BY position", [*args, *types])
         while rows := cursor.fetchmany(batch):
             yield rows
+
+
+def _stream_bounds(conn: sqlite3.Connection, until: int, parts: int,
+                   sample: int = 1024) -> list[str]:
+    """`parts - 1` stream names splitting the log up to `until` into ranges of about as many
+    rows, from the streams of up to `sample` rows spread evenly over it (every process folding
+    a partition finds the same)."""
+    last = conn.execute("SELECT max(position) FROM event_log WHERE position <= ?",
+                        [until]).fetchone()[0] or 0
+    count = min(sample, last)
+    positions = [1 + i * last // count for i in range(count)]
+    streams = sorted(stream for stream, in conn.execute(
+        "SELECT stream FROM event_log WHERE position IN (SELECT value FROM json_each(?))",
+        [json.dumps(positions)])) or [""]
+    return [streams[len(streams) * i // parts] for i in range(1, parts)]
 
 
 def fold_partition(path: str, until: int, part: int, parts: int) -> tuple[Folded, int]:
