@@ -90,9 +90,6 @@ def _message(type_name: str, version: int, payload: dict[str, Any]) -> Message:
     return model.model_validate(payload)
 
 
-_new = object.__new__
-
-
 class LoggedEnvelope:
     """An envelope read back from the log for folding only (never re-published): its message is
     validated and upcast as `Envelope.message` does, the envelope itself not again, since the
@@ -111,13 +108,8 @@ class LoggedEnvelope:
     @classmethod
     def from_json(cls, data: bytes | str) -> LoggedEnvelope:
         raw = orjson.loads(data)
-        envelope = _new(cls)  # its slots set here: no `__init__` call, once per row of a replay
-        envelope.type = raw["type"]
-        envelope.version = raw["version"]
-        envelope.user_id = raw.get("user_id")
-        envelope._occurred_at = raw["occurred_at"]
-        envelope.payload = raw["payload"]
-        return envelope
+        return cls(raw["type"], raw["version"], raw.get("user_id"), raw["occurred_at"],
+                   raw["payload"])
 
     @classmethod
     def of(cls, envelope: Envelope | LoggedEnvelope) -> LoggedEnvelope:

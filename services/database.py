@@ -159,9 +159,9 @@ def _sqlite_engine(path: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        # a write transaction's changed pages stay in memory up to 16,000 of them (62.5 MiB),
-        # not spilled to the WAL and read back before it commits (a batch of the event log
-        # changes many MiB). Not 16384: SQLite reads a number whose low byte is 0 as "off".
+        # a large write transaction (a batch of the event log) keeps its changed pages in
+        # memory rather than spilling them to the WAL and reading them back; not 16384, whose
+        # low byte of 0 SQLite reads as "off"
         cursor.execute("PRAGMA cache_spill=16000")
         cursor.close()
 

@@ -58,7 +58,6 @@ if TYPE_CHECKING:
     from services.monitor.log import EventLog
 
 log = logging.getLogger(__name__)
-_SIDE_TYPES = HOST_TYPES | SILENCE_TYPES  # the types `Folded.fold` reads beside the projections
 
 
 @dataclass
@@ -85,11 +84,10 @@ class Folded:
             state = self._fold_one_by_one(envelopes, position)
         self.state = counted(state, skipped) if skipped else state
         for envelope in envelopes:
-            if envelope.type in _SIDE_TYPES:
-                if envelope.type in HOST_TYPES:
-                    self.hosts = apply_host(self.hosts, envelope)
-                else:
-                    silenced(self.silenced, envelope)
+            if envelope.type in HOST_TYPES:
+                self.hosts = apply_host(self.hosts, envelope)
+            elif envelope.type in SILENCE_TYPES:
+                silenced(self.silenced, envelope)
         forgot = kept_from(state.clock) > kept_from(clock)
         if forgot:
             self.silenced.intersection_update(state.workers.keys())

@@ -211,4 +211,3 @@ async def test_a_caller_whose_replies_consumer_the_broker_drops_silently_consume
         await underlay.basic_cancel(tag)  # the client still consumes
     await eventually(lambda: cut_bus._rpc_channel is not replies, 10.0, "replies made again")
     assert await cut_bus.request(MONITOR_RPC, StatusQuery(), timeout=5.0) == {"workers": 0}
-

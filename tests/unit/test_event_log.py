@@ -252,16 +252,3 @@ async def test_the_log_keeps_a_reference_to_sealed_credentials_never_the_blob(
     [(_, read)] = [row async for row in event_log.read()]
     assert read.message().credentials_sealed.startswith("sha256:")  # type: ignore[attr-defined]
     assert withheld(read) == read  # a reference is kept as it is
-
-
-async def test_a_write_transaction_keeps_its_changed_pages_in_memory(tmp_path: Path) -> None:
-    """Up to 16,000 pages before SQLite spills them (a number with a low byte of 0 is read as
-    "off")."""
-    from services.database import Database
-
-    database = Database(f"sqlite:///{tmp_path / 'spill.db'}")
-    async with database.begin() as conn:
-        spill = await conn.run_sync(
-            lambda sync: sync.exec_driver_sql("PRAGMA cache_spill").scalar())
-    await database.dispose()
-    assert spill == 16000

@@ -67,3 +67,13 @@ async def test_a_read_waits_out_a_refusal_without_blocking_the_loop(tmp_path: Pa
     ticker.cancel()
     assert ticks > 0  # the loop ran other tasks while the read waited
     await db.dispose()
+
+
+async def test_a_connection_spills_a_write_transaction_only_past_16000_pages(
+        tmp_path: Path) -> None:
+    """The setting holds as given: SQLite reads a number whose low byte is 0 as "off"."""
+    database = Database(f"sqlite:///{tmp_path / 'spill.db'}")
+    async with database.begin() as conn:
+        spill = (await conn.execute(text("PRAGMA cache_spill"))).scalar()
+    await database.dispose()
+    assert spill == 16000
